@@ -1,0 +1,21 @@
+"""Trainers for video diffusion policies: group-relative PPO and the supervised stages before it.
+
+Exports are resolved lazily so that importing a submodule (``grpo.data``) does not pull in the
+trainers, and so that ``rewards`` can use ``grpo.data`` without an import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'grpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,44 @@
+"""The `nextscene` command.
+
+Each sub-command lives next to the code it drives and exposes `register(subparsers)`, which adds
+its parser and sets `func(args) -> int`. Modules are imported lazily so `nextscene --help` is fast
+and one broken optional dependency does not take every command down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from policies.errors import InputError
+
+# module paths that define a `register(subparsers)` function, in --help order
+COMMAND_MODULES: list[str] = [
+    "grpo.commands.rollout",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nextscene",
+        description="RL fine-tuning of next-scene video diffusion models, and their rewards.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, FileNotFoundError) as err:
+        print(f"nextscene {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

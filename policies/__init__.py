@@ -1,0 +1,8 @@
+"""Diffusion policies: video generators wrapped as stochastic samplers with per-step log-probs."""
+
+from policies import sde
+from policies.errors import InputError
+from policies.ltx import LTXPolicy, SamplingConfig
+from policies.rollout import Rollout
+
+__all__ = ["InputError", "LTXPolicy", "Rollout", "SamplingConfig", "sde"]

@@ -1,0 +1,561 @@
+"""LTX-Video as a stochastic policy: group rollouts with per-step log-probs, and their recomputation.
+
+The denoiser, VAE and scheduler are diffusers' own classes, loaded from a diffusers-format
+checkpoint directory (`model_index.json`, `transformer/`, `vae/`, `scheduler/`, and optionally
+`text_encoder/` + `tokenizer/`). With every step deterministic the rollout reproduces
+`LTXPipeline`; with stochastic steps each step's Gaussian log-prob is recorded so GRPO can
+recompute it under new weights (`log_prob`) and under the frozen reference (`reference`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from policies import sde as sde_lib
+from policies.errors import InputError
+from policies.rollout import Rollout
+from policies.schedules import ltx_sigmas
+
+LORA_ADAPTER = "nextscene_lora"
+
+
+@dataclass
+class SamplingConfig:
+    """How a rollout samples: video geometry, schedule, CFG and which steps are stochastic."""
+
+    num_frames: int = field(
+        default=9, metadata={"help": "Frames to generate: k * (VAE temporal compression) + 1."}
+    )
+    height: int = field(
+        default=32, metadata={"help": "Height in pixels, a multiple of the VAE spatial compression."}
+    )
+    width: int = field(
+        default=32, metadata={"help": "Width in pixels, a multiple of the VAE spatial compression."}
+    )
+    frame_rate: float = field(default=25.0, metadata={"help": "Frame rate (sets the temporal RoPE scale)."})
+    num_inference_steps: int = field(default=8, metadata={"help": "Denoising steps."})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "CFG scale; <= 1 disables CFG (one forward)."}
+    )
+    kind: str = field(default="sde", metadata={"help": "Stochastic step: sde | cps | dance | ode."})
+    noise_level: float = field(default=0.7, metadata={"help": "Noise of the stochastic steps (a or eta)."})
+    sde_steps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Schedule indices sampled stochastically; None = all (cps: all but last)."},
+    )
+    reduction: str = field(default="mean", metadata={"help": "Log-prob reduction over elements: mean | sum."})
+    max_sequence_length: int = field(default=128, metadata={"help": "Prompt tokens for the T5 text encoder."})
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.kind != "ode" and self.noise_level == 0:
+            self.kind = "ode"  # a zero-noise SDE is the ODE; treat it as such
+        sde_lib.check_kind_and_noise(self.kind, self.noise_level)
+        if self.reduction not in ("mean", "sum"):
+            raise InputError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.sde_steps is not None:
+            bad = [i for i in self.sde_steps if not 0 <= i < self.num_inference_steps]
+            if bad:
+                raise InputError(
+                    f"sde_steps {bad} are outside [0, {self.num_inference_steps}) denoising steps"
+                )
+            self.sde_steps = sorted(set(self.sde_steps))
+
+    def stochastic_steps(self) -> list[int]:
+        if self.kind == "ode":
+            return []
+        if self.sde_steps is not None:
+            return list(self.sde_steps)
+        last = self.num_inference_steps - (
+            1 if self.kind == "cps" else 0
+        )  # cps into sigma 0 is deterministic
+        return list(range(last))
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise InputError(f"LTX checkpoint directory {str(path)!r} does not exist")
+    for sub in ("transformer", "vae", "scheduler"):
+        if not (path / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file():
+            raise InputError(
+                f"LTX checkpoint {str(path)!r} has no {sub}/ subfolder with its config: "
+                "expected a diffusers-format LTX-Video directory (transformer/, vae/, scheduler/)"
+            )
+
+
+class LTXPolicy(nn.Module):
+    """LTX-Video (text-to-video and image-to-video) wrapped as a policy with per-step log-probs."""
+
+    def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None) -> None:
+        super().__init__()
+        if transformer.config.patch_size != 1 or transformer.config.patch_size_t != 1:
+            raise InputError(
+                "only LTX transformers with patch_size 1 and patch_size_t 1 are supported (all releases)"
+            )
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae.requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False)
+        self._reference_transformer: nn.Module | None = None
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        load_text_encoder: bool = True,
+    ) -> LTXPolicy:
+        """Load a diffusers-format LTX-Video directory (real, or tiny from `policies.tiny`)."""
+        from diffusers import (
+            AutoencoderKLLTXVideo,
+            FlowMatchEulerDiscreteScheduler,
+            LTXVideoTransformer3DModel,
+        )
+
+        path = Path(path)
+        _check_checkpoint_dir(path)
+        transformer = LTXVideoTransformer3DModel.from_pretrained(
+            path / "transformer", torch_dtype=torch_dtype
+        )
+        vae = AutoencoderKLLTXVideo.from_pretrained(path / "vae", torch_dtype=torch_dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+        text_encoder = tokenizer = None
+        if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            text_encoder = T5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        policy = cls(transformer, vae, scheduler, text_encoder, tokenizer)
+        if (path / "transformer_lora").is_dir():
+            policy.transformer.load_lora_adapter(
+                str(path / "transformer_lora"),
+                adapter_name=LORA_ADAPTER,
+                weight_name="pytorch_lora_weights.safetensors",
+                use_safetensors=True,
+                prefix=None,
+            )
+        return policy.to(device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a diffusers-format directory; LoRA adapters go to ``transformer_lora/`` next to the base."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.has_lora:
+            self.transformer.save_lora_adapter(str(path / "transformer_lora"), adapter_name=LORA_ADAPTER)
+            base = {k: v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
+            base = {k.replace(".base_layer", ""): v for k, v in base.items()}
+            from safetensors.torch import save_file
+
+            (path / "transformer").mkdir(exist_ok=True)
+            self.transformer.save_config(path / "transformer")
+            save_file(
+                {k: v.contiguous() for k, v in base.items()},
+                str(path / "transformer" / "diffusion_pytorch_model.safetensors"),
+            )
+        else:
+            self.transformer.save_pretrained(path / "transformer")
+        self.vae.save_pretrained(path / "vae")
+        self.scheduler.save_pretrained(path / "scheduler")
+        index = {
+            "_class_name": "LTXPipeline",
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "transformer": ["diffusers", type(self.transformer).__name__],
+            "vae": ["diffusers", type(self.vae).__name__],
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+        }
+        if self.text_encoder is not None:
+            self.text_encoder.save_pretrained(path / "text_encoder")
+            self.tokenizer.save_pretrained(path / "tokenizer")
+            index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
+            index["tokenizer"] = ["transformers", type(self.tokenizer).__name__]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.vae.spatial_compression_ratio
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.vae.temporal_compression_ratio
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (frames, height, width) for a video, or an `InputError` if the geometry cannot work."""
+        r_t, r_s = self.temporal_compression, self.spatial_compression
+        if num_frames < 1 or (num_frames - 1) % r_t != 0:
+            k = max(0, round((num_frames - 1) / r_t))
+            raise InputError(
+                f"num_frames={num_frames} is not {r_t}k+1 (the VAE compresses time {r_t}x): "
+                f"use {r_t * k + 1} or {r_t * (k + 1) + 1}"
+            )
+        for name, size in (("height", height), ("width", width)):
+            if size < r_s or size % r_s != 0:
+                fix = max(r_s, round(size / r_s) * r_s)
+                raise InputError(
+                    f"{name}={size} is not a multiple of {r_s} (the VAE's spatial compression): use {fix}"
+                )
+        return (num_frames - 1) // r_t + 1, height // r_s, width // r_s
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompts: list[str], *, negative_prompt: str | None = None, max_sequence_length: int = 128
+    ) -> dict[str, torch.Tensor]:
+        """T5 embeddings of the prompts (and of ``negative_prompt`` for CFG), one row per prompt."""
+        if self.text_encoder is None:
+            raise InputError(
+                "this checkpoint has no text_encoder/: pass precomputed prompt_embeds instead of prompts"
+            )
+
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = self.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            )
+            ids = tokens.input_ids.to(self.text_encoder.device)
+            embeds = self.text_encoder(ids)[0].to(self.transformer.dtype)
+            return embeds, tokens.attention_mask.bool().to(embeds.device)
+
+        condition = dict(zip(("prompt_embeds", "prompt_attention_mask"), encode(list(prompts)), strict=True))
+        if negative_prompt is not None:
+            neg, neg_mask = encode([negative_prompt] * len(prompts))
+            condition.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
+        return condition
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised VAE latents ``[P, C, 1, h, w]`` of first frames ``[P, H, W, 3]`` in [0, 1] (I2V)."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise InputError(f"images must be [P, H, W, 3] in [0, 1], got shape {tuple(images.shape)}")
+        pixels = images.permute(0, 3, 1, 2).unsqueeze(2).to(self.device, self.vae.dtype) * 2 - 1
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return self._normalize(latents)
+
+    def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
+        std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
+        return (latents - mean) * self.vae.config.scaling_factor / std
+
+    def _check_condition(self, condition: dict[str, torch.Tensor], guidance_scale: float) -> int:
+        if "prompt_embeds" not in condition or "prompt_attention_mask" not in condition:
+            raise InputError("condition needs 'prompt_embeds' [P, L, D] and 'prompt_attention_mask' [P, L]")
+        embeds = condition["prompt_embeds"]
+        width = self.transformer.config.caption_channels
+        if embeds.ndim != 3 or embeds.shape[-1] != width:
+            raise InputError(
+                f"prompt_embeds must be [P, L, {width}] for this transformer, got {tuple(embeds.shape)}"
+            )
+        if guidance_scale > 1.0 and "negative_prompt_embeds" not in condition:
+            raise InputError(
+                f"guidance_scale={guidance_scale} needs negative_prompt_embeds (or use guidance_scale=1)"
+            )
+        return embeds.shape[0]
+
+    # ------------------------------------------------------------------ the denoiser
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: dict[str, torch.Tensor],
+        condition_index: torch.Tensor,
+        guidance_scale: float,
+        latent_shape: tuple[int, int, int],
+        frame_rate: float,
+    ) -> torch.Tensor:
+        """The (CFG-combined) velocity ``[b, S, C]`` in fp32; CFG runs as one batched forward."""
+        embeds = condition["prompt_embeds"][condition_index]
+        mask = condition["prompt_attention_mask"][condition_index]
+        cfg = guidance_scale > 1.0
+        if cfg:
+            embeds = torch.cat([condition["negative_prompt_embeds"][condition_index], embeds])
+            mask = torch.cat([condition["negative_prompt_attention_mask"][condition_index], mask])
+            latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
+        frames, height, width = latent_shape
+        r_t, r_s = self.temporal_compression, self.spatial_compression
+        out = self.transformer(
+            hidden_states=latents.to(self.transformer.dtype),
+            encoder_hidden_states=embeds,
+            timestep=timestep,
+            encoder_attention_mask=mask,
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(r_t / frame_rate, r_s, r_s),
+            return_dict=False,
+        )[0].float()
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    def _timestep(
+        self, rollout_timestep: torch.Tensor, generated_mask: torch.Tensor, per_token: bool
+    ) -> torch.Tensor:
+        if per_token:  # clean conditioning tokens are shown to the denoiser at timestep 0
+            return rollout_timestep * generated_mask.to(torch.float32)
+        return rollout_timestep.expand(generated_mask.shape[0])
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(
+        self,
+        condition: dict[str, torch.Tensor],
+        *,
+        num_generations: int = 1,
+        sampling: SamplingConfig | None = None,
+        seeds: list[int] | None = None,
+    ) -> Rollout:
+        """Denoise ``num_generations`` videos per conditioning row, recording the stochastic steps.
+
+        ``condition`` holds one row per prompt: ``prompt_embeds`` [P, L, D], ``prompt_attention_mask``
+        [P, L], for CFG ``negative_prompt_embeds`` / ``negative_prompt_attention_mask``, and for I2V
+        ``image_latents`` [P, C, 1, h, w] from `encode_image` (the first latent frame is then kept
+        clean). Sample ``b`` uses row ``b // num_generations`` and seed ``seeds[b]``.
+        """
+        sampling = sampling or SamplingConfig()
+        rows = self._check_condition(condition, sampling.guidance_scale)
+        latent_shape = self.latent_shape(sampling.num_frames, sampling.height, sampling.width)
+        batch = rows * num_generations
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (batch,)).tolist()
+        if len(seeds) != batch:
+            raise InputError(
+                f"got {len(seeds)} seeds for {rows} rows x {num_generations} generations = {batch}"
+            )
+        device = self.device
+        condition = {k: v.to(device) for k, v in condition.items()}
+        condition_index = torch.arange(rows, device=device).repeat_interleave(num_generations)
+        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+        latents, generated_mask = self._initial_latents(condition, condition_index, latent_shape, generators)
+        seq_len = math.prod(latent_shape)
+        sigmas, timesteps = ltx_sigmas(self.scheduler, sampling.num_inference_steps, seq_len)
+        sigmas, timesteps = sigmas.to(device), timesteps.to(device)
+        per_token = "image_latents" in condition
+        token_scale = (
+            generated_mask.unsqueeze(-1).to(torch.float32) if per_token else torch.ones(1, device=device)
+        )
+        stochastic = sampling.stochastic_steps()
+
+        recorded, recorded_next, log_probs = [], [], []
+        for i in range(sampling.num_inference_steps):
+            timestep = self._timestep(timesteps[i], generated_mask, per_token)
+            velocity = self.velocity(
+                latents,
+                timestep,
+                condition,
+                condition_index,
+                sampling.guidance_scale,
+                latent_shape,
+                sampling.frame_rate,
+            )
+            kind = sampling.kind if i in stochastic else "ode"
+            noise = None
+            if kind != "ode":
+                noise = torch.stack(
+                    [torch.randn(latents.shape[1:], generator=g, device=device) for g in generators]
+                )
+            out = sde_lib.step(
+                kind,
+                latents,
+                velocity,
+                sigmas[i] * token_scale,
+                sigmas[i + 1] * token_scale,
+                sampling.noise_level,
+                noise=noise,
+                reduction=sampling.reduction,
+            )
+            if kind != "ode":
+                recorded.append(latents)
+                recorded_next.append(out.next_sample)
+                log_probs.append(out.log_prob)
+            latents = out.next_sample
+
+        empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
+        return Rollout(
+            latents=torch.stack(recorded, 1) if recorded else empty,
+            next_latents=torch.stack(recorded_next, 1) if recorded else empty,
+            log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
+            final_latents=latents,
+            step_indices=torch.tensor(stochastic, dtype=torch.long),
+            sigmas=sigmas,
+            timesteps=timesteps,
+            condition=condition,
+            condition_index=condition_index,
+            generated_mask=generated_mask,
+            seeds=torch.tensor(seeds, dtype=torch.long),
+            guidance_scale=float(sampling.guidance_scale),
+            kind=sampling.kind,
+            noise_level=float(sampling.noise_level),
+            reduction=sampling.reduction,
+            latent_shape=latent_shape,
+            frame_rate=float(sampling.frame_rate),
+        )
+
+    def _initial_latents(
+        self,
+        condition: dict[str, torch.Tensor],
+        condition_index: torch.Tensor,
+        latent_shape: tuple[int, int, int],
+        generators: list[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed noise ``[B, S, C]`` drawn as `LTXPipeline` draws it, and the generated mask ``[B, S]``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        channels = self.transformer.config.in_channels
+        shape = (len(generators), channels, *latent_shape)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        generated = torch.ones((len(generators), 1, *latent_shape), device=self.device)
+        if "image_latents" in condition:
+            image = condition["image_latents"][condition_index].to(torch.float32)
+            if image.shape[1:] != (channels, 1, *latent_shape[1:]):
+                raise InputError(
+                    f"image_latents {tuple(image.shape[1:])} do not match the latent grid "
+                    f"{(channels, 1, *latent_shape[1:])}: encode images at the sampling height/width"
+                )
+            generated[:, :, 0] = 0.0
+            noise = image * (1 - generated) + noise * generated
+        return _pack(noise), _pack(generated).squeeze(-1) > 0.5
+
+    # ------------------------------------------------------------------ log-prob recomputation
+    def log_prob(
+        self, rollout: Rollout, step: int, *, guidance_scale: float | None = None
+    ) -> sde_lib.StepOutput:
+        """Re-score recorded step ``step`` (0 <= step < K) of every sample under the current weights.
+
+        Gradients flow to the trainable weights through the returned ``log_prob`` ``[b]`` and
+        ``mean``. ``guidance_scale`` overrides the rollout's CFG scale (e.g. 1.0 to train without
+        CFG); by default the rollout's own scale is used, so unchanged weights give back the
+        recorded log-prob.
+        """
+        if not 0 <= step < rollout.latents.shape[1]:
+            raise InputError(
+                f"step {step} is not a recorded stochastic step (0..{rollout.latents.shape[1] - 1})"
+            )
+        scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
+        i = int(rollout.step_indices[step])
+        latents = rollout.latents[:, step]
+        per_token = "image_latents" in rollout.condition
+        timestep = self._timestep(rollout.timesteps[i], rollout.generated_mask, per_token)
+        velocity = self.velocity(
+            latents,
+            timestep,
+            rollout.condition,
+            rollout.condition_index,
+            scale,
+            rollout.latent_shape,
+            rollout.frame_rate,
+        )
+        token_scale = (
+            rollout.generated_mask.unsqueeze(-1).to(torch.float32)
+            if per_token
+            else torch.ones(1, device=latents.device)
+        )
+        return sde_lib.step(
+            rollout.kind,
+            latents,
+            velocity,
+            rollout.sigmas[i] * token_scale,
+            rollout.sigmas[i + 1] * token_scale,
+            rollout.noise_level,
+            prev_sample=rollout.next_latents[:, step],
+            reduction=rollout.reduction,
+        )
+
+    # ------------------------------------------------------------------ reference model and LoRA
+    @property
+    def has_lora(self) -> bool:
+        return LORA_ADAPTER in getattr(self.transformer, "peft_config", {})
+
+    def add_lora(
+        self, rank: int = 16, alpha: float | None = None, target_modules: list[str] | None = None
+    ) -> None:
+        """Attach a LoRA adapter (peft) to the transformer; only its weights stay trainable."""
+        from peft import LoraConfig
+
+        targets = target_modules or ["to_q", "to_k", "to_v", "to_out.0"]
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True),
+            adapter_name=LORA_ADAPTER,
+        )
+
+    def keep_reference_copy(self) -> None:
+        """For full fine-tuning: keep a frozen copy of the current transformer as the KL reference."""
+        import copy
+
+        self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context the policy computes with the reference model (LoRA off, or the frozen copy)."""
+        if self.has_lora:
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif self._reference_transformer is not None:
+            trained, self.transformer = self.transformer, self._reference_transformer
+            try:
+                yield
+            finally:
+                self.transformer = trained
+        else:
+            raise InputError(
+                "no reference model: call add_lora() or keep_reference_copy() before using reference()"
+            )
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode(
+        self, latents: torch.Tensor, latent_shape: tuple[int, int, int], batch_size: int = 8
+    ) -> torch.Tensor:
+        """Videos ``[B, F, H, W, 3]`` float32 in [0, 1] from packed latents ``[B, S, C]``."""
+        videos = []
+        mean = self.vae.latents_mean.view(1, -1, 1, 1, 1)
+        std = self.vae.latents_std.view(1, -1, 1, 1, 1)
+        for chunk in latents.split(batch_size):
+            unpacked = _unpack(chunk, latent_shape).to(torch.float32)
+            unpacked = unpacked * std.to(unpacked) / self.vae.config.scaling_factor + mean.to(unpacked)
+            temb = None
+            if self.vae.config.timestep_conditioning:
+                temb = torch.zeros(unpacked.shape[0], device=unpacked.device, dtype=self.vae.dtype)
+            video = self.vae.decode(unpacked.to(self.vae.dtype), temb, return_dict=False)[0]
+            videos.append((video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
+        return torch.cat(videos)
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, F, H, W]`` -> tokens ``[B, F*H*W, C]`` (LTX's 1x1x1 patching)."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def _unpack(tokens: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Tokens ``[B, S, C]`` -> ``[B, C, F, H, W]``."""
+    return tokens.transpose(1, 2).unflatten(2, latent_shape)

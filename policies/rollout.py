@@ -1,0 +1,104 @@
+"""The record of a rollout: everything needed to recompute any stochastic step's log-prob later."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class Rollout:
+    """G videos per conditioning row, denoised by a policy, with the stochastic steps recorded.
+
+    Tensors are indexed by sample (``B`` = rows x generations) first. Step ``j`` of the record is
+    schedule step ``step_indices[j]``: the denoiser saw ``latents[:, j]`` at
+    ``sigmas[step_indices[j]]`` and the sampler produced ``next_latents[:, j]`` with log-prob
+    ``log_probs[:, j]``. Conditioning is stored once per row (``condition[...][condition_index]``
+    is a sample's), so G samples of one prompt or context share one copy.
+    """
+
+    latents: torch.Tensor = field(metadata={"help": "[B, K, S, C] denoiser inputs at the stochastic steps."})
+    next_latents: torch.Tensor = field(metadata={"help": "[B, K, S, C] samples drawn at those steps."})
+    log_probs: torch.Tensor = field(metadata={"help": "[B, K] fp32 log-probs under the sampling policy."})
+    final_latents: torch.Tensor = field(metadata={"help": "[B, S, C] the clean output of the chain."})
+    step_indices: torch.Tensor = field(metadata={"help": "[K] schedule index of each recorded step."})
+    sigmas: torch.Tensor = field(metadata={"help": "[N + 1] fp32 sigma schedule, ending at 0."})
+    timesteps: torch.Tensor = field(metadata={"help": "[N] fp32 timesteps the denoiser was given."})
+    condition: dict[str, torch.Tensor] = field(metadata={"help": "Per-row conditioning tensors."})
+    condition_index: torch.Tensor = field(metadata={"help": "[B] row of `condition` used by each sample."})
+    generated_mask: torch.Tensor = field(metadata={"help": "[B, S] bool: True for generated tokens."})
+    seeds: torch.Tensor = field(metadata={"help": "[B] int64 seed of each sample's noise."})
+    guidance_scale: float = field(metadata={"help": "CFG scale used in the rollout (<= 1: no CFG)."})
+    kind: str = field(metadata={"help": "SDE kind of the stochastic steps."})
+    noise_level: float = field(metadata={"help": "Noise level of the stochastic steps."})
+    reduction: str = field(metadata={"help": "Log-prob reduction over elements: mean or sum."})
+    latent_shape: tuple[int, int, int] = field(
+        metadata={"help": "(frames, height, width) of the latent grid."}
+    )
+    frame_rate: float = field(metadata={"help": "Frame rate the video is generated at."})
+    extras: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Policy-specific JSON-able fields."}
+    )
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def select(self, samples: torch.Tensor | list[int]) -> Rollout:
+        """The sub-rollout of the given samples (for micro-batching); conditioning rows are shared."""
+        idx = torch.as_tensor(samples, dtype=torch.long, device=self.latents.device)
+        per_sample = (
+            "latents",
+            "next_latents",
+            "log_probs",
+            "final_latents",
+            "condition_index",
+            "generated_mask",
+            "seeds",
+        )
+        return replace(
+            self, **{name: getattr(self, name)[idx.to(getattr(self, name).device)] for name in per_sample}
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        moved["condition"] = {k: v.to(device) for k, v in self.condition.items()}
+        return replace(self, **moved)
+
+    def save(self, path: str | Path) -> None:
+        """Write the record as ``rollout.safetensors`` + ``rollout.json`` in directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors, scalars = {}, {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f.name] = value.detach().cpu().contiguous()
+            elif f.name == "condition":
+                tensors.update({f"condition.{k}": v.detach().cpu().contiguous() for k, v in value.items()})
+            else:
+                scalars[f.name] = value
+        save_file(tensors, str(path / "rollout.safetensors"))
+        (path / "rollout.json").write_text(json.dumps(scalars, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Rollout:
+        path = Path(path)
+        tensors = load_file(str(path / "rollout.safetensors"))
+        scalars = json.loads((path / "rollout.json").read_text())
+        scalars["latent_shape"] = tuple(scalars["latent_shape"])
+        condition = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("condition.")}
+        return cls(condition=condition, **tensors, **scalars)

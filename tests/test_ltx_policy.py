@@ -1,0 +1,279 @@
+"""LTXPolicy's contract: recomputed log-probs equal the rollout's, the ODE path equals diffusers'
+LTXPipeline, checkpoints round-trip, and bad input fails early with one line."""
+
+import pytest
+import torch
+
+from policies import LTXPolicy, Rollout, SamplingConfig
+from policies.errors import InputError
+from policies.tiny import build_tiny_ltx
+
+FAST = dict(num_inference_steps=4, num_frames=9, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_ltx(tmp_path_factory.mktemp("tiny_ltx"))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_dir):
+    return LTXPolicy.from_pretrained(tiny_dir)
+
+
+def _condition(policy, prompts, cfg, i2v=False):
+    cond = policy.encode_prompt(prompts, negative_prompt="" if cfg else None)
+    if i2v:
+        images = torch.rand(len(prompts), 32, 32, 3, generator=torch.Generator().manual_seed(5))
+        cond["image_latents"] = policy.encode_image(images)
+    return cond
+
+
+def _assert_recompute_matches(policy, rollout):
+    assert rollout.latents.shape[1] > 0
+    for j in range(rollout.latents.shape[1]):
+        with torch.no_grad():
+            out = policy.log_prob(rollout, j)
+        assert (out.log_prob - rollout.log_probs[:, j]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "prompts,generations,cfg,i2v",
+    [
+        (["a red ball"], 1, False, False),
+        (["a red ball", "two blue squares"], 3, False, False),
+        (["a red ball", "two blue squares"], 2, True, False),
+        (["a red ball"], 1, True, True),
+        (["a red ball", "a green ball"], 2, False, True),
+    ],
+    ids=["b1", "G3", "G2-cfg", "b1-cfg-i2v", "G2-i2v"],
+)
+def test_recomputed_log_prob_equals_rollout(policy, prompts, generations, cfg, i2v):
+    cond = _condition(policy, prompts, cfg, i2v)
+    sampling = SamplingConfig(**FAST, guidance_scale=3.0 if cfg else 1.0)
+    rollout = policy.rollout(
+        cond, num_generations=generations, sampling=sampling, seeds=list(range(len(prompts) * generations))
+    )
+    assert rollout.log_probs.shape == (len(prompts) * generations, 4)
+    _assert_recompute_matches(policy, rollout)
+
+
+@pytest.mark.parametrize("kind,noise", [("cps", 0.8), ("dance", 0.3)])
+def test_recompute_for_every_kind(policy, kind, noise):
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    rollout = policy.rollout(
+        cond, num_generations=2, sampling=SamplingConfig(**FAST, kind=kind, noise_level=noise), seeds=[1, 2]
+    )
+    _assert_recompute_matches(policy, rollout)
+    if kind == "cps":  # the step into sigma 0 is deterministic for cps and is not recorded
+        assert rollout.step_indices.tolist() == [0, 1, 2]
+
+
+def test_sde_window_records_only_window_steps(policy):
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    rollout = policy.rollout(
+        cond, num_generations=2, sampling=SamplingConfig(**FAST, sde_steps=[1, 2]), seeds=[0, 1]
+    )
+    assert rollout.step_indices.tolist() == [1, 2] and rollout.latents.shape[1] == 2
+    _assert_recompute_matches(policy, rollout)
+
+
+def test_i2v_keeps_first_latent_frame_clean(policy):
+    cond = _condition(policy, ["a red ball"], cfg=False, i2v=True)
+    rollout = policy.rollout(cond, num_generations=2, sampling=SamplingConfig(**FAST), seeds=[0, 1])
+    first = ~rollout.generated_mask[0]
+    assert first.sum().item() == 16  # one latent frame of 4 x 4 tokens
+    image_tokens = cond["image_latents"][0].flatten(1).T  # [16, C]
+    for b in range(2):
+        assert torch.equal(rollout.final_latents[b, first], image_tokens)
+
+
+def test_batch_rollout_equals_one_sample_at_a_time(policy):
+    cond = _condition(policy, ["a red ball", "two blue squares"], cfg=True)
+    sampling = SamplingConfig(**FAST, guidance_scale=2.5)
+    batched = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[7, 8, 9, 10])
+    for b, seed in enumerate([7, 8, 9, 10]):
+        row = {k: v[b // 2 : b // 2 + 1] for k, v in cond.items()}
+        single = policy.rollout(row, num_generations=1, sampling=sampling, seeds=[seed])
+        torch.testing.assert_close(single.final_latents[0], batched.final_latents[b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(single.log_probs[0], batched.log_probs[b], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_ode_rollout_reproduces_diffusers_ltx_pipeline(tiny_dir, policy, guidance):
+    from diffusers import LTXPipeline
+
+    pipe = LTXPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    cond = _condition(policy, ["a red ball", "two blue squares"], cfg=guidance > 1)
+    generations, seeds = 2, [11, 12, 13, 14]
+    idx = torch.arange(2).repeat_interleave(generations)
+    kwargs = dict(
+        prompt_embeds=cond["prompt_embeds"][idx], prompt_attention_mask=cond["prompt_attention_mask"][idx]
+    )
+    if guidance > 1:
+        kwargs.update(
+            negative_prompt_embeds=cond["negative_prompt_embeds"][idx],
+            negative_prompt_attention_mask=cond["negative_prompt_attention_mask"][idx],
+        )
+    steps = 6
+    expected = pipe(
+        **kwargs,
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="latent",
+    ).frames
+    # noise_level 0 turns the SDE into the ODE
+    sampling = SamplingConfig(
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        kind="sde",
+        noise_level=0.0,
+    )
+    rollout = policy.rollout(cond, num_generations=generations, sampling=sampling, seeds=seeds)
+    assert rollout.latents.shape[1] == 0 and rollout.kind == "ode"
+    assert (rollout.final_latents - expected).abs().max().item() <= 1e-4
+
+    frames = pipe(
+        **kwargs,
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+    ).frames
+    videos = policy.decode(rollout.final_latents, rollout.latent_shape)
+    assert (videos - frames.permute(0, 1, 3, 4, 2)).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_round_trip(tmp_path, policy):
+    policy.save_pretrained(tmp_path / "copy")
+    loaded = LTXPolicy.from_pretrained(tmp_path / "copy")
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    a = policy.rollout(cond, num_generations=2, sampling=SamplingConfig(**FAST), seeds=[3, 4])
+    b = loaded.rollout(
+        loaded.encode_prompt(["a red ball"]), num_generations=2, sampling=SamplingConfig(**FAST), seeds=[3, 4]
+    )
+    assert torch.equal(a.final_latents, b.final_latents) and torch.equal(a.log_probs, b.log_probs)
+
+
+def test_lora_reference_and_round_trip(tmp_path, tiny_dir):
+    policy = LTXPolicy.from_pretrained(tiny_dir)
+    base = LTXPolicy.from_pretrained(tiny_dir)
+    policy.add_lora(rank=4)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for name, param in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    cond = _condition(base, ["a red ball"], cfg=False)
+    rollout = base.rollout(cond, num_generations=2, sampling=SamplingConfig(**FAST), seeds=[0, 1])
+    with torch.no_grad():
+        tuned = policy.log_prob(rollout, 0)
+        with policy.reference():
+            ref = policy.log_prob(rollout, 0)
+    torch.testing.assert_close(ref.log_prob, rollout.log_probs[:, 0], rtol=0, atol=1e-5)
+    assert (tuned.log_prob - rollout.log_probs[:, 0]).abs().max() > 1e-3  # the adapter does change the policy
+
+    policy.save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "transformer_lora").is_dir()
+    reloaded = LTXPolicy.from_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        again = reloaded.log_prob(rollout, 0)
+        with reloaded.reference():
+            ref_again = reloaded.log_prob(rollout, 0)
+    torch.testing.assert_close(again.log_prob, tuned.log_prob, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ref_again.log_prob, ref.log_prob, rtol=0, atol=1e-6)
+
+
+def test_full_finetune_reference_copy(policy):
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    rollout = policy.rollout(cond, num_generations=1, sampling=SamplingConfig(**FAST), seeds=[0])
+    with pytest.raises(InputError, match="no reference model"):
+        with policy.reference():
+            pass
+    import copy
+
+    tuned = copy.deepcopy(policy)
+    tuned.keep_reference_copy()
+    with torch.no_grad():
+        tuned.transformer.proj_out.bias.add_(0.3)
+        with tuned.reference():
+            ref = tuned.log_prob(rollout, 1)
+        moved = tuned.log_prob(rollout, 1)
+    torch.testing.assert_close(ref.log_prob, rollout.log_probs[:, 1], rtol=0, atol=1e-5)
+    assert (moved.log_prob - rollout.log_probs[:, 1]).abs().max() > 1e-3
+
+
+def test_rollout_save_load_and_select(tmp_path, policy):
+    cond = _condition(policy, ["a red ball", "a green ball"], cfg=True)
+    rollout = policy.rollout(
+        cond, num_generations=2, sampling=SamplingConfig(**FAST, guidance_scale=2.0), seeds=[0, 1, 2, 3]
+    )
+    rollout.save(tmp_path / "r")
+    loaded = Rollout.load(tmp_path / "r")
+    assert torch.equal(loaded.log_probs, rollout.log_probs) and loaded.latent_shape == rollout.latent_shape
+    sub = loaded.select([3, 0])
+    assert sub.num_samples == 2 and sub.condition_index.tolist() == [1, 0]
+    _assert_recompute_matches(policy, sub)
+
+
+@pytest.mark.parametrize(
+    "sampling,match",
+    [(dict(num_frames=10), "8k\\+1"), (dict(height=30), "multiple of 8"), (dict(width=36), "multiple of 8")],
+)
+def test_bad_geometry_fails_before_any_forward(policy, monkeypatch, sampling, match):
+    calls = []
+    monkeypatch.setattr(policy.transformer, "forward", lambda *a, **k: calls.append(1))
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    with pytest.raises(InputError, match=match) as info:
+        policy.rollout(cond, sampling=SamplingConfig(**{**FAST, **sampling}))
+    assert calls == [] and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="langevin"), "unknown SDE kind"),
+        (dict(noise_level=5.0), "out of range"),
+        (dict(noise_level=1.5, kind="cps"), "out of range"),
+        (dict(sde_steps=[9]), "outside"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+    ],
+)
+def test_bad_sampling_config(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("missing", ["transformer", "vae", "scheduler"])
+def test_missing_subfolder_is_named(tmp_path, tiny_dir, missing):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / missing)
+    with pytest.raises(InputError, match=f"no {missing}/ subfolder"):
+        LTXPolicy.from_pretrained(broken)
+    with pytest.raises(InputError, match="does not exist"):
+        LTXPolicy.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_condition(policy):
+    cond = _condition(policy, ["a red ball"], cfg=False)
+    with pytest.raises(InputError, match="needs negative_prompt_embeds"):
+        policy.rollout(cond, sampling=SamplingConfig(**FAST, guidance_scale=3.0))
+    with pytest.raises(InputError, match=r"prompt_embeds must be \[P, L, 32\]"):
+        policy.rollout({**cond, "prompt_embeds": torch.zeros(1, 4, 16)}, sampling=SamplingConfig(**FAST))
+    with pytest.raises(InputError, match="seeds"):
+        policy.rollout(cond, num_generations=2, sampling=SamplingConfig(**FAST), seeds=[1])
