@@ -1,0 +1,425 @@
+"""Configuration of the trainers: `GRPOConfig` (reinforcement learning) and `FlowMatchingConfig`
+(the supervised pretrain / SFT stages), both built on `TrainerConfig`, the fields they share.
+
+Names follow TRL's `GRPOConfig` / `TrainingArguments` where the meaning is the same
+(`num_generations`, `beta`, `epsilon`, `learning_rate`, `save_steps`...), so TRL users feel at
+home. Every field carries a one-line help in its metadata; every impossible value is rejected in
+`__post_init__` with a `ConfigError` (an `InputError`) whose one-line message names the field and
+the fix, so a bad recipe fails before any model is loaded. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from grpo.tracking import tracker_problem
+from policies.errors import InputError
+
+
+class ConfigError(InputError):
+    """An `InputError` about one config field; `field` is its dotted path (``trainer.beta``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a `ConfigError` naming ``name`` unless ``value`` is one of ``choices`` (same type too)."""
+    if any(value == choice and type(value) is type(choice) for choice in choices):
+        return
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    options = ", ".join(repr(c) for c in choices)
+    raise ConfigError(name, f"must be one of {options}, got {value!r}{hint}")
+
+
+def _require(condition: bool, name: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(name, problem)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation, precision, adapter, checkpoint and logging fields shared by every trainer."""
+
+    # --- run ---
+    output_dir: str = field(
+        default="runs/nextscene", metadata={"help": "Directory for checkpoints, metrics and samples."}
+    )
+    run_name: str | None = field(
+        default=None, metadata={"help": "Run name shown in TensorBoard / W&B (default: output_dir's name)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of every random generator (data, noise, init)."})
+    # --- optimisation ---
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule (transformers' names); all but 'constant' warm up linearly."
+        },
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warm-up from 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this value; 0 disables clipping."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches whose gradients are summed before each optimizer step."}
+    )
+    # --- precision and memory ---
+    mixed_precision: Literal["no", "bf16"] = field(
+        default="no", metadata={"help": "'bf16': bf16 autocast over fp32 master weights; 'no': fp32."}
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "TRL alias: true is the same as mixed_precision: bf16."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
+    )
+    # --- what is trained ---
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters (peft) instead of the full model."}
+    )
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={"help": "Module names (peft patterns) that get LoRA adapters."},
+    )
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA decay of the trained weights (e.g. 0.999); 0 disables EMA."}
+    )
+    # --- logging, evaluation, checkpoints ---
+    logging_steps: int = field(default=1, metadata={"help": "Log metrics every N iterations (GRPO) / steps."})
+    eval_every: int = field(
+        default=0, metadata={"help": "Evaluate on the eval dataset every N iterations / steps; 0 never."}
+    )
+    save_steps: int = field(
+        default=50,
+        metadata={"help": "Checkpoint every N iterations / steps; 0 only at the end and on preemption."},
+    )
+    save_total_limit: int | None = field(
+        default=3, metadata={"help": "Keep only the newest N complete checkpoints; null keeps all."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "'auto' (latest complete checkpoint in output_dir, if any), a checkpoint path, or null."
+        },
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = field(
+        default_factory=list,
+        metadata={"help": "Extra trackers besides the always-written metrics.jsonl: tensorboard, wandb."},
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            hint = _type_hints(type(self))[f.name]
+            value = getattr(self, f.name)
+            if get_origin(hint) is Literal:
+                check_choice(f.name, value, get_args(hint))
+            elif get_origin(hint) is list and get_origin(get_args(hint)[0]) is Literal:
+                for i, item in enumerate(value):
+                    check_choice(f"{f.name}.{i}", item, get_args(get_args(hint)[0]))
+        _require(bool(self.output_dir), "output_dir", "must not be empty; give a directory for the run")
+        _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            self.lr_scheduler_type != "constant" or self.warmup_steps == 0,
+            "lr_scheduler_type",
+            "'constant' ignores warmup_steps; use 'constant_with_warmup' or set warmup_steps: 0",
+        )
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
+        _require(
+            self.max_grad_norm >= 0,
+            "max_grad_norm",
+            f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}",
+        )
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            f"must be >= 1, got {self.gradient_accumulation_steps}",
+        )
+        if self.bf16:
+            self.mixed_precision = "bf16"
+        self.bf16 = self.mixed_precision == "bf16"
+        _require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(
+            not self.use_lora or len(self.lora_target_modules) > 0,
+            "lora_target_modules",
+            "must name at least one module when use_lora is true",
+        )
+        _require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _require(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        _require(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = never), got {self.eval_every}")
+        _require(
+            self.save_steps >= 0, "save_steps", f"must be >= 0 (0 = only at the end), got {self.save_steps}"
+        )
+        _require(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            "save_total_limit",
+            f"must be >= 1 or null (keep all), got {self.save_total_limit}",
+        )
+        _require(
+            self.resume_from_checkpoint != "",
+            "resume_from_checkpoint",
+            "must be 'auto', a checkpoint path or null, got an empty string",
+        )
+        for name in self.report_to:
+            problem = tracker_problem(name)
+            _require(problem is None, "report_to", problem or "")
+
+
+@dataclass
+class GRPOConfig(TrainerConfig):
+    """Group-relative PPO for diffusion policies (DESIGN.md section 3).
+
+    One *iteration* rolls out ``num_generations`` videos for each of ``num_prompts_per_iteration``
+    prompts (all ranks together), scores them, computes group-relative advantages and runs
+    ``num_iterations`` inner epochs of the clipped surrogate over the trained denoising steps.
+    ``save_steps``, ``logging_steps`` and ``eval_every`` count iterations.
+    """
+
+    # --- rollout ---
+    num_generations: int = field(
+        default=8, metadata={"help": "Videos sampled per prompt (the group size G)."}
+    )
+    num_prompts_per_iteration: int = field(
+        default=4, metadata={"help": "Prompts (groups) per iteration, over all ranks together."}
+    )
+    max_iterations: int = field(default=100, metadata={"help": "Iterations (rollout + update) to run."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps of each rollout."})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "Classifier-free guidance weight w in rollouts; 1 disables CFG."}
+    )
+    cfg_in_training: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute training log-probs with the rollout's CFG (true) or without CFG (false)."
+        },
+    )
+    sde_kind: Literal["sde", "cps", "dance"] = field(
+        default="sde",
+        metadata={"help": "Stochastic sampler: Flow-GRPO 'sde', coefficients-preserving 'cps', 'dance'."},
+    )
+    noise_level: float = field(
+        default=0.7, metadata={"help": "Noise level a of the SDE steps (eta for 'dance'; <= 1 for 'cps')."}
+    )
+    logprob_reduction: Literal["mean", "sum"] = field(
+        default="mean",
+        metadata={"help": "Per-step log-prob: mean over latent elements (anchors' choice) or sum (exact)."},
+    )
+    # --- which denoising steps are stochastic and trained ---
+    timestep_selection: Literal["all", "fraction", "window", "sliding_window"] = field(
+        default="all",
+        metadata={
+            "help": "Trained steps: all, a random fraction, a fixed SDE window, or a MixGRPO sliding window."
+        },
+    )
+    timestep_fraction: float = field(
+        default=1.0, metadata={"help": "With 'fraction': share of the steps trained, drawn anew per call."}
+    )
+    sde_window_size: int = field(default=4, metadata={"help": "With window modes: SDE steps in the window."})
+    sde_window_start: int = field(
+        default=0, metadata={"help": "With window modes: first step of the (initial) window."}
+    )
+    sde_window_stride: int = field(
+        default=1, metadata={"help": "With 'sliding_window': steps the window moves at each shift."}
+    )
+    sde_window_shift_interval: int = field(
+        default=25, metadata={"help": "With 'sliding_window': iterations between two window shifts."}
+    )
+    # --- advantages ---
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function; null weighs every reward 1."}
+    )
+    reward_aggregation: Literal["normalize_then_sum", "sum_then_normalize"] = field(
+        default="normalize_then_sum",
+        metadata={
+            "help": "Several rewards: normalise each within its group then sum, or sum then normalise."
+        },
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={"help": "Divide centred rewards by the group's std, the whole batch's std, or nothing."},
+    )
+    adv_clip: float | None = field(
+        default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]; null disables."}
+    )
+    # --- policy update ---
+    num_iterations: int = field(
+        default=1, metadata={"help": "Inner epochs over each rollout batch (TRL's num_iterations, mu)."}
+    )
+    beta: float = field(default=0.004, metadata={"help": "Weight of the KL(policy || reference) penalty."})
+    epsilon: float = field(
+        default=1e-4,
+        metadata={"help": "PPO clip range of the ratio (small: log-probs are per-element means)."},
+    )
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip range if different from epsilon (DAPO); null = epsilon."}
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(
+        default="grpo",
+        metadata={
+            "help": "Averaging of masked steps: per-sample mean (grpo), global (bnpo), / B*K (dr_grpo)."
+        },
+    )
+    # --- outputs ---
+    sample_every: int = field(
+        default=10, metadata={"help": "Save rollout videos every N iterations; 0 never."}
+    )
+    save_samples: int = field(
+        default=4, metadata={"help": "How many rollout videos to save each sample_every iterations."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.num_generations >= 2,
+            "num_generations",
+            f"must be >= 2 to form a group, got {self.num_generations}",
+        )
+        _require(
+            self.num_prompts_per_iteration >= 1,
+            "num_prompts_per_iteration",
+            f"must be >= 1, got {self.num_prompts_per_iteration}",
+        )
+        _require(self.max_iterations >= 1, "max_iterations", f"must be >= 1, got {self.max_iterations}")
+        _require(
+            self.num_inference_steps >= 1,
+            "num_inference_steps",
+            f"must be >= 1, got {self.num_inference_steps}",
+        )
+        _require(
+            self.guidance_scale >= 1,
+            "guidance_scale",
+            f"must be >= 1 (1 disables CFG), got {self.guidance_scale}",
+        )
+        _require(self.noise_level >= 0, "noise_level", f"must be >= 0, got {self.noise_level}")
+        _require(
+            self.sde_kind != "cps" or self.noise_level <= 1,
+            "noise_level",
+            f"must be in [0, 1] with sde_kind 'cps', got {self.noise_level}",
+        )
+        _require(
+            0 < self.timestep_fraction <= 1,
+            "timestep_fraction",
+            f"must be in (0, 1], got {self.timestep_fraction}",
+        )
+        if self.timestep_selection in ("window", "sliding_window"):
+            _require(
+                1 <= self.sde_window_size <= self.num_inference_steps,
+                "sde_window_size",
+                f"must be in [1, num_inference_steps={self.num_inference_steps}], got {self.sde_window_size}",
+            )
+            _require(
+                0 <= self.sde_window_start <= self.num_inference_steps - self.sde_window_size,
+                "sde_window_start",
+                f"must be in [0, {self.num_inference_steps - self.sde_window_size}] so the window fits in "
+                f"num_inference_steps, got {self.sde_window_start}",
+            )
+            _require(
+                self.sde_window_stride >= 1,
+                "sde_window_stride",
+                f"must be >= 1, got {self.sde_window_stride}",
+            )
+            _require(
+                self.sde_window_shift_interval >= 1,
+                "sde_window_shift_interval",
+                f"must be >= 1, got {self.sde_window_shift_interval}",
+            )
+        if self.reward_weights is not None:
+            _require(len(self.reward_weights) > 0, "reward_weights", "must not be empty; use null for all 1")
+            _require(
+                all(math.isfinite(w) for w in self.reward_weights),
+                "reward_weights",
+                f"must all be finite numbers, got {self.reward_weights}",
+            )
+        _require(
+            self.adv_clip is None or self.adv_clip > 0,
+            "adv_clip",
+            f"must be > 0 or null, got {self.adv_clip}",
+        )
+        _require(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
+        _require(self.beta >= 0, "beta", f"must be >= 0 (0 = no KL penalty), got {self.beta}")
+        _require(self.epsilon > 0, "epsilon", f"must be > 0, got {self.epsilon}")
+        _require(
+            self.epsilon_high is None or self.epsilon_high > 0,
+            "epsilon_high",
+            f"must be > 0 or null, got {self.epsilon_high}",
+        )
+        _require(self.sample_every >= 0, "sample_every", f"must be >= 0 (0 = never), got {self.sample_every}")
+        _require(self.save_samples >= 0, "save_samples", f"must be >= 0, got {self.save_samples}")
+
+    def sde_steps(self, iteration: int) -> list[int]:
+        """Indices of the denoising steps that are stochastic in the rollout of ``iteration`` (0-based).
+
+        'all' and 'fraction' make every step stochastic; 'window' uses steps
+        ``[sde_window_start, sde_window_start + sde_window_size)``; 'sliding_window' moves that window
+        by ``sde_window_stride`` steps every ``sde_window_shift_interval`` iterations and wraps back to
+        ``sde_window_start`` when it would run past the last step (MixGRPO). Other steps are ODE steps.
+        """
+        if self.timestep_selection in ("all", "fraction"):
+            return list(range(self.num_inference_steps))
+        start = self.sde_window_start
+        if self.timestep_selection == "sliding_window":
+            positions = self.num_inference_steps - self.sde_window_size - self.sde_window_start + 1
+            shifts = iteration // self.sde_window_shift_interval
+            start += (shifts * self.sde_window_stride) % positions
+        return list(range(start, start + self.sde_window_size))
+
+    def trained_steps(self, iteration: int, rng: random.Random) -> list[int]:
+        """Sorted indices of the steps whose log-probs are trained for one sample of ``iteration``.
+
+        With 'fraction' a fresh random subset of ``max(1, int(timestep_fraction * num_inference_steps))``
+        steps drawn from ``rng`` (Flow-GRPO draws one per sample); otherwise every SDE step.
+        """
+        steps = self.sde_steps(iteration)
+        if self.timestep_selection != "fraction":
+            return steps
+        count = max(1, int(self.timestep_fraction * len(steps)))
+        return sorted(rng.sample(steps, count))
+
+
+@dataclass
+class FlowMatchingConfig(TrainerConfig):
+    """Supervised flow-matching stages (pretrain, SFT): regress the velocity ``eps - x0`` at noisy
+    latents ``x_s = (1 - s) x0 + s eps`` for (conditioning, target video) pairs.
+    ``save_steps``, ``logging_steps`` and ``eval_every`` count optimizer steps."""
+
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to run."})
+    batch_size: int = field(default=8, metadata={"help": "Training pairs per device per micro-batch."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device per evaluation batch."})
+    timestep_sampling: Literal["uniform", "logit_normal"] = field(
+        default="logit_normal",
+        metadata={"help": "Distribution of the noise level s: uniform on (0, 1) or sigmoid(normal) (SD3)."},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "With 'logit_normal': mean of the normal."})
+    logit_std: float = field(default=1.0, metadata={"help": "With 'logit_normal': std of the normal."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _require(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
