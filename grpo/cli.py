@@ -16,6 +16,7 @@ from policies.errors import InputError
 # module paths that define a `register(subparsers)` function, in --help order
 COMMAND_MODULES: list[str] = [
     "grpo.commands.rollout",
+    "grpo.data.toyworld_cli",
 ]
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (InputError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError, NotImplementedError) as err:
         print(f"nextscene {args.command}: error: {err}", file=sys.stderr)
         return 2
 

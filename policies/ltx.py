@@ -81,6 +81,36 @@ class SamplingConfig:
         return list(range(last))
 
 
+def vae_compression(path: str | Path) -> tuple[int, int]:
+    """(spatial, temporal) compression of a checkpoint's LTX VAE, from its config (no weights loaded)."""
+    path = Path(path)
+    _check_checkpoint_dir(path)
+    config = json.loads((path / "vae" / "config.json").read_text())
+    scaling = config.get("spatio_temporal_scaling", (True, True, True, False))
+    spatial = config.get("spatial_compression_ratio") or config.get("patch_size", 4) * 2 ** sum(scaling)
+    temporal = config.get("temporal_compression_ratio") or config.get("patch_size_t", 1) * 2 ** sum(scaling)
+    return spatial, temporal
+
+
+def latent_shape(
+    num_frames: int, height: int, width: int, spatial: int, temporal: int
+) -> tuple[int, int, int]:
+    """Latent (frames, height, width) of a video, or an `InputError` naming the geometry that cannot work."""
+    if num_frames < 1 or (num_frames - 1) % temporal != 0:
+        k = max(0, round((num_frames - 1) / temporal))
+        raise InputError(
+            f"num_frames={num_frames} is not {temporal}k+1 (the VAE compresses time {temporal}x): "
+            f"use {temporal * k + 1} or {temporal * (k + 1) + 1}"
+        )
+    for name, size in (("height", height), ("width", width)):
+        if size < spatial or size % spatial != 0:
+            fix = max(spatial, round(size / spatial) * spatial)
+            raise InputError(
+                f"{name}={size} is not a multiple of {spatial} (the VAE's spatial compression): use {fix}"
+            )
+    return (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
 def _check_checkpoint_dir(path: Path) -> None:
     if not path.is_dir():
         raise InputError(f"LTX checkpoint directory {str(path)!r} does not exist")
@@ -110,6 +140,8 @@ class LTXPolicy(nn.Module):
         if self.text_encoder is not None:
             self.text_encoder.requires_grad_(False)
         self._reference_transformer: nn.Module | None = None
+        self._wrapped_transformer: nn.Module | None = None
+        self._in_reference = False
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -202,20 +234,7 @@ class LTXPolicy(nn.Module):
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Latent (frames, height, width) for a video, or an `InputError` if the geometry cannot work."""
-        r_t, r_s = self.temporal_compression, self.spatial_compression
-        if num_frames < 1 or (num_frames - 1) % r_t != 0:
-            k = max(0, round((num_frames - 1) / r_t))
-            raise InputError(
-                f"num_frames={num_frames} is not {r_t}k+1 (the VAE compresses time {r_t}x): "
-                f"use {r_t * k + 1} or {r_t * (k + 1) + 1}"
-            )
-        for name, size in (("height", height), ("width", width)):
-            if size < r_s or size % r_s != 0:
-                fix = max(r_s, round(size / r_s) * r_s)
-                raise InputError(
-                    f"{name}={size} is not a multiple of {r_s} (the VAE's spatial compression): use {fix}"
-                )
-        return (num_frames - 1) // r_t + 1, height // r_s, width // r_s
+        return latent_shape(num_frames, height, width, self.spatial_compression, self.temporal_compression)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -245,6 +264,31 @@ class LTXPolicy(nn.Module):
         if negative_prompt is not None:
             neg, neg_mask = encode([negative_prompt] * len(prompts))
             condition.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
+        return condition
+
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 128
+    ) -> dict[str, torch.Tensor]:
+        """Conditioning rows for `rollout` from dataset rows: ``prompt`` (T5-encoded, or precomputed
+        ``prompt_embeds`` / ``prompt_attention_mask``), optional ``negative_prompt`` for CFG and
+        ``image`` ([H, W, 3] in [0, 1]) for image-to-video."""
+        if "prompt_embeds" in rows[0]:
+            condition = {
+                k: torch.stack([torch.as_tensor(r[k]) for r in rows]).to(self.device)
+                for k in ("prompt_embeds", "prompt_attention_mask")
+            }
+        else:
+            missing = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+            if missing:
+                raise InputError(f"dataset rows {missing[:5]} have no 'prompt' text (or 'prompt_embeds')")
+            negative = rows[0].get("negative_prompt", "") if guidance_scale > 1.0 else None
+            condition = self.encode_prompt(
+                [r["prompt"] for r in rows], negative_prompt=negative, max_sequence_length=max_sequence_length
+            )
+        if "image" in rows[0]:
+            condition["image_latents"] = self.encode_image(
+                torch.stack([torch.as_tensor(r["image"]) for r in rows])
+            )
         return condition
 
     @torch.no_grad()
@@ -297,7 +341,8 @@ class LTXPolicy(nn.Module):
             latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
         frames, height, width = latent_shape
         r_t, r_s = self.temporal_compression, self.spatial_compression
-        out = self.transformer(
+        use_wrapper = self._wrapped_transformer is not None and not self._in_reference
+        out = (self._wrapped_transformer if use_wrapper else self.transformer)(
             hidden_states=latents.to(self.transformer.dtype),
             encoder_hidden_states=embeds,
             timestep=timestep,
@@ -444,24 +489,30 @@ class LTXPolicy(nn.Module):
 
     # ------------------------------------------------------------------ log-prob recomputation
     def log_prob(
-        self, rollout: Rollout, step: int, *, guidance_scale: float | None = None
+        self, rollout: Rollout, step: int | torch.Tensor, *, guidance_scale: float | None = None
     ) -> sde_lib.StepOutput:
-        """Re-score recorded step ``step`` (0 <= step < K) of every sample under the current weights.
+        """Re-score recorded step ``step`` of every sample under the current weights.
 
-        Gradients flow to the trainable weights through the returned ``log_prob`` ``[b]`` and
+        ``step`` indexes the rollout's record (0 <= step < K): one int for all samples, or a ``[b]``
+        tensor giving each sample its own step (Flow-GRPO trains a random subset per sample).
+        Gradients reach the trainable weights through the returned ``log_prob`` ``[b]`` and
         ``mean``. ``guidance_scale`` overrides the rollout's CFG scale (e.g. 1.0 to train without
-        CFG); by default the rollout's own scale is used, so unchanged weights give back the
-        recorded log-prob.
+        CFG); by default the rollout's own is used, so unchanged weights give back the recorded
+        log-prob.
         """
-        if not 0 <= step < rollout.latents.shape[1]:
-            raise InputError(
-                f"step {step} is not a recorded stochastic step (0..{rollout.latents.shape[1] - 1})"
-            )
+        num_recorded = rollout.latents.shape[1]
+        device = rollout.latents.device
+        steps = torch.as_tensor(step, dtype=torch.long, device=device).expand(rollout.num_samples)
+        if steps.numel() and not bool(((steps >= 0) & (steps < num_recorded)).all()):
+            raise InputError(f"step {step} is not a recorded stochastic step (0..{num_recorded - 1})")
         scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
-        i = int(rollout.step_indices[step])
-        latents = rollout.latents[:, step]
+        rows = torch.arange(rollout.num_samples, device=device)
+        schedule = rollout.step_indices.to(device)[steps]
+        latents = rollout.latents[rows, steps]
         per_token = "image_latents" in rollout.condition
-        timestep = self._timestep(rollout.timesteps[i], rollout.generated_mask, per_token)
+        timestep = rollout.timesteps[schedule]
+        if per_token:
+            timestep = timestep[:, None] * rollout.generated_mask.to(torch.float32)
         velocity = self.velocity(
             latents,
             timestep,
@@ -472,22 +523,29 @@ class LTXPolicy(nn.Module):
             rollout.frame_rate,
         )
         token_scale = (
-            rollout.generated_mask.unsqueeze(-1).to(torch.float32)
-            if per_token
-            else torch.ones(1, device=latents.device)
+            rollout.generated_mask.to(torch.float32) if per_token else torch.ones(len(rows), 1, device=device)
         )
+        sigma = rollout.sigmas[schedule][:, None] * token_scale
+        sigma_next = rollout.sigmas[schedule + 1][:, None] * token_scale
         return sde_lib.step(
             rollout.kind,
             latents,
             velocity,
-            rollout.sigmas[i] * token_scale,
-            rollout.sigmas[i + 1] * token_scale,
+            sigma,
+            sigma_next,
             rollout.noise_level,
-            prev_sample=rollout.next_latents[:, step],
+            prev_sample=rollout.next_latents[rows, steps],
             reduction=rollout.reduction,
         )
 
     # ------------------------------------------------------------------ reference model and LoRA
+    def wrap_transformer(self, wrapped: nn.Module | None) -> None:
+        """Route training forwards through ``wrapped`` (e.g. accelerate's DDP / FSDP module).
+
+        ``self.transformer`` stays the plain module (configs, saving, LoRA switches).
+        """
+        self._wrapped_transformer = wrapped
+
     @property
     def has_lora(self) -> bool:
         return LORA_ADAPTER in getattr(self.transformer, "peft_config", {})

@@ -69,6 +69,23 @@ class Rollout:
             self, **{name: getattr(self, name)[idx.to(getattr(self, name).device)] for name in per_sample}
         )
 
+    @classmethod
+    def cat(cls, parts: list[Rollout]) -> Rollout:
+        """One rollout from several made with the same settings (e.g. one per group, for overlap)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        offsets = torch.tensor([0] + [len(next(iter(p.condition.values()))) for p in parts[:-1]]).cumsum(0)
+        per_sample = ("latents", "next_latents", "log_probs", "final_latents", "generated_mask", "seeds")
+        return replace(
+            first,
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in per_sample},
+            condition={k: torch.cat([p.condition[k] for p in parts]) for k in first.condition},
+            condition_index=torch.cat(
+                [p.condition_index + int(o) for p, o in zip(parts, offsets, strict=True)]
+            ),
+        )
+
     def to(self, device: torch.device | str) -> Rollout:
         moved = {
             f.name: getattr(self, f.name).to(device)

@@ -35,6 +35,11 @@ class TinyLTXSpec:
     text_layers: int = field(default=2, metadata={"help": "T5 encoder layers (0: no text encoder)."})
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
 
+    @property
+    def vae_compression(self) -> tuple[int, int]:
+        """(spatial, temporal) compression of the VAE this spec builds."""
+        return self.vae_patch_size * 2 ** len(self.vae_channels), 2 ** len(self.vae_channels)
+
 
 def _scheduler_config() -> dict:
     """The LTX-Video 0.9.x scheduler settings (dynamic exponential shift, terminal 0.1)."""

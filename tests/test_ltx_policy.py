@@ -277,3 +277,35 @@ def test_bad_condition(policy):
         policy.rollout({**cond, "prompt_embeds": torch.zeros(1, 4, 16)}, sampling=SamplingConfig(**FAST))
     with pytest.raises(InputError, match="seeds"):
         policy.rollout(cond, num_generations=2, sampling=SamplingConfig(**FAST), seeds=[1])
+
+
+def test_per_sample_steps_equal_single_step_calls(policy):
+    cond = _condition(policy, ["a red ball"], cfg=True)
+    rollout = policy.rollout(
+        cond, num_generations=3, sampling=SamplingConfig(**FAST, guidance_scale=2.0), seeds=[0, 1, 2]
+    )
+    steps = torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        mixed = policy.log_prob(rollout, steps)
+        for b, j in enumerate(steps.tolist()):
+            single = policy.log_prob(rollout, j)
+            torch.testing.assert_close(mixed.log_prob[b], single.log_prob[b], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed.log_prob, rollout.log_probs[torch.arange(3), steps], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="not a recorded stochastic step"):
+        policy.log_prob(rollout, torch.tensor([0, 1, 4]))
+
+
+def test_rollout_cat_keeps_conditioning_rows_apart(policy):
+    sampling = SamplingConfig(**FAST)
+    a = policy.rollout(
+        _condition(policy, ["a red ball"], cfg=False), num_generations=2, sampling=sampling, seeds=[0, 1]
+    )
+    b = policy.rollout(
+        _condition(policy, ["two blue squares"], cfg=False),
+        num_generations=2,
+        sampling=sampling,
+        seeds=[2, 3],
+    )
+    both = Rollout.cat([a, b])
+    assert both.num_samples == 4 and both.condition_index.tolist() == [0, 0, 1, 1]
+    _assert_recompute_matches(policy, both)
