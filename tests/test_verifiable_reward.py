@@ -1,0 +1,222 @@
+"""The toy world's verifiable causal reward: ranking of good and bad futures, robustness, numerics, API."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grpo.data.toyworld import PALETTE, ToyWorld, ToyWorldConfig, disc_coverage, render
+from grpo.data.video import read_video, write_video
+from policies.errors import InputError
+from rewards.registry import resolve
+from rewards.types import RewardOutput
+from rewards.verifiable import ToyWorldVerifiableReward, VerifiableRewardConfig, detect_balls
+
+REWARD = ToyWorldVerifiableReward()
+
+
+@pytest.fixture(scope="module")
+def test_world() -> ToyWorld:
+    return ToyWorld(split="test", num_samples=100)
+
+
+@pytest.fixture(scope="module")
+def samples(test_world) -> list[dict]:
+    return list(test_world)
+
+
+def _scores(videos, worlds) -> np.ndarray:
+    return np.array(REWARD(videos, None, None, world=worlds).scores)
+
+
+def test_true_future_wins_over_100_samples(test_world, samples):
+    worlds = [s["world"] for s in samples]
+    noise = torch.Generator().manual_seed(0)
+    candidates = {
+        "true": [s["next"] for s in samples],
+        "frozen": [s["context"][-1:].expand_as(s["next"]) for s in samples],
+        "wrong_direction": [test_world.reversed_next(i) for i in range(len(samples))],
+        "other_sample": [samples[(i + 1) % len(samples)]["next"] for i in range(len(samples))],
+        "noise": [torch.rand(s["next"].shape, generator=noise) for s in samples],
+    }
+    scores = {name: _scores(videos, worlds) for name, videos in candidates.items()}
+    print(
+        "mean toyworld_verifiable over 100 test samples:",
+        {k: round(float(v.mean()), 3) for k, v in scores.items()},
+    )
+    assert scores["true"].min() >= 0.95 and scores["true"].mean() >= 0.99
+    assert scores["true"].mean() > scores["wrong_direction"].mean() > scores["noise"].mean()
+    for name, ceiling in (("frozen", 0.5), ("wrong_direction", 0.5), ("other_sample", 0.3), ("noise", 0.05)):
+        assert scores[name].mean() <= ceiling, name
+    for name in ("frozen", "other_sample", "noise"):
+        assert (scores["true"] > scores[name] + 0.2).all(), name  # per sample, not only on average
+
+
+def _blur(video: torch.Tensor, sigma: float) -> torch.Tensor:
+    taps = torch.arange(-3, 4, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    x = video.permute(0, 3, 1, 2).reshape(-1, 1, *video.shape[1:3])
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 7))
+    x = F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), kernel.view(1, 1, 7, 1))
+    return x.reshape(video.shape[0], 3, *video.shape[1:3]).permute(0, 2, 3, 1)
+
+
+def test_robust_to_blur_codec_noise_and_resolution(tmp_path, samples):
+    subset = samples[:30]
+    worlds = [s["world"] for s in subset]
+    blurred = [_blur(s["next"], 1.0) for s in subset]  # VAE-like softness
+    assert _scores(blurred, worlds).mean() >= 0.97
+    decoded = []
+    for i, s in enumerate(subset):  # the usual lossy H.264 4:2:0 at crf 23
+        decoded.append(
+            read_video(write_video(tmp_path / f"{i}.mp4", s["next"], 8, pix_fmt="yuv420p", crf=23))[0]
+        )
+    assert _scores(decoded, worlds).mean() >= 0.95
+    noise = torch.Generator().manual_seed(1)
+    noisy = [(s["next"] + 0.03 * torch.randn(s["next"].shape, generator=noise)).clamp(0, 1) for s in subset]
+    assert _scores(noisy, worlds).mean() >= 0.95
+    large = ToyWorld(ToyWorldConfig(size=64), split="test", num_samples=30)  # same seeds, twice the pixels
+    assert _scores([s["next"] for s in large], worlds).mean() >= 0.98
+
+
+def _one_ball_world(positions, radius=3.5, colour="red", size=32) -> dict:
+    return {
+        "height": size,
+        "width": size,
+        "objects": [{"rgb": list(PALETTE[colour]), "radius": radius, "next": {"positions": positions}}],
+    }
+
+
+def _render_one(positions, radius=3.5, colour=(230, 35, 35), size=32) -> torch.Tensor:
+    return render(
+        np.array(positions, dtype=np.float64)[:, None, :], np.array([radius]), [colour], size, walls=False
+    )
+
+
+def test_detection_finds_a_ball_at_its_subpixel_centre():
+    centre, radius = (13.3, 17.8), 3.5
+    video = _render_one([centre], radius)
+    found = detect_balls(video, [PALETTE["red"], PALETTE["blue"]])
+    assert math.dist(found.centroid[0, 0], centre) < 0.05
+    assert found.mass[0, 0] == pytest.approx(math.pi * radius**2, rel=0.05)  # faint rim pixels drop out
+    # without smoothing or a chroma floor, a pixel's weight is exactly its coverage (grey background)
+    exact = detect_balls(video, [PALETTE["red"]], min_chroma=1e-9, smooth=False)
+    assert exact.mass[0, 0] == pytest.approx(disc_coverage(np.array(centre), radius, 32, 32).sum(), rel=1e-5)
+    assert found.mass[0, 1] == 0 and np.isnan(found.centroid[0, 1]).all()
+    assert found.hue_offset[0, 0] < 0.5 and found.unexplained[0] == 0
+    blurred = detect_balls(_blur(video, 1.2), [PALETTE["red"]])  # blur moves pixels, not the centroid
+    assert math.dist(blurred.centroid[0, 0], centre) < 0.1
+    assert blurred.mass[0, 0] == pytest.approx(found.mass[0, 0], rel=0.1)
+
+
+def test_position_error_matches_closed_form():
+    truth = [[10.0 + t, 16.0] for t in range(9)]
+    shifted = _render_one([[x + 2.0, y] for x, y in truth])
+    out = REWARD([shifted], world=[_one_ball_world(truth)])
+    expected = math.exp(-0.5 * ((2.0 / 32) / 0.08) ** 2)  # Gaussian of the normalised 2-px error
+    assert out.metadata["position_error"][0] == pytest.approx(2.0 / 32, abs=2e-3)
+    assert out.metadata["tracking"][0] == pytest.approx(expected, abs=0.01)
+    assert out.scores[0] == pytest.approx(expected, abs=0.01)
+    assert out.metadata["spurious"][0] > 0.99 and out.metadata["colour"][0] > 0.99
+
+
+def test_colour_drift_costs_the_colour_component():
+    truth = [[16.0, 10.0 + t] for t in range(9)]
+    r, g, b = colorsys.hsv_to_rgb(25 / 360, 0.85, 0.9)  # red turned orange: 25 degrees of hue drift
+    orange = _render_one(truth, colour=(round(r * 255), round(g * 255), round(b * 255)))
+    out = REWARD([orange], world=[_one_ball_world(truth)])
+    assert out.metadata["colour"][0] == pytest.approx(math.exp(-0.5 * (25 / 12) ** 2), abs=0.03)
+    assert out.metadata["tracking"][0] > 0.99  # still found in the right place
+
+
+def _two_ball_sample(samples) -> dict:
+    for s in samples:
+        objects = s["world"]["objects"]
+        if len(objects) == 2 and all(all(o["next"]["visible"]) for o in objects):
+            pos = np.array([o["next"]["positions"] for o in objects])
+            r = max(o["radius"] for o in objects)
+            if pos.min() > r + 1 and pos.max() < 32 - r - 1:
+                return s
+    raise AssertionError("no fully visible two-ball sample")
+
+
+def test_vanished_and_spurious_balls(samples):
+    sample = _two_ball_sample(samples)
+    objects = sample["world"]["objects"]
+    positions = np.array([o["next"]["positions"] for o in objects]).transpose(1, 0, 2)  # [F, 2, 2]
+    radii = np.array([o["radius"] for o in objects])
+    colours = [tuple(o["rgb"]) for o in objects]
+    walls = sample["world"]["walls"]
+    only_first = render(positions[:, :1], radii[:1], colours[:1], 32, walls)
+    out = REWARD([only_first], world=[sample["world"]])
+    assert out.metadata["presence"][0] == pytest.approx(0.5) and out.metadata["tracking"][0] == pytest.approx(
+        0.5, abs=0.01
+    )
+    assert out.metadata["spurious"][0] > 0.99
+
+    unused = next(c for c in PALETTE if c not in {o["colour"] for o in objects})
+    corner = np.array([[[3.5, 3.5]]]).repeat(9, axis=0)
+    far = np.min(np.linalg.norm(positions - corner, axis=-1)) > radii.max() + 4
+    corner = corner if far else np.array([[[28.5, 28.5]]]).repeat(9, axis=0)
+    extra = render(
+        np.concatenate([positions, corner], axis=1),
+        np.append(radii, 3.0),
+        [*colours, PALETTE[unused]],
+        32,
+        walls,
+    )
+    out = REWARD([extra], world=[sample["world"]])
+    expected = math.exp(
+        -(math.pi * 3.0**2) / np.mean(math.pi * radii**2)
+    )  # one extra ball's area, in ball areas
+    assert out.metadata["spurious"][0] == pytest.approx(expected, abs=0.06)
+    assert out.metadata["tracking"][0] > 0.99 and out.scores[0] < 0.6
+
+
+def test_per_clip_scores_for_clip_sequences():
+    world = ToyWorld(ToyWorldConfig.for_clips(num_clips=4, clip_frames=9), split="test", num_samples=3)
+    reward = ToyWorldVerifiableReward(per_clip=True)
+    for sample in world:
+        out = reward([sample["next"]], world=[sample["world"]])
+        assert len(out.metadata["clip_scores"][0]) == 3 and min(out.metadata["clip_scores"][0]) > 0.95
+        broken = sample["next"].clone()
+        broken[18:] = torch.rand(9, 32, 32, 3, generator=torch.Generator().manual_seed(0))  # last clip fails
+        clips = reward.score_clips(broken, sample["world"])
+        assert clips[0] > 0.95 and clips[1] > 0.95 and clips[2] < 0.05
+        out = reward([broken], world=[json.dumps(sample["world"])])  # JSON text works too
+        assert out.metadata["clip_scores"][0] == clips and out.scores[0] == pytest.approx(np.mean(clips))
+        assert REWARD.score_clips(broken, sample["world"], clip_frames=9) == clips
+
+
+def test_reward_function_contract(samples):
+    assert resolve("toyworld_verifiable") is ToyWorldVerifiableReward
+    a, b = samples[0], samples[1]
+    batch = torch.stack([a["next"], b["next"]])
+    as_uint8 = (batch * 255).round().to(torch.uint8)
+    out = REWARD(as_uint8, ["p", "q"], [a["context"], b["context"]], world=[a["world"], None], other=[1, 2])
+    assert isinstance(out, RewardOutput) and out.scores[0] > 0.98 and out.scores[1] is None
+    assert set(out.metadata) == {"tracking", "presence", "position_error", "colour", "spurious"}
+    assert all(len(column) == 2 and column[1] is None for column in out.metadata.values())
+    with pytest.raises(InputError, match="needs the 'world' metadata column"):
+        REWARD([a["next"]], None, None, trajectories=[a["world"]])
+    with pytest.raises(InputError, match="1 videos but 2 entries"):
+        REWARD([a["next"]], world=[a["world"], b["world"]])
+    with pytest.raises(InputError, match="has 17 frames but its true 'next' segment has 9"):
+        REWARD([torch.cat([a["context"], a["next"][:8]])], world=[a["world"]])
+    with pytest.raises(InputError, match="keep the aspect ratio"):
+        REWARD([torch.rand(9, 32, 48, 3)], world=[a["world"]])
+    with pytest.raises(InputError, match="per_clip=True needs clip_frames"):
+        ToyWorldVerifiableReward(per_clip=True)([a["next"]], world=[a["world"]])
+    with pytest.raises(InputError, match="no 'objects' list"):
+        REWARD([a["next"]], world=[{"height": 32}])
+    with pytest.raises(InputError, match="segment"):
+        VerifiableRewardConfig(segment="future")
+    # the context segment can be scored too (a reconstruction check)
+    assert ToyWorldVerifiableReward(segment="context")([a["context"]], world=[a["world"]]).scores[0] > 0.98
