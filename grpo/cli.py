@@ -16,6 +16,7 @@ from policies.errors import InputError
 # module paths that define a `register(subparsers)` function, in --help order
 COMMAND_MODULES: list[str] = [
     "grpo.commands.rollout",
+    "grpo.commands.train",
     "grpo.data.toyworld_cli",
 ]
 

@@ -1,0 +1,41 @@
+"""`nextscene train RECIPE.yaml [key.sub=value ...]`: run a recipe.
+
+Multi-GPU: ``accelerate launch -m grpo.cli train RECIPE.yaml`` (or ``torchrun --nproc_per_node N
+-m grpo.cli train ...``); each process rolls out its share of the prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run a YAML recipe (stage grpo)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", type=Path, help="YAML recipe")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.learning_rate=1e-4"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from grpo.recipe import load_recipe
+    from grpo.train import run as run_recipe
+    from grpo.train import validate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate(recipe)
+    history = run_recipe(recipe)
+    if history:
+        last = history[-1]
+        shown = {k: v for k, v in last.items() if k.startswith(("reward/mean", "eval/", "train/kl"))}
+        print(
+            f"done: {len(history)} iterations logged in {recipe.args.output_dir}/metrics.jsonl; last: {shown}"
+        )
+    return 0

@@ -1,0 +1,44 @@
+"""Exponential moving average of the trainable weights, kept in fp32 beside them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.params = params
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, param in self.params.items():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.cpu() for name, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError("EMA state does not match the trainable parameters")
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """Within this context the model runs with the EMA weights (e.g. to save or evaluate them)."""
+        saved = {name: p.detach().clone() for name, p in self.params.items()}
+        for name, param in self.params.items():
+            param.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            for name, param in self.params.items():
+                param.copy_(saved[name])

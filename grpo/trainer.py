@@ -1,0 +1,408 @@
+"""Group-relative PPO (GRPO) for video diffusion policies.
+
+One iteration reads like the algorithm (DESIGN.md section 3):
+
+    rows      = the iteration's prompts / contexts                (data, split across ranks)
+    rollout   = G stochastic denoising chains per row              (policy.rollout, old log-probs)
+    rewards   = every reward function on the decoded videos        (scored in threads while the
+                                                                    next group is still rolling out)
+    advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
+    update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
+
+Any policy with the rollout / log-prob contract of `policies.LTXPolicy` can be trained.
+Everything random in an iteration (data order, sample seeds, trained steps) is derived from
+``(seed, iteration)``, so a run resumed from a checkpoint continues exactly as the uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.advantages import compute_advantages
+from grpo.config import GRPOConfig
+from grpo.loss import grpo_loss
+from grpo.preemption import PreemptionHandler
+from grpo.tracking import MetricsLogger
+from grpo.training_state import TrainingState
+from policies.errors import InputError
+from policies.ltx import SamplingConfig
+from policies.rollout import Rollout
+from policies.sde import kl_divergence
+from rewards.composite import CompositeOutput, CompositeReward
+
+# dataset columns that condition the policy rather than being passed to rewards as metadata
+CONDITION_COLUMNS = (
+    "prompt",
+    "negative_prompt",
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "image",
+    "context",
+)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed determined by ``parts`` (seed, iteration, sample...), stable across runs."""
+    import numpy as np
+
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
+
+
+class GRPOTrainer:
+    """Trains a diffusion policy with group-relative PPO against one or more reward functions.
+
+    Args:
+        policy: a policy honouring the rollout / log-prob contract (e.g. `policies.LTXPolicy`).
+        reward_funcs: a reward callable, registered name or ``module:function``, or a list of them,
+            or a ready `rewards.CompositeReward`.
+        args: the `GRPOConfig`.
+        train_dataset: a sequence of dict rows (``prompt`` and/or ``image`` / ``context``; other
+            columns reach the rewards as metadata).
+        eval_dataset: rows scored with deterministic (ODE) rollouts every ``eval_every`` iterations.
+        reward_weights: one weight per reward (overrides ``args.reward_weights``).
+        callbacks: objects with optional ``on_optimizer_step(trainer, step)`` and
+            ``on_iteration_end(trainer, iteration, metrics)`` methods.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        reward_funcs: Any,
+        args: GRPOConfig,
+        train_dataset: Sequence[dict[str, Any]],
+        eval_dataset: Sequence[dict[str, Any]] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.callbacks = list(callbacks or [])
+        if len(train_dataset) == 0:
+            raise InputError("train_dataset is empty: give at least one row with a 'prompt' (or context)")
+        if isinstance(reward_funcs, CompositeReward):
+            self.reward = reward_funcs
+        else:
+            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            self.reward = CompositeReward(
+                funcs, reward_weights if reward_weights is not None else args.reward_weights
+            )
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if args.num_prompts_per_iteration % self.world_size != 0:
+            raise InputError(
+                f"num_prompts_per_iteration={args.num_prompts_per_iteration} does not split over "
+                f"{self.world_size} processes: use a multiple of {self.world_size}"
+            )
+        self.local_prompts = args.num_prompts_per_iteration // self.world_size
+        self.output_dir = Path(args.output_dir)
+
+        self.policy = policy.to(self.accelerator.device)
+        # validate the geometry and sampler settings before any model work
+        self.sampling = self._sampling(args.sde_steps(0))
+        self.policy.latent_shape(args.num_frames, args.height, args.width)
+        if args.use_lora:
+            self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        elif args.beta > 0:
+            self.policy.keep_reference_copy()
+        total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
+        self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, Any]]:
+        """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics."""
+        args = self.args
+        start = self.state.resume()
+        history: list[dict[str, Any]] = []
+        logger = MetricsLogger(
+            self.output_dir,
+            report_to=args.report_to,
+            total=args.max_iterations,
+            initial=start,
+            run_name=args.run_name,
+            config=_config_dict(args),
+            is_main_process=self.accelerator.is_main_process,
+        )
+        with PreemptionHandler() as preemption, logger:
+            for iteration in range(start, args.max_iterations):
+                self.iteration = iteration
+                tick = time.perf_counter()
+                metrics: dict[str, Any] = {}
+                if self.eval_dataset is not None and args.eval_every and iteration % args.eval_every == 0:
+                    metrics.update(self.evaluate())
+
+                rows = self._rows_for(iteration)
+                rollout, scores, timing = self._rollout_and_score(rows, iteration)
+                advantages, reward_stats = self._advantages(scores)
+                train_stats = self._update(rollout, advantages, iteration)
+
+                metrics.update(reward_stats)
+                metrics.update(train_stats)
+                metrics.update(timing)
+                elapsed = time.perf_counter() - tick
+                metrics["time/iteration_s"] = elapsed
+                metrics["samples_per_s"] = rollout.num_samples * self.world_size / elapsed
+                metrics["memory/peak_gb"] = _peak_memory_gb(self.accelerator.device)
+                metrics["lr"] = self.state.learning_rate
+                if args.sample_every and iteration % args.sample_every == 0:
+                    self._save_samples(rollout, scores, iteration)
+                logger.log(metrics, step=iteration)
+                history.append(metrics)
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_iteration_end"):
+                        callback.on_iteration_end(self, iteration, metrics)
+
+                stop = self.state.any_rank(preemption.requested)
+                if stop or (args.save_steps and (iteration + 1) % args.save_steps == 0):
+                    self.state.save(iteration + 1, {"iteration": iteration + 1})
+                if stop:
+                    return history
+            if self.eval_dataset is not None and args.eval_every:
+                final = self.evaluate()
+                logger.log(final, step=args.max_iterations)
+                history.append(final)
+        self.state.save_final()
+        return history
+
+    # ------------------------------------------------------------------ data
+    def _rows_for(self, iteration: int) -> list[dict[str, Any]]:
+        """This rank's rows of ``iteration``: epochs of seeded permutations, sliced per rank."""
+        n = len(self.train_dataset)
+        total = self.args.num_prompts_per_iteration
+        slots = range(
+            iteration * total + self.rank * self.local_prompts,
+            iteration * total + (self.rank + 1) * self.local_prompts,
+        )
+        rows, perms = [], {}
+        for slot in slots:
+            epoch = slot // n
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, epoch))
+                )
+            rows.append(self.train_dataset[int(perms[epoch][slot % n])])
+        return rows
+
+    # ------------------------------------------------------------------ rollout and reward
+    def _sampling(self, sde_steps: list[int], deterministic: bool = False) -> SamplingConfig:
+        args = self.args
+        steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
+        return SamplingConfig(
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+            frame_rate=args.frame_rate,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            kind="ode" if deterministic else args.sde_kind,
+            noise_level=0.0 if deterministic else args.noise_level,
+            sde_steps=steps,
+            reduction=args.logprob_reduction,
+        )
+
+    def _rollout_and_score(
+        self, rows: list[dict[str, Any]], iteration: int, deterministic: bool = False
+    ) -> tuple[Rollout, CompositeOutput, dict[str, float]]:
+        """Roll out G videos per row, one row at a time, scoring each group in a thread meanwhile."""
+        generations = self.args.num_generations
+        sampling = self._sampling(self.args.sde_steps(iteration), deterministic)
+        parts: list[Rollout] = []
+        futures: list[Future] = []
+        rollout_s = 0.0
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            for k, row in enumerate(rows):
+                tick = time.perf_counter()
+                first = (self.rank * self.local_prompts + k) * generations
+                seeds = [derived_seed(self.args.seed, iteration, first + g) for g in range(generations)]
+                with torch.no_grad(), self.state.autocast:
+                    condition = self.policy.prepare_condition([row], guidance_scale=sampling.guidance_scale)
+                    part = self.policy.rollout(
+                        condition, num_generations=generations, sampling=sampling, seeds=seeds
+                    )
+                parts.append(part)
+                rollout_s += time.perf_counter() - tick
+                futures.append(scorer.submit(self._score_group, part, row))
+            tick = time.perf_counter()
+            groups = [f.result() for f in futures]
+            wait_s = time.perf_counter() - tick
+        scores = CompositeOutput(
+            columns={name: sum((g.columns[name] for g in groups), []) for name in self.reward.names},
+            weights=dict(self.reward.weights),
+            metadata={key: sum((g.metadata[key] for g in groups), []) for key in groups[0].metadata},
+        )
+        reward_s = sum(g.timings["total"] + g.timings["decode"] for g in groups)
+        timing = {
+            "time/rollout_s": rollout_s,
+            "time/reward_s": reward_s,
+            "time/reward_wait_s": wait_s,
+            "time/reward_hidden_frac": 1.0 - wait_s / reward_s if reward_s > 0 else 1.0,
+        }
+        return Rollout.cat(parts), scores, timing
+
+    def _score_group(self, rollout: Rollout, row: dict[str, Any]) -> CompositeOutput:
+        tick = time.perf_counter()
+        with torch.no_grad():
+            videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
+        decode_s = time.perf_counter() - tick
+        n = rollout.num_samples
+        metadata = {k: [v] * n for k, v in row.items() if k not in CONDITION_COLUMNS}
+        out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
+        out.timings["decode"] = decode_s
+        out.metadata["videos"] = list(videos)
+        return out
+
+    def _advantages(self, scores: CompositeOutput) -> tuple[torch.Tensor, dict[str, float]]:
+        """Advantages of this rank's samples, normalised over the groups of every rank."""
+        local = scores.to_tensor().T.contiguous().to(self.accelerator.device)  # [R, B_local]
+        everything = self.accelerator.gather(local.T.contiguous()).T if self.world_size > 1 else local
+        generations = self.args.num_generations
+        group_ids = torch.arange(everything.shape[1] // generations).repeat_interleave(generations)
+        advantages, stats = compute_advantages(
+            everything.cpu(),
+            group_ids,
+            reward_weights=[scores.weights[n] for n in self.reward.names],
+            scale_rewards=self.args.scale_rewards,
+            aggregation=self.args.reward_aggregation,
+            adv_clip=self.args.adv_clip,
+            reward_names=self.reward.names,
+        )
+        b = local.shape[1]
+        return advantages[self.rank * b : (self.rank + 1) * b].to(self.accelerator.device), stats
+
+    # ------------------------------------------------------------------ update
+    def _accumulation_groups(self, num_samples: int | None = None) -> list[int]:
+        """Micro-batches per optimizer step, e.g. [2, 2, 1] for 5 micro-batches accumulated by 2."""
+        num_samples = num_samples or self.local_prompts * self.args.num_generations
+        size = self.args.per_device_train_batch_size or num_samples
+        micro = math.ceil(num_samples / size)
+        accum = self.args.gradient_accumulation_steps
+        return [min(accum, micro - i) for i in range(0, micro, accum)]
+
+    def _trained_positions(self, rollout: Rollout, iteration: int) -> torch.Tensor:
+        """``[B, K_train]`` positions in the rollout's record of the steps each sample trains on."""
+        position = {int(s): j for j, s in enumerate(rollout.step_indices.tolist())}
+        rng = random.Random(derived_seed(self.args.seed, iteration, 1))
+        rows = []
+        for _ in range(rollout.num_samples):
+            rows.append([position[s] for s in self.args.trained_steps(iteration, rng) if s in position])
+        return torch.tensor(rows, dtype=torch.long, device=rollout.latents.device)
+
+    def _update(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
+        """``num_iterations`` epochs of PPO over the rollout: micro-batches x trained steps, accumulated."""
+        args = self.args
+        positions = self._trained_positions(rollout, iteration)
+        num_steps = positions.shape[1]
+        size = args.per_device_train_batch_size or rollout.num_samples
+        stats: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(args.num_iterations):
+            order = torch.randperm(
+                rollout.num_samples,
+                generator=torch.Generator().manual_seed(derived_seed(args.seed, iteration, 2, epoch)),
+            ).to(rollout.latents.device)
+            for group in self._split(list(order.split(size))):
+                for m, idx in enumerate(group):
+                    sub, adv, pos = rollout.select(idx), advantages[idx], positions[idx]
+                    for k in range(num_steps):
+                        with (
+                            self.state.no_sync(m == len(group) - 1 and k == num_steps - 1),
+                            self.state.autocast,
+                        ):
+                            loss, step_stats = self._step_loss(sub, adv, pos[:, k])
+                            self.accelerator.backward(loss / (num_steps * len(group)))
+                        for key, value in step_stats.items():
+                            stats[key].append(float(value))
+                stats["grad_norm"].append(self.state.optimizer_step())
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_optimizer_step"):
+                        callback.on_optimizer_step(self, self.state.optimizer_steps)
+        out = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
+        out["train/ratio_first_step"] = stats["ratio_mean"][0]  # before any update: 1 when on-policy
+        out["train/trained_steps_per_sample"] = num_steps
+        return out
+
+    def _step_loss(
+        self, sub: Rollout, advantages: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped surrogate + KL of one recorded step per sample (``steps`` [b]) under current weights."""
+        args = self.args
+        guidance = None if args.cfg_in_training else 1.0
+        out = self.policy.log_prob(sub, steps, guidance_scale=guidance)
+        kl = None
+        if args.beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                ref = self.policy.log_prob(sub, steps, guidance_scale=guidance)
+            kl = kl_divergence(out.mean, ref.mean, out.std, args.logprob_reduction)[:, None]
+        old = sub.log_probs[torch.arange(sub.num_samples, device=steps.device), steps]
+        return grpo_loss(
+            out.log_prob[:, None],
+            old[:, None],
+            advantages,
+            epsilon=args.epsilon,
+            epsilon_high=args.epsilon_high,
+            beta=args.beta,
+            kl=kl,
+            loss_type=args.loss_type,
+        )
+
+    def _split(self, micro_batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        sizes = self._accumulation_groups(sum(len(m) for m in micro_batches))
+        groups, start = [], 0
+        for n in sizes:
+            groups.append(micro_batches[start : start + n])
+            start += n
+        return groups
+
+    # ------------------------------------------------------------------ evaluation and samples
+    def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
+        """Mean reward of deterministic (ODE) rollouts on the evaluation rows, G per row."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        rows = [dataset[i] for i in range(self.rank, len(dataset), self.world_size)]
+        _, scores, _ = self._rollout_and_score(rows, iteration=0, deterministic=True)
+        out = {}
+        for name, column in scores.columns.items():
+            values = torch.tensor(
+                [math.nan if s is None else s for s in column], device=self.accelerator.device
+            )
+            values = self.accelerator.gather(values) if self.world_size > 1 else values
+            out[f"eval/{name}/mean"] = float(values.nanmean())
+        return out
+
+    def _save_samples(self, rollout: Rollout, scores: CompositeOutput, iteration: int) -> None:
+        if not self.accelerator.is_main_process or not self.args.save_samples:
+            return
+        from grpo.data.video import write_video
+
+        folder = self.output_dir / "samples" / f"iter_{iteration:06d}"
+        for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):
+            reward = sum((scores.weights[n] * (scores.columns[n][b] or 0.0)) for n in scores.columns)
+            write_video(folder / f"sample{b:02d}_reward{reward:+.3f}.mp4", video, self.args.frame_rate)
+
+
+def _config_dict(args: GRPOConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(args)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,137 @@
+"""What every trainer shares: the trainable weights, optimizer, LR schedule, EMA, and their checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from grpo.config import TrainerConfig
+from grpo.ema import EMA
+from policies.errors import InputError
+
+
+class TrainingState:
+    """Optimises the policy's trainable transformer weights (LoRA or full) with AdamW.
+
+    Wraps the transformer for data parallelism (accelerate: DDP, or FSDP from its config) and
+    routes the policy's training forwards through the wrapper; counts optimizer steps; saves and
+    restores everything a run needs to continue exactly.
+    """
+
+    def __init__(self, policy: Any, args: TrainerConfig, accelerator: Any, total_steps: int) -> None:
+        from transformers import get_scheduler
+
+        self.policy = policy
+        self.args = args
+        self.accelerator = accelerator
+        if args.gradient_checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise InputError("the policy has no trainable parameters (frozen transformer and no LoRA)")
+        optimizer = torch.optim.AdamW(
+            self.trainable.values(),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        self.wrapped, self.optimizer = accelerator.prepare(policy.transformer, optimizer)
+        if accelerator.num_processes > 1:
+            policy.wrap_transformer(self.wrapped)
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=args.warmup_steps,
+            num_training_steps=total_steps,
+        )
+        self.ema = EMA(self.trainable, args.ema_decay) if args.ema_decay > 0 else None
+        self.autocast = torch.autocast(
+            accelerator.device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"
+        )
+        self.optimizer_steps = 0
+
+    def no_sync(self, sync: bool):
+        """Skip the gradient all-reduce of a backward that is not the last before an optimizer step."""
+        if sync or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule, update the EMA; returns the gradient norm before clipping."""
+        params = list(self.trainable.values())
+        if self.args.max_grad_norm:
+            norm = float(self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm))
+        else:
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.optimizer_steps += 1
+        return norm
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+        """Atomic checkpoint at ``step`` (an iteration for GRPO, an optimizer step for SFT)."""
+        return save_checkpoint(
+            self.args.output_dir,
+            step,
+            model_state={n: p.detach().float().cpu() for n, p in self.trainable.items()},
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.lr_scheduler.state_dict(),
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
+            data_state={"step": step},
+            trainer_state={**trainer_state, "step": step, "optimizer_steps": self.optimizer_steps},
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            barrier=self.accelerator.wait_for_everyone,
+            save_total_limit=self.args.save_total_limit,
+        )
+
+    def resume(self) -> int:
+        """Restore from ``resume_from_checkpoint`` (``auto``: the newest complete one); returns its step."""
+        path = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
+        if path is None:
+            return 0
+        ckpt = load_checkpoint(path, rank=self.accelerator.process_index)
+        if set(ckpt.model_state) != set(self.trainable):
+            example = sorted(set(self.trainable) ^ set(ckpt.model_state))[:3]
+            raise InputError(
+                f"checkpoint {path} does not match the trainable parameters (e.g. {example}): "
+                "resume with the same policy, LoRA and fine-tuning settings"
+            )
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(ckpt.model_state[name])
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.lr_scheduler.load_state_dict(ckpt.scheduler_state)
+        if self.ema is not None and ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state)
+        self.optimizer_steps = int(ckpt.trainer_state["optimizer_steps"])
+        return int(ckpt.trainer_state["step"])
+
+    def save_final(self) -> Path:
+        """Save the trained policy (EMA weights if EMA is on) to ``output_dir/final``."""
+        path = Path(self.args.output_dir) / "final"
+        if self.accelerator.is_main_process:
+            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                self.policy.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (e.g. one rank got SIGTERM)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)

@@ -1,0 +1,246 @@
+"""GRPOTrainer end to end on a tiny LTX policy: it learns, resumes exactly, survives SIGTERM,
+keeps ranks in sync, and rejects bad recipes fast."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import rewards
+from grpo.checkpoint import latest_checkpoint, load_checkpoint
+from grpo.cli import main
+from grpo.recipe import load_recipe
+from grpo.tracking import read_metrics
+from grpo.train import run
+from policies.tiny import build_tiny_ltx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@rewards.register("test_redness")
+def redness(videos, prompts, contexts, **metadata):
+    """Mean of R - (G + B) / 2: a reward the tiny policy can reach."""
+    return [float((v[..., 0] - 0.5 * (v[..., 1] + v[..., 2])).mean()) for v in videos]
+
+
+@rewards.register("test_blueness")
+def blueness(videos, prompts, contexts, **metadata):
+    return [float((v[..., 2] - 0.5 * (v[..., 0] + v[..., 1])).mean()) for v in videos]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_ltx(tmp_path_factory.mktemp("tiny_ltx"))
+
+
+def _recipe(tmp_path, tiny_dir, **trainer):
+    recipe = {
+        "name": "test-grpo",
+        "stage": "grpo",
+        "policy": {"type": "ltx", "path": str(tiny_dir)},
+        "data": {
+            "type": "prompts",
+            "prompts": ["a ball", "two balls", "a square", "red things"],
+            "eval_prompts": ["a ball", "a cube", "a red square", "two cubes"],
+        },
+        "rewards": [{"name": "test_redness", "weight": 1.0}, {"name": "test_blueness", "weight": 0.0}],
+        "trainer": {
+            "output_dir": str(tmp_path / "run"),
+            "num_generations": 4,
+            "num_prompts_per_iteration": 2,
+            "num_inference_steps": 6,
+            "learning_rate": 3e-3,
+            "epsilon": 1e-3,
+            "beta": 0.004,
+            **trainer,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_reachable_reward_and_kl_grows_from_zero(tmp_path, tiny_dir):
+    recipe = load_recipe(_recipe(tmp_path, tiny_dir, max_iterations=24, eval_every=12))
+    run(recipe)
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [m["eval/test_redness/mean"] for m in metrics if "eval/test_redness/mean" in m]
+    first, last = metrics[0], [m for m in metrics if "train/kl" in m][-1]
+    within_group_std = first["reward/test_redness/std"]
+    print(
+        f"held-out redness {evals[0]:.5f} -> {evals[-1]:.5f} (group std {within_group_std:.5f}); "
+        f"KL {first['train/kl']:.2e} -> {last['train/kl']:.2e}"
+    )
+    assert len(evals) == 3  # iterations 0 and 12, and after the last
+    assert evals[-1] - evals[0] > 3 * within_group_std
+    assert first["train/kl"] < 1e-8 < 1e-4 < last["train/kl"]
+    for m in metrics:
+        if "train/ratio_first_step" in m:  # on-policy: the first inner step has ratio 1
+            assert m["train/ratio_first_step"] == pytest.approx(1.0, abs=1e-5)
+    # per-reward columns are logged; the weight-0 reward is logged but not trained on
+    assert "reward/test_blueness/mean" in first
+    assert first["reward/mean"] == pytest.approx(first["reward/test_redness/mean"], abs=1e-6)
+    assert (tmp_path / "run" / "resolved_recipe.yaml").is_file()
+    assert (tmp_path / "run" / "final" / "transformer").is_dir()
+
+
+def _cli(*argv, **popen):
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, test_grpo_trainer; from grpo.cli import main; sys.exit(main(sys.argv[1:]))",
+            *argv,
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def _final_weights(run_dir):
+    return load_file(str(run_dir / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_dir):
+    settings = [
+        "trainer.max_iterations=40",
+        "trainer.save_steps=10",
+        "trainer.num_generations=2",
+        "trainer.num_inference_steps=4",
+        "data.eval_prompts=null",
+    ]
+    straight = _recipe(tmp_path / "a", tiny_dir)
+    assert _cli("train", str(straight), *settings).wait(timeout=600) == 0
+
+    resumed = _recipe(tmp_path / "b", tiny_dir)
+    proc = _cli("train", str(resumed), *settings)
+    run_dir = tmp_path / "b" / "run"
+    deadline = time.time() + 300
+    while latest_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert latest_checkpoint(run_dir) is not None
+    time.sleep(random.uniform(0.0, 0.5))  # a random point after the checkpoint, mid-training
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "final").exists()  # killed before the end
+    assert (
+        _cli("train", str(resumed), *settings, "trainer.resume_from_checkpoint=auto").wait(timeout=600) == 0
+    )
+
+    a, b = _final_weights(tmp_path / "a" / "run"), _final_weights(run_dir)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ma, mb = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(40))
+    for x, y in zip(ma, mb):
+        assert abs(x["reward/mean"] - y["reward/mean"]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_complete_loadable_checkpoint(tmp_path, tiny_dir):
+    recipe = _recipe(tmp_path, tiny_dir)
+    proc = _cli(
+        "train",
+        str(recipe),
+        "trainer.max_iterations=50",
+        "trainer.save_steps=0",
+        "trainer.num_generations=2",
+        "trainer.num_inference_steps=4",
+        "data.eval_prompts=null",
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    ckpt_path = latest_checkpoint(tmp_path / "run")
+    assert ckpt_path is not None
+    ckpt = load_checkpoint(ckpt_path, restore_rng=False)
+    assert 1 <= ckpt.step < 50 and ckpt.optimizer_state and ckpt.model_state
+    assert len(read_metrics(metrics)) == ckpt.step
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(REPO / "tests" / "scripts" / "ddp_worker.py"),
+            str(tiny_dir),
+            str(out),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) >= 4  # 2 iterations x 2 micro-batches
+    assert ranks[0] == ranks[1]
+    assert len({row["sha256"] for row in ranks[0]}) == len(ranks[0])  # the weights do move
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.lerning_rate=1e-3", "did you mean 'trainer.learning_rate'"),
+        ("trainer.num_generations=two", "trainer.num_generations"),
+        ("data.path=/nonexistent/prompts.txt", "does not exist"),
+        ("rewards.0.name=no_such_reward", "unknown reward 'no_such_reward'"),
+        ("policy.path=/nonexistent/ltx", "does not exist"),
+    ],
+)
+def test_bad_recipe_fails_fast_with_one_line(tmp_path, tiny_dir, capsys, override, message):
+    recipe = _recipe(tmp_path, tiny_dir)
+    extra = ["data.prompts=null"] if override.startswith("data.path") else []
+    start = time.perf_counter()
+    assert main(["train", str(recipe), override, *extra]) == 2
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert elapsed < 3.0
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_rejects_prompts_that_do_not_split_over_ranks(tiny_dir):
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+    from policies import LTXPolicy
+    from policies.errors import InputError
+
+    policy = LTXPolicy.from_pretrained(tiny_dir)
+    with pytest.raises(InputError, match="train_dataset is empty"):
+        GRPOTrainer(policy, [redness], GRPOConfig(output_dir="/tmp/x"), [])
+    with pytest.raises(InputError, match="num_frames=10 is not 8k\\+1"):
+        GRPOTrainer(policy, [redness], GRPOConfig(output_dir="/tmp/x", num_frames=10), [{"prompt": "a"}])
+    assert torch.is_tensor(next(policy.parameters()))
