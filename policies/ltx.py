@@ -300,6 +300,44 @@ class LTXPolicy(nn.Module):
         latents = self.vae.encode(pixels).latent_dist.mode()
         return self._normalize(latents)
 
+    @torch.no_grad()
+    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
+        """Packed, normalised latents ``[B, S, C]`` of videos ``[B, F, H, W, 3]`` in [0, 1] (targets)."""
+        if videos.ndim != 5 or videos.shape[-1] != 3:
+            raise InputError(f"videos must be [B, F, H, W, 3] in [0, 1], got shape {tuple(videos.shape)}")
+        self.latent_shape(videos.shape[1], videos.shape[2], videos.shape[3])
+        pixels = videos.permute(0, 4, 1, 2, 3).to(self.device, self.vae.dtype) * 2 - 1
+        return _pack(self._normalize(self.vae.encode(pixels).latent_dist.mode()).float())
+
+    def flow_matching_loss(
+        self,
+        condition: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: torch.Tensor,
+        latent_shape: tuple[int, int, int],
+        frame_rate: float = 25.0,
+    ) -> torch.Tensor:
+        """Per-sample ``mean ||v_theta(x_s, s) - (eps - x0)||^2`` over generated tokens ``[B]``.
+
+        ``target`` are clean latents ``[B, S, C]`` (one conditioning row per sample), ``sigmas``
+        ``[B]`` the noise levels, ``noise`` the ``eps`` draw. With ``image_latents`` in the condition
+        the first latent frame is clean conditioning and is left out of the loss, as in sampling.
+        """
+        rows = torch.arange(target.shape[0], device=target.device)
+        generated = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
+        s = sigmas.to(target.device, torch.float32)[:, None, None]
+        noisy = (1 - s) * target + s * noise
+        timestep = sigmas.to(target.device, torch.float32) * self.scheduler.config.num_train_timesteps
+        if "image_latents" in condition:
+            first = latent_shape[1] * latent_shape[2]
+            generated[:, :first] = False
+            noisy[:, :first] = target[:, :first]
+            timestep = timestep[:, None] * generated.float()
+        velocity = self.velocity(noisy, timestep, condition, rows, 1.0, latent_shape, frame_rate)
+        error = ((velocity - (noise - target)) ** 2).mean(dim=-1)
+        return (error * generated).sum(dim=1) / generated.sum(dim=1)
+
     def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
         std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)

@@ -4,7 +4,7 @@ A reward is a plain callable ``(videos, prompts, contexts, **metadata) -> list[f
 (see `rewards.types`). Register your own with ``@rewards.register("name")``.
 """
 
-from rewards import verifiable  # noqa: F401  (registers 'toyworld_verifiable')
+from rewards import colour, verifiable  # noqa: F401  (register 'redness', 'brightness', 'toyworld_verifiable')
 from rewards.registry import register, registered, resolve
 from rewards.types import RewardOutput, as_reward_output
 

@@ -13,7 +13,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="run a YAML recipe (stage grpo)",
+        help="run a YAML recipe (stage pretrain, sft or grpo)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     history = run_recipe(recipe)
     if history:
         last = history[-1]
-        shown = {k: v for k, v in last.items() if k.startswith(("reward/mean", "eval/", "train/kl"))}
+        shown = {
+            k: round(v, 5)
+            for k, v in last.items()
+            if k.startswith(("reward/mean", "eval/", "train/kl", "loss"))
+        }
         print(
             f"done: {len(history)} iterations logged in {recipe.args.output_dir}/metrics.jsonl; last: {shown}"
         )

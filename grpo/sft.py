@@ -1,0 +1,170 @@
+"""Supervised flow-matching stages (text-to-video pretraining, SFT on (context, next scene) pairs).
+
+Each step: a batch of (conditioning, target video) rows -> clean latents ``x0`` -> noise level
+``s`` (uniform or logit-normal) -> ``x_s = (1 - s) x0 + s eps`` -> regress ``v = eps - x0``.
+The same `TrainingState` as GRPO handles the optimizer, EMA, checkpoints and exact resume, so
+the policy a supervised stage writes is the one GRPO starts from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from grpo.config import FlowMatchingConfig
+from grpo.preemption import PreemptionHandler
+from grpo.tracking import MetricsLogger
+from grpo.trainer import derived_seed
+from grpo.training_state import TrainingState
+from policies.errors import InputError
+
+EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # held-out loss is averaged over these noise levels
+
+
+class FlowMatchingTrainer:
+    """Supervised flow-matching training of a policy on rows ``{"video": [F, H, W, 3], prompt / image ...}``.
+
+    Args:
+        policy: a policy with ``prepare_condition``, ``encode_video`` and ``flow_matching_loss``.
+        args: the `FlowMatchingConfig`.
+        train_dataset / eval_dataset: sequences of dict rows; ``video`` is the target clip.
+        callbacks: objects with optional ``on_optimizer_step(trainer, step)``.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        args: FlowMatchingConfig,
+        train_dataset: Sequence[dict[str, Any]],
+        eval_dataset: Sequence[dict[str, Any]] | None = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        if len(train_dataset) == 0:
+            raise InputError("train_dataset is empty: give rows with a target 'video' and a 'prompt'")
+        if "video" not in train_dataset[0]:
+            raise InputError("flow-matching rows need a target 'video' [F, H, W, 3] in [0, 1]")
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.callbacks = list(callbacks or [])
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.policy = policy.to(self.accelerator.device)
+        video = torch.as_tensor(train_dataset[0]["video"])
+        self.latent_shape = self.policy.latent_shape(*video.shape[:3])
+        if args.use_lora:
+            self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        self.state = TrainingState(self.policy, args, self.accelerator, args.max_steps)
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run optimizer steps up to ``max_steps`` (resuming if asked); returns the logged metrics."""
+        args = self.args
+        start = self.state.resume()
+        history: list[dict[str, Any]] = []
+        logger = MetricsLogger(
+            args.output_dir,
+            report_to=args.report_to,
+            total=args.max_steps,
+            initial=start,
+            run_name=args.run_name,
+            is_main_process=self.accelerator.is_main_process,
+            progress_keys=("loss", "eval/loss"),
+        )
+        with PreemptionHandler() as preemption, logger:
+            for step in range(start, args.max_steps):
+                tick = time.perf_counter()
+                metrics: dict[str, Any] = {}
+                if self.eval_dataset is not None and args.eval_every and step % args.eval_every == 0:
+                    metrics["eval/loss"] = self.evaluate()
+                losses = []
+                accum = args.gradient_accumulation_steps
+                for micro in range(accum):
+                    with self.state.no_sync(micro == accum - 1), self.state.autocast:
+                        loss = self._loss(
+                            self._batch(step, micro), derived_seed(args.seed, step, micro)
+                        ).mean()
+                        self.accelerator.backward(loss / accum)
+                    losses.append(loss.item())
+                metrics["grad_norm"] = self.state.optimizer_step()
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_optimizer_step"):
+                        callback.on_optimizer_step(self, self.state.optimizer_steps)
+                metrics.update(
+                    loss=sum(losses) / len(losses),
+                    lr=self.state.learning_rate,
+                    **{"time/step_s": time.perf_counter() - tick},
+                )
+                if step % args.logging_steps == 0 or step == args.max_steps - 1:
+                    logger.log(metrics, step=step)
+                history.append(metrics)
+                stop = self.state.any_rank(preemption.requested)
+                if stop or (args.save_steps and (step + 1) % args.save_steps == 0):
+                    self.state.save(step + 1, {})
+                if stop:
+                    return history
+            if self.eval_dataset is not None and args.eval_every:
+                final = {"eval/loss": self.evaluate()}
+                logger.log(final, step=args.max_steps)
+                history.append(final)
+        self.state.save_final()
+        return history
+
+    def _batch(self, step: int, micro: int) -> list[dict[str, Any]]:
+        """Rows of one micro-batch: seeded epochs of permutations, this rank's slice."""
+        n, size = len(self.train_dataset), self.args.batch_size
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        first = ((step * self.args.gradient_accumulation_steps + micro) * world + rank) * size
+        rows = []
+        for slot in range(first, first + size):
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, slot // n))
+            )
+            rows.append(self.train_dataset[int(perm[slot % n])])
+        return rows
+
+    def _sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.args.timestep_sampling == "uniform":
+            return torch.rand(count, generator=generator)
+        normal = torch.randn(count, generator=generator) * self.args.logit_std + self.args.logit_mean
+        return torch.sigmoid(normal)
+
+    def _loss(
+        self, rows: list[dict[str, Any]], seed: int, sigmas: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sample flow-matching loss of ``rows`` with noise (and sigmas, unless given) from ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            condition = self.policy.prepare_condition(rows)
+            target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
+        sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
+        noise = torch.randn(target.shape, generator=generator).to(target.device)
+        return self.policy.flow_matching_loss(condition, target, sigmas, noise, self.latent_shape)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> float:
+        """Held-out loss: every row at each of `EVAL_SIGMAS`, with fixed noise (comparable across steps)."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        total, count = 0.0, 0
+        size = self.args.eval_batch_size
+        for start in range(
+            self.accelerator.process_index * size, len(dataset), size * self.accelerator.num_processes
+        ):
+            rows = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+            for k, sigma in enumerate(EVAL_SIGMAS):
+                with self.state.autocast:
+                    loss = self._loss(
+                        rows, derived_seed(self.args.seed, 7, start, k), torch.full((len(rows),), sigma)
+                    )
+                total += float(loss.sum())
+                count += len(rows)
+        if self.accelerator.num_processes > 1:
+            both = self.accelerator.reduce(
+                torch.tensor([total, count], device=self.accelerator.device), "sum"
+            )
+            total, count = float(both[0]), float(both[1])
+        return total / count if count else math.nan
