@@ -9,7 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "GRPOTrainer": "grpo.trainer",
+    "GRPOConfig": "grpo.config",
+    "FlowMatchingTrainer": "grpo.sft",
+    "FlowMatchingConfig": "grpo.config",
+    "TrainerConfig": "grpo.config",
+    "Recipe": "grpo.recipe",
+    "load_recipe": "grpo.recipe",
+    "compute_advantages": "grpo.advantages",
+    "grpo_loss": "grpo.loss",
+    "MetricsLogger": "grpo.tracking",
+    "read_metrics": "grpo.tracking",
+}
 
 
 def __getattr__(name: str) -> Any:
