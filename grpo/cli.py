@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "grpo.commands.rollout",
     "grpo.commands.train",
     "grpo.data.toyworld_cli",
+    "rewards.judge.cli",
 ]
 
 

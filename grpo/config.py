@@ -209,13 +209,19 @@ class GRPOConfig(TrainerConfig):
     )
     max_iterations: int = field(default=100, metadata={"help": "Iterations (rollout + update) to run."})
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps of each rollout."})
-    num_frames: int = field(default=9, metadata={"help": "Frames per generated video (VAE temporal ratio x k + 1)."})
+    num_frames: int = field(
+        default=9, metadata={"help": "Frames per generated video (VAE temporal ratio x k + 1)."}
+    )
     height: int = field(default=32, metadata={"help": "Height of generated videos in pixels."})
     width: int = field(default=32, metadata={"help": "Width of generated videos in pixels."})
-    frame_rate: float = field(default=8.0, metadata={"help": "Frame rate of generated videos (RoPE scale, MP4s)."})
+    frame_rate: float = field(
+        default=8.0, metadata={"help": "Frame rate of generated videos (RoPE scale, MP4s)."}
+    )
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Samples per micro-batch in the update; null = all of this rank's samples at once."},
+        metadata={
+            "help": "Samples per micro-batch in the update; null = all of this rank's samples at once."
+        },
     )
     guidance_scale: float = field(
         default=1.0, metadata={"help": "Classifier-free guidance weight w in rollouts; 1 disables CFG."}

@@ -1,11 +1,30 @@
 """Reward functions for next-scene video generation.
 
 A reward is a plain callable ``(videos, prompts, contexts, **metadata) -> list[float | None]``
-(see `rewards.types`). Register your own with ``@rewards.register("name")``.
+(see `rewards.types`). Register your own with ``@rewards.register("name")``; combine several with
+`CompositeReward`.
 """
 
 from rewards import colour, verifiable  # noqa: F401  (register 'redness', 'brightness', 'toyworld_verifiable')
+from rewards.builtin import next_scene_similarity, temporal_smoothness
+from rewards.composite import CompositeOutput, CompositeReward, build_reward
+from rewards.judge import CausalConsistencyJudge, InProcessJudge, JudgeConfig, JudgeUnavailableError
 from rewards.registry import register, registered, resolve
 from rewards.types import RewardOutput, as_reward_output
 
-__all__ = ["RewardOutput", "as_reward_output", "register", "registered", "resolve"]
+__all__ = [
+    "CausalConsistencyJudge",
+    "CompositeOutput",
+    "CompositeReward",
+    "InProcessJudge",
+    "JudgeConfig",
+    "JudgeUnavailableError",
+    "RewardOutput",
+    "as_reward_output",
+    "build_reward",
+    "next_scene_similarity",
+    "register",
+    "registered",
+    "resolve",
+    "temporal_smoothness",
+]

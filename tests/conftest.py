@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny judge tokenizer and text model built locally, and the vLLM interpreter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Qwen-style chat template: text parts verbatim, one vision placeholder per image/video part.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['image', 'image_url'] %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ['video', 'video_url'] %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+]  # fmt: skip
+CORPUS = [
+    "yes no Yes No yes. no. 1 2 3 4 5",
+    "Does the second scene causally follow from the first scene? Answer with one word: yes or no.",
+    "First scene: a red ball rolls left and bounces off the wall. Second scene: the blue square falls.",
+]
+
+
+def build_judge_tokenizer():
+    """A byte-level BPE tokenizer (Qwen's kind) trained on a few judge sentences, with Qwen special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def judge_tokenizer():
+    return build_judge_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_judge(tmp_path_factory, judge_tokenizer) -> Path:
+    """A random 2-layer Qwen2 causal LM (head_dim 64, as CPU vLLM needs) saved with its tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_text_judge")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(judge_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+        tie_word_embeddings=True, eos_token_id=judge_tokenizer.eos_token_id,
+        pad_token_id=judge_tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    judge_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The vLLM venv's python from $NEXTSCENE_VLLM_PYTHON; missing fails in CI, skips elsewhere."""
+    python = os.environ.get("NEXTSCENE_VLLM_PYTHON")
+    if not python:
+        if os.environ.get("CI"):
+            pytest.fail("NEXTSCENE_VLLM_PYTHON is not set in CI; run .ci/install_vllm.sh and export it")
+        pytest.skip("NEXTSCENE_VLLM_PYTHON not set (run .ci/install_vllm.sh VENV and export it)")
+    if not Path(python).is_file():
+        pytest.fail(f"NEXTSCENE_VLLM_PYTHON={python} does not exist")
+    return python
