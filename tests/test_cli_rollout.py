@@ -28,7 +28,7 @@ def test_rollout_command_writes_videos_and_recomputable_log_probs(tmp_path):
     rollout = Rollout.load(out / "rollout")
     assert rollout.uses_cfg and rollout.log_probs.shape == (4, 4)
     assert samples[3]["log_prob_per_step"] == pytest.approx(rollout.log_probs[3].tolist())
-    policy = LTXPolicy.from_pretrained(out / "tiny_ltx")
+    policy = LTXPolicy.from_pretrained(out / "base_tiny_ltx")
     with torch.no_grad():
         recomputed = policy.log_prob(rollout, 2).log_prob
     assert (recomputed - rollout.log_probs[:, 2]).abs().max() <= 1e-5

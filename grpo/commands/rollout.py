@@ -55,9 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from grpo.data.video import write_video
-    from policies import LTXPolicy, SamplingConfig
+    from grpo.train import LTXPolicySpec, build_policy
+    from policies import SamplingConfig
     from policies.ltx import latent_shape, vae_compression
-    from policies.tiny import TinyLTXSpec, build_tiny_ltx
+    from policies.tiny import TinyLTXSpec
 
     # every cheap check first: nothing is loaded or written before the arguments are known to work
     sampling = SamplingConfig(
@@ -81,12 +82,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         latent_shape(sampling.num_frames, sampling.height, sampling.width, *TinyLTXSpec().vae_compression)
 
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = args.out / "tiny_ltx"
-        if not (checkpoint / "model_index.json").is_file():
-            build_tiny_ltx(checkpoint)
-    policy = LTXPolicy.from_pretrained(checkpoint, device=args.device)
+    policy = build_policy(
+        LTXPolicySpec(path=args.checkpoint and str(args.checkpoint), tiny=True, device=args.device), args.out
+    )
 
     start = time.perf_counter()
     condition = policy.encode_prompt(prompts, negative_prompt="" if sampling.guidance_scale > 1 else None)
