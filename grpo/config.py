@@ -89,6 +89,12 @@ class TrainerConfig:
     bf16: bool = field(
         default=False, metadata={"help": "TRL alias: true is the same as mixed_precision: bf16."}
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard full fine-tuning over the ranks with FSDP2 (fully_shard per block); not with LoRA."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
     )
@@ -138,6 +144,11 @@ class TrainerConfig:
                 for i, item in enumerate(value):
                     check_choice(f"{f.name}.{i}", item, get_args(get_args(hint)[0]))
         _require(bool(self.output_dir), "output_dir", "must not be empty; give a directory for the run")
+        _require(
+            not (self.fsdp and self.use_lora),
+            "fsdp",
+            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights)",
+        )
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(

@@ -374,12 +374,18 @@ class GRPOTrainer:
     def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
         """Mean reward of deterministic (ODE) rollouts on the evaluation rows, G per row."""
         dataset = self.eval_dataset if dataset is None else dataset
-        rows = [dataset[i] for i in range(self.rank, len(dataset), self.world_size)]
+        # every rank rolls out the same number of rows (FSDP forwards are collective); padding
+        # rows repeat earlier ones and are not counted
+        per_rank = math.ceil(len(dataset) / self.world_size)
+        indices = [self.rank + k * self.world_size for k in range(per_rank)]
+        rows = [dataset[i % len(dataset)] for i in indices]
         _, scores, _ = self._rollout_and_score(rows, iteration=0, deterministic=True)
+        counted = [i < len(dataset) for i in indices for _ in range(self.args.num_generations)]
         out = {}
         for name, column in scores.columns.items():
             values = torch.tensor(
-                [math.nan if s is None else s for s in column], device=self.accelerator.device
+                [s if s is not None and keep else math.nan for s, keep in zip(column, counted, strict=True)],
+                device=self.accelerator.device,
             )
             values = self.accelerator.gather(values) if self.world_size > 1 else values
             out[f"eval/{name}/mean"] = float(values.nanmean())

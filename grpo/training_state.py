@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,18 @@ import torch
 
 from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig
-from grpo.ema import EMA
+from grpo.ema import EMA, full_tensor
 from policies.errors import InputError
 
 
 class TrainingState:
     """Optimises the policy's trainable transformer weights (LoRA or full) with AdamW.
 
-    Wraps the transformer for data parallelism (accelerate: DDP, or FSDP from its config) and
-    routes the policy's training forwards through the wrapper; counts optimizer steps; saves and
-    restores everything a run needs to continue exactly.
+    Data parallelism: with several processes the transformer is wrapped by accelerate (DDP) and
+    the policy's training forwards go through the wrapper; with ``fsdp: true`` it is instead
+    sharded in place with FSDP2 (``fully_shard`` on each repeated block, then the root), so each
+    rank holds 1/N of the weights, gradients and optimizer state. Counts optimizer steps; saves
+    and restores everything a run needs to continue exactly (gathering full tensors under FSDP).
     """
 
     def __init__(self, policy: Any, args: TrainerConfig, accelerator: Any, total_steps: int) -> None:
@@ -30,6 +33,9 @@ class TrainingState:
         self.accelerator = accelerator
         if args.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
+        self.fsdp = args.fsdp and accelerator.num_processes > 1
+        if self.fsdp:
+            _fully_shard(policy.transformer)
         self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise InputError("the policy has no trainable parameters (frozen transformer and no LoRA)")
@@ -40,9 +46,12 @@ class TrainingState:
             eps=args.adam_epsilon,
             weight_decay=args.weight_decay,
         )
-        self.wrapped, self.optimizer = accelerator.prepare(policy.transformer, optimizer)
-        if accelerator.num_processes > 1:
-            policy.wrap_transformer(self.wrapped)
+        if self.fsdp:  # sharded in place: forwards already go through the FSDP module
+            self.wrapped, self.optimizer = policy.transformer, optimizer
+        else:
+            self.wrapped, self.optimizer = accelerator.prepare(policy.transformer, optimizer)
+            if accelerator.num_processes > 1:
+                policy.wrap_transformer(self.wrapped)
         self.lr_scheduler = get_scheduler(
             args.lr_scheduler_type,
             self.optimizer,
@@ -59,16 +68,18 @@ class TrainingState:
         """Skip the gradient all-reduce of a backward that is not the last before an optimizer step."""
         if sync or self.accelerator.num_processes == 1:
             return contextlib.nullcontext()
+        if self.fsdp:
+            return _fsdp_no_sync(self.wrapped)
         return self.accelerator.no_sync(self.wrapped)
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, update the EMA; returns the gradient norm before clipping."""
-        params = list(self.trainable.values())
-        if self.args.max_grad_norm:
+        params = [p for p in self.trainable.values() if p.grad is not None]
+        if self.args.max_grad_norm and not self.fsdp:
             norm = float(self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm))
-        else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        else:  # torch's clip handles FSDP2 shards (the norm is reduced over ranks)
+            limit = self.args.max_grad_norm or float("inf")
+            norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit)))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,11 +94,12 @@ class TrainingState:
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
         """Atomic checkpoint at ``step`` (an iteration for GRPO, an optimizer step for SFT)."""
+        model_state, optimizer_state = self._full_states()
         return save_checkpoint(
             self.args.output_dir,
             step,
-            model_state={n: p.detach().float().cpu() for n, p in self.trainable.items()},
-            optimizer_state=self.optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             scheduler_state=self.lr_scheduler.state_dict(),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
             data_state={"step": step},
@@ -110,10 +122,21 @@ class TrainingState:
                 f"checkpoint {path} does not match the trainable parameters (e.g. {example}): "
                 "resume with the same policy, LoRA and fine-tuning settings"
             )
-        with torch.no_grad():
-            for name, param in self.trainable.items():
-                param.copy_(ckpt.model_state[name])
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.wrapped, ckpt.model_state, options=options)
+            set_optimizer_state_dict(self.wrapped, self.optimizer, ckpt.optimizer_state, options=options)
+        else:
+            with torch.no_grad():
+                for name, param in self.trainable.items():
+                    param.copy_(ckpt.model_state[name])
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.lr_scheduler.load_state_dict(ckpt.scheduler_state)
         if self.ema is not None and ckpt.ema_state is not None:
             self.ema.load_state_dict(ckpt.ema_state)
@@ -123,11 +146,33 @@ class TrainingState:
     def save_final(self) -> Path:
         """Save the trained policy (EMA weights if EMA is on) to ``output_dir/final``."""
         path = Path(self.args.output_dir) / "final"
-        if self.accelerator.is_main_process:
-            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-                self.policy.save_pretrained(path)
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            gathered = None
+            if self.fsdp:  # every rank takes part in the gather; rank 0 receives the full weights
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                gathered = get_model_state_dict(self.wrapped, options=options)
+            if self.accelerator.is_main_process:
+                self.policy.save_pretrained(path, transformer_state_dict=gathered)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Trainable weights and optimizer state as full tensors (gathered from every rank under FSDP)."""
+        if not self.fsdp:
+            weights = {n: p.detach().float().cpu() for n, p in self.trainable.items()}
+            return weights, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.wrapped, options=options)
+        weights = {n: full[n].float() for n in self.trainable if n in full}  # empty except on rank 0
+        return weights, get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (e.g. one rank got SIGTERM)."""
@@ -135,3 +180,24 @@ class TrainingState:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _fully_shard(module: torch.nn.Module) -> None:
+    """FSDP2: shard every repeated block (diffusers' ``_repeated_blocks``), then the root module."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(module, "_repeated_blocks", ()))
+    for child in module.modules():
+        if type(child).__name__ in blocks:
+            fully_shard(child)
+    fully_shard(module)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: Any) -> Iterator[None]:
+    """Accumulate unsharded gradients locally; the next synced backward reduce-scatters them all."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

@@ -184,20 +184,27 @@ class LTXPolicy(nn.Module):
             )
         return policy.to(device)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a diffusers-format directory; LoRA adapters go to ``transformer_lora/`` next to the base."""
+    def save_pretrained(
+        self, path: str | Path, transformer_state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write a diffusers-format directory; LoRA adapters go to ``transformer_lora/`` next to the base.
+
+        ``transformer_state_dict`` replaces the transformer's own weights (e.g. the full state
+        gathered from FSDP shards, which the module itself cannot save).
+        """
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.has_lora:
             self.transformer.save_lora_adapter(str(path / "transformer_lora"), adapter_name=LORA_ADAPTER)
             base = {k: v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
-            base = {k.replace(".base_layer", ""): v for k, v in base.items()}
-            from safetensors.torch import save_file
-
+            transformer_state_dict = {k.replace(".base_layer", ""): v for k, v in base.items()}
+        if transformer_state_dict is not None:
             (path / "transformer").mkdir(exist_ok=True)
             self.transformer.save_config(path / "transformer")
             save_file(
-                {k: v.contiguous() for k, v in base.items()},
+                {k: v.detach().cpu().contiguous() for k, v in transformer_state_dict.items()},
                 str(path / "transformer" / "diffusion_pytorch_model.safetensors"),
             )
         else:
@@ -609,23 +616,31 @@ class LTXPolicy(nn.Module):
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Within this context the policy computes with the reference model (LoRA off, or the frozen copy)."""
-        if self.has_lora:
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-        elif self._reference_transformer is not None:
-            trained, self.transformer = self.transformer, self._reference_transformer
-            try:
-                yield
-            finally:
-                self.transformer = trained
-        else:
+        """Within this context the policy computes with the reference model (LoRA off, or the frozen copy).
+
+        Reference forwards never go through a training wrapper (DDP / FSDP), whose module holds
+        the trained weights.
+        """
+        if not self.has_lora and self._reference_transformer is None:
             raise InputError(
                 "no reference model: call add_lora() or keep_reference_copy() before using reference()"
             )
+        self._in_reference = True
+        try:
+            if self.has_lora:
+                self.transformer.disable_adapters()
+                try:
+                    yield
+                finally:
+                    self.transformer.enable_adapters()
+            else:
+                trained, self.transformer = self.transformer, self._reference_transformer
+                try:
+                    yield
+                finally:
+                    self.transformer = trained
+        finally:
+            self._in_reference = False
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

@@ -180,10 +180,7 @@ def test_sigterm_leaves_a_complete_loadable_checkpoint(tmp_path, tiny_dir):
     assert len(read_metrics(metrics)) == ckpt.step
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(tiny_dir, out, *overrides, port):
     result = subprocess.run(
         [
             sys.executable,
@@ -192,22 +189,59 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(port),
             str(REPO / "tests" / "scripts" / "ddp_worker.py"),
             str(tiny_dir),
             str(out),
+            *overrides,
         ],
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
+    ranks = _torchrun(tiny_dir, tmp_path / "ddp", port=29517)
     assert len(ranks[0]) == len(ranks[1]) >= 4  # 2 iterations x 2 micro-batches
     assert ranks[0] == ranks[1]
     assert len({row["sha256"] for row in ranks[0]}) == len(ranks[0])  # the weights do move
+
+
+@pytest.mark.slow
+def test_fsdp2_with_a_resume_matches_ddp(tmp_path, tiny_dir):
+    """Full fine-tuning sharded with FSDP2 over two gloo ranks, checkpointed and resumed midway,
+    ends with the weights of the same run under DDP."""
+    # Adam with a large epsilon updates linearly in the gradient (lr * m / eps): all-reduce vs
+    # reduce-scatter rounding then stays rounding, instead of flipping the sign of near-zero steps
+    linear = ("adam_epsilon=1.0", "learning_rate=1.0")
+    _torchrun(tiny_dir, tmp_path / "ddp", "max_iterations=3", *linear, port=29518)
+    _torchrun(
+        tiny_dir, tmp_path / "fsdp", "fsdp=true", "max_iterations=2", "save_steps=1", *linear, port=29519
+    )
+    assert latest_checkpoint(tmp_path / "fsdp").name == "checkpoint-00000002"
+    ranks = _torchrun(
+        tiny_dir,
+        tmp_path / "fsdp",
+        "fsdp=true",
+        "max_iterations=3",
+        "save_steps=1",
+        "resume_from_checkpoint=auto",
+        port=29520,
+    )
+    assert ranks[0] == ranks[1]  # full weights gathered from the shards agree on both ranks
+    ddp, fsdp = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "fsdp")
+    start = load_file(str(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert ddp.keys() == fsdp.keys()
+    diff = max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp)
+    moved = max((ddp[k] - start[k]).abs().max().item() for k in ddp)
+    print(f"FSDP2 (with resume) vs DDP: max abs weight difference {diff:.2e} (weights moved {moved:.2e})")
+    assert moved > 1e-3 and diff <= 1e-5
 
 
 @pytest.mark.parametrize(

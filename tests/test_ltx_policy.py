@@ -309,3 +309,35 @@ def test_rollout_cat_keeps_conditioning_rows_apart(policy):
     both = Rollout.cat([a, b])
     assert both.num_samples == 4 and both.condition_index.tolist() == [0, 0, 1, 1]
     _assert_recompute_matches(policy, both)
+
+
+def test_reference_forwards_bypass_the_training_wrapper(policy):
+    """Under DDP the training forward goes through the wrapper (trained weights); the reference must not."""
+    import copy
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    tuned = copy.deepcopy(policy)
+    tuned.keep_reference_copy()
+    spy = Spy(tuned.transformer)
+    tuned.wrap_transformer(spy)
+    rollout = tuned.rollout(
+        _condition(tuned, ["a red ball"], cfg=False), sampling=SamplingConfig(**FAST), seeds=[0]
+    )
+    spy.calls = 0
+    with torch.no_grad():
+        tuned.transformer.proj_out.bias.add_(0.3)
+        moved = tuned.log_prob(rollout, 1)
+        assert spy.calls == 1
+        with tuned.reference():
+            ref = tuned.log_prob(rollout, 1)
+    assert spy.calls == 1 and not tuned._in_reference
+    torch.testing.assert_close(ref.log_prob, rollout.log_probs[:, 1], rtol=0, atol=1e-5)
+    assert (moved.log_prob - ref.log_prob).abs().max() > 1e-3

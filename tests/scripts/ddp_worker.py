@@ -1,5 +1,7 @@
 """Run under `torchrun --nproc_per_node 2`: a tiny GRPO run that writes, after every optimizer step,
-a digest of this rank's trainable weights to OUT/rank<r>.jsonl (used by tests/test_grpo_trainer.py)."""
+a digest of this rank's (full) trainable weights to OUT/rank<r>.jsonl (used by tests/test_grpo_trainer.py).
+
+Usage: ddp_worker.py CHECKPOINT OUT [field=value ...]   (GRPOConfig overrides, e.g. fsdp=true)"""
 
 import hashlib
 import json
@@ -7,7 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from grpo.config import GRPOConfig
+from grpo.ema import full_tensor
 from grpo.trainer import GRPOTrainer
 from policies import LTXPolicy
 
@@ -23,13 +28,14 @@ class WeightDigest:
     def on_optimizer_step(self, trainer, step):
         digest = hashlib.sha256()
         for name in sorted(trainer.state.trainable):
-            digest.update(trainer.state.trainable[name].detach().cpu().numpy().tobytes())
+            digest.update(full_tensor(trainer.state.trainable[name]).detach().cpu().numpy().tobytes())
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, "sha256": digest.hexdigest()}) + "\n")
 
 
-def main(checkpoint: str, out: str) -> None:
-    args = GRPOConfig(
+def main(checkpoint: str, out: str, overrides: list[str]) -> None:
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in overrides)}
+    defaults = dict(
         output_dir=out,
         num_generations=2,
         num_prompts_per_iteration=2,
@@ -41,6 +47,7 @@ def main(checkpoint: str, out: str) -> None:
         save_steps=0,
         seed=3,
     )
+    args = GRPOConfig(**{**defaults, **settings})
     policy = LTXPolicy.from_pretrained(checkpoint)
     prompts = [{"prompt": p} for p in ["a ball", "two balls", "a cube", "a red cube"]]
     trainer = GRPOTrainer(
@@ -54,4 +61,4 @@ def main(checkpoint: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
