@@ -341,7 +341,8 @@ class LTXPolicy(nn.Module):
             generated[:, :first] = False
             noisy[:, :first] = target[:, :first]
             timestep = timestep[:, None] * generated.float()
-        velocity = self.velocity(noisy, timestep, condition, rows, 1.0, latent_shape, frame_rate)
+        text = self.text_inputs(condition, rows, 1.0)
+        velocity = self.velocity(noisy, timestep, text, 1.0, latent_shape, frame_rate)
         error = ((velocity - (noise - target)) ** 2).mean(dim=-1)
         return (error * generated).sum(dim=1) / generated.sum(dim=1)
 
@@ -366,23 +367,37 @@ class LTXPolicy(nn.Module):
         return embeds.shape[0]
 
     # ------------------------------------------------------------------ the denoiser
+    @staticmethod
+    def text_inputs(
+        condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample text embeddings and mask for `velocity` (``[uncond; cond]`` stacked for CFG).
+
+        Computed once per rollout or recomputed step, not once per denoising step.
+        """
+        embeds = condition["prompt_embeds"][condition_index]
+        mask = condition["prompt_attention_mask"][condition_index]
+        if guidance_scale > 1.0:
+            embeds = torch.cat([condition["negative_prompt_embeds"][condition_index], embeds])
+            mask = torch.cat([condition["negative_prompt_attention_mask"][condition_index], mask])
+        return embeds, mask
+
     def velocity(
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor,
-        condition: dict[str, torch.Tensor],
-        condition_index: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor],
         guidance_scale: float,
         latent_shape: tuple[int, int, int],
         frame_rate: float,
     ) -> torch.Tensor:
-        """The (CFG-combined) velocity ``[b, S, C]`` in fp32; CFG runs as one batched forward."""
-        embeds = condition["prompt_embeds"][condition_index]
-        mask = condition["prompt_attention_mask"][condition_index]
+        """The (CFG-combined) velocity ``[b, S, C]`` in fp32; CFG runs as one batched forward.
+
+        ``text`` is `text_inputs` for the same samples and guidance scale.
+        """
+        embeds, mask = text
         cfg = guidance_scale > 1.0
         if cfg:
-            embeds = torch.cat([condition["negative_prompt_embeds"][condition_index], embeds])
-            mask = torch.cat([condition["negative_prompt_attention_mask"][condition_index], mask])
             latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
         frames, height, width = latent_shape
         r_t, r_s = self.temporal_compression, self.spatial_compression
@@ -452,14 +467,15 @@ class LTXPolicy(nn.Module):
         )
         stochastic = sampling.stochastic_steps()
 
+        text = self.text_inputs(condition, condition_index, sampling.guidance_scale)
+
         recorded, recorded_next, log_probs = [], [], []
         for i in range(sampling.num_inference_steps):
             timestep = self._timestep(timesteps[i], generated_mask, per_token)
             velocity = self.velocity(
                 latents,
                 timestep,
-                condition,
-                condition_index,
+                text,
                 sampling.guidance_scale,
                 latent_shape,
                 sampling.frame_rate,
@@ -561,8 +577,7 @@ class LTXPolicy(nn.Module):
         velocity = self.velocity(
             latents,
             timestep,
-            rollout.condition,
-            rollout.condition_index,
+            self.text_inputs(rollout.condition, rollout.condition_index, scale),
             scale,
             rollout.latent_shape,
             rollout.frame_rate,
