@@ -138,8 +138,9 @@ class FlowMatchingTrainer:
     ) -> torch.Tensor:
         """Per-sample flow-matching loss of ``rows`` with noise (and sigmas, unless given) from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
+        # with grad: a policy may train part of its conditioning (e.g. the NSP queries)
+        condition = self.policy.prepare_condition(rows)
         with torch.no_grad():
-            condition = self.policy.prepare_condition(rows)
             target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
         noise = torch.randn(target.shape, generator=generator).to(target.device)

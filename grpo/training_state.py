@@ -37,6 +37,15 @@ class TrainingState:
         if self.fsdp:
             _fully_shard(policy.transformer)
         self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+        # weights outside the transformer (e.g. the NSP queries and connector): replicated on every
+        # rank, their gradients averaged by hand before each optimizer step
+        self.extra = dict(getattr(policy, "extra_trainable_parameters", dict)())
+        self.trainable.update(self.extra)
+        if self.fsdp and self.extra:
+            raise NotImplementedError(
+                "FSDP2 with trainable weights outside the transformer (e.g. the NSP connector) is not "
+                "supported yet: train this policy with DDP (trainer.fsdp: false) or LoRA"
+            )
         if not self.trainable:
             raise InputError("the policy has no trainable parameters (frozen transformer and no LoRA)")
         optimizer = torch.optim.AdamW(
@@ -74,6 +83,7 @@ class TrainingState:
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, update the EMA; returns the gradient norm before clipping."""
+        self._average_extra_gradients()
         params = [p for p in self.trainable.values() if p.grad is not None]
         if self.args.max_grad_norm and not self.fsdp:
             norm = float(self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm))
@@ -87,6 +97,14 @@ class TrainingState:
             self.ema.update()
         self.optimizer_steps += 1
         return norm
+
+    def _average_extra_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self.extra.values():
+            if param.grad is not None:  # the same parameters get gradients on every rank
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.accelerator.num_processes
 
     @property
     def learning_rate(self) -> float:
@@ -130,8 +148,12 @@ class TrainingState:
             )
 
             options = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(self.wrapped, ckpt.model_state, options=options)
+            sharded = {k: v for k, v in ckpt.model_state.items() if k not in self.extra}
+            set_model_state_dict(self.wrapped, sharded, options=options)
             set_optimizer_state_dict(self.wrapped, self.optimizer, ckpt.optimizer_state, options=options)
+            with torch.no_grad():
+                for name, param in self.extra.items():
+                    param.copy_(ckpt.model_state[name])
         else:
             with torch.no_grad():
                 for name, param in self.trainable.items():
@@ -172,6 +194,8 @@ class TrainingState:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.wrapped, options=options)
         weights = {n: full[n].float() for n in self.trainable if n in full}  # empty except on rank 0
+        if weights:
+            weights.update({n: p.detach().float().cpu() for n, p in self.extra.items()})
         return weights, get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
 
     def any_rank(self, flag: bool) -> bool:

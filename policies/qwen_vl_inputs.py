@@ -91,6 +91,23 @@ class QwenVLInputsConfig:
         values.update(overrides)
         return cls(**values)
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``preprocessor_config.json`` and ``video_preprocessor_config.json`` as checkpoints do."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        common = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        image = {**common, "min_pixels": self.image_min_pixels, "max_pixels": self.image_max_pixels}
+        video = {**common, "min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels}
+        (path / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+        (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen-VL's target size: sides multiple of ``factor``, area in [min_pixels, max_pixels], aspect kept."""

@@ -20,6 +20,7 @@ from grpo.data.toyworld import (
     seed_for,
 )
 from policies.errors import InputError
+from rewards.verifiable import ToyWorldVerifiableReward
 
 
 def _positions(sample: dict, obj: int) -> np.ndarray:
@@ -267,3 +268,16 @@ def test_reversed_next_moves_the_other_way():
         reversed_next = world.reversed_next(i)
         assert reversed_next.shape == sample["next"].shape
         assert not torch.allclose(reversed_next, sample["next"])
+
+
+def test_next_overlap_starts_the_next_scene_at_the_last_context_frame():
+    plain = generate_sample(123, ToyWorldConfig())
+    shifted = generate_sample(123, ToyWorldConfig(next_overlap=1))
+    assert torch.equal(shifted["next"][0], plain["context"][-1])
+    assert torch.equal(shifted["next"][1:], plain["next"][:-1])
+    first = shifted["world"]["objects"][0]
+    assert first["next"]["positions"][0] == plain["world"]["objects"][0]["context"]["positions"][-1]
+    reward = ToyWorldVerifiableReward()
+    assert reward([shifted["next"]], world=[shifted["world"]]).scores[0] > 0.95
+    with pytest.raises(InputError, match="next_overlap"):
+        ToyWorldConfig(next_overlap=9)

@@ -100,6 +100,13 @@ class ToyWorldConfig:
         default=None,
         metadata={"help": "Clip length (8k+1) for next-clip models; samples then also carry `clips`."},
     )
+    next_overlap: int = field(
+        default=0,
+        metadata={
+            "help": "Last context frames repeated at the start of `next` (1: the next scene starts at the "
+            "last context frame, as image-conditioned generation does)."
+        },
+    )
     fps: float = field(
         default=8.0, metadata={"help": "Frame rate stored with the videos (physics is per frame)."}
     )
@@ -141,6 +148,12 @@ class ToyWorldConfig:
                     raise InputError(
                         f"{name}={value} is not a positive multiple of clip_frames={self.clip_frames}"
                     )
+        if self.next_overlap and self.clip_frames is not None:
+            raise InputError("next_overlap applies to (context, next) pairs; set it to 0 with clip_frames")
+        if not 0 <= self.next_overlap < self.context_frames:
+            raise InputError(
+                f"next_overlap={self.next_overlap} must be in [0, context_frames={self.context_frames})"
+            )
         if not 1 <= self.min_objects <= self.max_objects <= 3:
             raise InputError(
                 f"min_objects={self.min_objects}, max_objects={self.max_objects}: need 1 <= min <= max <= 3"
@@ -531,6 +544,7 @@ def generate_sample(
     config = config or ToyWorldConfig()
     scene = _make_scene(seed, config)
     size, fc = config.size, config.context_frames
+    start, stop = fc - config.next_overlap, fc - config.next_overlap + config.next_frames
     colours = [PALETTE[c] for c in scene.colours]
     video = render(scene.positions * size, scene.radii * size, colours, size, scene.walls)
     world: dict[str, Any] = {
@@ -543,6 +557,7 @@ def generate_sample(
         "fps": config.fps,
         "context_frames": fc,
         "next_frames": config.next_frames,
+        "next_overlap": config.next_overlap,
         "clip_frames": config.clip_frames,
         "background": list(BACKGROUND),
         "walls": scene.walls,
@@ -554,20 +569,20 @@ def generate_sample(
                 "rgb": list(PALETTE[colour]),
                 "radius": round(float(scene.radii[i]) * size, 4),
                 "context": _track(scene.positions[:fc], scene.radii, size, i),
-                "next": _track(scene.positions[fc:], scene.radii, size, i),
+                "next": _track(scene.positions[start:stop], scene.radii, size, i),
             }
             for i, colour in enumerate(scene.colours)
         ],
         "events": {
             "context": _segment_events(scene, 0, fc),
-            "next": _segment_events(scene, fc, len(scene.positions)),
+            "next": _segment_events(scene, start, stop),
         },
     }
     sample: dict[str, Any] = {
         "context": video[:fc],
-        "next": video[fc:],
+        "next": video[start:stop],
         "context_caption": _caption(scene, 0, fc),
-        "next_caption": _caption(scene, fc, len(scene.positions)),
+        "next_caption": _caption(scene, start, stop),
         "instruction": config.instruction,
         "fps": config.fps,
         "world": world,

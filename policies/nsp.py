@@ -1,0 +1,484 @@
+"""The NSP unified policy: Qwen-VL reads the context, learnable queries carry it to LTX-Video.
+
+Next Scene Prediction (arXiv 2512.13015) couples understanding and generation: a vision-language
+model (Qwen2.5-VL by default; Qwen2-VL and Qwen3-VL by config) receives a chat -- the context video
+and an instruction ("What happens next?") -- followed by N learnable query embeddings. The VLM's
+hidden states at the query positions (from a chosen layer) go through a connector (transformer
+encoder layers at VLM width + an MLP to LTX's caption width) and take the place of the T5 text
+embeddings in LTX-Video, which generates the next scene. Optionally the last context frame is a
+clean LTX conditioning frame (per-token timestep 0, excluded from log-probs) for visual continuity;
+the next scene then starts at that frame, as image-to-video generation does.
+
+The VLM is frozen. Its query states are computed once per context and reused for the whole group
+of G samples, every denoising step, and the log-prob recomputation of the GRPO update, which
+therefore trains the connector and LTX but not the queries (their gradient would need a VLM
+backward per update). The supervised stages backpropagate through the frozen VLM into the queries
+(``train_queries``), as MetaQuery does.
+
+Rollout, log-prob recomputation, reference model, LoRA and decoding are `LTXPolicy`'s own: only
+the conditioning differs (`prepare_condition`, `text_inputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from policies.errors import InputError
+from policies.ltx import LTXPolicy
+from policies.qwen_vl_inputs import (
+    QwenVLInputsConfig,
+    expand_vision_placeholders,
+    image_inputs,
+    video_inputs,
+)
+
+CONFIG_FILE = "nsp_config.json"
+TRAINED_FILE = "nsp_trainable.safetensors"
+VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEFAULT_INSTRUCTION = "What happens next? Continue the scene."
+
+
+@dataclass
+class NSPConfig:
+    """How the NSP policy is put together; stored as ``nsp_config.json`` in its directory."""
+
+    vlm: str = field(
+        default="vlm", metadata={"help": "Qwen-VL directory (relative to the NSP directory or absolute)."}
+    )
+    ltx: str = field(default="ltx", metadata={"help": "LTX-Video directory (relative or absolute)."})
+    num_queries: int = field(
+        default=64, metadata={"help": "Learnable query embeddings appended to the chat."}
+    )
+    vlm_layer: int = field(
+        default=-1, metadata={"help": "Hidden-state layer read at the query positions (-1: last)."}
+    )
+    connector_layers: int = field(
+        default=2, metadata={"help": "Transformer-encoder layers of the connector."}
+    )
+    connector_heads: int = field(default=8, metadata={"help": "Attention heads of the connector layers."})
+    connector_mlp_ratio: float = field(
+        default=4.0, metadata={"help": "Connector feed-forward width / VLM width."}
+    )
+    continuity: bool = field(
+        default=True, metadata={"help": "Condition LTX on the last context frame as a clean first frame."}
+    )
+    context_frames: int = field(
+        default=8, metadata={"help": "Context frames shown to the VLM (evenly sampled)."}
+    )
+    min_context_frames: int = field(default=2, metadata={"help": "Shortest context video accepted."})
+    context_fps: float = field(
+        default=8.0, metadata={"help": "Frame rate of contexts without an 'fps' column."}
+    )
+    vision_input: Literal["video", "images"] = field(
+        default="video", metadata={"help": "Context as one Qwen-VL video, or as a sequence of images."}
+    )
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction for rows without an 'instruction'."}
+    )
+    train_queries: bool = field(
+        default=True, metadata={"help": "Backpropagate through the frozen VLM into the queries (SFT)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise InputError(f"nsp num_queries={self.num_queries} must be >= 1")
+        if self.connector_layers < 0:
+            raise InputError(f"nsp connector_layers={self.connector_layers} must be >= 0")
+        if self.min_context_frames < 1 or self.context_frames < self.min_context_frames:
+            raise InputError(
+                f"nsp context_frames={self.context_frames} must be >= min_context_frames="
+                f"{self.min_context_frames} >= 1"
+            )
+        if self.vision_input not in ("video", "images"):
+            raise InputError(f"nsp vision_input must be 'video' or 'images', got {self.vision_input!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> NSPConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{where}: unknown NSP config keys {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class Connector(nn.Module):
+    """VLM query states ``[B, N, D_vlm]`` -> LTX caption embeddings ``[B, N, D_caption]``."""
+
+    def __init__(self, width: int, out_width: int, layers: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise InputError(
+                f"connector_heads={heads} does not divide the VLM width {width}: pick a divisor of {width}"
+            )
+        layer = nn.TransformerEncoderLayer(
+            width,
+            heads,
+            int(width * mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Sequential(
+            nn.Linear(width, out_width), nn.GELU(approximate="tanh"), nn.Linear(out_width, out_width)
+        )
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            states = self.encoder(states)
+        return self.proj(self.norm(states))
+
+
+def _vlm_type(path: Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"VLM directory {str(path)!r} has no config.json: give a Qwen-VL checkpoint folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in VLM_ARCHITECTURES:
+        raise InputError(
+            f"VLM directory {str(path)!r} holds a {model_type!r} model; the NSP policy needs one of "
+            f"{', '.join(VLM_ARCHITECTURES)} (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)"
+        )
+    return model_type
+
+
+def _vlm_width(vlm: nn.Module) -> int:
+    config = vlm.config
+    return int(getattr(config, "text_config", config).hidden_size)
+
+
+class NSPPolicy(LTXPolicy):
+    """Qwen-VL + learnable queries + connector + LTX-Video, with `LTXPolicy`'s rollout / log-prob contract.
+
+    Rows for `prepare_condition`: ``context`` ``[F, H, W, 3]`` in [0, 1] with an optional
+    ``instruction`` (next-scene prediction), or only a ``prompt`` (stage-1 text-to-video: a
+    text-only chat).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module,
+        scheduler: Any,
+        vlm: nn.Module,
+        vlm_tokenizer: Any,
+        inputs_config: QwenVLInputsConfig,
+        config: NSPConfig,
+    ) -> None:
+        super().__init__(transformer, vae, scheduler)
+        self.config = config
+        self.vlm = vlm.requires_grad_(False).eval()
+        self.vlm_tokenizer = vlm_tokenizer
+        self.inputs_config = inputs_config
+        self.vlm_path: Path | None = None  # where the VLM was loaded from (saving refers to or copies it)
+        self.vlm_forwards = 0  # VLM forward passes so far (one per context)
+        width = _vlm_width(vlm)
+        embed = vlm.get_input_embeddings().weight
+        self.queries = nn.Parameter(torch.randn(config.num_queries, width) * float(embed.float().std()))
+        self.connector = Connector(
+            width,
+            transformer.config.caption_channels,
+            config.connector_layers,
+            config.connector_heads,
+            config.connector_mlp_ratio,
+        )
+        self._reference_connector: nn.Module | None = None
+        self._query_token = vlm_tokenizer.pad_token or "<|endoftext|>"
+        self._query_token_id = vlm_tokenizer.convert_tokens_to_ids(self._query_token)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        **overrides: Any,
+    ) -> NSPPolicy:
+        """Load an NSP directory: ``nsp_config.json`` naming (or holding) the VLM and LTX checkpoints,
+        plus the trained queries and connector in ``nsp_trainable.safetensors``.
+
+        ``overrides`` replace fields of the stored `NSPConfig` (e.g. ``num_queries`` for a new model).
+        """
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise InputError(
+                f"{str(path)!r} is not an NSP policy directory (no {CONFIG_FILE}); build one with "
+                "policies.tiny_nsp.build_tiny_nsp or write the config naming your VLM and LTX directories"
+            )
+        config = NSPConfig.from_dict({**json.loads(config_file.read_text()), **overrides}, str(config_file))
+        vlm_path, ltx_path = path / config.vlm, path / config.ltx
+        _vlm_type(vlm_path)
+        if not (ltx_path / "model_index.json").is_file():
+            raise InputError(
+                f"NSP LTX directory {str(ltx_path)!r} is not a diffusers LTX-Video checkpoint "
+                "(no model_index.json)"
+            )
+        ltx = LTXPolicy.from_pretrained(ltx_path, torch_dtype=torch_dtype, load_text_encoder=False)
+        vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(vlm_path)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InputError(f"the VLM tokenizer in {str(vlm_path)!r} has no chat template")
+        policy = cls(
+            ltx.transformer,
+            ltx.vae,
+            ltx.scheduler,
+            vlm,
+            tokenizer,
+            QwenVLInputsConfig.from_pretrained(vlm_path),
+            config,
+        )
+        policy.vlm_path = vlm_path.resolve()
+        if (path / TRAINED_FILE).is_file():
+            policy.load_trained(path / TRAINED_FILE)
+        return policy.to(device)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The NSP-specific trained weights: ``queries`` and ``connector.*``."""
+        state = {"queries": self.queries.detach()}
+        state.update({f"connector.{k}": v.detach() for k, v in self.connector.state_dict().items()})
+        return state
+
+    def load_trained(self, file: str | Path) -> None:
+        """Load queries and connector from a safetensors file, checking every width first."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+        expected = {k: tuple(v.shape) for k, v in self.trained_state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if set(found) != set(expected):
+            missing, extra = sorted(set(expected) - set(found))[:3], sorted(set(found) - set(expected))[:3]
+            raise InputError(
+                f"{file}: connector layout does not match this NSP config (missing {missing}, unexpected "
+                f"{extra}): use the connector_layers the weights were trained with"
+            )
+        for key, shape in expected.items():
+            if found[key] != shape:
+                raise InputError(
+                    f"{file}: {key} has shape {found[key]} but this VLM/LTX pair needs {shape} (VLM width "
+                    f"{_vlm_width(self.vlm)}, LTX caption width {self.transformer.config.caption_channels}, "
+                    f"{self.config.num_queries} queries): pair the weights with the models they were "
+                    "trained on"
+                )
+        with torch.no_grad():
+            self.queries.copy_(state["queries"])
+        self.connector.load_state_dict(
+            {k[len("connector.") :]: v for k, v in state.items() if k != "queries"}
+        )
+
+    def save_pretrained(
+        self, path: str | Path, transformer_state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write an NSP directory: ``ltx/`` (the trained LTX, full or base + LoRA), the trained queries
+        and connector, ``nsp_config.json``, and the VLM -- copied into ``vlm/`` when it came from inside
+        an NSP directory (or from memory), referred to by absolute path otherwise (a 7B VLM is not copied).
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        super().save_pretrained(path / "ltx", transformer_state_dict)
+        vlm_entry = "vlm"
+        if self.vlm_path is None:
+            self.vlm.save_pretrained(path / "vlm")
+            self.vlm_tokenizer.save_pretrained(path / "vlm")
+            self.inputs_config.save_pretrained(path / "vlm")
+        elif self.vlm_path.parent.joinpath(CONFIG_FILE).is_file() and self.vlm_path.name == "vlm":
+            if self.vlm_path != (path / "vlm").resolve():
+                shutil.copytree(self.vlm_path, path / "vlm", dirs_exist_ok=True)
+        else:
+            vlm_entry = str(self.vlm_path)
+        save_file(
+            {k: v.float().cpu().contiguous() for k, v in self.trained_state_dict().items()},
+            str(path / TRAINED_FILE),
+        )
+        config = {**asdict(self.config), "vlm": vlm_entry, "ltx": "ltx"}
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    # ------------------------------------------------------------------ what trains
+    def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable weights outside the LTX transformer (the trainers optimise these too)."""
+        params = {"nsp.queries": self.queries} if self.queries.requires_grad else {}
+        params.update(
+            {f"nsp.connector.{n}": p for n, p in self.connector.named_parameters() if p.requires_grad}
+        )
+        return params
+
+    def keep_reference_copy(self) -> None:
+        """Freeze copies of the transformer and the connector as the KL reference."""
+        super().keep_reference_copy()
+        self._reference_connector = copy.deepcopy(self.connector).requires_grad_(False).eval()
+
+    def add_lora(
+        self, rank: int = 16, alpha: float | None = None, target_modules: list[str] | None = None
+    ) -> None:
+        """LoRA on LTX; the connector trains fully, so a frozen copy of it joins the reference."""
+        super().add_lora(rank, alpha, target_modules)
+        self._reference_connector = copy.deepcopy(self.connector).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy: LTX's reference (LoRA off or frozen copy) and the frozen connector."""
+        with super().reference():
+            trained, self.connector = self.connector, self._reference_connector or self.connector
+            try:
+                yield
+            finally:
+                self.connector = trained
+
+    # ------------------------------------------------------------------ conditioning
+    def _context_frames(self, context: Any, index: int) -> torch.Tensor:
+        frames = torch.as_tensor(context)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise InputError(
+                f"row {index}: context must be a video [F, H, W, 3], got shape {tuple(frames.shape)}"
+            )
+        if frames.shape[0] < self.config.min_context_frames:
+            raise InputError(
+                f"row {index}: the context video has {frames.shape[0]} frame(s); the NSP policy needs "
+                f"at least {self.config.min_context_frames} (min_context_frames)"
+            )
+        count = min(self.config.context_frames, frames.shape[0])
+        picks = torch.linspace(0, frames.shape[0] - 1, count).round().long()
+        return frames[picks].float()
+
+    def _chat(self, row: dict[str, Any], index: int) -> tuple[str, dict[str, torch.Tensor]]:
+        """The templated chat text (vision placeholders expanded, queries appended) and its vision inputs."""
+        content: list[dict[str, Any]] = []
+        vision: dict[str, torch.Tensor] = {}
+        context = row.get("context")
+        if context is not None:
+            frames = self._context_frames(context, index)
+            if self.config.vision_input == "video":
+                source_fps = float(row.get("fps") or self.config.context_fps)
+                stride = (len(torch.as_tensor(context)) - 1) / max(len(frames) - 1, 1)
+                vision = video_inputs([frames], self.inputs_config, fps=source_fps / max(stride, 1e-6))
+                content.append({"type": "video"})
+            else:
+                vision = image_inputs(frames, self.inputs_config)
+                content.extend({"type": "image"} for _ in range(len(frames)))
+            text = row.get("instruction") or self.config.instruction
+        else:
+            text = row.get("prompt")
+            if not isinstance(text, str):
+                raise InputError(f"row {index} has neither a 'context' video nor a 'prompt' text for the VLM")
+        content.append({"type": "text", "text": text})
+        chat = self.vlm_tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        chat = expand_vision_placeholders(
+            chat,
+            image_grid_thw=vision.get("image_grid_thw"),
+            video_grid_thw=vision.get("video_grid_thw"),
+            merge_size=self.inputs_config.merge_size,
+        )
+        return chat + self._query_token * self.config.num_queries, vision
+
+    def query_states(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        """VLM hidden states at the query positions ``[P, N, D_vlm]`` (fp32), one VLM forward per row.
+
+        Runs with gradients to the queries when grad mode is on and ``train_queries`` is set (the
+        supervised stages); the VLM's own weights are frozen either way.
+        """
+        chats = [self._chat(row, i) for i, row in enumerate(rows)]
+        track = torch.is_grad_enabled() and self.config.train_queries and self.queries.requires_grad
+        device = self.queries.device
+        dtype = next(self.vlm.parameters()).dtype
+        n = self.config.num_queries
+        states = []
+        for text, vision in chats:
+            ids = self.vlm_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+            if not bool((ids[0, -n:] == self._query_token_id).all()):
+                raise InputError(
+                    f"the VLM tokenizer does not keep {self._query_token!r} as one token; give it a pad token"
+                )
+            inputs = {
+                k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in vision.items()
+            }
+            config = self.vlm.config
+            types = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+            with torch.set_grad_enabled(track), self._queries_in_embeddings(n):
+                out = self.vlm.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    mm_token_type_ids=types,  # text 0, image 1, video 2: what M-RoPE positions need
+                    output_hidden_states=True,
+                    **inputs,
+                )
+            self.vlm_forwards += 1
+            states.append(out.hidden_states[self.config.vlm_layer][:, -n:].float())
+        return torch.cat(states)
+
+    @contextlib.contextmanager
+    def _queries_in_embeddings(self, n: int) -> Iterator[None]:
+        """While active, the VLM's token embeddings of the last ``n`` positions are the learnable queries."""
+
+        def swap(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            queries = self.queries.to(output.dtype).expand(output.shape[0], -1, -1)
+            return torch.cat([output[:, :-n], queries], dim=1)
+
+        handle = self.vlm.get_input_embeddings().register_forward_hook(swap)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 128
+    ) -> dict[str, torch.Tensor]:
+        """Conditioning rows for `rollout`: the VLM query states of each row (one VLM forward per row)
+        and, with ``continuity`` and a context, the last context frame's latents as the clean first
+        frame. With CFG the unconditional branch is the connector applied to zero query states."""
+        has_context = ["context" in r and r["context"] is not None for r in rows]
+        if any(has_context) and not all(has_context):
+            raise InputError(
+                "mix of rows with and without a 'context' video; give all rows a context or none"
+            )
+        condition = {"vlm_states": self.query_states(rows)}
+        if self.config.continuity and all(has_context):
+            last = torch.stack([torch.as_tensor(r["context"])[-1] for r in rows]).float()
+            condition["image_latents"] = self.encode_image(last)
+        return condition
+
+    def _check_condition(self, condition: dict[str, torch.Tensor], guidance_scale: float) -> int:
+        states = condition.get("vlm_states")
+        width = _vlm_width(self.vlm)
+        if states is None or states.ndim != 3 or states.shape[1:] != (self.config.num_queries, width):
+            shape = None if states is None else tuple(states.shape)
+            raise InputError(
+                f"NSP condition needs 'vlm_states' [P, {self.config.num_queries}, {width}] from "
+                f"prepare_condition, got {shape}"
+            )
+        return states.shape[0]
+
+    def text_inputs(
+        self, condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Connector output per sample as LTX's caption embeddings (``[null; cond]`` stacked for CFG).
+
+        The connector runs once per conditioning row, with gradients when training.
+        """
+        states = condition["vlm_states"]
+        dtype = self.transformer.dtype
+        embeds = self.connector(states.to(self.queries.dtype))[condition_index].to(dtype)
+        if guidance_scale > 1.0:
+            null = self.connector(torch.zeros_like(states[:1]).to(self.queries.dtype)).to(dtype)
+            embeds = torch.cat([null.expand_as(embeds), embeds])
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        return embeds, mask

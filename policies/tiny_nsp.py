@@ -1,0 +1,49 @@
+"""Tiny random NSP policies: a tiny Qwen-VL and a tiny LTX-Video inside one NSP directory.
+
+The directory has the layout a real one has (``nsp_config.json``, ``vlm/``, ``ltx/``,
+``nsp_trainable.safetensors``) and loads through `NSPPolicy.from_pretrained`, the code path of a
+real Qwen2.5-VL-7B + LTX-Video-2B pair.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from policies.nsp import CONFIG_FILE, NSPConfig
+from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+
+
+@dataclass
+class TinyNSPSpec:
+    """A tiny NSP policy: the VLM and LTX specs and the NSP wiring."""
+
+    vlm: TinyQwenVLSpec = field(default_factory=TinyQwenVLSpec, metadata={"help": "Tiny Qwen-VL sizes."})
+    ltx: TinyLTXSpec = field(
+        default_factory=lambda: TinyLTXSpec(text_layers=0), metadata={"help": "Tiny LTX-Video sizes."}
+    )
+    nsp: NSPConfig = field(
+        default_factory=lambda: NSPConfig(num_queries=8, connector_layers=1, connector_heads=4),
+        metadata={"help": "Queries, connector and conditioning."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the queries and connector."})
+
+
+def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
+    """Write a random tiny NSP policy directory to ``path`` and return it."""
+    from policies.nsp import NSPPolicy
+
+    spec = spec or TinyNSPSpec()
+    path = Path(path)
+    build_tiny_ltx(path / "ltx", spec.ltx)
+    build_tiny_qwen_vl(path / "vlm", spec.vlm)
+    (path / CONFIG_FILE).write_text(json.dumps({**asdict(spec.nsp), "vlm": "vlm", "ltx": "ltx"}, indent=2))
+    torch.manual_seed(spec.seed)
+    policy = NSPPolicy.from_pretrained(path)
+    policy.save_pretrained(path)  # writes the seeded queries and connector
+    (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return path
