@@ -17,6 +17,8 @@ from policies.errors import InputError
 COMMAND_MODULES: list[str] = [
     "grpo.commands.rollout",
     "grpo.commands.train",
+    "grpo.commands.eval",
+    "grpo.commands.report",
     "grpo.data.toyworld_cli",
     "rewards.judge.cli",
 ]

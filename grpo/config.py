@@ -316,6 +316,9 @@ class GRPOConfig(TrainerConfig):
     save_samples: int = field(
         default=4, metadata={"help": "How many rollout videos to save each sample_every iterations."}
     )
+    save_eval_videos: int = field(
+        default=4, metadata={"help": "Held-out rows whose videos each evaluation saves for the report."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -403,6 +406,7 @@ class GRPOConfig(TrainerConfig):
         )
         _require(self.sample_every >= 0, "sample_every", f"must be >= 0 (0 = never), got {self.sample_every}")
         _require(self.save_samples >= 0, "save_samples", f"must be >= 0, got {self.save_samples}")
+        _require(self.save_eval_videos >= 0, "save_eval_videos", f"must be >= 0, got {self.save_eval_videos}")
 
     def sde_steps(self, iteration: int) -> list[int]:
         """Indices of the denoising steps that are stochastic in the rollout of ``iteration`` (0-based).

@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from grpo.config import ConfigError, FlowMatchingConfig, GRPOConfig, TrainerConfig, check_choice
+from grpo.reward_modeling import RewardModelConfig
 from policies.errors import InputError
 
 RESOLVED_RECIPE_FILE = "resolved_recipe.yaml"
@@ -46,6 +47,7 @@ TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {
     "pretrain": FlowMatchingConfig,
     "sft": FlowMatchingConfig,
     "grpo": GRPOConfig,
+    "reward_model": RewardModelConfig,
 }
 
 T = TypeVar("T")

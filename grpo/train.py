@@ -29,7 +29,44 @@ class LTXPolicySpec:
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
 
 
-POLICY_SPECS: dict[str, type] = {"ltx": LTXPolicySpec}
+@dataclass
+class NSPPolicySpec:
+    """``policy: {type: nsp, ...}``: an NSP directory (Qwen-VL + queries + connector + LTX), or a tiny one."""
+
+    type: Literal["nsp"] = field(default="nsp", metadata={"help": "policy kind"})
+    path: str | None = field(default=None, metadata={"help": "NSP policy directory (nsp_config.json)"})
+    tiny: bool = field(default=False, metadata={"help": "build a tiny random NSP policy when path is null"})
+    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    overrides: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "NSPConfig fields to change (e.g. {train_queries: false})"}
+    )
+    tiny_vae_fit_steps: int = field(
+        default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0: random VAE)"}
+    )
+
+
+@dataclass
+class NextClipPolicySpec:
+    """``policy: {type: nextclip, ...}``: an LTX-Video directory run as a next-clip (clip-causal) model."""
+
+    type: Literal["nextclip"] = field(default="nextclip", metadata={"help": "policy kind"})
+    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video directory"})
+    tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
+    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    clip_frames: int | None = field(
+        default=None, metadata={"help": "frames per clip (8k+1); null: the checkpoint's nextclip.json or 9"}
+    )
+    history_sigma: float | None = field(
+        default=None, metadata={"help": "noise level of the clean history; null: the checkpoint's or 0"}
+    )
+    tiny_vae_fit_steps: int = field(
+        default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0 = random VAE)"}
+    )
+
+
+POLICY_SPECS: dict[str, type] = {"ltx": LTXPolicySpec, "nsp": NSPPolicySpec, "nextclip": NextClipPolicySpec}
 
 
 def _policy_spec(recipe: Recipe) -> Any:
@@ -46,17 +83,38 @@ def _policy_spec(recipe: Recipe) -> Any:
     return spec
 
 
-def build_policy(spec: LTXPolicySpec, output_dir: Path) -> Any:
+def build_policy(spec: Any, output_dir: Path) -> Any:
+    """The policy a spec names: loaded from its directory, or a tiny random one built in the run dir."""
     import torch
 
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, spec.torch_dtype)
+    if isinstance(spec, NSPPolicySpec):
+        from policies.nsp import NSPPolicy
+        from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
+
+        path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
+        if spec.path is None and not (path / "nsp_config.json").is_file():
+            build_tiny_nsp(path, TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps))
+        return NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
+    if isinstance(spec, NextClipPolicySpec):
+        from policies.nextclip import NextClipConfig, NextClipPolicy
+        from policies.nextclip_tiny import build_tiny_nextclip
+
+        path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
+        changes = {
+            k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
+        }
+        if spec.path is None and not (path / "model_index.json").is_file():
+            build_tiny_nextclip(path, config=NextClipConfig(**changes), vae_fit_steps=spec.tiny_vae_fit_steps)
+        return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     from policies import LTXPolicy
     from policies.tiny import build_tiny_ltx
 
     path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx"
     if spec.path is None and not (path / "model_index.json").is_file():
         build_tiny_ltx(path)
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LTXPolicy.from_pretrained(path, torch_dtype=getattr(torch, spec.torch_dtype), device=device)
+    return LTXPolicy.from_pretrained(path, torch_dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -87,6 +145,12 @@ class ToyWorldDataSpec:
     prompt: Literal["next_caption", "context_caption", "instruction"] = field(
         default="next_caption", metadata={"help": "which caption is the text prompt"}
     )
+    context: bool = field(
+        default=False, metadata={"help": "give the policy the context clip and instruction (NSP)"}
+    )
+    next_overlap: int = field(
+        default=0, metadata={"help": "last context frames repeated at the start of the next scene"}
+    )
 
 
 @dataclass
@@ -105,11 +169,35 @@ class ManifestDataSpec:
     prompt: Literal["next_caption", "context_caption", "instruction"] = field(
         default="next_caption", metadata={"help": "which caption is the text prompt"}
     )
+    context: bool = field(
+        default=False, metadata={"help": "give the policy the context clip and instruction (NSP)"}
+    )
+
+
+@dataclass
+class ToyWorldClipsDataSpec:
+    """``data: {type: toyworld_clips, ...}``: the toy world as clip sequences (next-clip models).
+
+    Rows: ``video`` (every clip, the teacher-forcing target), ``context`` (the first clips, what a
+    rollout continues), the world's truth for the rewards, and the chosen caption as ``prompt``.
+    """
+
+    type: Literal["toyworld_clips"] = field(default="toyworld_clips", metadata={"help": "data kind"})
+    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
+    num_clips: int = field(default=4, metadata={"help": "clips per video, context clips included"})
+    context_clips: int = field(default=1, metadata={"help": "leading clips given as context"})
+    clip_frames: int = field(default=9, metadata={"help": "frames per clip (8k+1)"})
+    num_train: int = field(default=2048, metadata={"help": "training samples (train split seeds)"})
+    num_eval: int = field(default=32, metadata={"help": "held-out samples (validation split seeds)"})
+    prompt: Literal["none", "context_caption", "next_caption"] = field(
+        default="none", metadata={"help": "caption given as the text prompt; none: video only"}
+    )
 
 
 DATA_SPECS: dict[str, type] = {
     "prompts": PromptDataSpec,
     "toyworld": ToyWorldDataSpec,
+    "toyworld_clips": ToyWorldClipsDataSpec,
     "nsp_manifest": ManifestDataSpec,
 }
 
@@ -145,11 +233,27 @@ class _Rows:
         return self.convert(self.source[index])
 
 
-def _scene_row(prompt_column: str):
-    """Dataset sample -> row: the prompt text, the target next scene, and the rest as reward metadata."""
+def _scene_row(prompt_column: str, context: bool = False):
+    """Dataset sample -> row: the prompt text (or, with ``context``, the context clip, instruction and
+    frame rate), the target next scene, and the rest as reward metadata."""
 
     def convert(sample: dict[str, Any]) -> dict[str, Any]:
         row = {"prompt": sample[prompt_column], "video": sample["next"]}
+        if context:
+            row.update({k: sample[k] for k in ("context", "instruction", "fps") if sample.get(k) is not None})
+        row.update({k: v for k, v in sample.items() if k in ("world", "next_caption", "context_caption")})
+        return row
+
+    return convert
+
+
+def _clip_row(prompt_column: str):
+    """Clip-sequence sample -> row: every clip as ``video``, the ``context`` clips, the truth."""
+
+    def convert(sample: dict[str, Any]) -> dict[str, Any]:
+        row = {"video": sample["clips"].flatten(0, 1), "context": sample["context"]}
+        if prompt_column != "none":
+            row["prompt"] = sample[prompt_column]
         row.update({k: v for k, v in sample.items() if k in ("world", "next_caption", "context_caption")})
         return row
 
@@ -158,13 +262,27 @@ def _scene_row(prompt_column: str):
 
 def build_datasets(spec: Any) -> tuple[Any, Any]:
     """Training and held-out rows for a data spec."""
+    if isinstance(spec, ToyWorldClipsDataSpec):
+        from grpo.data import ToyWorld, ToyWorldConfig
+
+        config = ToyWorldConfig.for_clips(
+            spec.num_clips, clip_frames=spec.clip_frames, context_clips=spec.context_clips, size=spec.size
+        )
+        convert = _clip_row(spec.prompt)
+        return (
+            _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
+            _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
+        )
     if isinstance(spec, ToyWorldDataSpec):
         from grpo.data import ToyWorld, ToyWorldConfig
 
         config = ToyWorldConfig(
-            size=spec.size, context_frames=spec.context_frames, next_frames=spec.next_frames
+            size=spec.size,
+            context_frames=spec.context_frames,
+            next_frames=spec.next_frames,
+            next_overlap=spec.next_overlap,
         )
-        convert = _scene_row(spec.prompt)
+        convert = _scene_row(spec.prompt, spec.context)
         return (
             _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
@@ -180,7 +298,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             width=spec.width,
             on_error=spec.on_error,
         )
-        convert = _scene_row(spec.prompt)
+        convert = _scene_row(spec.prompt, spec.context)
         evaluation = _Rows(NSPVideoDataset(spec.eval_path, config), convert) if spec.eval_path else None
         return _Rows(NSPVideoDataset(spec.path, config), convert), evaluation
     if spec.prompts is not None:
@@ -209,9 +327,9 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
 def validate(recipe: Recipe) -> tuple[Any, Any]:
     """Every check that needs no model; returns the policy and data specs."""
     if recipe.stage == "reward_model":
-        raise NotImplementedError(
-            "stage 'reward_model' is not runnable yet (learned reward models: issue 10)"
-        )
+        from grpo.reward_modeling import validate_recipe
+
+        return validate_recipe(recipe)
     return _policy_spec(recipe), _data_spec(recipe)
 
 
@@ -221,6 +339,10 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
     from grpo.trainer import GRPOTrainer
     from rewards.composite import CompositeReward
 
+    if recipe.stage == "reward_model":
+        from grpo.reward_modeling import run_recipe
+
+        return run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)
     train, evaluation = build_datasets(data_spec)
     output_dir = Path(recipe.args.output_dir)
@@ -233,4 +355,10 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
     rewards = CompositeReward.from_specs(
         [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
     )
-    return GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation).train()
+    trainer = GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation)
+    history = trainer.train()
+    if trainer.accelerator.is_main_process:  # curves, before/after table and videos in one page
+        from grpo.report import write_report
+
+        print(f"report: {write_report(output_dir)}")
+    return history

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from grpo.advantages import compute_advantages
+from grpo.advantages import compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
 from grpo.loss import grpo_loss
 from grpo.preemption import PreemptionHandler
@@ -176,6 +176,7 @@ class GRPOTrainer:
                 if stop:
                     return history
             if self.eval_dataset is not None and args.eval_every:
+                self.iteration = args.max_iterations
                 final = self.evaluate()
                 logger.log(final, step=args.max_iterations)
                 history.append(final)
@@ -202,7 +203,7 @@ class GRPOTrainer:
         return rows
 
     # ------------------------------------------------------------------ rollout and reward
-    def _sampling(self, sde_steps: list[int], deterministic: bool = False) -> SamplingConfig:
+    def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
         args = self.args
         steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
         return SamplingConfig(
@@ -212,18 +213,18 @@ class GRPOTrainer:
             frame_rate=args.frame_rate,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
-            kind="ode" if deterministic else args.sde_kind,
-            noise_level=0.0 if deterministic else args.noise_level,
+            kind=args.sde_kind,
+            noise_level=args.noise_level,
             sde_steps=steps,
             reduction=args.logprob_reduction,
         )
 
     def _rollout_and_score(
-        self, rows: list[dict[str, Any]], iteration: int, deterministic: bool = False
+        self, rows: list[dict[str, Any]], iteration: int
     ) -> tuple[Rollout, CompositeOutput, dict[str, float]]:
         """Roll out G videos per row, one row at a time, scoring each group in a thread meanwhile."""
         generations = self.args.num_generations
-        sampling = self._sampling(self.args.sde_steps(iteration), deterministic)
+        sampling = self._sampling(self.args.sde_steps(iteration))
         parts: list[Rollout] = []
         futures: list[Future] = []
         rollout_s = 0.0
@@ -258,6 +259,10 @@ class GRPOTrainer:
         return Rollout.cat(parts), scores, timing
 
     def _score_group(self, rollout: Rollout, row: dict[str, Any]) -> CompositeOutput:
+        """Decode and score one group. A next-clip rollout (``extras["num_clips"]``) also gets every
+        reward's per-clip scores, ``metadata["clip_rewards/<name>"]`` (a list per video): the reward's
+        own ``clip_scores`` column if it has one (history -> clip consistency), else its video score
+        repeated for every clip."""
         tick = time.perf_counter()
         with torch.no_grad():
             videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
@@ -267,12 +272,38 @@ class GRPOTrainer:
         out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)
+        num_clips = rollout.extras.get("num_clips")
+        if num_clips:
+            for name in self.reward.names:
+                own = out.metadata.get(f"{name}/clip_scores")
+                if own is None:
+                    own = [None] * n
+                if any(c is not None and len(c) != num_clips for c in own):
+                    lengths = sorted({len(c) for c in own if c is not None})
+                    raise InputError(
+                        f"reward {name!r} returned clip_scores of lengths {lengths} for {num_clips} "
+                        "generated clips: score every generated clip (per_clip clip_frames)"
+                    )
+                out.metadata[f"clip_rewards/{name}"] = [
+                    list(c) if c is not None else [s] * num_clips
+                    for c, s in zip(own, out.columns[name], strict=True)
+                ]
         return out
 
     def _advantages(self, scores: CompositeOutput) -> tuple[torch.Tensor, dict[str, float]]:
-        """Advantages of this rank's samples, normalised over the groups of every rank."""
-        local = scores.to_tensor().T.contiguous().to(self.accelerator.device)  # [R, B_local]
-        everything = self.accelerator.gather(local.T.contiguous()).T if self.world_size > 1 else local
+        """Advantages of this rank's samples, normalised over the groups of every rank: ``[B]``, or
+        ``[B, num_clips]`` (each clip index normalised within its group) when `_score_group` gave
+        per-clip rewards."""
+        clip_keys = [f"clip_rewards/{name}" for name in self.reward.names]
+        if all(key in scores.metadata for key in clip_keys):
+            local = rewards_to_tensor([scores.metadata[key] for key in clip_keys]).float()  # [R, B, C]
+        else:
+            local = scores.to_tensor().T.contiguous()  # [R, B_local]
+        local = local.to(self.accelerator.device)
+        if self.world_size > 1:  # gather concatenates dim 0: put the samples there
+            everything = self.accelerator.gather(local.movedim(1, 0).contiguous()).movedim(0, 1)
+        else:
+            everything = local
         generations = self.args.num_generations
         group_ids = torch.arange(everything.shape[1] // generations).repeat_interleave(generations)
         advantages, stats = compute_advantages(
@@ -284,6 +315,10 @@ class GRPOTrainer:
             adv_clip=self.args.adv_clip,
             reward_names=self.reward.names,
         )
+        if everything.dim() == 3:
+            for r, name in enumerate(self.reward.names):
+                for c in range(everything.shape[2]):
+                    stats[f"reward/{name}/clip{c}/mean"] = float(everything[r, :, c].nanmean())
         b = local.shape[1]
         return advantages[self.rank * b : (self.rank + 1) * b].to(self.accelerator.device), stats
 
@@ -297,12 +332,19 @@ class GRPOTrainer:
         return [min(accum, micro - i) for i in range(0, micro, accum)]
 
     def _trained_positions(self, rollout: Rollout, iteration: int) -> torch.Tensor:
-        """``[B, K_train]`` positions in the rollout's record of the steps each sample trains on."""
-        position = {int(s): j for j, s in enumerate(rollout.step_indices.tolist())}
+        """``[B, K_train]`` positions in the rollout's record of the steps each sample trains on.
+
+        A schedule step recorded once per clip (next-clip rollouts) is trained at every clip; positions
+        are in record order (clip after clip), so a column holds the same clip for every sample.
+        """
+        positions: dict[int, list[int]] = defaultdict(list)
+        for j, s in enumerate(rollout.step_indices.tolist()):
+            positions[int(s)].append(j)
         rng = random.Random(derived_seed(self.args.seed, iteration, 1))
         rows = []
         for _ in range(rollout.num_samples):
-            rows.append([position[s] for s in self.args.trained_steps(iteration, rng) if s in position])
+            trained = self.args.trained_steps(iteration, rng)
+            rows.append(sorted(j for s in trained for j in positions.get(s, [])))
         return torch.tensor(rows, dtype=torch.long, device=rollout.latents.device)
 
     def _update(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
@@ -310,6 +352,11 @@ class GRPOTrainer:
         args = self.args
         positions = self._trained_positions(rollout, iteration)
         num_steps = positions.shape[1]
+        if advantages.dim() == 2:  # per-clip advantages [B, num_clips]: a step takes its clip's
+            step_clips = torch.tensor(rollout.extras["step_clips"], dtype=torch.long, device=positions.device)
+            advantages = advantages.gather(1, step_clips[positions])
+        else:
+            advantages = advantages[:, None].expand(-1, num_steps)
         size = args.per_device_train_batch_size or rollout.num_samples
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(args.num_iterations):
@@ -325,7 +372,7 @@ class GRPOTrainer:
                             self.state.no_sync(m == len(group) - 1 and k == num_steps - 1),
                             self.state.autocast,
                         ):
-                            loss, step_stats = self._step_loss(sub, adv, pos[:, k])
+                            loss, step_stats = self._step_loss(sub, adv[:, k], pos[:, k])
                             self.accelerator.backward(loss / (num_steps * len(group)))
                         for key, value in step_stats.items():
                             stats[key].append(float(value))
@@ -372,24 +419,30 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation and samples
     def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
-        """Mean reward of deterministic (ODE) rollouts on the evaluation rows, G per row."""
+        """Mean reward of deterministic (ODE) rollouts on the evaluation rows, G per row.
+
+        The main process also writes every sample's rewards and the first ``save_eval_videos`` rows'
+        videos to ``output_dir/eval/step_<iteration>/`` (`grpo.evaluation`): the run report compares
+        the first and the last of these.
+        """
+        from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, write_evaluation
+
         dataset = self.eval_dataset if dataset is None else dataset
-        # every rank rolls out the same number of rows (FSDP forwards are collective); padding
-        # rows repeat earlier ones and are not counted
-        per_rank = math.ceil(len(dataset) / self.world_size)
-        indices = [self.rank + k * self.world_size for k in range(per_rank)]
-        rows = [dataset[i % len(dataset)] for i in indices]
-        _, scores, _ = self._rollout_and_score(rows, iteration=0, deterministic=True)
-        counted = [i < len(dataset) for i in indices for _ in range(self.args.num_generations)]
-        out = {}
-        for name, column in scores.columns.items():
-            values = torch.tensor(
-                [s if s is not None and keep else math.nan for s, keep in zip(column, counted, strict=True)],
-                device=self.accelerator.device,
-            )
-            values = self.accelerator.gather(values) if self.world_size > 1 else values
-            out[f"eval/{name}/mean"] = float(values.nanmean())
-        return out
+        evaluation = evaluate(
+            self.policy,
+            self.reward,
+            dataset,
+            eval_sampling(self.args),
+            num_generations=self.args.num_generations,
+            seed=self.args.seed,
+            num_videos=self.args.save_eval_videos,
+            accelerator=self.accelerator,
+            autocast=self.state.autocast,
+        )
+        if self.accelerator.is_main_process:
+            folder = self.output_dir / EVAL_DIR / f"step_{self.iteration:06d}"
+            write_evaluation(folder, evaluation, dataset, self.args.frame_rate, step=self.iteration)
+        return evaluation.results.metrics()
 
     def _save_samples(self, rollout: Rollout, scores: CompositeOutput, iteration: int) -> None:
         if not self.accelerator.is_main_process or not self.args.save_samples:

@@ -3,6 +3,7 @@
 from policies import sde
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig
+from policies.nextclip import NextClipPolicy
 from policies.rollout import Rollout
 
-__all__ = ["InputError", "LTXPolicy", "Rollout", "SamplingConfig", "sde"]
+__all__ = ["InputError", "LTXPolicy", "NextClipPolicy", "Rollout", "SamplingConfig", "sde"]

@@ -24,13 +24,17 @@ class TinyNSPSpec:
 
     vlm: TinyQwenVLSpec = field(default_factory=TinyQwenVLSpec, metadata={"help": "Tiny Qwen-VL sizes."})
     ltx: TinyLTXSpec = field(
-        default_factory=lambda: TinyLTXSpec(text_layers=0), metadata={"help": "Tiny LTX-Video sizes."}
+        default_factory=lambda: TinyLTXSpec(text_layers=0, vae_channels=(16, 32)),
+        metadata={"help": "Tiny LTX-Video sizes (VAE 4x in space and time: 8x8 latents at 32 px)."},
     )
     nsp: NSPConfig = field(
         default_factory=lambda: NSPConfig(num_queries=8, connector_layers=1, connector_heads=4),
         metadata={"help": "Queries, connector and conditioning."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the queries and connector."})
+    vae_fit_steps: int = field(
+        default=0, metadata={"help": "Fit the VAE to the toy world for this many steps (0: random VAE)."}
+    )
 
 
 def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
@@ -44,6 +48,11 @@ def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
     (path / CONFIG_FILE).write_text(json.dumps({**asdict(spec.nsp), "vlm": "vlm", "ltx": "ltx"}, indent=2))
     torch.manual_seed(spec.seed)
     policy = NSPPolicy.from_pretrained(path)
+    if spec.vae_fit_steps:
+        from grpo.data.toyworld import ToyWorldConfig
+        from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
+
+        fit_toy_vae(policy.vae, ToyWorldConfig(), ToyVAEFitConfig(steps=spec.vae_fit_steps, seed=spec.seed))
     policy.save_pretrained(path)  # writes the seeded queries and connector
     (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return path

@@ -10,6 +10,7 @@ from rewards.builtin import next_scene_similarity, temporal_smoothness
 from rewards.composite import CompositeOutput, CompositeReward, build_reward
 from rewards.judge import CausalConsistencyJudge, InProcessJudge, JudgeConfig, JudgeUnavailableError
 from rewards.registry import register, registered, resolve
+from rewards.reward_model import LearnedReward, RewardModelArgs, VideoRewardModel  # registers 'reward_model'
 from rewards.types import RewardOutput, as_reward_output
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "InProcessJudge",
     "JudgeConfig",
     "JudgeUnavailableError",
+    "LearnedReward",
+    "RewardModelArgs",
     "RewardOutput",
     "as_reward_output",
     "build_reward",
@@ -27,4 +30,5 @@ __all__ = [
     "registered",
     "resolve",
     "temporal_smoothness",
+    "VideoRewardModel",
 ]

@@ -304,10 +304,10 @@ def test_supervised_stages_validate_against_flow_matching_config(tmp_path):
     assert "trainer.num_generations: unknown key" in message
 
 
-def test_reward_model_stage_keeps_its_trainer_section_for_its_own_code(tmp_path):
+def test_reward_model_stage_checks_its_trainer_section(tmp_path):
     text = "name: rm\nstage: reward_model\npolicy: {type: x}\ndata: {type: y}\ntrainer: {anything: 1}\n"
-    recipe = load_recipe(write(tmp_path, text))
-    assert recipe.args is None and recipe.trainer == {"anything": 1} and recipe.output_dir == "runs/rm"
+    with pytest.raises(InputError, match="trainer.anything: unknown key"):
+        load_recipe(write(tmp_path, text))
 
 
 def test_overrides_parse_values_as_yaml(tmp_path):

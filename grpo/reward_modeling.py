@@ -1,0 +1,490 @@
+"""Training learned video reward models (recipe stage ``reward_model``): config, recipe specs, trainer.
+
+`RewardModelTrainer` is an accelerate loop over preference pairs (Bradley-Terry, or Bradley-Terry
+with ties) or teacher scores (regression, to distil a judge) that shares `TrainingState` with the
+policy trainers -- AdamW, LR schedule, EMA, gradient clipping, DDP, atomic checkpoints and exact
+resume -- so a reward-model run is killed, resumed and logged like any other run. At the end the
+raw scores of the training candidates give the calibration statistics (mean, std per aspect)
+stored with the model, and ``output_dir/final`` is a `rewards.VideoRewardModel` directory, ready
+for ``rewards: [{name: reward_model, kwargs: {model: .../final}}]``.
+
+This module imports no torch at import time (recipes validate in milliseconds); the trainer
+imports it when built.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from grpo.config import ConfigError, TrainerConfig, _require
+from policies.errors import InputError
+
+LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
+PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
+
+
+@dataclass
+class RewardModelConfig(TrainerConfig):
+    """Reward-model training (TRL's `RewardConfig` names where the meaning is the same).
+
+    ``save_steps``, ``logging_steps`` and ``eval_every`` count optimizer steps.
+    """
+
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps to run."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Pairs (or scored videos) per device per micro-batch."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Pairs (or scored videos) per device per evaluation batch."}
+    )
+    loss_type: Literal["bradley_terry", "bradley_terry_ties", "regression"] = field(
+        default="bradley_terry",
+        metadata={"help": "Pairs: bradley_terry (ties skipped) or bradley_terry_ties; scores: regression."},
+    )
+    tie_theta: float = field(
+        default=5.0, metadata={"help": "Rao-Kupper theta > 1 of bradley_terry_ties (VideoAlign uses 5)."}
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "TRL's penalty on (r_chosen + r_rejected)^2, keeps scores centred."}
+    )
+    calibration_samples: int = field(
+        default=512, metadata={"help": "Training candidates scored at the end for the normalisation stats."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.tie_theta > 1, "tie_theta", f"must be > 1, got {self.tie_theta}")
+        _require(
+            self.calibration_samples >= 2,
+            "calibration_samples",
+            f"must be >= 2, got {self.calibration_samples}",
+        )
+        _require(
+            not self.use_lora, "use_lora", "reward models train the full model; LoRA is not supported yet"
+        )
+        _require(not self.fsdp, "fsdp", "reward models use DDP; FSDP is not supported yet")
+
+
+# ------------------------------------------------------------------------------------------- recipe specs
+
+
+@dataclass
+class RewardModelSpec:
+    """``policy: {type: video_reward_model, ...}``: the reward model to train."""
+
+    type: Literal["video_reward_model"] = field(default="video_reward_model", metadata={"help": "model kind"})
+    path: str | None = field(default=None, metadata={"help": "trained reward model directory to continue"})
+    backbone: str | None = field(
+        default=None, metadata={"help": "Qwen2-VL / Qwen2.5-VL checkpoint directory"}
+    )
+    tiny: bool = field(
+        default=False, metadata={"help": "a random tiny Qwen2.5-VL backbone (tests, toy world)"}
+    )
+    aspects: list[str] = field(default_factory=lambda: ["causal"], metadata={"help": "scored aspects"})
+    head: Literal["token", "mean"] = field(
+        default="mean", metadata={"help": "aspect tokens or mean video state"}
+    )
+    context_frames: int = field(default=4, metadata={"help": "context frames shown (0: candidate only)"})
+    video_frames: int = field(default=4, metadata={"help": "candidate frames shown"})
+    frame_stride: int = field(default=2, metadata={"help": "frames between shown frames"})
+    question: str | None = field(default=None, metadata={"help": "text shown after the clip (null: default)"})
+    use_prompt: bool = field(default=False, metadata={"help": "also show each sample's prompt"})
+    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+
+
+@dataclass
+class ToyPreferencesSpec:
+    """``data: {type: toyworld_preferences, ...}``: true vs perturbed toy-world continuations."""
+
+    type: Literal["toyworld_preferences"] = field(
+        default="toyworld_preferences", metadata={"help": "data kind"}
+    )
+    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
+    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
+    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
+    num_train: int = field(default=1024, metadata={"help": "training pairs (train split seeds)"})
+    num_eval: int = field(default=256, metadata={"help": "held-out pairs (validation split seeds)"})
+    perturbations: list[str] = field(
+        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "rejected continuations, mixed"}
+    )
+    aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
+        if not self.perturbations or unknown:
+            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
+        if self.num_train < 2 or self.num_eval < 2:
+            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+
+
+@dataclass
+class PreferencesSpec:
+    """``data: {type: preferences, ...}``: tables saved with ``Dataset.save_to_disk`` (pairs or scores)."""
+
+    type: Literal["preferences"] = field(default="preferences", metadata={"help": "data kind"})
+    path: str = field(default="", metadata={"help": "training table directory (datasets.save_to_disk)"})
+    eval_path: str | None = field(default=None, metadata={"help": "held-out table directory"})
+
+
+DATA_SPECS: dict[str, type] = {"toyworld_preferences": ToyPreferencesSpec, "preferences": PreferencesSpec}
+
+
+def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
+    """Every check of a ``reward_model`` recipe that needs no model; returns the model and data specs."""
+    from grpo.recipe import from_dict
+
+    if recipe.policy["type"] != "video_reward_model":
+        raise InputError(
+            f"policy.type: stage 'reward_model' trains a 'video_reward_model', got {recipe.policy['type']!r}"
+        )
+    spec = from_dict(RewardModelSpec, recipe.policy, where="policy")
+    sources = [name for name in ("path", "backbone") if getattr(spec, name)] + (["tiny"] if spec.tiny else [])
+    if len(sources) != 1:
+        raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
+    for name in ("path", "backbone"):
+        value = getattr(spec, name)
+        if value is not None and not Path(value).is_dir():
+            raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
+    kind = recipe.data["type"]
+    if kind not in DATA_SPECS:
+        raise InputError(f"data.type: stage 'reward_model' reads {', '.join(DATA_SPECS)}, got {kind!r}")
+    data = from_dict(DATA_SPECS[kind], recipe.data, where="data")
+    if isinstance(data, PreferencesSpec):
+        for name in ("path", "eval_path"):
+            value = getattr(data, name)
+            if (name == "path" or value is not None) and not (
+                Path(value or "") / "dataset_info.json"
+            ).is_file():
+                raise InputError(f"data.{name}: {value!r} is not a dataset saved with Dataset.save_to_disk")
+    elif recipe.args.loss_type == "regression":
+        raise InputError("trainer.loss_type: toyworld_preferences are pairs; use bradley_terry(_ties)")
+    if isinstance(data, ToyPreferencesSpec) and data.aspect not in spec.aspects:
+        raise InputError(f"data.aspect: {data.aspect!r} is not one of policy.aspects {spec.aspects}")
+    return spec, data
+
+
+def build_model(spec: RewardModelSpec) -> Any:
+    """The reward model a spec names: a trained one, a new one on a Qwen-VL backbone, or a tiny one."""
+    from rewards.reward_model import (
+        DEFAULT_QUESTION,
+        RewardModelArgs,
+        VideoRewardModel,
+        build_tiny_reward_model,
+    )
+
+    if spec.path:
+        return VideoRewardModel.from_pretrained(spec.path, dtype=spec.torch_dtype)
+    args = RewardModelArgs(
+        aspects=spec.aspects,
+        head=spec.head,
+        context_frames=spec.context_frames,
+        video_frames=spec.video_frames,
+        frame_stride=spec.frame_stride,
+        question=DEFAULT_QUESTION if spec.question is None else spec.question,
+        use_prompt=spec.use_prompt,
+    )
+    if spec.tiny:
+        return build_tiny_reward_model(args)
+    return VideoRewardModel.from_backbone(spec.backbone, args=args, dtype=spec.torch_dtype)
+
+
+def build_tables(data: Any) -> tuple[Any, Any]:
+    """Training and held-out tables of a data spec."""
+    if isinstance(data, ToyPreferencesSpec):
+        from grpo.data import ToyWorld, ToyWorldConfig
+        from rewards.preferences import toyworld_pairs
+
+        config = ToyWorldConfig(
+            size=data.size, context_frames=data.context_frames, next_frames=data.next_frames
+        )
+        return tuple(
+            toyworld_pairs(
+                ToyWorld(config, split=split, num_samples=n), data.perturbations, aspect=data.aspect
+            )
+            for split, n in (("train", data.num_train), ("validation", data.num_eval))
+        )
+    import datasets
+
+    evaluation = datasets.load_from_disk(data.eval_path) if data.eval_path else None
+    return datasets.load_from_disk(data.path), evaluation
+
+
+def run_recipe(recipe: Any) -> list[dict[str, Any]]:
+    """Train the reward model a recipe describes; returns the logged metrics."""
+    from grpo.recipe import save_resolved
+
+    spec, data = validate_recipe(recipe)
+    save_resolved(recipe, recipe.args.output_dir)
+    train, evaluation = build_tables(data)
+    return RewardModelTrainer(build_model(spec), recipe.args, train, eval_dataset=evaluation).train()
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class _Trainable:
+    """What `TrainingState` expects of a policy: ``transformer`` (the trained module) and saving."""
+
+    def __init__(self, model: Any) -> None:
+        self.transformer = model
+
+    def wrap_transformer(self, wrapped: Any) -> None:  # forwards go through `TrainingState.wrapped`
+        pass
+
+    def save_pretrained(self, path: Path, transformer_state_dict: Any = None) -> None:
+        self.transformer.save_pretrained(path)
+
+
+class RewardModelTrainer:
+    """Trains a `rewards.VideoRewardModel` on preference pairs or teacher scores.
+
+    Args:
+        model: the reward model.
+        args: the `RewardModelConfig`.
+        train_dataset / eval_dataset: `datasets.Dataset` tables of pairs ``{context, chosen,
+            rejected, tie, aspect}`` or scores ``{context, video, score, aspect}``
+            (`rewards.preferences`); ``loss_type`` says which.
+        callbacks: objects with optional ``on_optimizer_step(trainer, step)``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        args: RewardModelConfig,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        from grpo.training_state import TrainingState
+        from rewards.preferences import check_preferences
+
+        self.pairs = args.loss_type != "regression"
+        aspects = model.args.aspects
+        check_preferences(train_dataset, aspects, pairs=self.pairs, name="train_dataset")
+        if eval_dataset is not None:
+            check_preferences(eval_dataset, aspects, pairs=self.pairs, name="eval_dataset")
+        self.args = args
+        self.train_dataset = train_dataset.with_format("numpy")
+        self.eval_dataset = eval_dataset.with_format("numpy") if eval_dataset is not None else None
+        self.callbacks = list(callbacks or [])
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.model = model.to(self.accelerator.device)
+        self.model.train()
+        self.state = TrainingState(_Trainable(self.model), args, self.accelerator, args.max_steps)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, Any]]:
+        """Run optimizer steps up to ``max_steps`` (resuming if asked), calibrate, save ``final``."""
+        from grpo.preemption import PreemptionHandler
+        from grpo.tracking import MetricsLogger
+        from grpo.trainer import derived_seed
+
+        args = self.args
+        start = self.state.resume()
+        history: list[dict[str, Any]] = []
+        logger = MetricsLogger(
+            args.output_dir,
+            report_to=args.report_to,
+            total=args.max_steps,
+            initial=start,
+            run_name=args.run_name,
+            is_main_process=self.accelerator.is_main_process,
+            progress_keys=("loss", "eval/accuracy"),
+        )
+        with PreemptionHandler() as preemption, logger:
+            for step in range(start, args.max_steps):
+                tick = time.perf_counter()
+                metrics: dict[str, Any] = {}
+                if self.eval_dataset is not None and args.eval_every and step % args.eval_every == 0:
+                    metrics.update(self.evaluate())
+                losses, accuracies = [], []
+                accum = args.gradient_accumulation_steps
+                for micro in range(accum):
+                    rows = self._batch(step, micro, derived_seed)
+                    with self.state.no_sync(micro == accum - 1), self.state.autocast:
+                        loss, accuracy = self._loss(rows, self.state.wrapped)
+                        self.accelerator.backward(loss / accum)
+                    losses.append(loss.item())
+                    accuracies.append(accuracy)
+                metrics["grad_norm"] = self.state.optimizer_step()
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_optimizer_step"):
+                        callback.on_optimizer_step(self, self.state.optimizer_steps)
+                metrics.update(loss=sum(losses) / accum, lr=self.state.learning_rate)
+                if self.pairs:
+                    metrics["accuracy"] = sum(accuracies) / accum
+                metrics["time/step_s"] = time.perf_counter() - tick
+                if step % args.logging_steps == 0 or step == args.max_steps - 1:
+                    logger.log(metrics, step=step)
+                history.append(metrics)
+                stop = self.state.any_rank(preemption.requested)
+                if stop or (args.save_steps and (step + 1) % args.save_steps == 0):
+                    self.state.save(step + 1, {})
+                if stop:
+                    return history
+            if self.eval_dataset is not None:
+                final = self.evaluate()
+                logger.log(final, step=args.max_steps)
+                history.append(final)
+        self.calibrate()
+        self.state.save_final()
+        return history
+
+    def _batch(self, step: int, micro: int, derived_seed: Any) -> dict[str, Any]:
+        """Columns of one micro-batch: seeded epochs of permutations, this rank's slice."""
+        n, size = len(self.train_dataset), self.args.per_device_train_batch_size
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        first = ((step * self.args.gradient_accumulation_steps + micro) * world + rank) * size
+        indices = []
+        for slot in range(first, first + size):
+            perm = np.random.default_rng(derived_seed(self.args.seed, slot // n)).permutation(n)
+            indices.append(int(perm[slot % n]))
+        return self.train_dataset[indices]
+
+    def _scores(self, forward: Any, rows: dict[str, Any], videos: str) -> Any:
+        """Raw scores of one video column of ``rows`` for each row's aspect, ``[B]``."""
+        import torch
+
+        model = self.model
+        inputs = model.prepare(_videos(rows[videos]), _videos(rows["context"]), _prompts(rows))
+        scores = forward(**inputs)
+        aspects = rows.get("aspect")
+        index = [0] * len(scores) if aspects is None else [model.args.aspects.index(a) for a in aspects]
+        return scores[
+            torch.arange(len(scores), device=scores.device), torch.tensor(index, device=scores.device)
+        ]
+
+    def _pair_scores(self, rows: dict[str, Any], forward: Any) -> tuple[Any, Any, Any]:
+        """Scores of the chosen and rejected videos of pair rows (one forward) and the tie mask."""
+        import torch
+
+        both = {k: list(v) * 2 for k, v in rows.items() if k not in ("chosen", "rejected")}
+        both["video"] = list(rows["chosen"]) + list(rows["rejected"])
+        scores = self._scores(forward, both, "video")
+        n = len(scores) // 2
+        tie = torch.as_tensor(rows["tie"] if "tie" in rows else [False] * n, dtype=torch.bool)
+        return scores[:n], scores[n:], tie.to(scores.device)
+
+    def _pair_loss(self, chosen: Any, rejected: Any, tie: Any) -> Any:
+        """Mean Bradley-Terry (ties skipped) or Bradley-Terry-with-ties loss, plus TRL's centring term."""
+        from rewards.reward_model import bradley_terry_loss, bradley_terry_ties_loss
+
+        args = self.args
+        if args.loss_type == "bradley_terry_ties":
+            loss = bradley_terry_ties_loss(chosen, rejected, tie, args.tie_theta).mean()
+        else:
+            keep = (~tie).to(chosen.dtype)
+            loss = (bradley_terry_loss(chosen, rejected) * keep).sum() / keep.sum().clamp(min=1)
+        if args.center_rewards_coefficient:
+            loss = loss + args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+        return loss
+
+    def _loss(self, rows: dict[str, Any], forward: Any) -> tuple[Any, float]:
+        """Mean loss of a micro-batch and its pairwise accuracy (non-tied pairs; NaN for scores)."""
+        import torch
+
+        from rewards.reward_model import regression_loss
+
+        if not self.pairs:
+            predicted = self._scores(forward, rows, "video")
+            target = torch.as_tensor(np.asarray(rows["score"], dtype=np.float32), device=predicted.device)
+            return regression_loss(predicted, target).mean(), math.nan
+        chosen, rejected, tie = self._pair_scores(rows, forward)
+        wins = (chosen > rejected)[~tie]
+        return self._pair_loss(chosen, rejected, tie), float(wins.float().mean()) if len(wins) else math.nan
+
+    # ------------------------------------------------------------------ evaluation and calibration
+    def evaluate(self, dataset: Any = None) -> dict[str, float]:
+        """Held-out loss and, for pairs, pairwise accuracy (overall and per ``kind``); with a ``world``
+        column also the Spearman correlation of the model's scores with the verifiable reward."""
+        import torch
+
+        from rewards.reward_model import spearman
+
+        dataset = self.eval_dataset if dataset is None else dataset.with_format("numpy")
+        size = self.args.per_device_eval_batch_size
+        losses, chosen, rejected, predicted = [], [], [], []
+        self.model.eval()
+        with torch.no_grad(), self.state.autocast:
+            for start in range(0, len(dataset), size):
+                rows = dataset[start : start + size]
+                if self.pairs:
+                    c, r, tie = self._pair_scores(rows, self.model)
+                    loss = self._pair_loss(c.float(), r.float(), tie)
+                    chosen += c.float().cpu().tolist()
+                    rejected += r.float().cpu().tolist()
+                else:
+                    scores = self._scores(self.model, rows, "video").float()
+                    target = torch.as_tensor(
+                        np.asarray(rows["score"], dtype=np.float32), device=scores.device
+                    )
+                    loss = ((scores - target) ** 2).mean()
+                    predicted += scores.cpu().tolist()
+                losses.append(float(loss) * len(rows["context"]))
+        self.model.train()
+        out = {"eval/loss": sum(losses) / len(dataset)}
+        if not self.pairs:
+            out["eval/spearman_teacher"] = spearman(predicted, np.asarray(dataset["score"], dtype=float))
+            return out
+        tie = (
+            np.asarray(dataset["tie"], dtype=bool)
+            if "tie" in dataset.column_names
+            else np.zeros(len(chosen), bool)
+        )
+        wins = np.asarray(chosen) > np.asarray(rejected)
+        out["eval/accuracy"] = float(wins[~tie].mean()) if (~tie).any() else math.nan
+        if "kind" in dataset.column_names:
+            kinds = np.asarray(dataset["kind"])
+            for kind in sorted(set(kinds.tolist())):
+                out[f"eval/accuracy/{kind}"] = float(wins[(kinds == kind) & ~tie].mean())
+        if "world" in dataset.column_names:
+            out["eval/spearman_verifiable"] = self._spearman_verifiable(dataset, chosen + rejected)
+        return out
+
+    def _spearman_verifiable(self, dataset: Any, scores: list[float]) -> float:
+        """Spearman of the model's scores of every candidate with the toy world's verifiable reward."""
+        from rewards.reward_model import spearman
+        from rewards.verifiable import ToyWorldVerifiableReward
+
+        reward = ToyWorldVerifiableReward()
+        worlds = list(dataset["world"]) * 2
+        videos = _videos(dataset["chosen"]) + _videos(dataset["rejected"])
+        return spearman(scores, reward(videos, None, None, world=worlds).scores)
+
+    def calibrate(self) -> dict[str, list[float]]:
+        """Score up to ``calibration_samples`` training candidates; store their mean and std per aspect."""
+        per_row = 2 if self.pairs else 1
+        n = min(len(self.train_dataset), self.args.calibration_samples // per_row)
+        order = np.random.default_rng(self.args.seed).permutation(len(self.train_dataset))[: max(n, 2)]
+        rows = self.train_dataset[[int(i) for i in order]]
+        columns = ["chosen", "rejected"] if self.pairs else ["video"]
+        videos = sum((_videos(rows[c]) for c in columns), [])
+        contexts = _videos(rows["context"]) * len(columns)
+        prompts = _prompts(rows)
+        prompts = None if prompts is None else prompts * len(columns)
+        return self.model.calibrate(
+            videos, contexts, prompts, batch_size=self.args.per_device_eval_batch_size
+        )
+
+
+def _videos(column: Any) -> list[Any]:
+    """Video cells of a numpy-formatted column as uint8 arrays (datasets hands back int64 stacks)."""
+    return [np.asarray(v, dtype=np.uint8) for v in column]
+
+
+def _prompts(rows: dict[str, Any]) -> list[str | None] | None:
+    prompts = rows.get("prompt")
+    return None if prompts is None else [None if p is None else str(p) for p in prompts]
