@@ -63,4 +63,4 @@ def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None 
         latents = vae.encode(clips).latent_dist.mode()
         vae.latents_mean.copy_(latents.mean(dim=(0, 2, 3, 4)))
         vae.latents_std.copy_(latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    return {"loss": float(loss), "seconds": time.perf_counter() - start}
+    return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}
