@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -206,18 +207,10 @@ class GRPOTrainer:
     def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
         args = self.args
         steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
-        return SamplingConfig(
-            num_frames=args.num_frames,
-            height=args.height,
-            width=args.width,
-            frame_rate=args.frame_rate,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            kind=args.sde_kind,
-            noise_level=args.noise_level,
-            sde_steps=steps,
-            reduction=args.logprob_reduction,
-        )
+        from grpo.evaluation import eval_sampling  # grpo.evaluation imports this module
+
+        # the held-out sampler's geometry, schedule and CFG, with this iteration's stochastic steps
+        return replace(eval_sampling(args), kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
 
     def _rollout_and_score(
         self, rows: list[dict[str, Any]], iteration: int
