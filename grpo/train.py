@@ -100,13 +100,19 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     if isinstance(spec, NextClipPolicySpec):
         from policies.nextclip import NextClipConfig, NextClipPolicy
         from policies.nextclip_tiny import build_tiny_nextclip
+        from policies.tiny import TinyLTXSpec
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
         changes = {
             k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
         }
         if spec.path is None and not (path / "model_index.json").is_file():
-            build_tiny_nextclip(path, config=NextClipConfig(**changes), vae_fit_steps=spec.tiny_vae_fit_steps)
+            build_tiny_nextclip(
+                path,
+                TinyLTXSpec.toy_world(),
+                config=NextClipConfig(**changes),
+                vae_fit_steps=spec.tiny_vae_fit_steps,
+            )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     from policies import LTXPolicy
     from policies.tiny import build_tiny_ltx

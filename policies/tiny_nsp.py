@@ -24,8 +24,8 @@ class TinyNSPSpec:
 
     vlm: TinyQwenVLSpec = field(default_factory=TinyQwenVLSpec, metadata={"help": "Tiny Qwen-VL sizes."})
     ltx: TinyLTXSpec = field(
-        default_factory=lambda: TinyLTXSpec(text_layers=0, vae_channels=(16, 32)),
-        metadata={"help": "Tiny LTX-Video sizes (VAE 4x in space and time: 8x8 latents at 32 px)."},
+        default_factory=TinyLTXSpec.toy_world,
+        metadata={"help": "Tiny LTX-Video sizes (TinyLTXSpec.toy_world: 8x8 latents per frame at 32 px)."},
     )
     nsp: NSPConfig = field(
         default_factory=lambda: NSPConfig(num_queries=8, connector_layers=1, connector_heads=4),
