@@ -15,6 +15,7 @@ imports it when built.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ class RewardModelSpec:
     tiny: bool = field(
         default=False, metadata={"help": "a random tiny Qwen2.5-VL backbone (tests, toy world)"}
     )
+    tiny_spec: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "sizes of the tiny backbone (rewards.reward_model.TinyRewardModelSpec fields)"},
+    )
     aspects: list[str] = field(default_factory=lambda: ["causal"], metadata={"help": "scored aspects"})
     head: Literal["token", "mean"] = field(
         default="mean", metadata={"help": "aspect tokens or mean video state"}
@@ -97,6 +102,9 @@ class RewardModelSpec:
     context_frames: int = field(default=4, metadata={"help": "context frames shown (0: candidate only)"})
     video_frames: int = field(default=4, metadata={"help": "candidate frames shown"})
     frame_stride: int = field(default=2, metadata={"help": "frames between shown frames"})
+    video_fps: float | None = field(
+        default=None, metadata={"help": "frame rate declared for temporal positions (null: 8 / frame_stride)"}
+    )
     question: str | None = field(default=None, metadata={"help": "text shown after the clip (null: default)"})
     use_prompt: bool = field(default=False, metadata={"help": "also show each sample's prompt"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
@@ -118,6 +126,9 @@ class ToyPreferencesSpec:
         default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "rejected continuations, mixed"}
     )
     aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
+    num_workers: int = field(
+        default=0, metadata={"help": "processes simulating the pairs (at most the CPU count; 0: this one)"}
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
@@ -151,6 +162,8 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
     sources = [name for name in ("path", "backbone") if getattr(spec, name)] + (["tiny"] if spec.tiny else [])
     if len(sources) != 1:
         raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
+    if spec.tiny_spec and not spec.tiny:
+        raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
     for name in ("path", "backbone"):
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
@@ -175,9 +188,11 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
 
 def build_model(spec: RewardModelSpec) -> Any:
     """The reward model a spec names: a trained one, a new one on a Qwen-VL backbone, or a tiny one."""
+    from grpo.recipe import from_dict
     from rewards.reward_model import (
         DEFAULT_QUESTION,
         RewardModelArgs,
+        TinyRewardModelSpec,
         VideoRewardModel,
         build_tiny_reward_model,
     )
@@ -190,11 +205,14 @@ def build_model(spec: RewardModelSpec) -> Any:
         context_frames=spec.context_frames,
         video_frames=spec.video_frames,
         frame_stride=spec.frame_stride,
+        video_fps=spec.video_fps,
         question=DEFAULT_QUESTION if spec.question is None else spec.question,
         use_prompt=spec.use_prompt,
     )
     if spec.tiny:
-        return build_tiny_reward_model(args)
+        return build_tiny_reward_model(
+            args, from_dict(TinyRewardModelSpec, spec.tiny_spec, where="policy.tiny_spec")
+        )
     return VideoRewardModel.from_backbone(spec.backbone, args=args, dtype=spec.torch_dtype)
 
 
@@ -207,9 +225,13 @@ def build_tables(data: Any) -> tuple[Any, Any]:
         config = ToyWorldConfig(
             size=data.size, context_frames=data.context_frames, next_frames=data.next_frames
         )
+        workers = min(data.num_workers, os.cpu_count() or 1)
         return tuple(
             toyworld_pairs(
-                ToyWorld(config, split=split, num_samples=n), data.perturbations, aspect=data.aspect
+                ToyWorld(config, split=split, num_samples=n),
+                data.perturbations,
+                aspect=data.aspect,
+                num_workers=workers,
             )
             for split, n in (("train", data.num_train), ("validation", data.num_eval))
         )

@@ -66,8 +66,21 @@ def _to_dataset(rows: Sequence[dict[str, Any]], videos: Sequence[str]) -> Any:
     if size is None:
         raise InputError("every video in these rows is missing; give [F, H, W, 3] videos")
     features = {key: _video_feature(*size) for key in columns if key in videos}
+    stacked = {key: _stack(columns[key]) for key in features}
+    if all(value is not None for value in stacked.values()):  # one length per column: no per-value cast
+        others = datasets.Dataset.from_dict({k: v for k, v in columns.items() if k not in features})
+        return datasets.Dataset.from_dict(
+            {**columns, **stacked}, features=datasets.Features({**others.features, **features})
+        ).select_columns(list(columns))
     dataset = datasets.Dataset.from_dict(columns)
     return dataset.cast(datasets.Features({**dataset.features, **features})) if features else dataset
+
+
+def _stack(values: list[Any]) -> np.ndarray | None:
+    """A video column as one ``[N, F, H, W, 3]`` array; None if lengths differ or a video is missing."""
+    if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
+        return None
+    return np.stack([np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for v in values])
 
 
 def preference_dataset(rows: Iterable[dict[str, Any]]) -> Any:
@@ -176,13 +189,15 @@ def toyworld_pairs(
     *,
     aspect: str = DEFAULT_ASPECT,
     prompt: str | None = "context_caption",
+    num_workers: int = 0,
 ) -> Any:
     """One pair per toy-world sample: the true future (chosen) against a perturbed one (rejected).
 
     Sample ``i`` gets perturbation ``perturbations[i % len]`` (a balanced mix; its name is the
     ``kind`` column); ``other_sample`` takes the next sample's future. ``prompt`` names the sample
     field shown as the prompt (or None). The ``world`` column (JSON) lets the verifiable reward
-    score both candidates later.
+    score both candidates later. ``num_workers > 1`` simulates in that many processes (the same
+    table, row for row; a few ms a sample in one process).
     """
     unknown = sorted(set(perturbations) - set(PERTURBATIONS))
     if not perturbations or unknown:
@@ -191,15 +206,35 @@ def toyworld_pairs(
         raise InputError(
             "toyworld_pairs needs at least 2 samples (other_sample borrows a neighbour's future)"
         )
-    samples = [world[i] for i in range(len(world))]
+    args = (world, list(perturbations), aspect, prompt)
+    workers = min(num_workers, len(world) // 64)
+    if workers <= 1:
+        return preference_dataset(_pair_rows(*args, 0, len(world)))
+    import multiprocessing
+
+    import datasets
+
+    bounds = np.linspace(0, len(world), 4 * workers + 1).astype(int)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.starmap(_pair_chunk, [(*args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])])
+    return datasets.concatenate_datasets(parts)
+
+
+def _pair_rows(
+    world: Any, perturbations: Sequence[str], aspect: str, prompt: str | None, start: int, stop: int
+) -> list[dict[str, Any]]:
+    """The `toyworld_pairs` rows of samples ``start..stop - 1``."""
+    samples = {i: world[i] for i in range(start, stop)}
     rows = []
-    for i, sample in enumerate(samples):
+    for i in range(start, stop):
+        sample, after = samples[i], (i + 1) % len(world)
+        other = samples[after] if after in samples else world[after]
         kind = perturbations[i % len(perturbations)]
         rows.append(
             {
                 "context": sample["context"],
                 "chosen": sample["next"],
-                "rejected": perturb(world, i, sample, kind, samples[(i + 1) % len(samples)]),
+                "rejected": perturb(world, i, sample, kind, other),
                 "tie": False,
                 "aspect": aspect,
                 "prompt": sample[prompt] if prompt else None,
@@ -207,7 +242,13 @@ def toyworld_pairs(
                 "world": json.dumps(sample["world"], separators=(",", ":")),
             }
         )
-    return preference_dataset(rows)
+    return rows
+
+
+def _pair_chunk(*args: Any) -> Any:
+    """`toyworld_pairs` of one range of samples as a table (one process of ``num_workers``)."""
+    torch.set_num_threads(1)
+    return preference_dataset(_pair_rows(*args))
 
 
 # ------------------------------------------------------------------------------------------- from scores

@@ -51,6 +51,9 @@ DEFAULT_QUESTION = (
     "The clip shows the end of a scene, then a predicted next scene. Does it continue plausibly?"
 )
 VIDEO_FPS = 8.0  # frame rate the temporal positions assume (the toy world's)
+# vision attention of the backbone: per frame in one batched call ("flash" in the name makes Qwen-VL's
+# vision tower hand over its cu_seqlens, see `_frame_attention`)
+FRAME_ATTENTION = "nextscene_flash_free_frame_sdpa"
 
 
 @dataclass
@@ -70,6 +73,15 @@ class RewardModelArgs:
     video_frames: int = field(default=4, metadata={"help": "Candidate frames shown, from its start."})
     frame_stride: int = field(
         default=2, metadata={"help": "Frames between two shown frames, on one grid across the cut."}
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Frame rate the shown frames are declared at for Qwen-VL's temporal positions "
+            "(default: 8 / frame_stride, the toy world's real rate). Qwen2.5-VL steps its temporal ids "
+            "by tokens_per_second * temporal_patch_size / video_fps per 2-frame patch; 2.0 makes that "
+            "step tokens_per_second on every transformers version (some truncate the seconds to an int)."
+        },
     )
     question: str = field(default=DEFAULT_QUESTION, metadata={"help": "Text shown after the clip."})
     use_prompt: bool = field(
@@ -91,6 +103,8 @@ class RewardModelArgs:
                 raise InputError(f"aspect {aspect!r} must be lower-case letters, digits and '_'")
         if self.head not in ("token", "mean"):
             raise InputError(f"head={self.head!r} must be 'token' or 'mean'")
+        if self.video_fps is not None and not self.video_fps > 0:
+            raise InputError(f"video_fps={self.video_fps} must be > 0 (or null for the real frame rate)")
         if self.context_frames < 0 or self.video_frames < 1 or self.frame_stride < 1:
             raise InputError(
                 f"context_frames={self.context_frames} (>= 0), video_frames={self.video_frames} (>= 1) "
@@ -183,6 +197,7 @@ class VideoRewardModel(torch.nn.Module):
         self.aspect_token_ids = [self._token_id(args.aspect_token(a)) for a in args.aspects]
         if tokenizer.pad_token_id is None:
             raise InputError("the reward model tokenizer has no pad token; set tokenizer.pad_token")
+        _batch_frame_attention(backbone)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -246,13 +261,16 @@ class VideoRewardModel(torch.nn.Module):
                 raise InputError(f"{n} videos but {len(column)} {name}; give one per video")
         clips = [self.clip(v, None if contexts is None else contexts[i], i) for i, v in enumerate(videos)]
         config = self.args.inputs_config
-        vision = video_inputs(clips, config, fps=VIDEO_FPS / self.args.frame_stride)
+        vision = video_inputs(clips, config, fps=self.args.video_fps or VIDEO_FPS / self.args.frame_stride)
         counts = (vision["video_grid_thw"].prod(-1) // config.merge_size**2).tolist()
-        rows = []
+        rows, tokenized = [], {}
         for i, count in enumerate(counts):
             text = self.prompt_text(None if prompts is None else prompts[i])
-            text = text.replace("<|video_pad|>", "<|video_pad|>" * int(count))
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if text not in tokenized:  # one placeholder token, widened to the clip's count below
+                tokenized[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenized[text]
+            at = ids.index(self.video_token_id)
+            rows.append(ids[:at] + [self.video_token_id] * int(count) + ids[at + 1 :])
         length = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], dtype=torch.long)
@@ -438,6 +456,53 @@ class VideoRewardModel(torch.nn.Module):
         return cls(backbone, tokenizer, args).to(_dtype(dtype))
 
 
+def _frame_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Qwen-VL vision attention within each ``cu_seqlens`` block (a frame pair, or a window) via SDPA.
+
+    ``query``/``key``/``value`` are ``[1, heads, seq, dim]``; returns ``[1, seq, heads, dim]``.
+    transformers' own non-flash path runs one attention per block in a Python loop -- one per
+    temporal patch of every video, thousands of tiny kernels a batch; blocks of one length (frames
+    of one size) are a batch dimension here, so the whole batch is one call. Blocks of different
+    lengths run one by one, as transformers does. Same numbers either way.
+    """
+    bounds = cu_seq_lens_q.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    _, heads, seq, dim = query.shape
+    if len(set(lengths)) == 1:
+        blocks, size = len(lengths), lengths[0]
+        q, k, v = (t[0].view(heads, blocks, size, dim).transpose(0, 1) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        return out.permute(0, 2, 1, 3).reshape(1, seq, heads, dim), None
+    splits = (t.split(lengths, dim=2) for t in (query, key, value))
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling) for q, k, v in zip(*splits)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+def _batch_frame_attention(backbone: torch.nn.Module) -> None:
+    """Route a Qwen-VL vision tower's SDPA attention through `_frame_attention` (flash attention stays)."""
+    visual = getattr(backbone, "visual", None)
+    if visual is None or getattr(visual.config, "_attn_implementation", None) not in (None, "sdpa"):
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FRAME_ATTENTION, _frame_attention)
+    configs = {id(m.config): m.config for m in visual.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        config._attn_implementation = FRAME_ATTENTION
+
+
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -459,6 +524,15 @@ class TinyRewardModelSpec:
     vision_hidden_size: int = field(default=32, metadata={"help": "Vision tower width."})
     vision_depth: int = field(default=1, metadata={"help": "Vision tower blocks."})
     patch_size: int = field(default=4, metadata={"help": "Vision patch side in pixels."})
+    num_heads: int = field(default=2, metadata={"help": "Text attention heads (head dim a multiple of 16)."})
+    rope_theta: float = field(
+        default=10000.0,
+        metadata={"help": "Text RoPE base; small values keep the mRoPE height/width sections readable."},
+    )
+    tokens_per_second: int = field(
+        default=4,
+        metadata={"help": "mRoPE temporal ids per second of video (4: one id per 2-frame patch at 8 fps)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random weights."})
 
 
@@ -491,23 +565,31 @@ def build_tiny_reward_model(
 
     args = args or RewardModelArgs()
     spec = spec or TinyRewardModelSpec()
-    if spec.hidden_size % 32:
-        raise InputError(f"tiny hidden_size={spec.hidden_size} must be a multiple of 32 (2 heads, mRoPE)")
+    if spec.num_heads < 1 or spec.hidden_size % (16 * spec.num_heads):
+        raise InputError(
+            f"tiny hidden_size={spec.hidden_size} must be a multiple of 16 * num_heads={spec.num_heads} "
+            "(mRoPE splits each head into temporal, height and width sections)"
+        )
+    if spec.vision_hidden_size % 16 or spec.rope_theta <= 1 or spec.tokens_per_second <= 0:
+        raise InputError(
+            f"tiny vision_hidden_size={spec.vision_hidden_size} (a multiple of 16), rope_theta="
+            f"{spec.rope_theta} (> 1) or tokens_per_second={spec.tokens_per_second} (> 0) is out of range"
+        )
     if not args.inputs:
         args.inputs = asdict(
             QwenVLInputsConfig(patch_size=spec.patch_size, video_min_pixels=16, video_max_pixels=128 * 128)
         )
     tokenizer = build_tiny_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad")}
-    head_dim = spec.hidden_size // 2
+    head_dim = spec.hidden_size // spec.num_heads
     quarter = head_dim // 16  # mRoPE sections (temporal, height, width) sum to head_dim / 2
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=2, num_key_value_heads=1,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=1,
             max_position_embeddings=4096, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_theta),
                              "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]},
         ),
         vision_config=dict(
@@ -515,7 +597,7 @@ def build_tiny_reward_model(
             intermediate_size=2 * spec.vision_hidden_size, num_heads=2, out_hidden_size=spec.hidden_size,
             patch_size=spec.patch_size, temporal_patch_size=2, spatial_merge_size=2,
             window_size=64 * spec.patch_size, fullatt_block_indexes=list(range(spec.vision_depth)),
-            tokens_per_second=2,
+            tokens_per_second=int(spec.tokens_per_second),
         ),
         image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),

@@ -112,7 +112,10 @@ def test_reward_model_recipe_validates_without_models(tmp_path):
     recipe = load_recipe("recipes/toy_reward_model.yaml", [f"output_dir={tmp_path}"])
     spec, data = validate(recipe)
     assert spec.tiny and data.perturbations == ["wrong_direction", "frozen", "shuffled", "other_sample"]
-    assert recipe.args.loss_type == "bradley_terry" and recipe.args.per_device_train_batch_size == 16
+    assert recipe.args.loss_type == "bradley_terry" and recipe.args.per_device_train_batch_size == 64
+    assert spec.tiny_spec["patch_size"] == 2 and spec.video_fps == 2.0 and data.num_workers == 8
+    stray = load_recipe("recipes/toy_reward_model.yaml", ["policy.tiny=false", "policy.backbone=."])
+    assert "policy.tiny_spec: sizes a tiny backbone" in one_line_error(validate, stray)
     bad = load_recipe("recipes/toy_reward_model.yaml", ["policy.type=ltx"])
     assert "trains a 'video_reward_model'" in one_line_error(validate, bad)
     assert "trainer.tie_theta: must be > 1" in one_line_error(
@@ -120,3 +123,12 @@ def test_reward_model_recipe_validates_without_models(tmp_path):
     )
     wrong = load_recipe("recipes/toy_reward_model.yaml", ["data.aspect=physics"])
     assert "'physics' is not one of policy.aspects" in one_line_error(validate, wrong)
+
+
+@pytest.mark.slow
+def test_toyworld_pairs_in_worker_processes_are_the_same_table():
+    world = ToyWorld(split="validation", num_samples=130)
+    one, many = (toyworld_pairs(world, num_workers=n).with_format("numpy")[:] for n in (0, 2))
+    assert list(one) == list(many)
+    for column in one:
+        assert np.array_equal(np.asarray(one[column]), np.asarray(many[column])), column

@@ -17,9 +17,12 @@ from rewards import CompositeReward, build_reward
 from rewards.preferences import toyworld_pairs
 from rewards.reward_model import (
     ARGS_FILE,
+    FRAME_ATTENTION,
     LearnedReward,
     RewardModelArgs,
+    TinyRewardModelSpec,
     VideoRewardModel,
+    _frame_attention,
     bradley_terry_loss,
     bradley_terry_ties_loss,
     build_tiny_reward_model,
@@ -131,6 +134,62 @@ def test_scores_are_batch_independent_and_heads_read_tokens_or_pooled_states(mod
         assert torch.allclose(model(**inputs)[:, 1], expected, atol=1e-5)
     finally:
         model.args.head = "mean"
+
+
+def _vision_attention(model, implementation):
+    for config in {
+        id(m.config): m.config for m in model.backbone.visual.modules() if hasattr(m, "config")
+    }.values():
+        config._attn_implementation = implementation
+
+
+def test_batched_frame_attention_gives_transformers_numbers(world_pairs):
+    spec = TinyRewardModelSpec(hidden_size=64, num_heads=2, vision_depth=2, patch_size=2, rope_theta=100.0)
+    model = build_tiny_reward_model(RewardModelArgs(context_frames=5, video_frames=3, **ARGS), spec)
+    torch.nn.init.normal_(model.heads.weight)
+    assert model.backbone.visual.config._attn_implementation == FRAME_ATTENTION
+    assert model.backbone.config.text_config._attn_implementation == "sdpa"
+    rows = world_pairs[:3]
+    inputs = model.prepare(clips(rows, "chosen"), clips(rows, "context"))
+    batched = model(**inputs)
+    _vision_attention(model, "sdpa")  # transformers' loop over frames
+    try:
+        assert torch.allclose(batched, model(**inputs), atol=1e-5)
+    finally:
+        _vision_attention(model, FRAME_ATTENTION)
+    q, k, v = torch.randn(3, 1, 2, 10, 8).unbind(0)  # blocks of unequal length run one by one
+    out, _ = _frame_attention(None, q, k, v, scaling=0.3, cu_seq_lens_q=torch.tensor([0, 4, 10]))
+    expected = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], scale=0.3
+            )
+            for a, b in ((0, 4), (4, 10))
+        ],
+        dim=2,
+    ).transpose(1, 2)
+    assert out.shape == (1, 10, 2, 8) and torch.allclose(out, expected, atol=1e-6)
+
+
+def test_tiny_spec_and_declared_fps_set_the_positions(world_pairs):
+    spec = TinyRewardModelSpec(hidden_size=128, num_heads=4, rope_theta=100.0, tokens_per_second=3)
+    model = build_tiny_reward_model(RewardModelArgs(video_fps=2.0, **ARGS), spec)
+    text = model.backbone.config.text_config
+    assert (text.num_attention_heads, text.rope_parameters["rope_theta"]) == (4, 100.0)
+    assert text.rope_parameters["mrope_section"] == [4, 6, 6]  # head dim 32
+    rows = world_pairs[:1]
+    inputs = model.prepare(clips(rows, "chosen"), clips(rows, "context"))
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per patch at a declared 2 fps
+    positions, _ = model.backbone.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], None, inputs["video_grid_thw"],
+        inputs["second_per_grid_ts"], inputs["attention_mask"],
+    )  # fmt: skip
+    temporal = positions[0, 0][inputs["input_ids"][0] == model.video_token_id].unique()
+    assert temporal.diff().tolist() == [3, 3, 3]  # 8 frames = 4 patches, tokens_per_second apart
+    assert "multiple of 16 * num_heads=3" in one_line_error(
+        build_tiny_reward_model, None, TinyRewardModelSpec(num_heads=3)
+    )
+    assert "video_fps=0 must be > 0" in one_line_error(RewardModelArgs, video_fps=0)
 
 
 def test_checkpoint_round_trip_and_calibrated_reward(model, world_pairs, tmp_path):
