@@ -120,5 +120,17 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
     short = ["trainer.max_steps=3"] if loaded.stage != "grpo" else ["trainer.max_iterations=2"]
     if loaded.policy.get("tiny_vae_fit_steps"):
         short.append("policy.tiny_vae_fit_steps=2")
+    if loaded.stage == "reward_model":  # the recipe simulates 16k preference pairs first
+        short += ["data.num_train=32", "data.num_eval=16", "trainer.per_device_train_batch_size=8"]
+    for i, reward in enumerate(loaded.rewards):  # a learned reward the recipe expects trained first
+        model = (reward.kwargs or {}).get("model")
+        if reward.name == "reward_model" and not Path(str(model)).is_dir():
+            from rewards.reward_model import build_tiny_reward_model
+
+            build_tiny_reward_model().save_pretrained(tmp_path / "reward_model")
+            short += [
+                f"rewards.{i}.kwargs.model={tmp_path / 'reward_model'}",
+                f"rewards.{i}.kwargs.normalize=false",
+            ]
     run(_standalone(recipe, [f"output_dir={tmp_path / 'run'}", *short, "trainer.eval_every=0"]))
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -1,0 +1,146 @@
+"""Does the Quickstart job learn? Held-out verifiable reward of the base vs the GRPO policy, 3 seeds.
+
+Runs ``nextscene train RECIPE`` (default: the Quickstart job, ``recipes/toy_nsp_grpo.yaml``, from the
+shipped checkpoint) once per seed, exactly as a user would (a subprocess, same CLI), and reads the
+run's own held-out evaluations: the first (``eval/step_0``: the base policy) and the last (the GRPO
+policy), both deterministic ODE rollouts with paired noise. Prints a table of mean verifiable reward
+and success rate (share of samples >= 0.5) before and after, the gain and each run's wall time, and
+writes JSON.
+
+    python benchmarks/toy_learning.py                                    # 3 seeds, CPU
+    python benchmarks/toy_learning.py --seeds 0 --overrides trainer.max_iterations=10
+
+The issue's bar: gain >= +0.10 for 3 of 3 seeds, each run <= 10 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _summary(folder: Path, reward: str) -> dict[str, float | None]:
+    from grpo.evaluation import EvalResults
+
+    summary = EvalResults.load(folder).summary()[reward]
+    return {"mean": summary.mean, "success_rate": summary.success_rate, "scored": summary.scored}
+
+
+def _logged_seconds(run_dir: Path) -> float:
+    """Wall time of a finished run from its metrics log (first to last record; excludes start-up)."""
+    times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(times) - min(times)
+
+
+def run_seed(
+    recipe: Path, seed: int, out_dir: Path, reward: str, overrides: list[str], reuse: bool = False
+) -> dict:
+    """One Quickstart run with ``trainer.seed=seed``; its base and final held-out numbers and wall time
+    (``reuse``: read an already finished run instead of training again)."""
+
+    run_dir = out_dir / f"seed_{seed}"
+    if reuse and (run_dir / "final").is_dir():
+        return _summarise(run_dir, seed, reward, _logged_seconds(run_dir))
+    command = [
+        sys.executable, "-m", "grpo.cli", "train", str(recipe),
+        f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", *overrides,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"seed {seed}: `{' '.join(command)}` failed (exit {done.returncode}); see {log}")
+    return _summarise(run_dir, seed, reward, seconds)
+
+
+def _summarise(run_dir: Path, seed: int, reward: str, seconds: float) -> dict:
+    from grpo.evaluation import eval_steps
+
+    steps = eval_steps(run_dir)
+    if len(steps) < 2 or int(steps[0].name.removeprefix("step_")) != 0:
+        raise SystemExit(f"seed {seed}: {run_dir} has no step-0 and final evaluations; is eval_every > 0?")
+    base, final = _summary(steps[0], reward), _summary(steps[-1], reward)
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "final_step": int(steps[-1].name.removeprefix("step_")),
+        "base": base,
+        "grpo": final,
+        "gain": final["mean"] - base["mean"],
+        "seconds": seconds,
+    }
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "toy_nsp_grpo.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--reward", default="toyworld_verifiable", help="reward whose held-out mean is compared"
+    )
+    parser.add_argument("--out-dir", type=Path, default=REPO / "runs" / "toy_learning")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "toy_learning.json")
+    parser.add_argument("--min-gain", type=float, default=0.10, help="the bar each seed's gain must reach")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in --out-dir again")
+    parser.add_argument("--overrides", nargs="*", default=[], help="key=value recipe overrides for every run")
+    args = parser.parse_args(argv)
+
+    runs = [
+        run_seed(args.recipe.resolve(), s, args.out_dir.resolve(), args.reward, args.overrides, args.reuse)
+        for s in args.seeds
+    ]
+    columns = ("seed", 4), ("base", 6), ("GRPO", 6), ("gain", 7), ("success base", 12), ("success GRPO", 12)
+    header = "  ".join(f"{name:>{width}}" for name, width in columns) + f"  {'wall':>7}"
+    print(
+        f"held-out {args.reward} of {args.recipe.name} (base = step 0, GRPO = step {runs[0]['final_step']})"
+    )
+    print(header)
+    for r in runs:
+        print(
+            f"{r['seed']:>4}  {_fmt(r['base']['mean']):>6}  {_fmt(r['grpo']['mean']):>6}  "
+            f"{r['gain']:>+7.3f}  "
+            f"{_fmt(r['base']['success_rate'], True):>12}  {_fmt(r['grpo']['success_rate'], True):>12}  "
+            f"{r['seconds'] / 60:>5.1f} m"
+        )
+    passed = sum(r["gain"] >= args.min_gain for r in runs)
+    print(f"gain >= {args.min_gain:+.2f} in {passed} of {len(runs)} seeds")
+    result = {
+        "recipe": str(args.recipe),
+        "reward": args.reward,
+        "overrides": args.overrides,
+        "min_gain": args.min_gain,
+        "seeds_passing": passed,
+        "runs": runs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
