@@ -16,17 +16,13 @@ from grpo.data.toyworld import ToyWorld, ToyWorldConfig
 from rewards.verifiable import ToyWorldVerifiableReward
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
-SHIPPED = {"toy_nsp": "nsp_config.json", "toy_nextclip": "nextclip.json"}
+SHIPPED = {"toy_nsp": "nsp_config.json"}  # directory -> the config file its policy class reads
 
 
 def _load(name: str):
-    if name == "toy_nsp":
-        from policies.nsp import NSPPolicy
+    from policies.nsp import NSPPolicy
 
-        return NSPPolicy.from_pretrained(ROOT / name)
-    from policies.nextclip import NextClipPolicy
-
-    return NextClipPolicy.from_pretrained(ROOT / name)
+    return NSPPolicy.from_pretrained(ROOT / name)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
