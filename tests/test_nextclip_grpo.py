@@ -159,4 +159,4 @@ def test_toy_world_clip_rows_and_the_policy_spec(tmp_path):
         policy.clip_config.history_sigma == 0.05
         and (tmp_path / "base_tiny_nextclip" / "nextclip.json").is_file()
     )
-    assert policy.latent_shape(27, 32, 32) == (6, 4, 4)
+    assert policy.latent_shape(27, 32, 32) == (27, 8, 8)  # TinyLTXSpec.toy_world: 4x4 patches, 1x in time
