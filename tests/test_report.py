@@ -523,3 +523,5 @@ if __name__ == "__main__":  # the worker of test_two_processes_evaluate_like_one
     _distributed_case(Path(sys.argv[1]), accelerator)
     if accelerator.is_main_process:
         (Path(sys.argv[1]) / "world_size.txt").write_text(str(accelerator.num_processes))
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # gloo threads left to exit teardown can abort a rank

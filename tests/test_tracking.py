@@ -183,14 +183,19 @@ def test_first_signal_sets_the_flag_and_handlers_are_restored(capsys):
 
 
 def test_second_sigint_raises_keyboard_interrupt():
-    with pytest.raises(KeyboardInterrupt):
-        with PreemptionHandler() as preemption:
-            # raise_signal delivers to this (the main) thread at once; os.kill may land on another
-            # thread and reach the handler only after the block, a race seen on a loaded CI machine
-            signal.raise_signal(signal.SIGINT)
-            assert preemption.requested
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # from Python's default Ctrl-C handler, whatever an earlier test in this process left installed
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with PreemptionHandler() as preemption:
+                # raise_signal runs the handler in this (the main) thread at once; os.kill may land
+                # on another thread and reach the handler only after the block
+                signal.raise_signal(signal.SIGINT)
+                assert preemption.requested
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 TRAIN_SCRIPT = textwrap.dedent(
