@@ -109,7 +109,10 @@ class TrainerConfig:
         metadata={"help": "Module names (peft patterns) that get LoRA adapters."},
     )
     ema_decay: float = field(
-        default=0.0, metadata={"help": "EMA decay of the trained weights (e.g. 0.999); 0 disables EMA."}
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the trained weights (e.g. 0.95); evaluated and saved as final. 0: off."
+        },
     )
     # --- logging, evaluation, checkpoints ---
     logging_steps: int = field(default=1, metadata={"help": "Log metrics every N iterations (GRPO) / steps."})

@@ -300,7 +300,7 @@ def write_evaluation(
     results = evaluation.results
     results.step = step
     # 4:4:4 keeps a few-pixel object's colour (4:2:0 smears it); the report re-encodes for browsers
-    pix_fmt = "yuv444p" if default_mp4_codec() == "libx264" else None
+    pix_fmt = "yuv444p" if evaluation.videos and default_mp4_codec() == "libx264" else None
     results.videos = {}
     for index, generated in evaluation.videos.items():
         panels = {"generated": generated}

@@ -17,6 +17,7 @@ run would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -414,6 +415,8 @@ class GRPOTrainer:
     def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
         """Mean reward of deterministic (ODE) rollouts on the evaluation rows, G per row.
 
+        With EMA on, the EMA weights are evaluated: they are what ``final`` holds.
+
         The main process also writes every sample's rewards and the first ``save_eval_videos`` rows'
         videos to ``output_dir/eval/step_<iteration>/`` (`grpo.evaluation`): the run report compares
         the first and the last of these.
@@ -421,17 +424,19 @@ class GRPOTrainer:
         from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, write_evaluation
 
         dataset = self.eval_dataset if dataset is None else dataset
-        evaluation = evaluate(
-            self.policy,
-            self.reward,
-            dataset,
-            eval_sampling(self.args),
-            num_generations=self.args.num_generations,
-            seed=self.args.seed,
-            num_videos=self.args.save_eval_videos,
-            accelerator=self.accelerator,
-            autocast=self.state.autocast,
-        )
+        ema = self.state.ema
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            evaluation = evaluate(
+                self.policy,
+                self.reward,
+                dataset,
+                eval_sampling(self.args),
+                num_generations=self.args.num_generations,
+                seed=self.args.seed,
+                num_videos=self.args.save_eval_videos,
+                accelerator=self.accelerator,
+                autocast=self.state.autocast,
+            )
         if self.accelerator.is_main_process:
             folder = self.output_dir / EVAL_DIR / f"step_{self.iteration:06d}"
             write_evaluation(folder, evaluation, dataset, self.args.frame_rate, step=self.iteration)

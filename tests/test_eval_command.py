@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from grpo.cli import main
@@ -81,6 +82,24 @@ def test_eval_reproduces_the_trainers_evaluation(tmp_path, tiny_dir, capsys):
         (verifiable >= 0.5).mean()
     )
     assert summary["num_rows"] == 3 and summary["num_generations"] == 2
+
+
+@pytest.mark.slow
+def test_with_ema_the_held_out_evaluation_is_that_of_final(tmp_path, tiny_dir):
+    """The trainer evaluates the EMA weights, which are what ``final`` holds (not the raw policy)."""
+    from grpo.checkpoint import latest_checkpoint, load_checkpoint
+
+    recipe = _recipe(tmp_path, tiny_dir)
+    training = ["trainer.max_iterations=2", "trainer.eval_every=2", "trainer.save_steps=2"]
+    training += ["trainer.ema_decay=0.5", "trainer.learning_rate=3e-3"]
+    assert main(["train", str(recipe), *training]) == 0
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert any(not torch.equal(ckpt.ema_state[n], ckpt.model_state[n]) for n in ckpt.ema_state)
+
+    out = tmp_path / "final_eval"
+    final = tmp_path / "run" / "final"
+    assert main(["eval", str(recipe), f"policy.path={final}", "--out", str(out)]) == 0
+    assert EvalResults.load(out).scores == EvalResults.load(tmp_path / "run" / "eval" / "step_000002").scores
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
@@ -124,6 +123,8 @@ def probe_video(path: PathLike) -> VideoInfo:
 
     Raises `InputError` for a missing, unreadable or frame-less file.
     """
+    import av  # PyAV loads FFmpeg: imported only where a video file is read or written
+
     path = Path(path)
     suffix = _suffix(path, VIDEO_SUFFIXES)
     _check_exists(path)
@@ -208,6 +209,8 @@ def iter_frames(
 
     Decoder failures surface as `InputError` naming the file.
     """
+    import av  # PyAV loads FFmpeg: imported only where a video file is read or written
+
     path = Path(path)
     suffix = _suffix(path, VIDEO_SUFFIXES)
     _check_exists(path)
@@ -261,6 +264,8 @@ def read_video(path: PathLike) -> tuple[torch.Tensor, float]:
 
 def default_mp4_codec() -> str:
     """``libx264`` when this FFmpeg build has it (PyAV wheels do), else ``mpeg4``."""
+    import av
+
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
@@ -309,6 +314,8 @@ def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
 def _write_av(
     path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str | None, crf: int | None
 ) -> None:
+    import av
+
     height, width = frames.shape[1:3]
     odd = height % 2 or width % 2
     pix_fmt = pix_fmt or ("yuv444p" if odd else "yuv420p")
