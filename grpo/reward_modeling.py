@@ -129,6 +129,26 @@ class ToyPreferencesSpec:
     num_workers: int = field(
         default=0, metadata={"help": "processes simulating the pairs (at most the CPU count; 0: this one)"}
     )
+    next_overlap: int = field(
+        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
+    )
+    policy: str | None = field(
+        default=None,
+        metadata={"help": "NSP checkpoint whose own samples, ranked by toyworld_verifiable, add pairs"},
+    )
+    policy_contexts: int = field(default=256, metadata={"help": "train contexts the policy continues"})
+    policy_eval_contexts: int = field(default=32, metadata={"help": "held-out contexts the policy continues"})
+    policy_generations: int = field(default=8, metadata={"help": "samples per context; all pairs within one"})
+    policy_margin: float = field(
+        default=0.05, metadata={"help": "drop policy pairs whose verifiable rewards differ by <= this"}
+    )
+    policy_inference_steps: int = field(default=8, metadata={"help": "denoising steps of each policy sample"})
+    policy_noise_level: float = field(
+        default=0.7, metadata={"help": "SDE noise level of the policy's samples (as in its GRPO rollouts)"}
+    )
+    policy_sde_steps: int = field(
+        default=3, metadata={"help": "first denoising steps sampled stochastically (GRPO's SDE window)"}
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
@@ -136,6 +156,17 @@ class ToyPreferencesSpec:
             raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
         if self.num_train < 2 or self.num_eval < 2:
             raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+        if not 0 <= self.next_overlap < self.context_frames:
+            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+        if self.policy is not None:
+            if not (Path(self.policy) / "nsp_config.json").is_file():
+                raise ConfigError("policy", f"{self.policy!r} is not an NSP checkpoint (no nsp_config.json)")
+            if not 1 <= self.policy_sde_steps <= self.policy_inference_steps:
+                raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
+            if self.policy_generations < 2 or self.policy_contexts < 1 or self.policy_eval_contexts < 1:
+                raise ConfigError(
+                    "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
+                )
 
 
 @dataclass
@@ -223,10 +254,13 @@ def build_tables(data: Any) -> tuple[Any, Any]:
         from rewards.preferences import toyworld_pairs
 
         config = ToyWorldConfig(
-            size=data.size, context_frames=data.context_frames, next_frames=data.next_frames
+            size=data.size,
+            context_frames=data.context_frames,
+            next_frames=data.next_frames,
+            next_overlap=data.next_overlap,
         )
         workers = min(data.num_workers, os.cpu_count() or 1)
-        return tuple(
+        tables = [
             toyworld_pairs(
                 ToyWorld(config, split=split, num_samples=n),
                 data.perturbations,
@@ -234,11 +268,69 @@ def build_tables(data: Any) -> tuple[Any, Any]:
                 num_workers=workers,
             )
             for split, n in (("train", data.num_train), ("validation", data.num_eval))
-        )
+        ]
+        if data.policy is not None:
+            import datasets
+
+            counts = {"train": data.policy_contexts, "validation": data.policy_eval_contexts}
+            tables = [
+                datasets.concatenate_datasets([table, policy_pairs(data, config, split, counts[split])])
+                for table, split in zip(tables, ("train", "validation"))
+            ]
+        return tables[0], tables[1]
     import datasets
 
     evaluation = datasets.load_from_disk(data.eval_path) if data.eval_path else None
     return datasets.load_from_disk(data.path), evaluation
+
+
+def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts: int) -> Any:
+    """Pairs (``kind`` "policy") of ``data.policy``'s own samples of the first ``num_contexts`` toy
+    contexts of ``split``, ranked by the verifiable reward: what the policy actually produces during
+    GRPO, which true-vs-perturbed pairs never show the reward model."""
+    import json
+
+    import torch
+
+    from grpo.config import GRPOConfig
+    from grpo.data import ToyWorld
+    from grpo.train import _scene_row
+    from policies.ltx import SamplingConfig
+    from policies.nsp import NSPPolicy
+    from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = NSPPolicy.from_pretrained(data.policy, device=device)
+    world = ToyWorld(config, split=split, num_samples=num_contexts)
+    samples = [world[i] for i in range(num_contexts)]
+    rows = [_scene_row("context_caption", context=True)(sample) for sample in samples]
+    sampling = SamplingConfig(
+        num_frames=config.next_frames,
+        height=data.size,
+        width=data.size,
+        frame_rate=GRPOConfig.frame_rate,
+        num_inference_steps=data.policy_inference_steps,
+        kind="sde",
+        noise_level=data.policy_noise_level,
+        sde_steps=list(range(data.policy_sde_steps)),
+    )
+    seed = 0 if split == "train" else 1
+    candidates = policy_candidates(policy, rows, data.policy_generations, sampling, seed=seed)
+    worlds = [{"world": sample["world"]} for sample in samples]
+    scores = score_candidates(
+        ToyWorldVerifiableReward(), [s["context"] for s in samples], candidates, metadata=worlds
+    )
+    table = pairs_from_scores(
+        [s["context"] for s in samples],
+        candidates,
+        scores,
+        aspect=data.aspect,
+        margin=data.policy_margin,
+        prompts=[s["context_caption"] for s in samples],
+        extra=[{"kind": "policy", "world": json.dumps(s["world"], separators=(",", ":"))} for s in samples],
+    )
+    return table.remove_columns(["chosen_score", "rejected_score"])
 
 
 def run_recipe(recipe: Any) -> list[dict[str, Any]]:

@@ -290,17 +290,22 @@ def pairs_from_scores(
     margin: float = 0.0,
     tie_margin: float | None = None,
     prompts: Sequence[str | None] | None = None,
+    extra: Sequence[dict[str, Any]] | None = None,
 ) -> Any:
     """All pairs within each group of scored candidates, the higher score chosen.
 
     A pair whose scores differ by at most ``tie_margin`` becomes a tie; otherwise pairs closer than
     ``margin`` are dropped (too close to call); unscored (None) candidates are skipped. Columns
-    ``chosen_score`` / ``rejected_score`` keep the teacher's numbers.
+    ``chosen_score`` / ``rejected_score`` keep the teacher's numbers; ``extra[g]`` (e.g. ``{"kind":
+    "policy", "world": ...}``) adds columns to every pair of group ``g``.
     """
-    if not (len(contexts) == len(candidates) == len(scores)):
+    if not (len(contexts) == len(candidates) == len(scores)) or (
+        extra is not None and len(extra) != len(scores)
+    ):
         raise InputError(
-            f"{len(contexts)} contexts, {len(candidates)} candidate groups, {len(scores)} score groups; "
-            "give one group per context"
+            f"{len(contexts)} contexts, {len(candidates)} candidate groups, {len(scores)} score groups"
+            + ("" if extra is None else f", {len(extra)} extra column groups")
+            + "; give one group per context"
         )
     rows = []
     for g, (group, values) in enumerate(zip(candidates, scores)):
@@ -325,6 +330,7 @@ def pairs_from_scores(
                         "prompt": None if prompts is None else prompts[g],
                         "chosen_score": float(values[win]),
                         "rejected_score": float(values[lose]),
+                        **(extra[g] if extra is not None else {}),
                     }
                 )
     if not rows:

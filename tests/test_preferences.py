@@ -132,3 +132,32 @@ def test_toyworld_pairs_in_worker_processes_are_the_same_table():
     assert list(one) == list(many)
     for column in one:
         assert np.array_equal(np.asarray(one[column]), np.asarray(many[column])), column
+
+
+def test_on_policy_pairs_rank_the_policys_own_samples_by_the_verifiable_reward(tmp_path):
+    """``data.policy``: the shipped NSP policy's samples, paired within each context, better one first;
+    the table joins the true-vs-perturbed pairs (same columns) as kind 'policy'."""
+    from grpo.reward_modeling import build_tables
+
+    overrides = ["data.num_train=4", "data.num_eval=4", "data.num_workers=0", "data.policy_contexts=2"]
+    overrides += ["data.policy_eval_contexts=1", "data.policy_generations=4", "data.policy_margin=0.01"]
+    recipe = load_recipe("recipes/toy_reward_model_on_policy.yaml", [f"output_dir={tmp_path}", *overrides])
+    _, data = validate(recipe)
+    assert data.policy == "checkpoints/toy_nsp" and data.next_overlap == 1
+    train, held_out = build_tables(data)
+    for table, contexts in ((train, 2), (held_out, 1)):
+        kinds = list(table["kind"])
+        assert kinds[:4] == ["wrong_direction", "frozen", "shuffled", "other_sample"]
+        policy = table.select([i for i, k in enumerate(kinds) if k == "policy"]).with_format("numpy")
+        assert 0 < len(policy) <= 6 * contexts  # at most 4 * 3 / 2 pairs per context
+        reward = ToyWorldVerifiableReward()
+        for row in policy:
+            videos = [torch.from_numpy(row[c].astype(np.uint8)) for c in ("chosen", "rejected")]
+            chosen, rejected = reward(videos, world=[row["world"]] * 2).scores
+            assert chosen > rejected - 0.02  # ranked on float videos; uint8 storage moves scores a little
+            assert not np.array_equal(row["chosen"], row["rejected"])
+            # a sample continues its context: frame 0 repeats the last context frame (next_overlap 1)
+            assert np.abs(row["chosen"][0].astype(int) - row["context"][-1].astype(int)).mean() < 40
+    check_preferences(train, ["causal"], pairs=True)
+    not_nsp = load_recipe("recipes/toy_reward_model_on_policy.yaml", ["data.policy=recipes"])
+    assert "is not an NSP checkpoint" in one_line_error(validate, not_nsp)

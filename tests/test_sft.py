@@ -122,6 +122,8 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
         short.append("policy.tiny_vae_fit_steps=2")
     if loaded.stage == "reward_model":  # the recipe simulates 16k preference pairs first
         short += ["data.num_train=32", "data.num_eval=16", "trainer.per_device_train_batch_size=8"]
+        if loaded.data.get("policy"):  # and samples 512 contexts x 8 of a policy
+            short += ["data.policy_contexts=1", "data.policy_eval_contexts=1", "data.policy_generations=3"]
     for i, reward in enumerate(loaded.rewards):  # a learned reward the recipe expects trained first
         model = (reward.kwargs or {}).get("model")
         if reward.name == "reward_model" and not Path(str(model)).is_dir():
