@@ -16,13 +16,14 @@ from grpo.data.toyworld import ToyWorld, ToyWorldConfig
 from rewards.verifiable import ToyWorldVerifiableReward
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
-SHIPPED = {"toy_nsp": "nsp_config.json"}  # directory -> the config file its policy class reads
+SHIPPED = {"toy_nsp": "nsp_config.json", "toy_nextclip": "nextclip.json"}  # dir -> its policy's config
 
 
 def _load(name: str):
+    from policies.nextclip import NextClipPolicy
     from policies.nsp import NSPPolicy
 
-    return NSPPolicy.from_pretrained(ROOT / name)
+    return (NSPPolicy if name == "toy_nsp" else NextClipPolicy).from_pretrained(ROOT / name)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
