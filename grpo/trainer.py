@@ -358,7 +358,10 @@ class GRPOTrainer:
                 rollout.num_samples,
                 generator=torch.Generator().manual_seed(derived_seed(args.seed, iteration, 2, epoch)),
             ).to(rollout.latents.device)
-            for group in self._split(list(order.split(size))):
+            groups = self._split(list(order.split(size)))
+            # one optimizer step per rollout: every loss sees the rollout's own weights
+            on_policy = args.num_iterations == 1 and len(groups) == 1
+            for group in groups:
                 for m, idx in enumerate(group):
                     sub, adv, pos = rollout.select(idx), advantages[idx], positions[idx]
                     for k in range(num_steps):
@@ -366,7 +369,7 @@ class GRPOTrainer:
                             self.state.no_sync(m == len(group) - 1 and k == num_steps - 1),
                             self.state.autocast,
                         ):
-                            loss, step_stats = self._step_loss(sub, adv[:, k], pos[:, k])
+                            loss, step_stats = self._step_loss(sub, adv[:, k], pos[:, k], on_policy=on_policy)
                             self.accelerator.backward(loss / (num_steps * len(group)))
                         for key, value in step_stats.items():
                             stats[key].append(float(value))
@@ -380,9 +383,15 @@ class GRPOTrainer:
         return out
 
     def _step_loss(
-        self, sub: Rollout, advantages: torch.Tensor, steps: torch.Tensor
+        self, sub: Rollout, advantages: torch.Tensor, steps: torch.Tensor, on_policy: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped surrogate + KL of one recorded step per sample (``steps`` [b]) under current weights."""
+        """Clipped surrogate + KL of one recorded step per sample (``steps`` [b]) under current weights.
+
+        ``on_policy`` (the weights are still the rollout's): the old log-prob is this forward's own,
+        detached, as in TRL with one update per generation. The log-prob recorded during the rollout
+        differs from it only by numerics (compiled or fused kernels, bf16: ~1e-4), which the PPO clip
+        (epsilon 1e-4) would read as a policy change; ``logprob_drift`` reports that difference.
+        """
         args = self.args
         guidance = None if args.cfg_in_training else 1.0
         out = self.policy.log_prob(sub, steps, guidance_scale=guidance)
@@ -391,8 +400,9 @@ class GRPOTrainer:
             with torch.no_grad(), self.policy.reference():
                 ref = self.policy.log_prob(sub, steps, guidance_scale=guidance)
             kl = kl_divergence(out.mean, ref.mean, out.std, args.logprob_reduction)[:, None]
-        old = sub.log_probs[torch.arange(sub.num_samples, device=steps.device), steps]
-        return grpo_loss(
+        recorded = sub.log_probs[torch.arange(sub.num_samples, device=steps.device), steps]
+        old = out.log_prob.detach() if on_policy else recorded
+        loss, stats = grpo_loss(
             out.log_prob[:, None],
             old[:, None],
             advantages,
@@ -402,6 +412,8 @@ class GRPOTrainer:
             kl=kl,
             loss_type=args.loss_type,
         )
+        stats["logprob_drift"] = (out.log_prob.detach() - recorded).abs().max()
+        return loss, stats
 
     def _split(self, micro_batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         sizes = self._accumulation_groups(sum(len(m) for m in micro_batches))

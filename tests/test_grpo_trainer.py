@@ -2,6 +2,7 @@
 keeps ranks in sync, and rejects bad recipes fast."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -88,6 +89,7 @@ def test_grpo_raises_a_reachable_reward_and_kl_grows_from_zero(tmp_path, tiny_di
     for m in metrics:
         if "train/ratio_first_step" in m:  # on-policy: the first inner step has ratio 1
             assert m["train/ratio_first_step"] == pytest.approx(1.0, abs=1e-5)
+            assert m["train/logprob_drift"] < 1e-4  # the rollout recorded what training recomputes
     # per-reward columns are logged; the weight-0 reward is logged but not trained on
     assert "reward/test_blueness/mean" in first
     assert first["reward/mean"] == pytest.approx(first["reward/test_redness/mean"], abs=1e-6)
@@ -278,3 +280,37 @@ def test_trainer_rejects_prompts_that_do_not_split_over_ranks(tiny_dir):
     with pytest.raises(InputError, match="num_frames=10 is not 8k\\+1"):
         GRPOTrainer(policy, [redness], GRPOConfig(output_dir="/tmp/x", num_frames=10), [{"prompt": "a"}])
     assert torch.is_tensor(next(policy.parameters()))
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_one_update_per_rollout_is_exactly_on_policy_despite_logprob_drift(
+    tmp_path, tiny_dir, num_iterations
+):
+    """With one optimizer step per rollout the PPO ratio is exactly 1 even when the rollout recorded
+    slightly different log-probs (compiled / bf16 kernels); with more epochs the recorded ones count."""
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+    from policies import LTXPolicy
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        num_generations=4,
+        num_prompts_per_iteration=1,
+        num_inference_steps=3,
+        num_iterations=num_iterations,
+        epsilon=1e-4,
+        beta=0.0,
+        learning_rate=1e-12,  # the weights stay (all but) the rollout's in every epoch
+        seed=0,
+    )
+    trainer = GRPOTrainer(LTXPolicy.from_pretrained(tiny_dir), [redness], args, [{"prompt": "a ball"}])
+    rollout, scores, _ = trainer._rollout_and_score(trainer._rows_for(0), 0)
+    advantages, _ = trainer._advantages(scores)
+    rollout.log_probs = rollout.log_probs + 0.01  # what a numerically different sampling forward records
+    stats = trainer._update(rollout, advantages, 0)
+    assert stats["train/logprob_drift"] == pytest.approx(0.01, abs=1e-4)
+    if num_iterations == 1:
+        assert stats["train/ratio_min"] == stats["train/ratio_max"] == 1.0 and stats["train/clip_frac"] == 0
+    else:  # the recorded log-probs are the old policy's: exp(-0.01) is outside 1 +- 1e-4, so clipped
+        assert stats["train/ratio_mean"] == pytest.approx(math.exp(-0.01), abs=1e-4)
+        assert stats["train/clip_frac"] > 0

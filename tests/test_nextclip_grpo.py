@@ -73,8 +73,8 @@ def test_a_reward_on_clip_2_only_moves_clip_2_steps(tiny_dir, tmp_path):
     real_step_loss = trainer._step_loss
     seen = []  # (clip of the step, advantages, gradient norm) of every loss the update backpropagates
 
-    def spy(sub, adv, steps):
-        loss, step_stats = real_step_loss(sub, adv, steps)
+    def spy(sub, adv, steps, **kwargs):
+        loss, step_stats = real_step_loss(sub, adv, steps, **kwargs)
         clips = {sub.extras["step_clips"][j] for j in steps.tolist()}
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         norm = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
