@@ -359,8 +359,9 @@ class GRPOTrainer:
                 generator=torch.Generator().manual_seed(derived_seed(args.seed, iteration, 2, epoch)),
             ).to(rollout.latents.device)
             groups = self._split(list(order.split(size)))
-            # one optimizer step per rollout: every loss sees the rollout's own weights
-            on_policy = args.num_iterations == 1 and len(groups) == 1
+            # one optimizer step per rollout, and the rollout's guidance: every loss sees the sampler
+            same_guidance = args.cfg_in_training or args.guidance_scale <= 1
+            on_policy = args.num_iterations == 1 and len(groups) == 1 and same_guidance
             for group in groups:
                 for m, idx in enumerate(group):
                     sub, adv, pos = rollout.select(idx), advantages[idx], positions[idx]
