@@ -294,7 +294,7 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
 
     from grpo.config import GRPOConfig
     from grpo.data import ToyWorld
-    from grpo.train import _scene_row
+    from grpo.train import scene_row
     from policies.ltx import SamplingConfig
     from policies.nsp import NSPPolicy
     from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates
@@ -304,7 +304,7 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
     policy = NSPPolicy.from_pretrained(data.policy, device=device)
     world = ToyWorld(config, split=split, num_samples=num_contexts)
     samples = [world[i] for i in range(num_contexts)]
-    rows = [_scene_row("context_caption", context=True)(sample) for sample in samples]
+    rows = [scene_row("context_caption", context=True)(sample) for sample in samples]
     sampling = SamplingConfig(
         num_frames=config.next_frames,
         height=data.size,

@@ -239,7 +239,7 @@ class _Rows:
         return self.convert(self.source[index])
 
 
-def _scene_row(prompt_column: str, context: bool = False):
+def scene_row(prompt_column: str, context: bool = False):
     """Dataset sample -> row: the prompt text (or, with ``context``, the context clip, instruction and
     frame rate), the target next scene, and the rest as reward metadata."""
 
@@ -288,7 +288,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             next_frames=spec.next_frames,
             next_overlap=spec.next_overlap,
         )
-        convert = _scene_row(spec.prompt, spec.context)
+        convert = scene_row(spec.prompt, spec.context)
         return (
             _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
@@ -304,7 +304,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             width=spec.width,
             on_error=spec.on_error,
         )
-        convert = _scene_row(spec.prompt, spec.context)
+        convert = scene_row(spec.prompt, spec.context)
         evaluation = _Rows(NSPVideoDataset(spec.eval_path, config), convert) if spec.eval_path else None
         return _Rows(NSPVideoDataset(spec.path, config), convert), evaluation
     if spec.prompts is not None:
