@@ -1,5 +1,6 @@
 """Configuration of the trainers: `GRPOConfig` (reinforcement learning) and `FlowMatchingConfig`
-(the supervised pretrain / SFT stages), both built on `TrainerConfig`, the fields they share.
+(the supervised pretrain / SFT stages), both built on `VideoTrainerConfig`: `TrainerConfig` (the
+fields every trainer shares) plus the frame rate every stage of a video policy uses.
 
 Names follow TRL's `GRPOConfig` / `TrainingArguments` where the meaning is the same
 (`num_generations`, `beta`, `epsilon`, `learning_rate`, `save_steps`...), so TRL users feel at
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from grpo.tracking import tracker_problem
@@ -205,7 +209,54 @@ class TrainerConfig:
 
 
 @dataclass
-class GRPOConfig(TrainerConfig):
+class VideoTrainerConfig(TrainerConfig):
+    """`TrainerConfig` plus the frame rate of a video policy's trainers (flow matching and GRPO).
+
+    The frame rate sets LTX-Video's temporal RoPE scale (``temporal_compression / frame_rate``) in
+    every forward -- supervised losses, rollouts, log-probs, evaluation -- and the rate of every
+    written video. A policy must be trained, sampled and evaluated at one rate: a recipe sets it from
+    its data section's ``fps`` (the rate of the videos the policy learns from), and the trained
+    policy records it (`write_trained_frame_rate`) so a later stage can check it.
+    """
+
+    frame_rate: float = field(
+        default=8.0,
+        metadata={"help": "Frame rate trained and generated at (temporal RoPE, videos); recipes: data.fps."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.frame_rate > 0 and math.isfinite(self.frame_rate),
+            "frame_rate",
+            f"must be a positive number, got {self.frame_rate}",
+        )
+
+
+TRAINED_AT_FILE = "trained_at.json"
+
+
+def write_trained_frame_rate(policy_dir: str | os.PathLike[str], frame_rate: float) -> Path:
+    """Record in a saved policy directory the frame rate it was trained at (``trained_at.json``)."""
+    path = Path(policy_dir) / TRAINED_AT_FILE
+    path.write_text(json.dumps({"frame_rate": float(frame_rate)}) + "\n", encoding="utf-8")
+    return path
+
+
+def trained_frame_rate(policy_dir: str | os.PathLike[str]) -> float | None:
+    """The frame rate a policy directory records it was trained at; None when it records none
+    (a base checkpoint such as LTX-Video's own, or one saved before the record existed)."""
+    path = Path(policy_dir) / TRAINED_AT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["frame_rate"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: not a frame-rate record ({type(err).__name__}: {err})") from None
+
+
+@dataclass
+class GRPOConfig(VideoTrainerConfig):
     """Group-relative PPO for diffusion policies (DESIGN.md section 3).
 
     One *iteration* rolls out ``num_generations`` videos for each of ``num_prompts_per_iteration``
@@ -228,9 +279,6 @@ class GRPOConfig(TrainerConfig):
     )
     height: int = field(default=32, metadata={"help": "Height of generated videos in pixels."})
     width: int = field(default=32, metadata={"help": "Width of generated videos in pixels."})
-    frame_rate: float = field(
-        default=8.0, metadata={"help": "Frame rate of generated videos (RoPE scale, MP4s)."}
-    )
     per_device_train_batch_size: int | None = field(
         default=None,
         metadata={
@@ -343,7 +391,6 @@ class GRPOConfig(TrainerConfig):
         )
         for name in ("num_frames", "height", "width"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _require(self.frame_rate > 0, "frame_rate", f"must be > 0, got {self.frame_rate}")
         _require(
             self.per_device_train_batch_size is None or self.per_device_train_batch_size >= 1,
             "per_device_train_batch_size",
@@ -442,7 +489,7 @@ class GRPOConfig(TrainerConfig):
 
 
 @dataclass
-class FlowMatchingConfig(TrainerConfig):
+class FlowMatchingConfig(VideoTrainerConfig):
     """Supervised flow-matching stages (pretrain, SFT): regress the velocity ``eps - x0`` at noisy
     latents ``x_s = (1 - s) x0 + s eps`` for (conditioning, target video) pairs.
     ``save_steps``, ``logging_steps`` and ``eval_every`` count optimizer steps."""

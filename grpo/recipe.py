@@ -35,7 +35,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from grpo.config import ConfigError, FlowMatchingConfig, GRPOConfig, TrainerConfig, check_choice
+from grpo.config import (
+    ConfigError,
+    FlowMatchingConfig,
+    GRPOConfig,
+    TrainerConfig,
+    VideoTrainerConfig,
+    check_choice,
+)
 from grpo.reward_modeling import RewardModelConfig
 from policies.errors import InputError
 
@@ -276,6 +283,16 @@ class Recipe:
                     "set each weight once, in rewards.N.weight",
                 )
         config_cls = TRAINER_CONFIGS.get(self.stage)
+        if config_cls is not None and issubclass(config_cls, VideoTrainerConfig):
+            from grpo.train import data_frame_rate  # grpo.train imports this module
+
+            fps = data_frame_rate(self.data)
+            if fps is not None and trainer.setdefault("frame_rate", fps) != fps:
+                raise ConfigError(
+                    "trainer.frame_rate",
+                    f"{trainer['frame_rate']} disagrees with data.fps {fps:g}; set the frame rate once, "
+                    "in data.fps",
+                )
         if config_cls is not None:
             self.args = from_dict(config_cls, trainer, where="trainer")
             self.output_dir = self.args.output_dir

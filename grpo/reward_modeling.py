@@ -292,7 +292,6 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
 
     import torch
 
-    from grpo.config import GRPOConfig
     from grpo.data import ToyWorld
     from grpo.train import scene_row
     from policies.ltx import SamplingConfig
@@ -309,7 +308,7 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
         num_frames=config.next_frames,
         height=data.size,
         width=data.size,
-        frame_rate=GRPOConfig.frame_rate,
+        frame_rate=config.fps,  # the toy world's: the rate the policy is trained and sampled at
         num_inference_steps=data.policy_inference_steps,
         kind="sde",
         noise_level=data.policy_noise_level,

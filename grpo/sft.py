@@ -144,7 +144,9 @@ class FlowMatchingTrainer:
             target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
         noise = torch.randn(target.shape, generator=generator).to(target.device)
-        return self.policy.flow_matching_loss(condition, target, sigmas, noise, self.latent_shape)
+        return self.policy.flow_matching_loss(
+            condition, target, sigmas, noise, self.latent_shape, frame_rate=self.args.frame_rate
+        )
 
     @torch.no_grad()
     def evaluate(self, dataset: Sequence[dict[str, Any]] | None = None) -> float:

@@ -8,10 +8,12 @@ recipe fails in well under a second; `run` then loads models and trains.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from grpo.config import ConfigError, trained_frame_rate
 from grpo.recipe import Recipe, from_dict
 from policies.errors import InputError
 
@@ -80,6 +82,12 @@ def _policy_spec(recipe: Recipe) -> Any:
         )
     if spec.path is not None and not Path(spec.path).is_dir():
         raise InputError(f"policy.path: checkpoint directory {spec.path!r} does not exist")
+    trained = trained_frame_rate(spec.path) if spec.path is not None else None
+    if trained is not None and trained != recipe.args.frame_rate:
+        raise InputError(
+            f"policy.path: {spec.path!r} was trained at {trained:g} fps but data.fps is "
+            f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
+        )
     return spec
 
 
@@ -136,6 +144,9 @@ class PromptDataSpec:
         default=None, metadata={"help": ".txt (one prompt a line) or .jsonl with 'prompt'"}
     )
     eval_prompts: list[str] | None = field(default=None, metadata={"help": "held-out prompts for evaluation"})
+    fps: float = field(
+        default=8.0, metadata={"help": "frame rate of the generated videos (temporal RoPE scale, files)"}
+    )
 
 
 @dataclass
@@ -157,6 +168,9 @@ class ToyWorldDataSpec:
     next_overlap: int = field(
         default=0, metadata={"help": "last context frames repeated at the start of the next scene"}
     )
+    fps: float = field(
+        default=8.0, metadata={"help": "frame rate of the videos; every stage trains and generates at it"}
+    )
 
 
 @dataclass
@@ -168,7 +182,10 @@ class ManifestDataSpec:
     eval_path: str | None = field(default=None, metadata={"help": "held-out manifest"})
     context_frames: int = field(default=9, metadata={"help": "context frames to load"})
     next_frames: int = field(default=9, metadata={"help": "next-scene frames to load (8k+1)"})
-    fps: float | None = field(default=None, metadata={"help": "resample to this frame rate (null: native)"})
+    fps: float | None = field(
+        default=None,
+        metadata={"help": "frame rate the videos are resampled to, trained and generated at (required)"},
+    )
     height: int = field(default=32, metadata={"help": "frame height after resize/crop"})
     width: int = field(default=32, metadata={"help": "frame width after resize/crop"})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "bad rows: raise or skip"})
@@ -198,6 +215,9 @@ class ToyWorldClipsDataSpec:
     prompt: Literal["none", "context_caption", "next_caption"] = field(
         default="none", metadata={"help": "caption given as the text prompt; none: video only"}
     )
+    fps: float = field(
+        default=8.0, metadata={"help": "frame rate of the videos; every stage trains and generates at it"}
+    )
 
 
 DATA_SPECS: dict[str, type] = {
@@ -206,6 +226,29 @@ DATA_SPECS: dict[str, type] = {
     "toyworld_clips": ToyWorldClipsDataSpec,
     "nsp_manifest": ManifestDataSpec,
 }
+
+
+def data_frame_rate(data: dict[str, Any]) -> float | None:
+    """The frame rate of a recipe's data section: its ``fps``, or the default of its kind; None for a
+    kind this module does not know (`validate` names the problem).
+
+    This is the recipe's one frame rate: `grpo.recipe.Recipe` copies it into ``trainer.frame_rate``,
+    so pretraining, SFT, GRPO rollouts, evaluation and written videos all use the rate of the videos
+    the policy learns from. A manifest's videos have their own native rates, so it must name one.
+    """
+    kind = DATA_SPECS.get(data.get("type"))
+    if kind is None:
+        return None
+    fps = data.get("fps", next(f.default for f in fields(kind) if f.name == "fps"))
+    if fps is None:
+        raise ConfigError(
+            "data.fps",
+            "required: the frame rate the videos are resampled to and the policy trains and generates "
+            "at (e.g. 24)",
+        )
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not (fps > 0 and math.isfinite(fps)):
+        raise ConfigError("data.fps", f"must be a positive number, got {fps!r}")
+    return float(fps)
 
 
 def _data_spec(recipe: Recipe) -> Any:
@@ -272,7 +315,11 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
         from grpo.data import ToyWorld, ToyWorldConfig
 
         config = ToyWorldConfig.for_clips(
-            spec.num_clips, clip_frames=spec.clip_frames, context_clips=spec.context_clips, size=spec.size
+            spec.num_clips,
+            clip_frames=spec.clip_frames,
+            context_clips=spec.context_clips,
+            size=spec.size,
+            fps=spec.fps,
         )
         convert = _clip_row(spec.prompt)
         return (
@@ -287,6 +334,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             context_frames=spec.context_frames,
             next_frames=spec.next_frames,
             next_overlap=spec.next_overlap,
+            fps=spec.fps,
         )
         convert = scene_row(spec.prompt, spec.context)
         return (

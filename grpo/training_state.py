@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from grpo.config import TrainerConfig
+from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
 from policies.errors import InputError
 
@@ -166,7 +166,8 @@ class TrainingState:
         return int(ckpt.trainer_state["step"])
 
     def save_final(self) -> Path:
-        """Save the trained policy (EMA weights if EMA is on) to ``output_dir/final``."""
+        """Save the trained policy (EMA weights if EMA is on) to ``output_dir/final``, with the frame rate
+        a video policy was trained at."""
         path = Path(self.args.output_dir) / "final"
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             gathered = None
@@ -177,6 +178,8 @@ class TrainingState:
                 gathered = get_model_state_dict(self.wrapped, options=options)
             if self.accelerator.is_main_process:
                 self.policy.save_pretrained(path, transformer_state_dict=gathered)
+                if isinstance(self.args, VideoTrainerConfig):
+                    write_trained_frame_rate(path, self.args.frame_rate)
         self.accelerator.wait_for_everyone()
         return path
 

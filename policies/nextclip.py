@@ -606,8 +606,12 @@ class NextClipPolicy(LTXPolicy):
         sigmas: torch.Tensor,
         noise: torch.Tensor,
         latent_shape: tuple[int, int, int],
+        frame_rate: float | None = None,
     ) -> torch.Tensor:
         """Teacher-forcing loss ``[B]``: mean ``||v - (eps - x0)||^2`` over the noisy clips.
+
+        ``frame_rate`` (the trainer's) does not change the loss: a next-clip model's RoPE time is its
+        checkpoint's ``rope_frame_rate`` in training and in rollouts alike (`positions`).
 
         ``target`` ``[B, N * T, C]`` are the clean latents of whole clip sequences (`encode_video`),
         ``noise`` their ``eps``; the clips' noise levels and the first clip kept come from

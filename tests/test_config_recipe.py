@@ -13,7 +13,7 @@ from typing import Literal
 import pytest
 
 import rewards  # noqa: F401  imported up front: the timings below measure validation, not imports
-from grpo.config import ConfigError, FlowMatchingConfig, GRPOConfig, TrainerConfig
+from grpo.config import ConfigError, FlowMatchingConfig, GRPOConfig, TrainerConfig, VideoTrainerConfig
 from grpo.recipe import (
     RESOLVED_RECIPE_FILE,
     Recipe,
@@ -68,10 +68,11 @@ def test_every_field_has_a_one_line_help(cls):
 
 
 def test_shared_fields_live_once_in_the_base():
-    base = {f.name for f in dataclasses.fields(TrainerConfig)}
+    base = {f.name for f in dataclasses.fields(VideoTrainerConfig)}
     grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
     flow = {f.name for f in dataclasses.fields(FlowMatchingConfig)}
     assert grpo & flow == base
+    assert base - {f.name for f in dataclasses.fields(TrainerConfig)} == {"frame_rate"}
     assert {"learning_rate", "save_steps", "resume_from_checkpoint", "report_to", "ema_decay"} <= base
     assert {
         "max_steps",
@@ -423,6 +424,42 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert recipe_to_dict(again) == recipe_to_dict(recipe)
     assert again.args == recipe.args and again.args.beta == 0.01
     assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+TOY_SFT = "name: sft\nstage: sft\npolicy: {type: ltx, tiny: true}\ndata: {type: toyworld}\n"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "grpo"])
+def test_the_frame_rate_of_every_stage_is_the_datas(tmp_path, stage):
+    text = TOY_SFT.replace("stage: sft", f"stage: {stage}")
+    text += "rewards: [{name: brightness}]\n" if stage == "grpo" else ""
+    assert load_recipe(write(tmp_path, text)).args.frame_rate == 8.0  # the toy world's default
+    assert load_recipe(write(tmp_path, text), ["data.fps=12"]).args.frame_rate == 12.0
+    assert load_recipe(write(tmp_path, text), ["data.fps=12", "trainer.frame_rate=12"]).args.frame_rate == 12
+
+
+def test_frame_rate_problems_are_one_line_errors(tmp_path):
+    path = write(tmp_path, TOY_SFT)
+    message = error_of(load_recipe, path, ["trainer.frame_rate=25"])
+    assert "trainer.frame_rate: 25 disagrees with data.fps 8; set the frame rate once, in data.fps" in message
+    assert "data.fps: must be a positive number, got 0" in error_of(load_recipe, path, ["data.fps=0"])
+    manifest = ["data.type=nsp_manifest", f"data.path={path}"]
+    assert "data.fps: required" in error_of(load_recipe, path, manifest)
+    assert load_recipe(path, [*manifest, "data.fps=24"]).args.frame_rate == 24.0
+
+
+def test_a_policy_trained_at_another_frame_rate_is_refused(tmp_path):
+    from grpo.config import write_trained_frame_rate
+    from grpo.train import validate
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    write_trained_frame_rate(policy, 25.0)
+    path = write(tmp_path, TOY_SFT)
+    overrides = ["policy.tiny=false", f"policy.path={policy}"]
+    message = error_of(validate, load_recipe(path, overrides))
+    assert "was trained at 25 fps but data.fps is 8: set data.fps: 25" in message
+    validate(load_recipe(path, [*overrides, "data.fps=25"]))
 
 
 def test_recipe_dataclass_validates_when_built_directly():

@@ -82,6 +82,54 @@ def test_sft_lowers_held_out_loss_on_the_toy_world(tmp_path, tiny_dir):
     assert (tmp_path / "run" / "final" / "transformer").is_dir()
 
 
+def test_sft_trains_at_the_recipes_frame_rate(tmp_path, tiny_dir):
+    """The supervised loss uses the recipe's frame rate (data.fps), not LTX's 25 fps default: the
+    logged loss of step 0 is the loss at data.fps computed here from the same draws, and the 25 fps
+    loss differs. The trained policy records the rate."""
+    from grpo.config import trained_frame_rate
+    from grpo.trainer import derived_seed
+
+    recipe = load_recipe(
+        RECIPES[0].parent / "toy_ltx_sft.yaml",
+        [
+            "data.num_train=8",
+            "data.fps=2",
+            f"policy.path={tiny_dir}",
+            "policy.tiny=false",
+            f"output_dir={tmp_path / 'run'}",
+            "trainer.max_steps=1",
+            "trainer.batch_size=2",
+            "trainer.timestep_sampling=uniform",
+            "trainer.eval_every=0",
+            "trainer.save_steps=0",
+            "trainer.lr_scheduler_type=constant",
+            "trainer.warmup_steps=0",
+        ],
+    )
+    assert recipe.args.frame_rate == 2.0
+    _, data_spec = validate(recipe)
+    train, _ = build_datasets(data_spec)
+    history = FlowMatchingTrainer(LTXPolicy.from_pretrained(tiny_dir), recipe.args, train).train()
+
+    policy = LTXPolicy.from_pretrained(tiny_dir)  # the weights of step 0, before the update
+    seed = recipe.args.seed
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derived_seed(seed, 0)))
+    rows = [train[int(i)] for i in order[:2]]
+    generator = torch.Generator().manual_seed(derived_seed(seed, 0, 0))
+    with torch.no_grad():
+        condition = policy.prepare_condition(rows)
+        target = policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
+        sigmas = torch.rand(2, generator=generator)
+        noise = torch.randn(target.shape, generator=generator)
+        at = {
+            fps: float(policy.flow_matching_loss(condition, target, sigmas, noise, (2, 4, 4), fps).mean())
+            for fps in (2.0, 25.0)
+        }
+    assert history[0]["loss"] == pytest.approx(at[2.0], rel=1e-5)
+    assert abs(at[2.0] - at[25.0]) > 1e-3 * at[2.0], at  # 100x the tolerance above
+    assert trained_frame_rate(tmp_path / "run" / "final") == 2.0
+
+
 @pytest.fixture(scope="module")
 def toy_manifest(tmp_path_factory):
     from grpo.data import ToyWorld, ToyWorldConfig
