@@ -188,7 +188,9 @@ class ManifestDataSpec:
     )
     height: int = field(default=32, metadata={"help": "frame height after resize/crop"})
     width: int = field(default=32, metadata={"help": "frame width after resize/crop"})
-    on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "bad rows: raise or skip"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "bad rows: raise, or skip (undecodable: the next row instead)"}
+    )
     prompt: Literal["next_caption", "context_caption", "instruction"] = field(
         default="next_caption", metadata={"help": "which caption is the text prompt"}
     )
@@ -270,16 +272,33 @@ def _data_spec(recipe: Recipe) -> Any:
 
 
 class _Rows:
-    """A lazy sequence of rows: ``source[i]`` turned into a trainer row by ``convert``."""
+    """A lazy sequence of rows: ``source[i]`` turned into a trainer row by ``convert``.
+
+    A source sample that is None (an `NSPVideoDataset` row whose video failed to decode, with
+    ``on_error: skip``) is replaced by the next sample that is not, wrapping around: the trainers'
+    row order stays a function of the seed and the data only, so a resumed run reads the same rows.
+    """
 
     def __init__(self, source: Any, convert: Any) -> None:
         self.source, self.convert = source, convert
+        self.failed: set[int] = set()  # source indices that gave None (not decoded again)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.convert(self.source[index])
+        n = len(self.source)
+        if not -n <= index < n:
+            raise IndexError(f"row {index} is out of range for {n} rows")
+        index %= n
+        for candidate in ((index + k) % n for k in range(n)):
+            if candidate in self.failed:
+                continue
+            sample = self.source[candidate]
+            if sample is not None:
+                return self.convert(sample)
+            self.failed.add(candidate)
+        raise InputError(f"none of the {n} rows of the dataset could be decoded; check its video files")
 
 
 def scene_row(prompt_column: str, context: bool = False):

@@ -291,3 +291,60 @@ def test_cli_main_prints_one_line_errors(tmp_path, capsys, monkeypatch):
     assert cli.main(["toyworld", "--out", str(tmp_path), "--num", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nextscene toyworld: error:") and "\n" not in err
+
+
+def _truncated_mp4(path, frames: int = 9, fps: int = 8) -> None:
+    """An MP4 whose header (written first: faststart) promises ``frames`` frames but whose data stops
+    half-way: it passes the header probe and fails only when decoded."""
+    import av
+
+    full = path.with_suffix(".full.mp4")
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        noise = np.random.default_rng(0).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8)
+        for frame in noise:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = full.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_trainers_run_through_an_undecodable_row_with_on_error_skip(tmp_path, stage):
+    """A row whose video only fails when decoded (good header) is skipped by training and evaluation
+    alike: the rows the trainers read take the next decodable row in its place, deterministically."""
+    from grpo.recipe import load_recipe
+    from grpo.tracking import read_metrics
+    from grpo.train import build_datasets, run, validate
+    from policies.tiny import build_tiny_ltx
+
+    world = ToyWorld(split="train", num_samples=4)
+    manifest = export_toyworld(world, tmp_path / "data", video_format="npz", progress=False)
+    rows, _ = load_manifest(manifest)
+    _truncated_mp4(manifest.parent / "videos" / "broken.mp4")
+    rows[1]["next_video"] = "videos/broken.mp4"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    recipe = tmp_path / "recipe.yaml"
+    trainer = (
+        "{max_steps: 1, batch_size: 4, eval_every: 1, save_steps: 0}"
+        if stage == "sft"
+        else "{num_generations: 2, num_prompts_per_iteration: 4, max_iterations: 1, num_inference_steps: 2,"
+        " eval_every: 1, save_steps: 0, sample_every: 0, save_eval_videos: 4, num_frames: 9}"
+    )
+    recipe.write_text(
+        f"name: skip\nstage: {stage}\npolicy: {{type: ltx, path: {build_tiny_ltx(tmp_path / 'tiny')}}}\n"
+        f"data: {{type: nsp_manifest, path: {manifest}, eval_path: {manifest}, fps: 8, on_error: skip}}\n"
+        + ("rewards: [{name: redness}]\n" if stage == "grpo" else "")
+        + f"trainer: {trainer}\noutput_dir: {tmp_path / 'run'}\n"
+    )
+    loaded = load_recipe(recipe)
+    train, _ = build_datasets(validate(loaded)[1])
+    with pytest.warns(UserWarning, match="skipping undecodable rows"):
+        assert train[1]["next_caption"] == train[2]["next_caption"] == rows[2]["next_caption"]
+    history = run(loaded)
+    assert (tmp_path / "run" / "final").is_dir()
+    logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    key = "loss" if stage == "sft" else "eval/redness/mean"
+    assert any(key in m and np.isfinite(m[key]) for m in logged), history
