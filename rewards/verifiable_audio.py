@@ -57,7 +57,7 @@ class AudioRewardConfig:
     tolerance: int = field(default=1, metadata={"help": "Frames an onset may be off and still match."})
     window_seconds: float = field(default=0.01, metadata={"help": "Energy window (s); hops are half."})
     threshold_db: float = field(
-        default=10.0, metadata={"help": "Least level rise (dB) between adjacent windows for an onset."}
+        default=6.0, metadata={"help": "Least level rise (dB) between adjacent windows for an onset."}
     )
     floor_db: float = field(
         default=-50.0, metadata={"help": "Level floor (dBFS of mean-square energy): quieter is silence."}
@@ -126,7 +126,7 @@ def detect_onsets(
     sample_rate: int,
     *,
     window_seconds: float = 0.01,
-    threshold_db: float = 10.0,
+    threshold_db: float = 6.0,
     floor_db: float = -50.0,
     min_gap_seconds: float = 0.05,
 ) -> np.ndarray:

@@ -269,11 +269,11 @@ def test_shifted_onsets_score_lower(samples):
 def test_noise_is_robust(samples):
     generator = torch.Generator().manual_seed(0)
     noisy = [
-        s["next_audio"] + 0.02 * torch.randn(s["next_audio"].shape, generator=generator) for s in samples
+        s["next_audio"] + 0.05 * torch.randn(s["next_audio"].shape, generator=generator) for s in samples
     ]
-    assert _score(noisy, samples).mean() >= 0.98
+    assert _score(noisy, samples).mean() >= 0.98  # white noise at RMS 0.05: 14 dB below a tone's peak
     quiet = [s for s in samples if not s["world"]["audio"]["onsets"]["next"]]
-    noise = [0.05 * torch.randn(s["next_audio"].shape, generator=generator) for s in quiet]
+    noise = [0.1 * torch.randn(s["next_audio"].shape, generator=generator) for s in quiet]
     assert _score(noise, quiet).min() == 1.0  # stationary noise has no onset
 
 
