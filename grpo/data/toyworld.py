@@ -568,7 +568,7 @@ def _pitch(event: _Event, scene: _Scene) -> float | None:
     return STRIKE_PITCH if event.kind == "hit" else None
 
 
-def tone(frequency: float, sample_rate: int, seconds: float) -> np.ndarray:
+def _tone(frequency: float, sample_rate: int, seconds: float) -> np.ndarray:
     """One tone: a sine of ``frequency`` Hz, peak `TONE_AMPLITUDE`, decaying exponentially, with
     2 ms linear fades at both ends; ``round(seconds * sample_rate)`` samples (float64)."""
     t = np.arange(round(seconds * sample_rate)) / sample_rate
@@ -595,7 +595,7 @@ def _soundtrack(scene: _Scene, config: ToyWorldConfig) -> torch.Tensor:
         if pitch is None:
             continue
         start = _frame_sample(event.frame, config)
-        sound = tone(pitch, config.sample_rate, seconds)[: len(track) - start]
+        sound = _tone(pitch, config.sample_rate, seconds)[: len(track) - start]
         track[start : start + len(sound)] += sound
     return torch.from_numpy(np.clip(track, -1.0, 1.0).astype(np.float32))[None]
 
