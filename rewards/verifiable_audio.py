@@ -20,6 +20,11 @@ How a waveform is scored:
 * Score: F1 between detected and true onset frames, matched one-to-one with a tolerance of
   ``tolerance`` frames (``2 matches / (true + detected)``); 1 when there are no true onsets and none
   is detected, 0 when only one side has onsets.
+* Pitch: for each matched onset, the strongest frequency of the 40 ms (at most half a frame) from
+  the detected onset (`dominant_pitch`) is right when it is within ``pitch_tolerance`` semitones
+  of a true pitch at the matched frame (the pitch tells which ball bounced, or that it was a
+  strike). The ``pitch`` column reports the fraction right; with ``score_pitch=True`` only matches
+  at a right pitch count in the F1.
 
 The callable takes the reward contract ``(videos, prompts, contexts, **metadata)``: the sound comes
 as the metadata column ``audio`` (one waveform per video, ``[N]`` or ``[C, N]``, float in [-1, 1],
@@ -65,13 +70,22 @@ class AudioRewardConfig:
     min_gap_seconds: float = field(
         default=0.05, metadata={"help": "Onsets closer than this (and half a frame) are one onset."}
     )
+    pitch_tolerance: float = field(
+        default=0.5, metadata={"help": "Semitones a matched onset's pitch may be off and count as right."}
+    )
+    score_pitch: bool = field(
+        default=False,
+        metadata={
+            "help": "Count a match only when its pitch is right too (the right ball, the right event)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.segment not in ("next", "context"):
             raise InputError(f"segment={self.segment!r}; use 'next' or 'context'")
         if not (isinstance(self.tolerance, int) and self.tolerance >= 0):
             raise InputError(f"tolerance must be an int >= 0 (frames), got {self.tolerance}")
-        for name in ("window_seconds", "threshold_db", "min_gap_seconds"):
+        for name in ("window_seconds", "threshold_db", "min_gap_seconds", "pitch_tolerance"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -93,6 +107,12 @@ def _mono(waveform: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     return as_audio(waveform, name=name).detach().cpu().double().mean(dim=0).numpy()
 
 
+def _window(window_seconds: float, sample_rate: int) -> tuple[int, int]:
+    """Energy window and hop (half of it) in samples."""
+    window = max(2, round(window_seconds * sample_rate))
+    return window, window // 2
+
+
 def onset_strength(
     waveform: torch.Tensor | np.ndarray,
     sample_rate: int,
@@ -109,8 +129,7 @@ def onset_strength(
     but a tone starting at sample 0 is.
     """
     x = _mono(waveform, "audio")
-    window = max(2, round(window_seconds * sample_rate))
-    hop = window // 2
+    window, hop = _window(window_seconds, sample_rate)
     if len(x) < window:
         x = np.concatenate([x, np.zeros(window - len(x))])
     cumulative = np.concatenate([[0.0], np.cumsum(x**2)])
@@ -135,7 +154,7 @@ def detect_onsets(
     if not (isinstance(sample_rate, int | np.integer) and sample_rate > 0):
         raise InputError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
     times, rise = onset_strength(waveform, sample_rate, window_seconds=window_seconds, floor_db=floor_db)
-    hop_seconds = (max(2, round(window_seconds * sample_rate)) // 2) / sample_rate
+    hop_seconds = _window(window_seconds, sample_rate)[1] / sample_rate
     gap = max(1, int(min_gap_seconds / hop_seconds))
     padded = np.concatenate([np.full(gap, -np.inf), rise, np.full(gap, -np.inf)])
     onsets = []
@@ -146,39 +165,60 @@ def detect_onsets(
     return np.asarray(onsets, dtype=np.float64)
 
 
-def onset_frames(times: Sequence[float] | np.ndarray, fps: float, num_frames: int) -> list[int]:
-    """The frames of onset times: ``round(t * fps)``, unique, ascending, within ``0..num_frames - 1``."""
-    frames = {round(float(t) * fps) for t in times}
-    return sorted(f for f in frames if 0 <= f < num_frames)
+def dominant_pitch(
+    waveform: torch.Tensor | np.ndarray, sample_rate: int, start: float, seconds: float
+) -> float | None:
+    """Frequency (Hz) of the strongest spectral peak of the mono mix in ``[start, start + seconds)``
+    (Hann window, zero-padded 8x; 60 Hz and up); None when that stretch is silent."""
+    x = _mono(waveform, "audio")[max(0, round(start * sample_rate)) : round((start + seconds) * sample_rate)]
+    if len(x) < 2 or not np.any(x):
+        return None
+    n = 8 * 2 ** math.ceil(math.log2(len(x)))
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)), n=n))
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    spectrum[freqs < 60.0] = 0.0
+    return float(freqs[int(np.argmax(spectrum))])
 
 
-def match_onsets(true: Sequence[int], detected: Sequence[int], tolerance: int = 1) -> int:
-    """The most one-to-one pairs of a true and a detected frame at most ``tolerance`` apart.
+def onset_frames(times: Sequence[float] | np.ndarray, fps: float, num_frames: int) -> dict[int, float]:
+    """The frames of onset times, ``round(t * fps)`` within ``0..num_frames - 1``, ascending, each
+    with its first onset's time."""
+    frames: dict[int, float] = {}
+    for t in sorted(float(t) for t in times):
+        frames.setdefault(round(t * fps), t)
+    return {f: frames[f] for f in sorted(frames) if 0 <= f < num_frames}
+
+
+def match_onsets(true: Sequence[int], detected: Sequence[int], tolerance: int = 1) -> list[tuple[int, int]]:
+    """The most one-to-one ``(true, detected)`` frame pairs at most ``tolerance`` frames apart.
 
     Greedy in time order (each true onset takes the earliest free detection it reaches) is optimal
     for matching points on a line within a fixed distance.
     """
     detected = sorted(detected)
     used = [False] * len(detected)
-    matches = 0
+    pairs = []
     for frame in sorted(true):
         for j, candidate in enumerate(detected):
             if not used[j] and abs(candidate - frame) <= tolerance:
                 used[j] = True
-                matches += 1
+                pairs.append((frame, candidate))
                 break
-    return matches
+    return pairs
 
 
 def onset_f1(true: Sequence[int], detected: Sequence[int], tolerance: int = 1) -> dict[str, float | None]:
     """``score`` (F1), ``precision`` and ``recall`` (None when undefined) of detected onset frames."""
-    if not true and not detected:
+    return _f1(len(match_onsets(true, detected, tolerance)), len(true), len(detected))
+
+
+def _f1(matches: int, num_true: int, num_detected: int) -> dict[str, float | None]:
+    if not num_true and not num_detected:
         return {"score": 1.0, "precision": None, "recall": None}
-    matches = match_onsets(true, detected, tolerance)
     return {
-        "score": 2 * matches / (len(true) + len(detected)),
-        "precision": matches / len(detected) if detected else None,
-        "recall": matches / len(true) if true else None,
+        "score": 2 * matches / (num_true + num_detected),
+        "precision": matches / num_detected if num_detected else None,
+        "recall": matches / num_true if num_true else None,
     }
 
 
@@ -201,12 +241,13 @@ class ToyWorldAudioReward:
         sample_rate: int | None = None,
         index: int = 0,
     ) -> dict[str, Any]:
-        """``score``, ``precision``, ``recall``, ``onset_frames`` (detected) and ``true_frames`` of one
-        waveform of the segment ``config.segment``."""
+        """One waveform of the segment ``config.segment``: ``score``, ``precision``, ``recall``,
+        ``pitch`` (fraction of matched onsets at a true pitch; None without matches or pitches),
+        ``onset_frames`` (detected) and ``true_frames``."""
         cfg = self.config
         world = _world_dict(world, index, cfg.world_key)
         sound = world.get("audio")
-        if not isinstance(sound, dict) or cfg.segment not in sound.get("onsets", {}):
+        if not isinstance(sound, Mapping) or cfg.segment not in sound.get("onsets", {}):
             raise InputError(
                 f"{cfg.world_key}[{index}] has no audio onsets; generate the toy world with "
                 "ToyWorldConfig(audio=True) (nextscene toyworld --audio)"
@@ -214,14 +255,21 @@ class ToyWorldAudioReward:
         try:
             fps = float(world["fps"])
             num_frames = int(world[f"{cfg.segment}_frames"])
-            true = sorted({int(onset["frame"]) for onset in sound["onsets"][cfg.segment]})
+            onsets = sound["onsets"][cfg.segment]
+            true = sorted({int(onset["frame"]) for onset in onsets})
+            pitches: dict[int, set[float]] | None = None
+            if all("pitch" in onset for onset in onsets):
+                pitches = {f: {float(o["pitch"]) for o in onsets if int(o["frame"]) == f} for f in true}
             rate = int(sample_rate if sample_rate is not None else sound["sample_rate"])
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"{cfg.world_key}[{index}] lacks toy-world audio field {err}") from None
         if not (fps > 0 and math.isfinite(fps)):
             raise InputError(f"{cfg.world_key}[{index}] has fps {fps}; expected a positive number")
+        if cfg.score_pitch and pitches is None:
+            raise InputError(f"{cfg.world_key}[{index}]: score_pitch needs a 'pitch' in every onset")
+        waveform = as_audio(waveform, name=f"{cfg.audio_key}[{index}]")
         times = detect_onsets(
-            as_audio(waveform, name=f"{cfg.audio_key}[{index}]"),
+            waveform,
             rate,
             window_seconds=cfg.window_seconds,
             threshold_db=cfg.threshold_db,
@@ -229,7 +277,22 @@ class ToyWorldAudioReward:
             min_gap_seconds=min(cfg.min_gap_seconds, 0.5 / fps),
         )
         detected = onset_frames(times, fps, num_frames)
-        return {**onset_f1(true, detected, cfg.tolerance), "onset_frames": detected, "true_frames": true}
+        pairs = match_onsets(true, list(detected), cfg.tolerance)
+        right_pitch = None
+        if pitches is not None and pairs:
+            heard = {f: dominant_pitch(waveform, rate, detected[f], min(0.04, 0.5 / fps)) for _, f in pairs}
+            right_pitch = [
+                heard[f] is not None
+                and min(abs(12 * math.log2(heard[f] / p)) for p in pitches[t]) <= cfg.pitch_tolerance
+                for t, f in pairs
+            ]
+        matches = sum(right_pitch) if cfg.score_pitch and right_pitch is not None else len(pairs)
+        return {
+            **_f1(matches, len(true), len(detected)),
+            "pitch": None if right_pitch is None else sum(right_pitch) / len(right_pitch),
+            "onset_frames": list(detected),
+            "true_frames": true,
+        }
 
     def __call__(
         self,
@@ -252,7 +315,7 @@ class ToyWorldAudioReward:
         for name, column in ((cfg.audio_key, audio), (cfg.world_key, worlds), ("sample_rate", rates)):
             if len(column) != len(videos):
                 raise InputError(f"{len(videos)} videos but {len(column)} entries in metadata {name!r}")
-        columns = ("precision", "recall", "onset_frames", "true_frames")
+        columns = ("precision", "recall", "pitch", "onset_frames", "true_frames")
         scores: list[float | None] = []
         out: dict[str, list[Any]] = {c: [] for c in columns}
         for i, (waveform, world, rate) in enumerate(zip(audio, worlds, rates, strict=True)):

@@ -272,6 +272,9 @@ def test_noise_is_robust(samples):
         s["next_audio"] + 0.05 * torch.randn(s["next_audio"].shape, generator=generator) for s in samples
     ]
     assert _score(noisy, samples).mean() >= 0.98  # white noise at RMS 0.05: 14 dB below a tone's peak
+    strict = ToyWorldAudioReward(score_pitch=True)  # and the pitches are still heard
+    worlds = [s["world"] for s in samples]
+    assert np.mean(strict([s["next"] for s in samples], audio=noisy, world=worlds).scores) >= 0.98
     quiet = [s for s in samples if not s["world"]["audio"]["onsets"]["next"]]
     noise = [0.1 * torch.randn(s["next_audio"].shape, generator=generator) for s in quiet]
     assert _score(noise, quiet).min() == 1.0  # stationary noise has no onset
@@ -299,9 +302,46 @@ def test_hand_computed_example():
         0.4
     )
     # matching is one-to-one and optimal: greedy in time order pairs 1-2 and 2-3, not 2-2
-    assert match_onsets([1, 2], [2, 3], tolerance=1) == 2 and match_onsets([2, 2], [2], tolerance=1) == 1
+    assert match_onsets([1, 2], [2, 3], tolerance=1) == [(1, 2), (2, 3)]
+    assert match_onsets([2, 2], [2], tolerance=1) == [(2, 2)]
+    assert result["pitch"] is None  # this world gives no pitches
+    with pytest.raises(InputError, match="score_pitch needs a 'pitch'"):
+        ToyWorldAudioReward(score_pitch=True).score_audio(wave, world)
+    for onset in world["audio"]["onsets"]["next"]:
+        onset["pitch"] = 440.0
+    assert REWARD.score_audio(wave, world)["pitch"] == 1.0
+    for onset in world["audio"]["onsets"]["next"]:
+        onset["pitch"] = 466.16  # one semitone off
+    assert REWARD.score_audio(wave, world)["pitch"] == 0.0
     assert onset_f1([], [])["score"] == 1.0 and onset_f1([3], [])["score"] == 0.0
     assert onset_f1([], [3])["score"] == 0.0
+
+
+def test_pitch_tells_which_event_rang(samples):
+    """The true sound is heard at the true pitches; the same onsets three semitones too high (written
+    with the test's own synthesiser) keep the timing F1 but lose every pitch, and with score_pitch
+    the score."""
+    events = _with_events(samples)
+    truth = REWARD(
+        [s["next"] for s in events],
+        audio=[s["next_audio"] for s in events],
+        world=[s["world"] for s in events],
+    )
+    assert all(p == 1.0 for p in truth.metadata["pitch"])
+    sharp = []
+    for s in events:
+        onsets = [{**o, "pitch": o["pitch"] * 2 ** (3 / 12)} for o in s["world"]["audio"]["onsets"]["next"]]
+        track = _expected_track(onsets, s["next_audio"].shape[1], 8.0, SR)
+        sharp.append(torch.from_numpy(track).float())
+    worlds = [s["world"] for s in events]
+    out = REWARD([s["next"] for s in events], audio=sharp, world=worlds)
+    assert min(out.scores) == 1.0 and max(out.metadata["pitch"]) == 0.0
+    strict = ToyWorldAudioReward(score_pitch=True)
+    assert max(strict([s["next"] for s in events], audio=sharp, world=worlds).scores) == 0.0
+    assert (
+        min(strict([s["next"] for s in events], audio=[s["next_audio"] for s in events], world=worlds).scores)
+        == 1.0
+    )
 
 
 def test_score_on_mp4_decoded_true_continuations(tmp_path, samples):
