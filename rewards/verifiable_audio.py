@@ -310,7 +310,7 @@ class ToyWorldAudioReward:
                 )
         audio, worlds = metadata[cfg.audio_key], metadata[cfg.world_key]
         rates = metadata.get("sample_rate")
-        if rates is None or isinstance(rates, int | np.integer):
+        if rates is None or isinstance(rates, int | float | np.number):
             rates = [rates] * len(audio)
         for name, column in ((cfg.audio_key, audio), (cfg.world_key, worlds), ("sample_rate", rates)):
             if len(column) != len(videos):

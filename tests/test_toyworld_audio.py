@@ -374,6 +374,7 @@ def test_reward_contract(samples):
     audio = [chosen[0]["next_audio"], None, chosen[2]["next_audio"][0].numpy()]
     out = reward(videos, None, None, audio=audio, world=worlds, sample_rate=[SR, SR, SR])
     assert out.scores[0] == 1.0 and out.scores[1] is None and out.scores[2] == 1.0
+    assert reward(videos, audio=audio, world=worlds, sample_rate=float(SR)).scores == out.scores
     assert out.metadata["true_frames"][0] == sorted(
         {o["frame"] for o in chosen[0]["world"]["audio"]["onsets"]["next"]}
     )
