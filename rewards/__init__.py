@@ -5,7 +5,7 @@ A reward is a plain callable ``(videos, prompts, contexts, **metadata) -> list[f
 `CompositeReward`.
 """
 
-from rewards import colour, verifiable  # noqa: F401  (register 'redness', 'brightness', 'toyworld_verifiable')
+from rewards import colour, verifiable, verifiable_audio  # noqa: F401  (register redness, brightness, toyworld_*)
 from rewards.builtin import next_scene_similarity, temporal_smoothness
 from rewards.composite import CompositeOutput, CompositeReward, build_reward
 from rewards.judge import CausalConsistencyJudge, InProcessJudge, JudgeConfig, JudgeUnavailableError

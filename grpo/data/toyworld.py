@@ -16,6 +16,14 @@ analytic anti-aliasing (coverage ramps over one pixel at the rim), which keeps s
 visible and gives the verifiable reward (`rewards.verifiable`) a sub-pixel centroid to compare.
 The six palette colours are fully saturated hues 60 degrees apart, so colour (hue) identifies a
 ball even after VAE blur or video-codec loss; background and walls are grey (no hue).
+
+Sound (``ToyWorldConfig(audio=True)``): every wall bounce rings a short tone at its ball's pitch
+(`BOUNCE_PITCH`, one note of a pentatonic scale per colour) and every strike a lower one
+(`STRIKE_PITCH`). A tone starts exactly at the first frame that shows its event, at sample
+``round(frame * sample_rate / fps)``, and fades out within that frame, so each video frame's
+stretch of audio holds exactly the tones of its own events: the sound is a frame-accurate,
+verifiable signal (`rewards.verifiable_audio`). The waveform follows from the scene alone (no
+random draw), so it is as reproducible as the frames; without ``audio`` nothing changes.
 """
 
 from __future__ import annotations
@@ -58,6 +66,21 @@ SPLITS: dict[str, tuple[int, int]] = {
 }
 
 METADATA_VERSION = 1
+
+# sound: a bounce rings at its ball's pitch (C major pentatonic, C5..C6), a strike at C4 (Hz)
+BOUNCE_PITCH: dict[str, float] = {
+    "red": 523.25,
+    "yellow": 587.33,
+    "green": 659.26,
+    "cyan": 783.99,
+    "blue": 880.0,
+    "magenta": 1046.5,
+}
+STRIKE_PITCH = 261.63
+TONE_AMPLITUDE = 0.25  # peak of one tone; simultaneous tones add (and are clipped to [-1, 1])
+TONE_SECONDS = 0.08  # longest tone; shorter when a frame lasts less (it ends within 0.9 frame)
+_TONE_DECAY = 0.02  # exponential decay time constant, seconds
+_TONE_RAMP = 0.002  # linear fade in and out, seconds (no click)
 
 _SUBSTEPS = 8
 _RADIUS = (0.08, 0.12)  # frame sides
@@ -129,6 +152,14 @@ class ToyWorldConfig:
     instruction: str = field(
         default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction text of every sample."}
     )
+    audio: bool = field(
+        default=False,
+        metadata={"help": "Add sound: a short tone at every wall bounce and strike, aligned to the frames."},
+    )
+    sample_rate: int = field(
+        default=16000,
+        metadata={"help": "Audio sample rate in Hz (16 kHz: what LTX-2's audio VAE takes in)."},
+    )
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 128:
@@ -163,6 +194,13 @@ class ToyWorldConfig:
         for name in ("wall_probability", "gravity_probability", "strike_probability", "enter_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name}={getattr(self, name)} is not a probability in [0, 1]")
+        if not (isinstance(self.sample_rate, int) and 8000 <= self.sample_rate <= 96000):
+            raise InputError(f"sample_rate={self.sample_rate} Hz is not an int in 8000..96000; e.g. 16000")
+        if self.audio and self.sample_rate / self.fps < 80:
+            raise InputError(
+                f"fps={self.fps} leaves {self.sample_rate / self.fps:.0f} audio samples per frame at "
+                f"{self.sample_rate} Hz, too few for a tone; lower fps or raise sample_rate"
+            )
 
     @classmethod
     def for_clips(
@@ -518,6 +556,71 @@ def _segment_events(scene: _Scene, start: int, stop: int) -> list[dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------
+# sound
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pitch(event: _Event, scene: _Scene) -> float | None:
+    """An event's tone in Hz: a bounce rings at its ball's pitch, a strike at `STRIKE_PITCH`; None
+    for silent events (entering, leaving)."""
+    if event.kind == "wall":
+        return BOUNCE_PITCH[scene.colours[event.obj]]
+    return STRIKE_PITCH if event.kind == "hit" else None
+
+
+def _tone(frequency: float, sample_rate: int, seconds: float) -> np.ndarray:
+    """One tone: a sine of ``frequency`` Hz, peak `TONE_AMPLITUDE`, decaying exponentially, with
+    2 ms linear fades at both ends; ``round(seconds * sample_rate)`` samples (float64)."""
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    fades = np.clip(t / _TONE_RAMP, 0.0, 1.0) * np.clip((seconds - t) / _TONE_RAMP, 0.0, 1.0)
+    return TONE_AMPLITUDE * np.sin(2 * math.pi * frequency * t) * np.exp(-t / _TONE_DECAY) * fades
+
+
+def _tone_seconds(config: ToyWorldConfig) -> float:
+    return min(TONE_SECONDS, 0.9 / config.fps)
+
+
+def _frame_sample(frame: int, config: ToyWorldConfig) -> int:
+    """The first audio sample of a frame (frame ``f`` starts at time ``f / fps``)."""
+    return round(frame * config.sample_rate / config.fps)
+
+
+def _soundtrack(scene: _Scene, config: ToyWorldConfig) -> torch.Tensor:
+    """The whole scene's sound, ``[1, N]`` float32 with ``N`` the samples of all its frames."""
+    frames = len(scene.positions)
+    track = np.zeros(_frame_sample(frames, config))
+    seconds = _tone_seconds(config)
+    for event in scene.events:
+        pitch = _pitch(event, scene)
+        if pitch is None:
+            continue
+        start = _frame_sample(event.frame, config)
+        sound = _tone(pitch, config.sample_rate, seconds)[: len(track) - start]
+        track[start : start + len(sound)] += sound
+    return torch.from_numpy(np.clip(track, -1.0, 1.0).astype(np.float32))[None]
+
+
+def _segment_onsets(scene: _Scene, start: int, stop: int, fps: float) -> list[dict[str, Any]]:
+    """The tones of frames ``[start, stop)``: frame (in the segment), time (s), event type, ball, pitch."""
+    out = []
+    for e in scene.events:
+        pitch = _pitch(e, scene)
+        if pitch is None or not _in_segment(e, start, stop):
+            continue
+        frame = e.frame - start
+        out.append(
+            {
+                "frame": frame,
+                "time": round(frame / fps, 6),
+                "type": e.kind,
+                "object": scene.colours[e.obj],
+                "pitch": pitch,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # samples
 # ---------------------------------------------------------------------------------------------------
 
@@ -539,7 +642,11 @@ def generate_sample(
     * ``world``: JSON-serialisable truth -- per object colour, RGB, radius and per-frame positions
       (pixels) and visibility for ``context`` and ``next``, plus the events of each segment;
     * ``clips`` ``[num_clips, clip_frames, H, W, 3]`` (context then next) when ``config.clip_frames``
-      is set.
+      is set;
+    * with ``config.audio``: ``context_audio`` and ``next_audio`` (waveforms ``[1, N]`` float32 in
+      [-1, 1], the samples of exactly those frames), ``sample_rate`` (Hz), and ``world["audio"]``:
+      the sample rate, the tone length and per segment the ``onsets`` (frame within the segment,
+      time in seconds, event type, ball colour, pitch in Hz).
     """
     config = config or ToyWorldConfig()
     scene = _make_scene(seed, config)
@@ -589,6 +696,19 @@ def generate_sample(
     }
     if config.clip_frames is not None:
         sample["clips"] = split_clips(video, config.clip_frames)
+    if config.audio:
+        track = _soundtrack(scene, config)
+        sample["context_audio"] = track[:, : _frame_sample(fc, config)]
+        sample["next_audio"] = track[:, _frame_sample(start, config) : _frame_sample(stop, config)]
+        sample["sample_rate"] = config.sample_rate
+        world["audio"] = {
+            "sample_rate": config.sample_rate,
+            "tone_seconds": _tone_seconds(config),
+            "onsets": {
+                "context": _segment_onsets(scene, 0, fc, config.fps),
+                "next": _segment_onsets(scene, start, stop, config.fps),
+            },
+        }
     return sample
 
 
@@ -672,7 +792,8 @@ def export_toyworld(
     """Write ``world``'s samples as an NSP dataset: ``videos/*.{mp4,npz}``, ``manifest.jsonl`` (and
     ``manifest.parquet``), and ``toyworld.json`` (the config, to regenerate it). The manifest is
     written last and atomically, so an interrupted export never leaves one pointing at missing
-    files. Returns the manifest's path.
+    files. With ``world.config.audio`` each video file also holds its segment's sound (AAC in MP4)
+    and each manifest row's ``world`` its onsets. Returns the manifest's path.
     """
     if video_format not in ("mp4", "npz"):
         raise InputError(f"video format {video_format!r} is not supported; use 'mp4' or 'npz'")
@@ -689,7 +810,14 @@ def export_toyworld(
         sample = world[i]
         stem = f"videos/{world.split}-{world.start + i:07d}"
         for part in ("context", "next"):
-            write_video(out / f"{stem}-{part}.{video_format}", sample[part], sample["fps"], **options)
+            sound = (
+                {"audio": sample[f"{part}_audio"], "sample_rate": sample["sample_rate"]}
+                if world.config.audio
+                else {}
+            )
+            write_video(
+                out / f"{stem}-{part}.{video_format}", sample[part], sample["fps"], **options, **sound
+            )
         rows.append(
             {
                 "context_video": f"{stem}-context.{video_format}",

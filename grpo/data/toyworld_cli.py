@@ -36,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="mp4",
         help="mp4 (H.264 4:4:4, near-lossless) or npz frames",
     )
+    parser.add_argument(
+        "--audio",
+        action="store_true",
+        help="add sound: a tone at every wall bounce and strike (AAC in the videos, onsets in the manifest)",
+    )
+    parser.add_argument(
+        "--sample-rate", type=int, default=16000, help="audio sample rate in Hz with --audio (default 16000)"
+    )
     parser.add_argument("--parquet", action="store_true", help="also write manifest.parquet")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing manifest in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -46,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
     from grpo.data.toyworld import ToyWorld, ToyWorldConfig, export_toyworld
 
     config = ToyWorldConfig(
-        size=args.size, context_frames=args.context_frames, next_frames=args.next_frames, fps=args.fps
+        size=args.size,
+        context_frames=args.context_frames,
+        next_frames=args.next_frames,
+        fps=args.fps,
+        audio=args.audio,
+        sample_rate=args.sample_rate,
     )
     world = ToyWorld(config, split=args.split, num_samples=args.num, start=args.start)
     manifest = export_toyworld(
@@ -57,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    print(f"wrote {len(world)} {args.split} samples to {manifest}")
+    sound = f" with sound at {config.sample_rate} Hz" if config.audio else ""
+    print(f"wrote {len(world)} {args.split} samples{sound} to {manifest}")
     return 0
