@@ -65,7 +65,7 @@ class TrainerConfig:
     seed: int = field(default=42, metadata={"help": "Seed of every random generator (data, noise, init)."})
     full_determinism: bool = field(
         default=False,
-        metadata={"help": "Use torch's deterministic GPU kernels (slower; ops without one raise)."},
+        metadata={"help": "Use torch's deterministic GPU kernels where it has them (slower)."},
     )
     # --- optimisation ---
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})

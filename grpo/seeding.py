@@ -9,9 +9,9 @@
   global generators, which `seed_process` seeds per rank when a trainer is built; checkpoints save
   them and resume restores them.
 
-Same recipe + same seed + same machine kind -> bitwise the same run on CPU. On CUDA, kernels may
-sum in varying order; `use_deterministic_algorithms` (``trainer.full_determinism: true``) selects
-torch's deterministic kernels where it has them.
+Same recipe + same seed + same machine kind -> bitwise the same run on CPU. On CUDA some kernels
+(atomic adds in backward passes) sum in varying order; `use_deterministic_algorithms`
+(``trainer.full_determinism: true``) selects torch's deterministic kernels where it has them.
 """
 
 from __future__ import annotations
@@ -70,15 +70,16 @@ def seed_process(seed: int, rank: int = 0) -> None:
 
 
 def use_deterministic_algorithms() -> None:
-    """Select torch's deterministic kernels (cuBLAS workspace, cuDNN, scatter/index ops...).
+    """Select torch's deterministic kernels where it has them (cuBLAS workspace, cuDNN, scatter/index
+    ops...); an op that has none warns once and runs its usual kernel.
 
-    An op that has no deterministic CUDA kernel raises instead of silently varying. cuBLAS reads
-    ``CUBLAS_WORKSPACE_CONFIG`` when its first handle is made: it is set here if unset, which is in
-    time unless a matrix product already ran on the GPU in this process (export it to be sure).
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its first handle is made: it is set here if unset,
+    which is in time unless a matrix product already ran on the GPU in this process (export it to be
+    sure).
     """
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
