@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.checkpoint import checkpoint_name, is_complete
+from grpo.seeding import seed_process, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "nextscene_process.py"
@@ -90,6 +91,55 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert sorted(a[name]) == sorted(b[name]), name
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}: {key} differs"
+
+
+def test_seeded_draws_come_from_the_seed_and_leave_the_global_generator_alone():
+    torch.manual_seed(5)
+    next_global = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded(11):
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(3), next_global)  # the global stream continues as if nothing ran
+    assert torch.equal(inside, torch.rand(3, generator=torch.Generator().manual_seed(11)))
+
+
+def test_each_rank_gets_its_own_global_seed_from_the_recipe_seed():
+    draws = {}
+    for seed, rank in ((0, 0), (0, 1), (1, 0), (0, 0)):
+        seed_process(seed, rank)
+        draws.setdefault((seed, rank), []).append(torch.rand(4))
+    assert torch.equal(*draws[(0, 0)])
+    assert not torch.equal(draws[(0, 0)][0], draws[(0, 1)][0])
+    assert not torch.equal(draws[(0, 0)][0], draws[(1, 0)][0])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_lora_adapters_start_from_the_recipe_seed_whatever_the_global_generator(tmp_path, stage):
+    from grpo.config import FlowMatchingConfig, GRPOConfig
+    from grpo.sft import FlowMatchingTrainer
+    from grpo.trainer import GRPOTrainer
+    from policies import LTXPolicy
+    from policies.tiny import build_tiny_ltx
+
+    tiny = build_tiny_ltx(tmp_path / "tiny")
+    row = {"prompt": "a ball", "video": torch.zeros(9, 32, 32, 3)}
+
+    def adapters(global_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        common = dict(output_dir=str(tmp_path / "run"), use_lora=True, lora_rank=4, seed=seed)
+        if stage == "grpo":
+            trainer = GRPOTrainer(LTXPolicy.from_pretrained(tiny), [lambda v, *a, **k: [0.0] * len(v)],
+                                  GRPOConfig(**common), [row])  # fmt: skip
+        else:
+            trainer = FlowMatchingTrainer(
+                LTXPolicy.from_pretrained(tiny), FlowMatchingConfig(**common), [row]
+            )
+        return {k: v.detach().cpu().clone() for k, v in trainer.state.trainable.items()}
+
+    first, again, other_seed = adapters(1, seed=0), adapters(2, seed=0), adapters(1, seed=1)
+    assert any("lora_A" in k for k in first)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other_seed[k]) for k in first if "lora_A" in k)
 
 
 @pytest.fixture(scope="module")
