@@ -67,6 +67,10 @@ class TrainerConfig:
         default=None, metadata={"help": "Run name shown in TensorBoard / W&B (default: output_dir's name)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of every random generator (data, noise, init)."})
+    full_determinism: bool = field(
+        default=False,
+        metadata={"help": "Use torch's deterministic GPU kernels where it has them (slower)."},
+    )
     # --- optimisation ---
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW."})
     lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field(

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from grpo.config import ConfigError, TrainerConfig, _require
+from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from policies.errors import InputError
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
@@ -339,7 +340,9 @@ def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     spec, data = validate_recipe(recipe)
     save_resolved(recipe, recipe.args.output_dir)
     train, evaluation = build_tables(data)
-    return RewardModelTrainer(build_model(spec), recipe.args, train, eval_dataset=evaluation).train()
+    with seeded(derived_seed(recipe.args.seed, INIT_STREAM)):  # new heads, resized token embeddings
+        model = build_model(spec)
+    return RewardModelTrainer(model, recipe.args, train, eval_dataset=evaluation).train()
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -403,7 +406,6 @@ class RewardModelTrainer:
         """Run optimizer steps up to ``max_steps`` (resuming if asked), calibrate, save ``final``."""
         from grpo.preemption import PreemptionHandler
         from grpo.tracking import MetricsLogger
-        from grpo.trainer import derived_seed
 
         args = self.args
         start = self.state.resume()
@@ -413,6 +415,7 @@ class RewardModelTrainer:
             report_to=args.report_to,
             total=args.max_steps,
             initial=start,
+            resume_step=start,
             run_name=args.run_name,
             is_main_process=self.accelerator.is_main_process,
             progress_keys=("loss", "eval/accuracy"),
@@ -426,7 +429,7 @@ class RewardModelTrainer:
                 losses, accuracies = [], []
                 accum = args.gradient_accumulation_steps
                 for micro in range(accum):
-                    rows = self._batch(step, micro, derived_seed)
+                    rows = self._batch(step, micro)
                     with self.state.no_sync(micro == accum - 1), self.state.autocast:
                         loss, accuracy = self._loss(rows, self.state.wrapped)
                         self.accelerator.backward(loss / accum)
@@ -456,7 +459,7 @@ class RewardModelTrainer:
         self.state.save_final()
         return history
 
-    def _batch(self, step: int, micro: int, derived_seed: Any) -> dict[str, Any]:
+    def _batch(self, step: int, micro: int) -> dict[str, Any]:
         """Columns of one micro-batch: seeded epochs of permutations, this rank's slice."""
         n, size = len(self.train_dataset), self.args.per_device_train_batch_size
         world, rank = self.accelerator.num_processes, self.accelerator.process_index

@@ -17,8 +17,8 @@ import torch
 
 from grpo.config import FlowMatchingConfig
 from grpo.preemption import PreemptionHandler
+from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
-from grpo.trainer import derived_seed
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 
@@ -58,7 +58,8 @@ class FlowMatchingTrainer:
         video = torch.as_tensor(train_dataset[0]["video"])
         self.latent_shape = self.policy.latent_shape(*video.shape[:3])
         if args.use_lora:
-            self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+            with seeded(derived_seed(args.seed, INIT_STREAM)):
+                self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
         self.state = TrainingState(self.policy, args, self.accelerator, args.max_steps)
 
     def train(self) -> list[dict[str, Any]]:
@@ -71,6 +72,7 @@ class FlowMatchingTrainer:
             report_to=args.report_to,
             total=args.max_steps,
             initial=start,
+            resume_step=start,
             run_name=args.run_name,
             is_main_process=self.accelerator.is_main_process,
             progress_keys=("loss", "eval/loss"),

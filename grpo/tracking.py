@@ -2,10 +2,13 @@
 progress bar with ETA and the latest reward.
 
 Only the main process writes (pass ``is_main_process=False`` on the other ranks: `log` is then a
-no-op), so a multi-GPU run has one file and one bar. The JSONL file is opened for appending, never
-truncated: a resumed run adds its lines after the interrupted run's, and `read_metrics` keeps the
-last line written for each step, which is what the resumed run logged. Non-finite numbers are
-written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no NaN) and read back as floats.
+no-op), so a multi-GPU run has one file and one bar. A run that starts from step ``k``
+(``resume_step``: the checkpoint it resumed from, 0 for a fresh start) first drops what an
+interrupted run logged at steps >= k (it runs them again): ``metrics.jsonl`` is rewritten
+atomically with the rows before k, TensorBoard purges its events from step k (``purge_step``),
+and W&B resumes the same run, whose history keeps one value per step (it ignores steps below its
+last one). Each step then appears once. Non-finite numbers are written as the strings ``"nan"``,
+``"inf"``, ``"-inf"`` (JSON has no NaN) and read back as floats.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class MetricsLogger:
         report_to: extra trackers, a subset of ``("tensorboard", "wandb")``.
         total: steps of the whole run (the bar's 100%); None for an open-ended bar.
         initial: step the run starts from (the resumed checkpoint's), so the ETA covers what is left.
+        resume_step: the run (re)starts at this step: records of steps >= it are dropped from
+            ``metrics.jsonl`` and TensorBoard. None (default): append to what is there.
         run_name: TensorBoard / W&B run name (default: the output directory's name).
         config: resolved configuration recorded by W&B.
         is_main_process: False on every rank but 0: nothing is opened or written.
@@ -77,6 +82,7 @@ class MetricsLogger:
         report_to: Sequence[str] = (),
         total: int | None = None,
         initial: int = 0,
+        resume_step: int | None = None,
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
         is_main_process: bool = True,
@@ -100,11 +106,15 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         run_name = run_name or self.output_dir.resolve().name
+        if resume_step is not None:
+            truncate_metrics(self.path, resume_step)
         self._file = self._open_for_append(self.path)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(
+                log_dir=str(self.output_dir / "tensorboard"), purge_step=resume_step
+            )
         if "wandb" in report_to:
             self._wandb = self._init_wandb(run_name, config)
         self._bar = tqdm(
@@ -192,6 +202,42 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def truncate_metrics(path: str | os.PathLike[str], step: int) -> int:
+    """Keep only the records of ``metrics.jsonl`` logged at steps < ``step``; return how many were dropped.
+
+    The kept lines are written to a temporary file beside it, fsynced and renamed over it, so a kill
+    at any moment leaves either the old or the new file. Torn lines (a write cut by a kill) go too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            record_step = None
+        if record_step is not None and record_step < step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        with staging.open("w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    return dropped
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

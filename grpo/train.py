@@ -420,7 +420,11 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
     train, evaluation = build_datasets(data_spec)
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
-    policy = build_policy(policy_spec, output_dir)
+    from grpo.seeding import INIT_STREAM, derived_seed, seeded
+
+    # weights a checkpoint may lack (an NSP connector not trained yet) are drawn from the recipe's seed
+    with seeded(derived_seed(recipe.args.seed, INIT_STREAM, 1)):
+        policy = build_policy(policy_spec, output_dir)
     if recipe.stage in ("pretrain", "sft"):
         from grpo.sft import FlowMatchingTrainer
 

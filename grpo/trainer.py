@@ -35,6 +35,7 @@ from grpo.advantages import compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
 from grpo.loss import grpo_loss
 from grpo.preemption import PreemptionHandler
+from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -52,15 +53,6 @@ CONDITION_COLUMNS = (
     "image",
     "context",
 )
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed determined by ``parts`` (seed, iteration, sample...), stable across runs."""
-    import numpy as np
-
-    return int(
-        np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1)
-    )
 
 
 class GRPOTrainer:
@@ -121,7 +113,8 @@ class GRPOTrainer:
         self.sampling = self._sampling(args.sde_steps(0))
         self.policy.latent_shape(args.num_frames, args.height, args.width)
         if args.use_lora:
-            self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+            with seeded(derived_seed(args.seed, INIT_STREAM)):
+                self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
         elif args.beta > 0:
             self.policy.keep_reference_copy()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
@@ -139,6 +132,7 @@ class GRPOTrainer:
             report_to=args.report_to,
             total=args.max_iterations,
             initial=start,
+            resume_step=start,
             run_name=args.run_name,
             config=_config_dict(args),
             is_main_process=self.accelerator.is_main_process,

@@ -12,6 +12,7 @@ import torch
 from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
+from grpo.seeding import seed_process, use_deterministic_algorithms
 from policies.errors import InputError
 
 
@@ -31,6 +32,10 @@ class TrainingState:
         self.policy = policy
         self.args = args
         self.accelerator = accelerator
+        # dropout and any draw without its own generator: from the recipe's seed, per rank
+        seed_process(args.seed, accelerator.process_index)
+        if args.full_determinism:
+            use_deterministic_algorithms()
         if args.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
         self.fsdp = args.fsdp and accelerator.num_processes > 1

@@ -197,7 +197,8 @@ def _torchrun(tiny_dir, out, *overrides, port):
             str(out),
             *overrides,
         ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # two CPU (gloo) ranks even on a machine with one GPU, which two NCCL ranks cannot share
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -98,8 +98,8 @@ def test_whole_video_rewards_give_every_clip_the_video_advantage(tiny_dir, tmp_p
     advantages, _ = trainer._advantages(scores)
     expected, _ = compute_advantages([scores.columns["test_video_redness"]], [0, 0, 0, 0])
     assert advantages.shape == (4, 3)
-    for clip in range(3):
-        torch.testing.assert_close(advantages[:, clip], expected, rtol=0, atol=1e-6)
+    for clip in range(3):  # the trainer's advantages live on its device (the GPU when there is one)
+        torch.testing.assert_close(advantages[:, clip].cpu(), expected, rtol=0, atol=1e-6)
 
 
 def test_clip_scores_must_cover_every_generated_clip(tiny_dir, tmp_path):

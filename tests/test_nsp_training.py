@@ -29,12 +29,21 @@ def data():
     return build_datasets(spec)
 
 
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy: the trainers move the policy to the GPU when there is one, snapshots stay here."""
+    return tensor.detach().to("cpu", copy=True)
+
+
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: _cpu(v) for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in _snapshot(module).items())
 
 
 def _assert_vlm_frozen(policy, before, optimizer):
-    after = policy.vlm.state_dict()
+    after = _snapshot(policy.vlm)
     assert all(torch.equal(before[k], after[k]) for k in before)
     vlm_params = {id(p) for p in policy.vlm.parameters()}
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -46,7 +55,7 @@ def test_sft_step_trains_queries_and_connector_through_a_frozen_vlm(tmp_path, ns
     policy = NSPPolicy.from_pretrained(nsp_dir)
     vlm, queries, connector = (
         _snapshot(policy.vlm),
-        policy.queries.detach().clone(),
+        _cpu(policy.queries),
         _snapshot(policy.connector),
     )
     args = FlowMatchingConfig(
@@ -55,17 +64,17 @@ def test_sft_step_trains_queries_and_connector_through_a_frozen_vlm(tmp_path, ns
     trainer = FlowMatchingTrainer(policy, args, data[0])
     trainer.train()
     _assert_vlm_frozen(policy, vlm, trainer.state.optimizer)
-    assert (policy.queries - queries).abs().max() > 0
-    assert any(not torch.equal(connector[k], v) for k, v in policy.connector.state_dict().items())
+    assert (_cpu(policy.queries) - queries).abs().max() > 0
+    assert _changed(connector, policy.connector)
     saved = NSPPolicy.from_pretrained(tmp_path / "sft" / "final")
-    assert torch.equal(saved.queries, policy.queries.detach())
+    assert torch.equal(saved.queries, _cpu(policy.queries))
 
 
 def test_grpo_iteration_runs_the_vlm_once_per_context_and_keeps_it_frozen(tmp_path, nsp_dir, data):
     policy = NSPPolicy.from_pretrained(nsp_dir)
     vlm, queries, connector = (
         _snapshot(policy.vlm),
-        policy.queries.detach().clone(),
+        _cpu(policy.queries),
         _snapshot(policy.connector),
     )
     args = GRPOConfig(
@@ -85,9 +94,9 @@ def test_grpo_iteration_runs_the_vlm_once_per_context_and_keeps_it_frozen(tmp_pa
     trainer.train()
     assert policy.vlm_forwards - before == 2  # 2 contexts, 6 samples each, 4 recomputed steps each
     _assert_vlm_frozen(policy, vlm, trainer.state.optimizer)
-    assert any(not torch.equal(connector[k], v) for k, v in policy.connector.state_dict().items())
+    assert _changed(connector, policy.connector)
     # the RL gradient stops at the cached VLM states: the queries are trained by the supervised stages
-    assert torch.equal(policy.queries.detach(), queries)
+    assert torch.equal(_cpu(policy.queries), queries)
 
 
 @pytest.mark.slow

@@ -44,21 +44,35 @@ def test_one_flushed_json_line_per_log(tmp_path):
     assert math.isnan(read[1]["loss"]) and read[1]["kl"] == math.inf and read[1]["x"] == -math.inf
 
 
-def test_resume_appends_and_the_last_record_of_a_step_wins(tmp_path):
+def test_resume_drops_the_steps_it_runs_again_so_each_step_is_logged_once(tmp_path):
     with MetricsLogger(tmp_path, progress_bar=False) as first:
         for step in (1, 2, 3):
             first.log({"reward/mean": step / 10}, step=step)
-    # the run was killed after step 3 but its last checkpoint is step 2: the resumed run redoes step 3
-    with MetricsLogger(tmp_path, progress_bar=False, initial=2) as resumed:
+    # the run was killed after logging step 3 but its last checkpoint is step 3 (iterations 0..2
+    # done): the resumed run redoes step 3
+    with MetricsLogger(tmp_path, progress_bar=False, initial=3, resume_step=3) as resumed:
+        assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 2  # rewritten before any log
         for step in (3, 4):
             resumed.log({"reward/mean": step}, step=step)
-    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 5  # nothing truncated
-    assert [(r["step"], r["reward/mean"]) for r in read_metrics(tmp_path / METRICS_FILE)] == [
-        (1, 0.1),
-        (2, 0.2),
-        (3, 3),
-        (4, 4),
-    ]
+    lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [(r["step"], r["reward/mean"]) for r in lines] == [(1, 0.1), (2, 0.2), (3, 3), (4, 4)]
+    assert not list(tmp_path.glob("*.tmp-*"))
+    # without resume_step nothing is dropped (appending logger)
+    with MetricsLogger(tmp_path, progress_bar=False) as appending:
+        appending.log({"reward/mean": 5}, step=4)
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 5
+    assert read_metrics(tmp_path)[-1]["reward/mean"] == 5  # the last record of a step wins
+
+
+def test_truncation_drops_a_torn_line_and_a_fresh_start_drops_everything(tmp_path):
+    torn = '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n{"step": 2, "lo'
+    (tmp_path / METRICS_FILE).write_text(torn)
+    assert tracking.truncate_metrics(tmp_path / METRICS_FILE, 2) == 1
+    assert read_metrics(tmp_path) == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 2.0}]
+    assert tracking.truncate_metrics(tmp_path / METRICS_FILE, 2) == 0
+    with MetricsLogger(tmp_path, progress_bar=False, resume_step=0):
+        pass
+    assert (tmp_path / METRICS_FILE).read_text() == ""
 
 
 def test_a_torn_last_line_is_ended_and_skipped(tmp_path):
@@ -115,8 +129,9 @@ def fake_trackers(monkeypatch):
     calls: dict[str, list] = {"scalar": [], "wandb_init": [], "wandb_log": [], "closed": []}
 
     class SummaryWriter:
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             calls["tb_dir"] = log_dir
+            calls["tb_purge_step"] = purge_step
 
         def add_scalar(self, key, value, global_step):
             calls["scalar"].append((key, value, global_step))
@@ -151,10 +166,16 @@ def fake_trackers(monkeypatch):
 
 def test_tensorboard_and_wandb_get_the_numbers(tmp_path, fake_trackers):
     with MetricsLogger(
-        tmp_path, report_to=["tensorboard", "wandb"], progress_bar=False, config={"beta": 0.1}, run_name="r1"
+        tmp_path,
+        report_to=["tensorboard", "wandb"],
+        progress_bar=False,
+        config={"beta": 0.1},
+        run_name="r1",
+        resume_step=5,
     ) as logger:
         logger.log({"loss": torch.tensor(1.5), "kl": math.nan, "phase": "x", "ok": True}, step=7)
     assert fake_trackers["tb_dir"] == str(tmp_path / "tensorboard")
+    assert fake_trackers["tb_purge_step"] == 5  # TensorBoard drops the resumed-over events from step 5
     assert fake_trackers["scalar"][0] == ("loss", 1.5, 7)
     assert math.isnan(fake_trackers["scalar"][1][1]) and len(fake_trackers["scalar"]) == 2  # no str, no bool
     data, step = fake_trackers["wandb_log"][0]

@@ -2,6 +2,11 @@
 
 Multi-GPU: ``accelerate launch -m grpo.cli train RECIPE.yaml`` (or ``torchrun --nproc_per_node N
 -m grpo.cli train ...``); each process rolls out its share of the prompts.
+
+Reproducible: every random draw comes from trainer.seed, so the same recipe and seed give bitwise
+the same run on CPU; on GPU, trainer.full_determinism=true uses torch's deterministic kernels where
+it has them. With trainer.resume_from_checkpoint=auto a killed run continues from its latest
+complete checkpoint, exactly, and metrics.jsonl keeps each step once.
 """
 
 from __future__ import annotations
