@@ -361,7 +361,8 @@ class GRPOConfig(VideoTrainerConfig):
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(
         default="grpo",
         metadata={
-            "help": "Averaging of masked steps: per-sample mean (grpo), global (bnpo), / B*K (dr_grpo)."
+            "help": "Average of (sample, trained step) losses: per sample, then samples (grpo); all "
+            "(bnpo); sum/(B*max) (dr_grpo)."
         },
     )
     # --- outputs ---

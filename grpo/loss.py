@@ -8,13 +8,19 @@ where ``kl`` is the per-step KL(policy || reference) (for Gaussian steps sharing
 ``policies.sde`` computes it). Entries where the clipped term is the smaller one have zero gradient:
 the policy has already moved as far as the trust region allows in the direction of A.
 
-``loss_type`` says how entries are averaged when a ``mask`` marks some steps as not trained
-(TRL's names, with denoising steps in place of tokens): ``"grpo"`` averages each sample's trained
-steps then the samples, ``"bnpo"`` averages all trained entries, ``"dr_grpo"`` divides the sum by the
-constant ``B * K``. Without a mask all three are the plain mean.
+``loss_type`` says how the (sample, trained step) entries are averaged when a ``mask`` marks which
+steps each sample trains (TRL's names and meanings, with trained denoising steps in place of
+completion tokens): ``"grpo"`` averages each sample's trained steps, then the samples (every sample
+weighs the same, however many steps it trains); ``"bnpo"`` averages all trained entries of the batch
+(every trained step weighs the same); ``"dr_grpo"`` divides the sum by the constant
+``B * max_steps`` (TRL's ``B * max_completion_length``: a sample's weight grows with the steps it
+trains, and the scale does not depend on the draw). They differ only when samples train different
+numbers of steps (or, for ``dr_grpo``, fewer than ``max_steps``); with every entry trained all three
+are the plain mean. `loss_weights` gives each entry's weight.
 
-When the trainer calls this once per timestep (to keep activation memory down) it must weigh each
-call by 1 / number of calls to get the mean over steps.
+The trainer recomputes one trained step of every sample per forward (to keep activation memory
+down); it computes the weights over the whole micro-batch and passes each call its column
+(``weights``), so the gradients of the calls add up to the gradient of the micro-batch's loss.
 """
 
 from __future__ import annotations
@@ -25,14 +31,23 @@ import torch
 
 from policies.errors import InputError
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
-def _reduce(values: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    masked = values * mask
+
+def loss_weights(mask: torch.Tensor, loss_type: str, max_steps: int | None = None) -> torch.Tensor:
+    """``[B, K]`` weight of each (sample, step) entry in the ``loss_type`` average (module docstring):
+    the loss is ``(weights * per_entry_loss).sum()``; untrained entries (``mask`` 0) weigh 0.
+
+    ``max_steps`` is ``dr_grpo``'s constant: the most steps a sample can train (default ``K``).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise InputError(f"loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
+    mask = mask.float() if not mask.is_floating_point() else mask
     if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * mask.shape[0])
     if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1)
-    return masked.sum() / mask.numel()
+        return mask / mask.sum().clamp(min=1)
+    return mask / (mask.shape[0] * (mask.shape[1] if max_steps is None else max_steps))
 
 
 def grpo_loss(
@@ -46,6 +61,8 @@ def grpo_loss(
     kl: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
+    max_steps: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate plus KL penalty, and detached statistics.
 
@@ -59,6 +76,9 @@ def grpo_loss(
         kl: ``[B, K]`` per-step KL(policy || reference), with grad.
         mask: ``[B, K]`` bool/0-1, which entries count; None = all.
         loss_type: how entries are averaged (module docstring).
+        max_steps: ``dr_grpo``'s constant, the most steps a sample can train; None = ``K``.
+        weights: ``[B, K]`` weights of the returned loss in place of the ``loss_type`` average (a
+            column of `loss_weights` over a larger batch); the statistics stay this call's average.
 
     Returns:
         The scalar loss and a dict of detached 0-d tensors (reduce them across ranks as you see fit):
@@ -96,17 +116,24 @@ def grpo_loss(
         raise InputError(
             f"mask must have the shape of log_prob {list(log_prob.shape)}, got {list(mask.shape)}"
         )
-    if loss_type not in ("grpo", "bnpo", "dr_grpo"):
-        raise InputError(f"loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
+    if weights is not None and weights.shape != log_prob.shape:
+        raise InputError(
+            f"weights must have the shape of log_prob {list(log_prob.shape)}, got {list(weights.shape)}"
+        )
+    average = loss_weights(mask, loss_type, max_steps).to(log_prob.dtype)
 
     advantages = advantages.to(log_prob.dtype).expand_as(log_prob)
     log_ratio = log_prob - old_log_prob.detach()
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
-    policy_loss = _reduce(-torch.minimum(unclipped, clipped), mask, loss_type)
-    kl_mean = _reduce(kl, mask, loss_type) if kl is not None else torch.zeros((), dtype=log_prob.dtype)
-    loss = policy_loss + beta * kl_mean if beta > 0 else policy_loss
+    per_entry = -torch.minimum(unclipped, clipped)
+    policy_loss = (per_entry * average).sum()
+    kl_mean = (kl * average).sum() if kl is not None else torch.zeros((), dtype=log_prob.dtype)
+    if beta > 0:
+        per_entry = per_entry + beta * kl
+    averaged = policy_loss + beta * kl_mean if beta > 0 else policy_loss
+    loss = averaged if weights is None else (per_entry * weights.to(log_prob.dtype)).sum()
 
     with torch.no_grad():
         selected = mask.bool()
@@ -117,7 +144,7 @@ def grpo_loss(
         if ratio_sel.numel() == 0:  # nothing trained in this call: statistics are undefined
             ratio_sel = torch.full((1,), torch.nan, dtype=ratio.dtype, device=ratio.device)
         stats = {
-            "loss": loss.detach(),
+            "loss": averaged.detach(),
             "policy_loss": policy_loss.detach(),
             "kl": kl_mean.detach(),
             "ratio_mean": ratio_sel.mean(),

@@ -388,14 +388,35 @@ def _check_reward_names(recipe: Recipe) -> None:
             raise ConfigError(f"rewards.{i}.name", str(err)) from None
 
 
+def _section_specs(stage: str) -> tuple[dict[str, type], dict[str, type]]:
+    """The policy and data spec classes of a stage, by ``type``."""
+    if stage == "reward_model":
+        from grpo.reward_modeling import DATA_SPECS, RewardModelSpec
+
+        return {"video_reward_model": RewardModelSpec}, DATA_SPECS
+    from grpo.train import DATA_SPECS, POLICY_SPECS  # grpo.train imports this module
+
+    return POLICY_SPECS, DATA_SPECS
+
+
+def _resolved_section(section: dict[str, Any], specs: dict[str, type], where: str) -> dict[str, Any]:
+    """A policy / data section with every default of its spec filled in; a section of a kind no spec
+    knows is kept as given (validation rejects it before a run writes anything)."""
+    spec = specs.get(section["type"])
+    return dict(section) if spec is None else dataclasses.asdict(from_dict(spec, section, where=where))
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe (every trainer default filled in) as plain YAML-able data."""
+    """The fully resolved recipe as plain YAML-able data: the policy, data, rewards and trainer
+    sections with every default of their specs filled in, so the run is reproduced from it even
+    after a default changes."""
+    policies, datas = _section_specs(recipe.stage)
     return {
         "name": recipe.name,
         "stage": recipe.stage,
         "output_dir": recipe.output_dir,
-        "policy": recipe.policy,
-        "data": recipe.data,
+        "policy": _resolved_section(recipe.policy, policies, "policy"),
+        "data": _resolved_section(recipe.data, datas, "data"),
         "rewards": [dataclasses.asdict(spec) for spec in recipe.rewards],
         "trainer": dataclasses.asdict(recipe.args) if recipe.args is not None else recipe.trainer,
     }

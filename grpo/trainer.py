@@ -33,7 +33,7 @@ import torch
 
 from grpo.advantages import compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
-from grpo.loss import grpo_loss
+from grpo.loss import grpo_loss, loss_weights
 from grpo.preemption import PreemptionHandler
 from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
@@ -319,11 +319,15 @@ class GRPOTrainer:
         accum = self.args.gradient_accumulation_steps
         return [min(accum, micro - i) for i in range(0, micro, accum)]
 
-    def _trained_positions(self, rollout: Rollout, iteration: int) -> torch.Tensor:
-        """``[B, K_train]`` positions in the rollout's record of the steps each sample trains on.
+    def _trained_positions(self, rollout: Rollout, iteration: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Where in the rollout's record each sample trains: ``positions [B, W]`` (padded with 0),
+        ``mask [B, W]`` (True where a position is trained) and ``W``, the most records a sample can
+        train this iteration (``dr_grpo``'s constant).
 
         A schedule step recorded once per clip (next-clip rollouts) is trained at every clip; positions
-        are in record order (clip after clip), so a column holds the same clip for every sample.
+        are in record order (clip after clip), so a column holds the same clip for every sample. A
+        drawn step the rollout did not record stochastically (the last step with 'cps') is not
+        trained, so samples may train different numbers of steps: the mask says which.
         """
         positions: dict[int, list[int]] = defaultdict(list)
         for j, s in enumerate(rollout.step_indices.tolist()):
@@ -333,12 +337,26 @@ class GRPOTrainer:
         for _ in range(rollout.num_samples):
             trained = self.args.trained_steps(iteration, rng)
             rows.append(sorted(j for s in trained for j in positions.get(s, [])))
-        return torch.tensor(rows, dtype=torch.long, device=rollout.latents.device)
+        # the most a sample can train: as many recorded steps as it draws (a config constant, so
+        # every rank has the same width and runs the same forwards), each once per clip
+        per_step = max(len(v) for v in positions.values())
+        max_steps = min(len(trained), len(positions)) * per_step
+        device = rollout.latents.device
+        padded = torch.tensor(
+            [row + [0] * (max_steps - len(row)) for row in rows], dtype=torch.long, device=device
+        )
+        mask = torch.tensor([[k < len(row) for k in range(max_steps)] for row in rows], device=device)
+        return padded, mask, max_steps
 
     def _update(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
-        """``num_iterations`` epochs of PPO over the rollout: micro-batches x trained steps, accumulated."""
+        """``num_iterations`` epochs of PPO over the rollout: micro-batches x trained steps, accumulated.
+
+        Each micro-batch's loss is the ``loss_type`` average of its (sample, trained step) entries
+        (`grpo.loss.loss_weights`), computed one trained step of every sample per forward; an
+        optimizer step averages the losses of the micro-batches it accumulates (as TRL does).
+        """
         args = self.args
-        positions = self._trained_positions(rollout, iteration)
+        positions, mask, max_steps = self._trained_positions(rollout, iteration)
         num_steps = positions.shape[1]
         if advantages.dim() == 2:  # per-clip advantages [B, num_clips]: a step takes its clip's
             step_clips = torch.tensor(rollout.extras["step_clips"], dtype=torch.long, device=positions.device)
@@ -358,29 +376,49 @@ class GRPOTrainer:
             on_policy = args.num_iterations == 1 and len(groups) == 1 and same_guidance
             for group in groups:
                 for m, idx in enumerate(group):
-                    sub, adv, pos = rollout.select(idx), advantages[idx], positions[idx]
+                    sub, adv, pos, trains = rollout.select(idx), advantages[idx], positions[idx], mask[idx]
+                    weights = loss_weights(trains, args.loss_type, max_steps) / len(group)
+                    # every column on every sample, trained or not (weight 0): every rank runs the same
+                    # forwards, as DDP's gradient sync and FSDP's collective forwards need
                     for k in range(num_steps):
                         with (
                             self.state.no_sync(m == len(group) - 1 and k == num_steps - 1),
                             self.state.autocast,
                         ):
-                            loss, step_stats = self._step_loss(sub, adv[:, k], pos[:, k], on_policy=on_policy)
-                            self.accelerator.backward(loss / (num_steps * len(group)))
-                        for key, value in step_stats.items():
-                            stats[key].append(float(value))
+                            loss, step_stats = self._step_loss(
+                                sub,
+                                adv[:, k],
+                                pos[:, k],
+                                on_policy=on_policy,
+                                weights=weights[:, k],
+                                mask=trains[:, k],
+                            )
+                            self.accelerator.backward(loss)
+                        if trains[:, k].any():  # statistics of no trained entry are undefined
+                            for key, value in step_stats.items():
+                                stats[key].append(float(value))
                 stats["grad_norm"].append(self.state.optimizer_step())
                 for callback in self.callbacks:
                     if hasattr(callback, "on_optimizer_step"):
                         callback.on_optimizer_step(self, self.state.optimizer_steps)
         out = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
         out["train/ratio_first_step"] = stats["ratio_mean"][0]  # before any update: 1 when on-policy
-        out["train/trained_steps_per_sample"] = num_steps
+        out["train/trained_steps_per_sample"] = float(mask.sum(1).float().mean())
         return out
 
     def _step_loss(
-        self, sub: Rollout, advantages: torch.Tensor, steps: torch.Tensor, on_policy: bool = False
+        self,
+        sub: Rollout,
+        advantages: torch.Tensor,
+        steps: torch.Tensor,
+        on_policy: bool = False,
+        weights: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped surrogate + KL of one recorded step per sample (``steps`` [b]) under current weights.
+
+        ``weights`` [b]: each entry's weight in the micro-batch's ``loss_type`` average (`_update`);
+        None averages this call's entries. ``mask`` [b]: which samples train this step (None: all).
 
         ``on_policy`` (the weights are still the rollout's): the old log-prob is this forward's own,
         detached, as in TRL with one update per generation. The log-prob recorded during the rollout
@@ -406,6 +444,8 @@ class GRPOTrainer:
             beta=args.beta,
             kl=kl,
             loss_type=args.loss_type,
+            mask=mask[:, None] if mask is not None else None,
+            weights=weights[:, None] if weights is not None else None,
         )
         stats["logprob_drift"] = (out.log_prob.detach() - recorded).abs().max()
         return loss, stats

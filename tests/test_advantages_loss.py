@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.advantages import compute_advantages
-from grpo.loss import grpo_loss
+from grpo.loss import grpo_loss, loss_weights
 from policies.errors import InputError
 
 EPS = 1e-4  # the std guard of A = (R - mean) / (std + 1e-4)
@@ -262,3 +262,29 @@ def test_loss_input_checks():
         grpo_loss(new, old[:, :1], ADVANTAGES, epsilon=0.2)
     with pytest.raises(InputError, match="epsilon and epsilon_high must be > 0"):
         grpo_loss(new, old, ADVANTAGES, epsilon=0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_per_step_calls_with_loss_weights_add_up_to_the_whole_loss(loss_type):
+    """The trainer's split: one call per step column, weighted by `loss_weights` of the whole mask,
+    gives the loss and gradient of one call on every entry (dr_grpo with its constant max_steps)."""
+    new, old = log_probs()
+    mask = torch.tensor([[True, False], [True, True]])
+    whole, _ = grpo_loss(new, old, ADVANTAGES, epsilon=0.2, mask=mask, loss_type=loss_type, max_steps=3)
+    (expected,) = torch.autograd.grad(whole, new)
+    weights = loss_weights(mask, loss_type, max_steps=3)
+    parts = [
+        grpo_loss(
+            new[:, k : k + 1],
+            old[:, k : k + 1],
+            ADVANTAGES,
+            epsilon=0.2,
+            mask=mask[:, k : k + 1],
+            weights=weights[:, k : k + 1],
+        )[0]
+        for k in range(2)
+    ]
+    assert sum(parts).item() == pytest.approx(whole.item())
+    close(torch.autograd.grad(sum(parts), new)[0], expected.tolist())
+    if loss_type == "dr_grpo":
+        assert whole.item() == pytest.approx(-(1.2 - 1.1 - 0.8) / (2 * 3))

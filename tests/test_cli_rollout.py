@@ -27,6 +27,7 @@ def test_rollout_command_writes_videos_and_recomputable_log_probs(tmp_path):
     assert video.shape == (9, 32, 32, 3) and fps == pytest.approx(8.0)
     rollout = Rollout.load(out / "rollout")
     assert rollout.uses_cfg and rollout.log_probs.shape == (4, 4)
+    assert rollout.frame_rate == 8.0  # sampled at the frame rate the videos are written at
     assert samples[3]["log_prob_per_step"] == pytest.approx(rollout.log_probs[3].tolist())
     policy = LTXPolicy.from_pretrained(out / "base_tiny_ltx")
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 import rewards  # noqa: F401  imported up front: the timings below measure validation, not imports
 from grpo.config import ConfigError, FlowMatchingConfig, GRPOConfig, TrainerConfig, VideoTrainerConfig
@@ -414,7 +415,10 @@ def test_recipes_never_construct_python_objects(tmp_path):
 
 
 def test_resolved_recipe_round_trips(tmp_path):
-    recipe = load_recipe(write(tmp_path, GOOD_RECIPE), ["trainer.beta=0.01"])
+    text = GOOD_RECIPE.replace("{type: ltx, num_layers: 2}", "{type: ltx, tiny: true}")
+    recipe = load_recipe(
+        write(tmp_path, text.replace("num_prompts: 16", "num_train: 16")), ["trainer.beta=0.01"]
+    )
     saved = save_resolved(recipe, tmp_path / "run")
     assert saved == tmp_path / "run" / RESOLVED_RECIPE_FILE
     text = saved.read_text()
@@ -460,6 +464,21 @@ def test_a_policy_trained_at_another_frame_rate_is_refused(tmp_path):
     message = error_of(validate, load_recipe(path, overrides))
     assert "was trained at 25 fps but data.fps is 8: set data.fps: 25" in message
     validate(load_recipe(path, [*overrides, "data.fps=25"]))
+
+
+def test_resolved_recipe_fills_in_the_policy_and_data_defaults(tmp_path):
+    """The policy and data sections are written with every default of their specs, so the run is
+    reproduced from the file even after a default changes."""
+    from grpo import train
+
+    recipe = load_recipe(write(tmp_path, TOY_SFT), ["data.num_train=64"])
+    resolved = yaml.safe_load(save_resolved(recipe, tmp_path / "run").read_text())
+    assert resolved["policy"] == dataclasses.asdict(train.LTXPolicySpec(tiny=True))
+    assert resolved["policy"]["torch_dtype"] == "float32" and "device" in resolved["policy"]
+    assert resolved["data"] == dataclasses.asdict(train.ToyWorldDataSpec(num_train=64))
+    assert resolved["data"]["num_eval"] == 32 and resolved["data"]["fps"] == 8.0
+    again = load_recipe(tmp_path / "run" / RESOLVED_RECIPE_FILE)
+    assert recipe_to_dict(again) == recipe_to_dict(recipe) and again.args == recipe.args
 
 
 def test_recipe_dataclass_validates_when_built_directly():

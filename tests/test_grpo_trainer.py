@@ -315,3 +315,56 @@ def test_one_update_per_rollout_is_exactly_on_policy_despite_logprob_drift(
     else:  # the recorded log-probs are the old policy's: exp(-0.01) is outside 1 +- 1e-4, so clipped
         assert stats["train/ratio_mean"] == pytest.approx(math.exp(-0.01), abs=1e-4)
         assert stats["train/clip_frac"] > 0
+
+
+def test_loss_types_weigh_samples_that_train_different_numbers_of_steps(tmp_path, tiny_dir):
+    """With 'cps' the last of the 4 steps is deterministic (not recorded), so a sample whose random
+    half of the steps holds it trains 1 step instead of 2. On policy with beta 0 every trained entry's
+    loss is -A_i, so the update's loss is, for n_i trained steps of sample i (TRL's definitions with
+    trained steps for tokens): grpo mean_i(-A_i); bnpo sum_i n_i (-A_i) / sum_i n_i; dr_grpo
+    sum_i n_i (-A_i) / (B * 2), 2 being the most steps a sample can train."""
+    from dataclasses import replace
+
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer, derived_seed
+    from policies import LTXPolicy
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        num_generations=4,
+        num_prompts_per_iteration=1,
+        num_inference_steps=4,
+        sde_kind="cps",
+        noise_level=0.5,
+        timestep_selection="fraction",
+        timestep_fraction=0.5,
+        beta=0.0,
+        learning_rate=1e-12,
+        seed=0,
+    )
+    rng = random.Random(derived_seed(0, 0, 1))  # the trainer's draw of each sample's trained steps
+    draws = [args.trained_steps(0, rng) for _ in range(4)]
+    assert draws == [[2, 3], [2, 3], [0, 2], [1, 2]]  # trained: n = [1, 1, 2, 2] (step 3 is not)
+    advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    expected = {
+        "grpo": -(1.0 - 2.0 + 0.5 + 3.0) / 4,  # -0.625
+        "bnpo": -(1 * 1.0 + 1 * -2.0 + 2 * 0.5 + 2 * 3.0) / 6,  # -1.0
+        "dr_grpo": -(1 * 1.0 + 1 * -2.0 + 2 * 0.5 + 2 * 3.0) / (4 * 2),  # -0.75
+    }
+    trainer = GRPOTrainer(LTXPolicy.from_pretrained(tiny_dir), [redness], args, [{"prompt": "a ball"}])
+    rollout, _, _ = trainer._rollout_and_score(trainer._rows_for(0), 0)
+    real_step_loss = trainer._step_loss
+    losses: list[float] = []
+
+    def spy(*call_args, **kwargs):
+        loss, step_stats = real_step_loss(*call_args, **kwargs)
+        losses.append(float(loss))  # what the update backpropagates
+        return loss, step_stats
+
+    trainer._step_loss = spy
+    for loss_type, value in expected.items():
+        trainer.args = replace(args, loss_type=loss_type)
+        losses.clear()
+        stats = trainer._update(rollout, advantages, 0)
+        assert sum(losses) == pytest.approx(value, abs=1e-6), loss_type
+        assert stats["train/trained_steps_per_sample"] == 1.5

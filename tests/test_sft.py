@@ -157,6 +157,16 @@ def test_every_shipped_recipe_validates(recipe, toy_manifest):
     validate(_standalone(recipe, [], toy_manifest))
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_shipped_recipe_resolves_to_a_file_that_loads_back_the_same(tmp_path, recipe, toy_manifest):
+    from grpo.recipe import RESOLVED_RECIPE_FILE, recipe_to_dict, save_resolved
+
+    loaded = _standalone(recipe, [], toy_manifest)
+    again = load_recipe(save_resolved(loaded, tmp_path))
+    assert recipe_to_dict(again) == recipe_to_dict(loaded) and again.args == loaded.args
+    assert (tmp_path / RESOLVED_RECIPE_FILE).is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe", [r for r in RECIPES if r.name.startswith(("toy_", "tiny_"))], ids=lambda r: r.name

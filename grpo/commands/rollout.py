@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kind", default="sde", help="stochastic step: sde | cps | dance | ode")
     parser.add_argument("--noise-level", type=float, default=0.7, help="noise of the stochastic steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (<= 1: off)")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written MP4s")
+    parser.add_argument(
+        "--fps", type=float, default=8.0, help="frame rate sampled at (temporal RoPE) and of the MP4s"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first video (others follow)")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.frames,
         height=args.height,
         width=args.width,
+        frame_rate=args.fps,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         kind=args.kind,
