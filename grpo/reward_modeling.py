@@ -26,6 +26,7 @@ import numpy as np
 
 from grpo.config import ConfigError, TrainerConfig, _require
 from policies.errors import InputError
+from policies.files import check_model_weights
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
 PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
@@ -199,6 +200,8 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
             raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
+        if value is not None:
+            check_model_weights(value)
     kind = recipe.data["type"]
     if kind not in DATA_SPECS:
         raise InputError(f"data.type: stage 'reward_model' reads {', '.join(DATA_SPECS)}, got {kind!r}")
