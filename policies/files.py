@@ -54,14 +54,15 @@ def conversion_command(folder: Path) -> str:
     )
 
 
-def check_model_weights(folder: str | Path) -> None:
+def check_model_weights(folder: str | Path, others: tuple[str, ...] = ()) -> None:
     """Raise `InputError` unless a diffusers / transformers model folder holds readable safetensors weights.
 
     A folder with only pickle weights is refused with `conversion_command`; a sharded checkpoint's index
     must name shards that exist; every ``*.safetensors`` header is read (milliseconds, even for GBs).
+    ``others`` names safetensors files in the folder that are not the model's weights (left out here).
     """
     folder = Path(folder)
-    weights = sorted(folder.glob("*.safetensors"))
+    weights = sorted(p for p in folder.glob("*.safetensors") if p.name not in others)
     if not weights:
         pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:

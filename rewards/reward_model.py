@@ -399,7 +399,7 @@ class VideoRewardModel(torch.nn.Module):
             raise InputError(
                 f"{path} holds a {model_type!r} backbone; reward models use Qwen2-VL / Qwen2.5-VL"
             )
-        check_model_weights(path)
+        check_model_weights(path, others=(HEADS_FILE,))
         check_safetensors(path / HEADS_FILE)
         backbone, info = AutoModel.from_pretrained(
             path, dtype=_dtype(dtype), output_loading_info=True, use_safetensors=True
