@@ -395,16 +395,18 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
         return run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)
     train, evaluation = build_datasets(data_spec)
+    flow_matching = recipe.stage in ("pretrain", "sft")
+    rewards = None
+    if not flow_matching:  # before anything is written: a reward model that cannot load leaves no run dir
+        specs = [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
+        rewards = CompositeReward.from_specs(specs)
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     policy = build_policy(policy_spec, output_dir)
-    if recipe.stage in ("pretrain", "sft"):
+    if flow_matching:
         from grpo.sft import FlowMatchingTrainer
 
         return FlowMatchingTrainer(policy, recipe.args, train, eval_dataset=evaluation).train()
-    rewards = CompositeReward.from_specs(
-        [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
-    )
     trainer = GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation)
     history = trainer.train()
     if trainer.accelerator.is_main_process:  # curves, before/after table and videos in one page

@@ -69,6 +69,7 @@ def fails_in_one_line(capsys, root: Path, argv: list[str], *messages: str) -> st
     """Run ``nextscene ARGV``: exit code 2, one stderr line holding ``messages``, nothing under ``root``
     written or changed."""
     before = tree(root)
+    capsys.readouterr()  # drop what the setup printed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -180,6 +181,23 @@ def test_reward_model_loading_refuses_pickle_and_broken_heads(tmp_path):
     truncate(truncated / HEADS_FILE)
     with pytest.raises(InputError, match=re.escape(f"{truncated / HEADS_FILE} is truncated or corrupt")):
         VideoRewardModel.from_pretrained(truncated)
+
+
+def test_broken_reward_model_in_a_grpo_recipe_fails_before_writing(tmp_path, tiny_ltx, capsys):
+    from rewards.reward_model import HEADS_FILE, build_tiny_reward_model
+
+    saved = build_tiny_reward_model().save_pretrained(tmp_path / "rm")
+    truncate(saved / HEADS_FILE)
+    recipe = write_recipe(
+        tmp_path,
+        {"type": "ltx", "path": str(tiny_ltx)},
+        rewards=[
+            {"name": "reward_model", "weight": 1.0, "kwargs": {"model": str(saved), "normalize": False}}
+        ],
+    )
+    fails_in_one_line(
+        capsys, tmp_path, ["train", str(recipe)], f"{saved / HEADS_FILE} is truncated or corrupt"
+    )
 
 
 @pytest.mark.parametrize("kind", ["ltx", "nsp"])
