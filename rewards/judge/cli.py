@@ -133,7 +133,8 @@ def _read_manifest(path: Path, mode: str) -> list[dict[str, Any]]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from rewards.judge.client import CausalConsistencyJudge, JudgeUnavailableError
+    from grpo.data.video import read_video
+    from rewards.judge.client import CausalConsistencyJudge
 
     names = ["model", "scoring", "num_frames", "top_logprobs", "max_concurrency", "timeout_s", "max_retries",
              "health_timeout_s", "api_key_env", "failure_policy", "abort_threshold"]  # fmt: skip
@@ -147,17 +148,7 @@ def _score(args: argparse.Namespace) -> int:
     check_output_dir(out_path.parent, "--out")
     if out_path.is_dir():
         raise InputError(f"--out: {out_path} is a folder; give the path of a JSONL file to write")
-    try:
-        judge.check_health()  # before the output file is opened: a dead server leaves nothing behind
-        return _score_rows(args, judge, rows, out_path)
-    except JudgeUnavailableError as err:  # the message names the fix; no traceback
-        raise InputError(str(err)) from None
-
-
-def _score_rows(args: argparse.Namespace, judge: Any, rows: list[dict[str, Any]], out_path: Path) -> int:
-    """Score ``rows`` batch by batch, writing one JSONL record per row to ``out_path``."""
-    from grpo.data.video import read_video
-
+    judge.check_health()  # before the output file is opened: a dead server leaves nothing behind
     root = args.manifest.parent
     scores: list[float | None] = []
     with out_path.open("w") as out:
