@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import secrets
@@ -40,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policies.errors import InputError
+from policies.files import check_safetensors
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -47,6 +49,10 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+# what a training run resumes from (`grpo.training_state.TrainingState.resume` reads them all)
+RESUME_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)
+RESUME_TRAINER_STATE = ("step", "optimizer_steps")
+_META_KEYS = ("step", "world_size", "data_state", "trainer_state")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # how long ranks > 0 wait for rank 0's staging directory to show up (shared filesystems lag)
 _STAGING_TIMEOUT_S = 60.0
@@ -339,6 +345,57 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.Path
     return path
 
 
+def check_checkpoint(
+    path: str | os.PathLike[str], files: tuple[str, ...] = (), trainer_state: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Read and return a complete checkpoint's ``meta.json``, or raise a one-line `InputError`: wrong
+    format, missing keys, any of ``files`` or ``trainer_state`` entries absent, or a truncated / corrupt
+    safetensors file (only headers are read: cheap, so it runs before any model work)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise InputError(f"{path} is not a complete checkpoint (no {META_FILE}, or files missing)")
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise InputError(f"{path}: checkpoint format {version} is not {FORMAT_VERSION}")
+    missing = [key for key in _META_KEYS if key not in meta]
+    missing += [name for name in files if not (path / name).is_file()]
+    state = meta.get("trainer_state")
+    missing += [
+        f"trainer_state.{key}" for key in trainer_state if not isinstance(state, dict) or key not in state
+    ]
+    if missing:
+        raise InputError(
+            f"{path} lacks {', '.join(missing)}: it was not written by a training run's save; "
+            "resume from another checkpoint or start afresh (resume_from_checkpoint=null)"
+        )
+    for name in (MODEL_FILE, EMA_FILE):
+        if (path / name).is_file():
+            check_safetensors(path / name)
+    return meta
+
+
+def check_resume(resume_from_checkpoint: str | None, output_dir: str | os.PathLike[str]) -> Path | None:
+    """`resolve_resume`, then `check_checkpoint` with everything a training run resumes from."""
+    path = resolve_resume(resume_from_checkpoint, output_dir)
+    if path is not None:
+        check_checkpoint(path, RESUME_FILES, RESUME_TRAINER_STATE)
+    return path
+
+
+def _torch_load(file: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``; a truncated or corrupt file, or one holding anything but tensors
+    and plain containers (refused, never unpickled), is a one-line `InputError` naming the file."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise InputError(
+            f"{file} is truncated, corrupt or holds more than tensors ({reason}): "
+            "resume from another checkpoint"
+        ) from None
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -350,18 +407,14 @@ def load_checkpoint(
     """Read a complete checkpoint; with ``restore_rng`` also restore this rank's RNG states (global
     generators and the named ``generators``) so that training continues with the same draws."""
     path = Path(path)
-    if not is_complete(path):
-        raise InputError(f"{path} is not a complete checkpoint (no {META_FILE}, or files missing)")
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    meta = check_checkpoint(path)
     if restore_rng:
         if not (path / rng_file(rank)).is_file():
             raise InputError(
                 f"{path} was written by {meta['world_size']} ranks and has no RNG state for rank {rank}; "
                 f"resume with {meta['world_size']} processes, or pass restore_rng=False"
             )
-        restore_rng_state(torch.load(path / rng_file(rank), weights_only=True), generators)
+        restore_rng_state(_torch_load(path / rng_file(rank), "cpu"), generators)
 
     def optional_tensors(name: str) -> dict[str, torch.Tensor] | None:
         return load_file(str(path / name), device=str(map_location)) if (path / name).is_file() else None
@@ -369,7 +422,7 @@ def load_checkpoint(
     def optional_state(name: str) -> dict[str, Any] | None:
         if not (path / name).is_file():
             return None
-        return torch.load(path / name, map_location=map_location, weights_only=True)
+        return _torch_load(path / name, map_location)
 
     return Checkpoint(
         path=path,

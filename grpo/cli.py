@@ -36,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: Exception) -> bool:
+    """Errors whose message names the problem and the fix: printed as one line, no traceback."""
+    if isinstance(err, InputError | FileNotFoundError | NotImplementedError):
+        return True
+    judge = sys.modules.get("rewards.judge.client")  # loaded by whatever used a judge
+    return judge is not None and isinstance(err, judge.JudgeUnavailableError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (InputError, FileNotFoundError, NotImplementedError) as err:
+    except Exception as err:
+        if not _one_line(err):
+            raise
         print(f"nextscene {args.command}: error: {err}", file=sys.stderr)
         return 2
 

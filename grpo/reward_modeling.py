@@ -27,6 +27,7 @@ import numpy as np
 from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from policies.errors import InputError
+from policies.files import check_model_weights
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
 PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
@@ -196,10 +197,14 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
         raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
+    from rewards.reward_model import HEADS_FILE
+
     for name in ("path", "backbone"):
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
             raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
+        if value is not None:
+            check_model_weights(value, others=(HEADS_FILE,))
     kind = recipe.data["type"]
     if kind not in DATA_SPECS:
         raise InputError(f"data.type: stage 'reward_model' reads {', '.join(DATA_SPECS)}, got {kind!r}")

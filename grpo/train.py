@@ -16,6 +16,7 @@ from typing import Any, Literal
 from grpo.config import ConfigError, trained_frame_rate
 from grpo.recipe import Recipe, from_dict
 from policies.errors import InputError
+from policies.files import check_output_dir
 
 # ----------------------------------------------------------------------------------------- policies
 
@@ -80,15 +81,33 @@ def _policy_spec(recipe: Recipe) -> Any:
         raise InputError(
             "policy.path: give a checkpoint directory (or set policy.tiny: true for a random tiny one)"
         )
-    if spec.path is not None and not Path(spec.path).is_dir():
-        raise InputError(f"policy.path: checkpoint directory {spec.path!r} does not exist")
-    trained = trained_frame_rate(spec.path) if spec.path is not None else None
-    if trained is not None and trained != recipe.args.frame_rate:
-        raise InputError(
-            f"policy.path: {spec.path!r} was trained at {trained:g} fps but data.fps is "
-            f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
-        )
+    if spec.path is not None:
+        if not Path(spec.path).is_dir():
+            raise InputError(f"policy.path: checkpoint directory {spec.path!r} does not exist")
+        check_policy_dir(spec)
+        trained = trained_frame_rate(spec.path)
+        if trained is not None and trained != recipe.args.frame_rate:
+            raise InputError(
+                f"policy.path: {spec.path!r} was trained at {trained:g} fps but data.fps is "
+                f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
+            )
     return spec
+
+
+def check_policy_dir(spec: Any) -> None:
+    """Layout and weight files of the checkpoint a spec names (safetensors headers only: cheap)."""
+    if isinstance(spec, NSPPolicySpec):
+        from policies.nsp import check_nsp_dir
+
+        check_nsp_dir(Path(spec.path), **spec.overrides)
+    elif isinstance(spec, NextClipPolicySpec):
+        from policies.nextclip import check_nextclip_dir
+
+        check_nextclip_dir(Path(spec.path))
+    else:
+        from policies.ltx import check_ltx_dir
+
+        check_ltx_dir(Path(spec.path))
 
 
 def build_policy(spec: Any, output_dir: Path) -> Any:
@@ -328,6 +347,35 @@ def _clip_row(prompt_column: str):
     return convert
 
 
+def _read_prompts(path: Path) -> list[dict[str, Any]]:
+    """Rows of a prompts file: one prompt a line (.txt) or JSONL objects with a 'prompt' string."""
+    if not path.is_file():
+        raise InputError(f"data.path: {path} is not a file; give a .txt (one prompt a line) or .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"data.path: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            rows.append({"prompt": line.strip()})
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise InputError(f"{path}:{number}: each JSONL row needs a 'prompt' string")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"data.path: {path} holds no prompts; give one prompt a line (.txt) or JSONL rows")
+    return rows
+
+
 def build_datasets(spec: Any) -> tuple[Any, Any]:
     """Training and held-out rows for a data spec."""
     if isinstance(spec, ToyWorldClipsDataSpec):
@@ -376,20 +424,10 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
         return _Rows(NSPVideoDataset(spec.path, config), convert), evaluation
     if spec.prompts is not None:
         train = [{"prompt": p} for p in spec.prompts]
-    elif spec.path.endswith(".jsonl"):
-        train = []
-        for number, line in enumerate(Path(spec.path).read_text().splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise InputError(f"{spec.path}:{number}: each JSONL row needs a 'prompt' string")
-                train.append(row)
     else:
-        train = [
-            {"prompt": line.strip()} for line in Path(spec.path).read_text().splitlines() if line.strip()
-        ]
+        train = _read_prompts(Path(spec.path))
     if not train:
-        raise InputError("data: the training set is empty")
+        raise InputError("data.prompts: the training set is empty; give at least one prompt")
     evaluation = [{"prompt": p} for p in spec.eval_prompts] if spec.eval_prompts else None
     return train, evaluation
 
@@ -399,11 +437,17 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
 
 def validate(recipe: Recipe) -> tuple[Any, Any]:
     """Every check that needs no model; returns the policy and data specs."""
+    from grpo.checkpoint import check_resume
+
+    check_output_dir(recipe.args.output_dir, "output_dir")
     if recipe.stage == "reward_model":
         from grpo.reward_modeling import validate_recipe
 
-        return validate_recipe(recipe)
-    return _policy_spec(recipe), _data_spec(recipe)
+        specs = validate_recipe(recipe)
+    else:
+        specs = _policy_spec(recipe), _data_spec(recipe)
+    check_resume(recipe.args.resume_from_checkpoint, recipe.args.output_dir)
+    return specs
 
 
 def run(recipe: Recipe) -> list[dict[str, Any]]:
@@ -418,6 +462,11 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
         return run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)
     train, evaluation = build_datasets(data_spec)
+    flow_matching = recipe.stage in ("pretrain", "sft")
+    rewards = None
+    if not flow_matching:  # before anything is written: a reward model that cannot load leaves no run dir
+        specs = [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
+        rewards = CompositeReward.from_specs(specs)
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     from grpo.seeding import INIT_STREAM, derived_seed, seeded
@@ -425,13 +474,10 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
     # weights a checkpoint may lack (an NSP connector not trained yet) are drawn from the recipe's seed
     with seeded(derived_seed(recipe.args.seed, INIT_STREAM, 1)):
         policy = build_policy(policy_spec, output_dir)
-    if recipe.stage in ("pretrain", "sft"):
+    if flow_matching:
         from grpo.sft import FlowMatchingTrainer
 
         return FlowMatchingTrainer(policy, recipe.args, train, eval_dataset=evaluation).train()
-    rewards = CompositeReward.from_specs(
-        [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
-    )
     trainer = GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation)
     history = trainer.train()
     if trainer.accelerator.is_main_process:  # curves, before/after table and videos in one page

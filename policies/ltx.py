@@ -21,10 +21,12 @@ from torch import nn
 
 from policies import sde as sde_lib
 from policies.errors import InputError
+from policies.files import check_model_weights, check_safetensors
 from policies.rollout import Rollout
 from policies.schedules import ltx_sigmas
 
 LORA_ADAPTER = "nextscene_lora"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -84,7 +86,7 @@ class SamplingConfig:
 def vae_compression(path: str | Path) -> tuple[int, int]:
     """(spatial, temporal) compression of a checkpoint's LTX VAE, from its config (no weights loaded)."""
     path = Path(path)
-    _check_checkpoint_dir(path)
+    check_ltx_dir(path, weights=False)
     config = json.loads((path / "vae" / "config.json").read_text())
     scaling = config.get("spatio_temporal_scaling", (True, True, True, False))
     spatial = config.get("spatial_compression_ratio") or config.get("patch_size", 4) * 2 ** sum(scaling)
@@ -111,7 +113,9 @@ def latent_shape(
     return (num_frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
-def _check_checkpoint_dir(path: Path) -> None:
+def check_ltx_dir(path: Path, weights: bool = True) -> None:
+    """Layout and, with ``weights``, weight files (safetensors only, headers readable) of an LTX
+    directory; loads nothing."""
     if not path.is_dir():
         raise InputError(f"LTX checkpoint directory {str(path)!r} does not exist")
     for sub in ("transformer", "vae", "scheduler"):
@@ -120,6 +124,13 @@ def _check_checkpoint_dir(path: Path) -> None:
                 f"LTX checkpoint {str(path)!r} has no {sub}/ subfolder with its config: "
                 "expected a diffusers-format LTX-Video directory (transformer/, vae/, scheduler/)"
             )
+    if not weights:
+        return
+    for sub in ("transformer", "vae", "text_encoder"):
+        if (path / sub / "config.json").is_file():
+            check_model_weights(path / sub)
+    if (path / "transformer_lora").is_dir():
+        check_safetensors(path / "transformer_lora" / LORA_WEIGHTS)
 
 
 class LTXPolicy(nn.Module):
@@ -162,24 +173,28 @@ class LTXPolicy(nn.Module):
         )
 
         path = Path(path)
-        _check_checkpoint_dir(path)
+        check_ltx_dir(path)
         transformer = LTXVideoTransformer3DModel.from_pretrained(
-            path / "transformer", torch_dtype=torch_dtype
+            path / "transformer", torch_dtype=torch_dtype, use_safetensors=True
         )
-        vae = AutoencoderKLLTXVideo.from_pretrained(path / "vae", torch_dtype=torch_dtype)
+        vae = AutoencoderKLLTXVideo.from_pretrained(
+            path / "vae", torch_dtype=torch_dtype, use_safetensors=True
+        )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
         text_encoder = tokenizer = None
         if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
             from transformers import AutoTokenizer, T5EncoderModel
 
-            text_encoder = T5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+            text_encoder = T5EncoderModel.from_pretrained(
+                path / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+            )
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         policy = cls(transformer, vae, scheduler, text_encoder, tokenizer)
         if (path / "transformer_lora").is_dir():
             policy.transformer.load_lora_adapter(
                 str(path / "transformer_lora"),
                 adapter_name=LORA_ADAPTER,
-                weight_name="pytorch_lora_weights.safetensors",
+                weight_name=LORA_WEIGHTS,
                 use_safetensors=True,
                 prefix=None,
             )

@@ -58,7 +58,7 @@ from policies.clip_attention import (
     install_clip_attention,
 )
 from policies.errors import InputError
-from policies.ltx import LTXPolicy, SamplingConfig
+from policies.ltx import LTXPolicy, SamplingConfig, check_ltx_dir
 from policies.rollout import Rollout
 from policies.schedules import ltx_sigmas
 
@@ -91,6 +91,25 @@ class NextClipConfig:
 def _mix_seed(seed: int) -> int:
     """A second stream's seed from a sample seed (the history noise), not equal to any nearby seed."""
     return int.from_bytes(hashlib.sha256(f"history:{int(seed)}".encode()).digest()[:8], "little") >> 1
+
+
+def check_nextclip_dir(path: Path) -> NextClipConfig:
+    """The clip config of a next-clip directory (its ``nextclip.json``, or the defaults for a plain
+    LTX-Video checkpoint) after checking its layout and weight files, without loading anything."""
+    check_ltx_dir(path)
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        return NextClipConfig()
+    try:
+        stored = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{file} is not valid JSON ({err}): re-download or regenerate it") from None
+    known = {f.name for f in fields(NextClipConfig)}
+    if not isinstance(stored, dict) or set(stored) - known:
+        raise InputError(
+            f"{file} must be a JSON object of NextClipConfig fields ({', '.join(sorted(known))})"
+        )
+    return NextClipConfig(**stored)
 
 
 class NextClipPolicy(LTXPolicy):
@@ -141,10 +160,8 @@ class NextClipPolicy(LTXPolicy):
         config unless ``config`` is given (a plain LTX-Video checkpoint starts with the defaults);
         ``changes`` override single `NextClipConfig` fields (e.g. ``history_sigma=0.05``)."""
         path = Path(path)
-        if config is None:
-            config = NextClipConfig()
-            if (path / CONFIG_NAME).is_file():
-                config = NextClipConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        stored = check_nextclip_dir(path)
+        config = config or stored
         unknown = sorted(set(changes) - {f.name for f in fields(NextClipConfig)})
         if unknown:
             raise InputError(f"unknown NextClipConfig fields {unknown}; use clip_frames, history_sigma, ...")

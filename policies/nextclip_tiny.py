@@ -37,7 +37,7 @@ def build_tiny_nextclip(
         from grpo.data.toyworld import ToyWorldConfig
         from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
 
-        vae = AutoencoderKLLTXVideo.from_pretrained(path / "vae")
+        vae = AutoencoderKLLTXVideo.from_pretrained(path / "vae", use_safetensors=True)
         world = ToyWorldConfig(context_frames=config.clip_frames, next_frames=config.clip_frames)
         fit_toy_vae(vae, world, ToyVAEFitConfig(steps=vae_fit_steps, seed=spec.seed))
         vae.save_pretrained(path / "vae")

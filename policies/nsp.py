@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from policies.errors import InputError
-from policies.ltx import LTXPolicy
+from policies.files import check_model_weights, check_safetensors
+from policies.ltx import LTXPolicy, check_ltx_dir
 from policies.qwen_vl_inputs import (
     QwenVLInputsConfig,
     expand_vision_placeholders,
@@ -154,6 +155,36 @@ def _vlm_type(path: Path) -> str:
     return model_type
 
 
+def check_nsp_dir(path: Path, **overrides: Any) -> NSPConfig:
+    """The `NSPConfig` of an NSP directory after checking its layout and weight files (safetensors only,
+    headers readable) without loading anything; ``overrides`` as in `NSPPolicy.from_pretrained`."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise InputError(
+            f"{str(path)!r} is not an NSP policy directory (no {CONFIG_FILE}); build one with "
+            "policies.tiny_nsp.build_tiny_nsp or write the config naming your VLM and LTX directories"
+        )
+    try:
+        stored = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{config_file} is not valid JSON ({err}): re-download or regenerate it") from None
+    if not isinstance(stored, dict):
+        raise InputError(f"{config_file} must hold a JSON object of NSP config keys")
+    config = NSPConfig.from_dict({**stored, **overrides}, str(config_file))
+    vlm_path, ltx_path = path / config.vlm, path / config.ltx
+    _vlm_type(vlm_path)
+    check_model_weights(vlm_path)
+    if not (ltx_path / "model_index.json").is_file():
+        raise InputError(
+            f"NSP LTX directory {str(ltx_path)!r} is not a diffusers LTX-Video checkpoint "
+            "(no model_index.json)"
+        )
+    check_ltx_dir(ltx_path)
+    if (path / TRAINED_FILE).exists():
+        check_safetensors(path / TRAINED_FILE)
+    return config
+
+
 def _vlm_width(vlm: nn.Module) -> int:
     config = vlm.config
     return int(getattr(config, "text_config", config).hidden_size)
@@ -216,22 +247,10 @@ class NSPPolicy(LTXPolicy):
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         path = Path(path)
-        config_file = path / CONFIG_FILE
-        if not config_file.is_file():
-            raise InputError(
-                f"{str(path)!r} is not an NSP policy directory (no {CONFIG_FILE}); build one with "
-                "policies.tiny_nsp.build_tiny_nsp or write the config naming your VLM and LTX directories"
-            )
-        config = NSPConfig.from_dict({**json.loads(config_file.read_text()), **overrides}, str(config_file))
+        config = check_nsp_dir(path, **overrides)
         vlm_path, ltx_path = path / config.vlm, path / config.ltx
-        _vlm_type(vlm_path)
-        if not (ltx_path / "model_index.json").is_file():
-            raise InputError(
-                f"NSP LTX directory {str(ltx_path)!r} is not a diffusers LTX-Video checkpoint "
-                "(no model_index.json)"
-            )
         ltx = LTXPolicy.from_pretrained(ltx_path, torch_dtype=torch_dtype, load_text_encoder=False)
-        vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch_dtype)
+        vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(vlm_path)
         if getattr(tokenizer, "chat_template", None) is None:
             raise InputError(f"the VLM tokenizer in {str(vlm_path)!r} has no chat template")
@@ -259,6 +278,7 @@ class NSPPolicy(LTXPolicy):
         """Load queries and connector from a safetensors file, checking every width first."""
         from safetensors.torch import load_file
 
+        check_safetensors(file)
         state = load_file(str(file))
         expected = {k: tuple(v.shape) for k, v in self.trained_state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}

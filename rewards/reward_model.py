@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo.data.video import as_video
 from policies.errors import InputError
+from policies.files import check_model_weights, check_safetensors
 from policies.qwen_vl_inputs import QwenVLInputsConfig, to_uint8, video_inputs
 from rewards.registry import register
 from rewards.types import RewardOutput
@@ -381,8 +382,11 @@ class VideoRewardModel(torch.nn.Module):
                 f"{path} is not a reward model checkpoint (no {ARGS_FILE}); "
                 "start from a Qwen-VL checkpoint with VideoRewardModel.from_backbone"
             )
-        payload = json.loads(args_file.read_text())
-        if payload.pop("architecture", None) != ARCHITECTURE:
+        try:
+            payload = json.loads(args_file.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"{args_file} is not valid JSON ({err}): re-download or regenerate it") from None
+        if not isinstance(payload, dict) or payload.pop("architecture", None) != ARCHITECTURE:
             raise InputError(
                 f"{args_file} does not describe a {ARCHITECTURE}; was it written by another tool?"
             )
@@ -395,7 +399,11 @@ class VideoRewardModel(torch.nn.Module):
             raise InputError(
                 f"{path} holds a {model_type!r} backbone; reward models use Qwen2-VL / Qwen2.5-VL"
             )
-        backbone, info = AutoModel.from_pretrained(path, dtype=_dtype(dtype), output_loading_info=True)
+        check_model_weights(path, others=(HEADS_FILE,))
+        check_safetensors(path / HEADS_FILE)
+        backbone, info = AutoModel.from_pretrained(
+            path, dtype=_dtype(dtype), output_loading_info=True, use_safetensors=True
+        )
         problems = {
             k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
         }
@@ -444,7 +452,8 @@ class VideoRewardModel(torch.nn.Module):
             if not args.inputs and (path / "preprocessor_config.json").is_file():
                 args.inputs = asdict(QwenVLInputsConfig.from_pretrained(path))
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-            backbone = AutoModel.from_pretrained(path, dtype=_dtype(dtype))
+            check_model_weights(path)
+            backbone = AutoModel.from_pretrained(path, dtype=_dtype(dtype), use_safetensors=True)
         elif tokenizer is None:
             raise InputError("from_backbone got a model object without its tokenizer; pass tokenizer=...")
         new = [args.aspect_token(a) for a in args.aspects]

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from policies.errors import InputError
+from policies.files import check_output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     output_dir = Path(recipe.args.output_dir)
     out = args.out or output_dir / f"eval_{Path(policy_spec.path).name if policy_spec.path else 'base'}"
+    check_output_dir(out, "--out")
 
     policy = build_policy(policy_spec, output_dir)
     policy.latent_shape(sampling.num_frames, sampling.height, sampling.width)

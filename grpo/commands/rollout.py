@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from policies.errors import InputError
+from policies.files import check_output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.num_generations < 1:
         raise InputError(f"--num-generations must be >= 1, got {args.num_generations}")
+    check_output_dir(args.out, "--out")
     prompts = args.prompt or [
         "the red ball rolls right and hits the blue ball",
         "a green ball falls and bounces",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from policies.errors import InputError
+from policies.files import check_output_dir
 from rewards.judge.config import JudgeConfig
 from rewards.judge.prompts import ASPECTS, MODES
 from rewards.judge.serve import ServeConfig, format_command, start_server
@@ -118,6 +119,12 @@ def _read_manifest(path: Path, mode: str) -> list[dict[str, Any]]:
         need = ("context_caption", "next_caption") if mode == "text" else ("context", "next")
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in need):
             raise InputError(f"{path}:{line_no}: mode {mode!r} needs string fields {list(need)}")
+        if mode != "text":
+            for key in need:
+                if not (path.parent / row[key]).is_file():
+                    raise InputError(
+                        f"{path}:{line_no}: {key} video file not found: {path.parent / row[key]}"
+                    )
         row.setdefault("id", line_no)
         rows.append(row)
     if not rows:
@@ -138,6 +145,10 @@ def _score(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size {args.batch_size} must be >= 1")
     rows = _read_manifest(args.manifest, args.mode)
     out_path = args.out or args.manifest.with_suffix(".scores.jsonl")
+    check_output_dir(out_path.parent, "--out")
+    if out_path.is_dir():
+        raise InputError(f"--out: {out_path} is a folder; give the path of a JSONL file to write")
+    judge.check_health()  # before the output file is opened: a dead server leaves nothing behind
     root = args.manifest.parent
     scores: list[float | None] = []
     with out_path.open("w") as out:

@@ -135,9 +135,8 @@ class CausalConsistencyJudge:
         async with httpx.AsyncClient() as client:
             results = await asyncio.gather(*(self._probe(client, url, deadline) for url in cfg.urls))
         live = []
-        for url, (models, error) in zip(cfg.urls, results):
+        for url, (models, _) in zip(cfg.urls, results):
             if models is None:
-                logger.warning("judge server %s is not answering (%s); leaving it out", url, error)
                 continue
             if self.model is None:
                 self.model = models[0] if models else None
@@ -152,6 +151,9 @@ class CausalConsistencyJudge:
                 f"no judge server answered within {time.monotonic() - start:.1f} s ({errors}); "
                 "start one with `nextscene judge serve --model PATH` or fix `urls`"
             )
+        for url, (models, error) in zip(cfg.urls, results):  # with some live, name the ones left out
+            if models is None:
+                logger.warning("judge server %s is not answering (%s); leaving it out", url, error)
         self._live_urls = live
         return live
 
