@@ -214,7 +214,8 @@ def test_nsp_options_example_is_a_valid_policy_section():
 # tables of parameters, not of results (their header rows)
 PARAMETER_TABLES = {"| kind | what | noise_level |", "| column | required | meaning |"}
 SOURCE = re.compile(r"<!-- source: (.*?) -->")
-DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\d.])")  # '3.1x', '7.0 %' count; 'Qwen2.5', '0.42.1' do not
+# '3.1x', '7.0 %', '1.2e-7' count; 'Qwen2.5', '0.42.1' do not
+DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d+(?:e-?\d+)?)(?!\d|\.\d)")
 
 
 def _sourced_blocks(text: str) -> list[tuple[list[str], str]]:
@@ -253,8 +254,11 @@ def _numbers(value) -> list[float]:
 def _found(shown: str, numbers: list[float]) -> bool:
     """``shown`` (as printed, e.g. '0.245' or '7.0') is some number of the file rounded to its
     decimals, as it is, as a percentage, or as seconds shown in minutes."""
-    decimals = len(shown.split(".")[1])
+    mantissa, _, exponent = shown.partition("e")
+    decimals = len(mantissa.split(".")[1])
     target = float(shown)
+    if exponent:  # as many significant digits as shown
+        return any(f"{abs(x):.{decimals}e}" == f"{target:.{decimals}e}" for x in numbers)
     return any(
         abs(abs(round(scale * x, decimals)) - target) < 1e-9
         for x in numbers
