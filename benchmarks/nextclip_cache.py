@@ -9,6 +9,7 @@ matmuls and attention); wall-clock seconds are printed too (after a warm-up run)
 machine's load.
 
     python benchmarks/nextclip_cache.py                         # tiny model, 32 px, CPU
+    python benchmarks/nextclip_cache.py --clips 8 --json benchmarks/results/nextclip_cache_8clips.json
     python benchmarks/nextclip_cache.py --checkpoint runs/toy_nextclip_pretrain/final --clips 8
 
 Prints a table and writes JSON (``--json``, default benchmarks/results/nextclip_cache.json).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,8 +102,10 @@ def main() -> None:
     print(f"FLOPs saved by the cache: {ratio:.2f}x; max |cached - uncached| = {diff:.2e}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     summary = {
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "command": "python benchmarks/nextclip_cache.py " + " ".join(sys.argv[1:]),
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
         "results": results,
+        "flops_saved_ratio": round(ratio, 2),
         "max_abs_diff": diff,
     }
     args.json.write_text(json.dumps(summary, indent=2))

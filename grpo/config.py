@@ -261,7 +261,7 @@ def trained_frame_rate(policy_dir: str | os.PathLike[str]) -> float | None:
 
 @dataclass
 class GRPOConfig(VideoTrainerConfig):
-    """Group-relative PPO for diffusion policies (DESIGN.md section 3).
+    """Group-relative PPO for diffusion policies (the algorithm is spelled out in `grpo.trainer`).
 
     One *iteration* rolls out ``num_generations`` videos for each of ``num_prompts_per_iteration``
     prompts (all ranks together), scores them, computes group-relative advantages and runs

@@ -1,6 +1,6 @@
 """Group-relative PPO (GRPO) for video diffusion policies.
 
-One iteration reads like the algorithm (DESIGN.md section 3):
+One iteration reads like the algorithm:
 
     rows      = the iteration's prompts / contexts                (data, split across ranks)
     rollout   = G stochastic denoising chains per row              (policy.rollout, old log-probs)

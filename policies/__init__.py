@@ -4,6 +4,7 @@ from policies import sde
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig
 from policies.nextclip import NextClipPolicy
+from policies.nsp import NSPPolicy
 from policies.rollout import Rollout
 
-__all__ = ["InputError", "LTXPolicy", "NextClipPolicy", "Rollout", "SamplingConfig", "sde"]
+__all__ = ["InputError", "LTXPolicy", "NextClipPolicy", "NSPPolicy", "Rollout", "SamplingConfig", "sde"]

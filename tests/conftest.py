@@ -52,7 +52,10 @@ def vllm_python() -> str:
     if not python:
         if os.environ.get("CI"):
             pytest.fail("NEXTSCENE_VLLM_PYTHON is not set in CI; run .ci/install_vllm.sh and export it")
-        pytest.skip("NEXTSCENE_VLLM_PYTHON not set (run .ci/install_vllm.sh VENV and export it)")
+        pytest.skip(
+            "install the CPU vLLM server to run the judge's vLLM tests: bash .ci/install_vllm.sh .vllm-venv"
+            " && export NEXTSCENE_VLLM_PYTHON=$PWD/.vllm-venv/bin/python"
+        )
     if not Path(python).is_file():
         pytest.fail(f"NEXTSCENE_VLLM_PYTHON={python} does not exist")
     return python

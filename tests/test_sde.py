@@ -1,5 +1,6 @@
 """The stochastic step against independent computations: torch's Normal, float64 re-derivations of
-DESIGN.md 2.1, and closed-form Gaussian marginals."""
+the samplers' formulas (Flow-GRPO's SDE, coefficients-preserving sampling, DanceGRPO), and closed-form
+Gaussian marginals."""
 
 import math
 
@@ -22,7 +23,7 @@ def _inputs(dtype=torch.float32, shape=(3, 5, 4), seed=0):
 
 
 def _reference_mean_std(kind, x, v, s, s_next, a):
-    """DESIGN.md 2.1 written out again in float64 numpy, independently of policies.sde."""
+    """The published sde / cps / dance updates written out again in float64 numpy, not via policies.sde."""
     x, v = x.astype(np.float64), v.astype(np.float64)
     d = s_next - s
     if kind == "sde":

@@ -16,10 +16,13 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from grpo.recipe import TRAINER_CONFIGS
+
+    stages = ", ".join(TRAINER_CONFIGS)
     parser = subparsers.add_parser(
         "train",
-        help="run a YAML recipe (stage pretrain, sft or grpo)",
-        description=__doc__,
+        help=f"run a YAML recipe (stage: {stages})",
+        description=f"{__doc__}\nThe recipe's stage is one of: {stages}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", type=Path, help="YAML recipe")
