@@ -84,13 +84,13 @@ def _policy_spec(recipe: Recipe) -> Any:
     if spec.path is not None:
         if not Path(spec.path).is_dir():
             raise InputError(f"policy.path: checkpoint directory {spec.path!r} does not exist")
-        check_policy_dir(spec)
         trained = trained_frame_rate(spec.path)
         if trained is not None and trained != recipe.args.frame_rate:
             raise InputError(
                 f"policy.path: {spec.path!r} was trained at {trained:g} fps but data.fps is "
                 f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
             )
+        check_policy_dir(spec)
     return spec
 
 

@@ -455,9 +455,9 @@ def test_frame_rate_problems_are_one_line_errors(tmp_path):
 def test_a_policy_trained_at_another_frame_rate_is_refused(tmp_path):
     from grpo.config import write_trained_frame_rate
     from grpo.train import validate
+    from policies.tiny import build_tiny_ltx
 
-    policy = tmp_path / "policy"
-    policy.mkdir()
+    policy = build_tiny_ltx(tmp_path / "policy")
     write_trained_frame_rate(policy, 25.0)
     path = write(tmp_path, TOY_SFT)
     overrides = ["policy.tiny=false", f"policy.path={policy}"]
