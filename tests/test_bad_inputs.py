@@ -148,6 +148,26 @@ def test_broken_nsp_and_nextclip_checkpoints_fail_in_train_before_writing(tmp_pa
     )
 
 
+@pytest.mark.parametrize("damage", ["config_json", "no_tokenizer", "nsp_config_type"])
+def test_broken_checkpoint_layout_is_one_line_before_model_work(tmp_path, tiny_ltx, capsys, damage):
+    if damage == "nsp_config_type":
+        ckpt = copy(REPO / "checkpoints" / "toy_nsp", tmp_path / "ckpt")
+        config = ckpt / "nsp_config.json"
+        config.write_text(config.read_text().replace('"num_queries": 8', '"num_queries": "8"'))
+        policy, expected = "nsp", f"{config}: num_queries='8' must be of type int"
+    else:
+        ckpt = copy(tiny_ltx, tmp_path / "ckpt")
+        policy = "ltx"
+        if damage == "config_json":
+            (ckpt / "vae" / "config.json").write_text('{"in_channels": 3,')
+            expected = f"{ckpt / 'vae' / 'config.json'} is not valid JSON"
+        else:
+            shutil.rmtree(ckpt / "tokenizer")
+            expected = "has a text_encoder/ but no tokenizer/"
+    recipe = write_recipe(tmp_path, {"type": policy, "path": str(ckpt)})
+    fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], expected)
+
+
 def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
     ltx = copy(tiny_ltx, tmp_path / "ltx")
     truncate(ltx / "text_encoder" / "model.safetensors")
