@@ -189,18 +189,34 @@ def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
         NSPPolicy.from_pretrained(nsp)
 
 
-def test_reward_model_loading_refuses_pickle_and_broken_heads(tmp_path):
+def test_reward_model_loading_refuses_pickle_and_broken_heads(tmp_path, capsys):
     from rewards.reward_model import HEADS_FILE, VideoRewardModel, build_tiny_reward_model
 
     model = build_tiny_reward_model()
     pickled = model.save_pretrained(tmp_path / "pickled")
     pickle_only(pickled / "model.safetensors", "pytorch_model.bin")
-    with pytest.raises(InputError, match=re.escape(f"{pickled} has only pickle weights (pytorch_model.bin)")):
+    refusal = re.escape(f"{pickled} has only pickle weights (pytorch_model.bin)")
+    with pytest.raises(InputError, match=refusal):
         VideoRewardModel.from_pretrained(pickled)
     truncated = model.save_pretrained(tmp_path / "truncated")
     truncate(truncated / HEADS_FILE)
     with pytest.raises(InputError, match=re.escape(f"{truncated / HEADS_FILE} is truncated or corrupt")):
         VideoRewardModel.from_pretrained(truncated)
+    # a reward-model training run that starts from either is refused before anything is written
+    for start, message in ((pickled, "has only pickle weights"), (truncated, "is truncated or corrupt")):
+        recipe = tmp_path / "reward_model.yaml"
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bad-reward-model",
+                    "stage": "reward_model",
+                    "policy": {"type": "video_reward_model", "path": str(start)},
+                    "data": {"type": "toyworld_preferences", "num_train": 4, "num_eval": 2},
+                    "trainer": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+                }
+            )
+        )
+        fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], f"{start}", message)
 
 
 def test_broken_reward_model_in_a_grpo_recipe_fails_before_writing(tmp_path, tiny_ltx, capsys):
