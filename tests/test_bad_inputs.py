@@ -176,6 +176,14 @@ def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
     ):
         LTXPolicy.from_pretrained(ltx)
 
+    with_lora = LTXPolicy.from_pretrained(tiny_ltx)
+    with_lora.add_lora(rank=2)
+    with_lora.save_pretrained(tmp_path / "lora")
+    adapter = tmp_path / "lora" / "transformer_lora" / "pytorch_lora_weights.safetensors"
+    corrupt_header(adapter)
+    with pytest.raises(InputError, match=re.escape(f"{adapter} is truncated or corrupt")):
+        LTXPolicy.from_pretrained(tmp_path / "lora")
+
     nextclip = copy(REPO / "checkpoints" / "toy_nextclip", tmp_path / "nextclip")
     pickle_only(nextclip / "vae" / WEIGHTS, "diffusion_pytorch_model.bin")
     with pytest.raises(InputError, match=re.escape(f"{nextclip / 'vae'} has only pickle weights")):
