@@ -347,6 +347,18 @@ def test_corrupt_optimizer_state_is_an_input_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ judge
+def test_grpo_with_an_unreachable_judge_fails_before_writing(tmp_path, tiny_ltx, capsys):
+    judge = {"urls": ["http://127.0.0.1:1"], "health_timeout_s": 1, "max_retries": 0}
+    recipe = write_recipe(
+        tmp_path,
+        {"type": "ltx", "path": str(tiny_ltx)},
+        rewards=[{"name": "causal_consistency", "weight": 1.0, "kwargs": judge}],
+    )
+    fails_in_one_line(
+        capsys, tmp_path, ["train", str(recipe)], "no judge server answered", "nextscene judge serve"
+    )
+
+
 def test_judge_score_without_a_server_is_one_line_and_writes_nothing(tmp_path):
     """Through the real entry point (a subprocess): logging and all, stderr is the one error line."""
     manifest = tmp_path / "pairs.jsonl"
