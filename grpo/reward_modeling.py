@@ -197,14 +197,16 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
         raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
-    from rewards.reward_model import HEADS_FILE
+    from rewards.reward_model import check_reward_model_dir
 
     for name in ("path", "backbone"):
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
             raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
-        if value is not None:
-            check_model_weights(value, others=(HEADS_FILE,))
+    if spec.path is not None:
+        check_reward_model_dir(Path(spec.path))
+    if spec.backbone is not None:
+        check_model_weights(spec.backbone)
     kind = recipe.data["type"]
     if kind not in DATA_SPECS:
         raise InputError(f"data.type: stage 'reward_model' reads {', '.join(DATA_SPECS)}, got {kind!r}")

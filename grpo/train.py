@@ -464,9 +464,12 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
     train, evaluation = build_datasets(data_spec)
     flow_matching = recipe.stage in ("pretrain", "sft")
     rewards = None
-    if not flow_matching:  # before anything is written: a reward model that cannot load leaves no run dir
+    if not flow_matching:  # before anything is written: a reward that cannot work leaves no run dir
         specs = [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
         rewards = CompositeReward.from_specs(specs)
+        for func in rewards.funcs:
+            if callable(getattr(func, "check_health", None)):  # a judge server must answer now
+                func.check_health()
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     from grpo.seeding import INIT_STREAM, derived_seed, seeded

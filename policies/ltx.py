@@ -119,11 +119,21 @@ def check_ltx_dir(path: Path, weights: bool = True) -> None:
     if not path.is_dir():
         raise InputError(f"LTX checkpoint directory {str(path)!r} does not exist")
     for sub in ("transformer", "vae", "scheduler"):
-        if not (path / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file():
+        config = path / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")
+        if not config.is_file():
             raise InputError(
                 f"LTX checkpoint {str(path)!r} has no {sub}/ subfolder with its config: "
                 "expected a diffusers-format LTX-Video directory (transformer/, vae/, scheduler/)"
             )
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{config} is not valid JSON ({err}): re-download or regenerate it") from None
+    if (path / "text_encoder" / "config.json").is_file() and not (path / "tokenizer").is_dir():
+        raise InputError(
+            f"LTX checkpoint {str(path)!r} has a text_encoder/ but no tokenizer/: copy the tokenizer of its "
+            "text encoder into tokenizer/"
+        )
     if not weights:
         return
     for sub in ("transformer", "vae", "text_encoder"):

@@ -109,6 +109,13 @@ class NSPConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{where}: unknown NSP config keys {unknown}; known: {', '.join(sorted(known))}")
+        for f in fields(cls):  # every field has a plain default: its type is the field's type
+            if f.name not in values:
+                continue
+            value, default = values[f.name], f.default
+            expected = (int, float) if isinstance(default, float) else type(default)
+            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
+                raise InputError(f"{where}: {f.name}={value!r} must be of type {type(default).__name__}")
         return cls(**values)
 
 

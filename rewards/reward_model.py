@@ -373,34 +373,10 @@ class VideoRewardModel(torch.nn.Module):
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
     ) -> VideoRewardModel:
         """Load a directory written by `save_pretrained`; anything else is a one-line `InputError`."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
-        args_file = path / ARGS_FILE
-        if not args_file.is_file():
-            raise InputError(
-                f"{path} is not a reward model checkpoint (no {ARGS_FILE}); "
-                "start from a Qwen-VL checkpoint with VideoRewardModel.from_backbone"
-            )
-        try:
-            payload = json.loads(args_file.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"{args_file} is not valid JSON ({err}): re-download or regenerate it") from None
-        if not isinstance(payload, dict) or payload.pop("architecture", None) != ARCHITECTURE:
-            raise InputError(
-                f"{args_file} does not describe a {ARCHITECTURE}; was it written by another tool?"
-            )
-        if payload.pop("format_version", None) != FORMAT_VERSION:
-            raise InputError(f"{args_file}: reward model format is not version {FORMAT_VERSION}")
-        known = {f.name for f in fields(RewardModelArgs)}
-        args = RewardModelArgs(**{k: v for k, v in payload.items() if k in known})
-        model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type not in BACKBONE_TYPES:
-            raise InputError(
-                f"{path} holds a {model_type!r} backbone; reward models use Qwen2-VL / Qwen2.5-VL"
-            )
-        check_model_weights(path, others=(HEADS_FILE,))
-        check_safetensors(path / HEADS_FILE)
+        args = check_reward_model_dir(path)
         backbone, info = AutoModel.from_pretrained(
             path, dtype=_dtype(dtype), output_loading_info=True, use_safetensors=True
         )
@@ -463,6 +439,34 @@ class VideoRewardModel(torch.nn.Module):
         if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(tokenizer))
         return cls(backbone, tokenizer, args).to(_dtype(dtype))
+
+
+def check_reward_model_dir(path: Path) -> RewardModelArgs:
+    """The `RewardModelArgs` of a `VideoRewardModel` directory after checking its files (args, backbone
+    config, safetensors headers of the backbone and the heads) without loading any weights."""
+    args_file = path / ARGS_FILE
+    if not args_file.is_file():
+        raise InputError(
+            f"{path} is not a reward model checkpoint (no {ARGS_FILE}); "
+            "start from a Qwen-VL checkpoint with VideoRewardModel.from_backbone"
+        )
+    try:
+        payload = json.loads(args_file.read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: {err}; re-download or regenerate the reward model") from None
+    if not isinstance(payload, dict) or payload.pop("architecture", None) != ARCHITECTURE:
+        raise InputError(f"{args_file} does not describe a {ARCHITECTURE}; was it written by another tool?")
+    if payload.pop("format_version", None) != FORMAT_VERSION:
+        raise InputError(f"{args_file}: reward model format is not version {FORMAT_VERSION}")
+    known = {f.name for f in fields(RewardModelArgs)}
+    args = RewardModelArgs(**{k: v for k, v in payload.items() if k in known})
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in BACKBONE_TYPES:
+        raise InputError(f"{path} holds a {model_type!r} backbone; reward models use Qwen2-VL / Qwen2.5-VL")
+    check_model_weights(path, others=(HEADS_FILE,))
+    check_safetensors(path / HEADS_FILE)
+    return args
 
 
 def _frame_attention(

@@ -148,6 +148,26 @@ def test_broken_nsp_and_nextclip_checkpoints_fail_in_train_before_writing(tmp_pa
     )
 
 
+@pytest.mark.parametrize("damage", ["config_json", "no_tokenizer", "nsp_config_type"])
+def test_broken_checkpoint_layout_is_one_line_before_model_work(tmp_path, tiny_ltx, capsys, damage):
+    if damage == "nsp_config_type":
+        ckpt = copy(REPO / "checkpoints" / "toy_nsp", tmp_path / "ckpt")
+        config = ckpt / "nsp_config.json"
+        config.write_text(config.read_text().replace('"num_queries": 8', '"num_queries": "8"'))
+        policy, expected = "nsp", f"{config}: num_queries='8' must be of type int"
+    else:
+        ckpt = copy(tiny_ltx, tmp_path / "ckpt")
+        policy = "ltx"
+        if damage == "config_json":
+            (ckpt / "vae" / "config.json").write_text('{"in_channels": 3,')
+            expected = f"{ckpt / 'vae' / 'config.json'} is not valid JSON"
+        else:
+            shutil.rmtree(ckpt / "tokenizer")
+            expected = "has a text_encoder/ but no tokenizer/"
+    recipe = write_recipe(tmp_path, {"type": policy, "path": str(ckpt)})
+    fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], expected)
+
+
 def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
     ltx = copy(tiny_ltx, tmp_path / "ltx")
     truncate(ltx / "text_encoder" / "model.safetensors")
@@ -155,6 +175,14 @@ def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
         InputError, match=re.escape(f"{ltx / 'text_encoder' / 'model.safetensors'} is truncated")
     ):
         LTXPolicy.from_pretrained(ltx)
+
+    with_lora = LTXPolicy.from_pretrained(tiny_ltx)
+    with_lora.add_lora(rank=2)
+    with_lora.save_pretrained(tmp_path / "lora")
+    adapter = tmp_path / "lora" / "transformer_lora" / "pytorch_lora_weights.safetensors"
+    corrupt_header(adapter)
+    with pytest.raises(InputError, match=re.escape(f"{adapter} is truncated or corrupt")):
+        LTXPolicy.from_pretrained(tmp_path / "lora")
 
     nextclip = copy(REPO / "checkpoints" / "toy_nextclip", tmp_path / "nextclip")
     pickle_only(nextclip / "vae" / WEIGHTS, "diffusion_pytorch_model.bin")
@@ -169,18 +197,34 @@ def test_python_loaders_name_the_broken_file(tmp_path, tiny_ltx):
         NSPPolicy.from_pretrained(nsp)
 
 
-def test_reward_model_loading_refuses_pickle_and_broken_heads(tmp_path):
+def test_reward_model_loading_refuses_pickle_and_broken_heads(tmp_path, capsys):
     from rewards.reward_model import HEADS_FILE, VideoRewardModel, build_tiny_reward_model
 
     model = build_tiny_reward_model()
     pickled = model.save_pretrained(tmp_path / "pickled")
     pickle_only(pickled / "model.safetensors", "pytorch_model.bin")
-    with pytest.raises(InputError, match=re.escape(f"{pickled} has only pickle weights (pytorch_model.bin)")):
+    refusal = re.escape(f"{pickled} has only pickle weights (pytorch_model.bin)")
+    with pytest.raises(InputError, match=refusal):
         VideoRewardModel.from_pretrained(pickled)
     truncated = model.save_pretrained(tmp_path / "truncated")
     truncate(truncated / HEADS_FILE)
     with pytest.raises(InputError, match=re.escape(f"{truncated / HEADS_FILE} is truncated or corrupt")):
         VideoRewardModel.from_pretrained(truncated)
+    # a reward-model training run that starts from either is refused before anything is written
+    for start, message in ((pickled, "has only pickle weights"), (truncated, "is truncated or corrupt")):
+        recipe = tmp_path / "reward_model.yaml"
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bad-reward-model",
+                    "stage": "reward_model",
+                    "policy": {"type": "video_reward_model", "path": str(start)},
+                    "data": {"type": "toyworld_preferences", "num_train": 4, "num_eval": 2},
+                    "trainer": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+                }
+            )
+        )
+        fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], f"{start}", message)
 
 
 def test_broken_reward_model_in_a_grpo_recipe_fails_before_writing(tmp_path, tiny_ltx, capsys):
@@ -303,6 +347,18 @@ def test_corrupt_optimizer_state_is_an_input_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ judge
+def test_grpo_with_an_unreachable_judge_fails_before_writing(tmp_path, tiny_ltx, capsys):
+    judge = {"urls": ["http://127.0.0.1:1"], "health_timeout_s": 1, "max_retries": 0}
+    recipe = write_recipe(
+        tmp_path,
+        {"type": "ltx", "path": str(tiny_ltx)},
+        rewards=[{"name": "causal_consistency", "weight": 1.0, "kwargs": judge}],
+    )
+    fails_in_one_line(
+        capsys, tmp_path, ["train", str(recipe)], "no judge server answered", "nextscene judge serve"
+    )
+
+
 def test_judge_score_without_a_server_is_one_line_and_writes_nothing(tmp_path):
     """Through the real entry point (a subprocess): logging and all, stderr is the one error line."""
     manifest = tmp_path / "pairs.jsonl"
