@@ -136,7 +136,7 @@ def launch(mode: str, gpus: int, nodes: int, tiny: bool, iterations: int, out: P
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={per_node}"]
             cmd += [f"--nnodes={nodes}", f"--node_rank={node}", "--master_addr=127.0.0.1"]
             cmd += [f"--master_port={port}", *script]
-            node_env = env
+            node_env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # CPU even where GPUs exist (fewer than ranks)
         elif gpus == 1:
             cmd, node_env = [sys.executable, *script], env
         else:
