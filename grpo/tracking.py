@@ -7,8 +7,9 @@ no-op), so a multi-GPU run has one file and one bar. A run that starts from step
 interrupted run logged at steps >= k (it runs them again): ``metrics.jsonl`` is rewritten
 atomically with the rows before k, TensorBoard purges its events from step k (``purge_step``),
 and W&B resumes the same run, whose history keeps one value per step (it ignores steps below its
-last one). Each step then appears once. Non-finite numbers are written as the strings ``"nan"``,
-``"inf"``, ``"-inf"`` (JSON has no NaN) and read back as floats.
+last one; a fresh start, step 0, is a new W&B run). Each step then appears once. Non-finite
+numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no NaN) and read
+back as floats.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class MetricsLogger:
                 log_dir=str(self.output_dir / "tensorboard"), purge_step=resume_step
             )
         if "wandb" in report_to:
-            self._wandb = self._init_wandb(run_name, config)
+            self._wandb = self._init_wandb(run_name, config, fresh=resume_step == 0)
         self._bar = tqdm(
             total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not progress_bar
         )
@@ -131,12 +132,15 @@ class MetricsLogger:
             handle.flush()
         return handle
 
-    def _init_wandb(self, run_name: str, config: Mapping[str, Any] | None):
+    def _init_wandb(self, run_name: str, config: Mapping[str, Any] | None, fresh: bool):
         import wandb
 
         # the run id is kept in the run directory so that a resumed run continues the same W&B run
+        # (which keeps one value per step: W&B ignores steps below its last); a run starting again
+        # from step 0 is a new W&B run
         id_file = self.output_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        reuse = id_file.exists() and not fresh
+        run_id = id_file.read_text().strip() if reuse else wandb.util.generate_id()
         id_file.write_text(run_id)
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "nextscene"),

@@ -152,6 +152,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     ma, mb = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(40))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(40))  # re-run steps logged once
     for x, y in zip(ma, mb):
         assert abs(x["reward/mean"] - y["reward/mean"]) <= 1e-6
 

@@ -187,7 +187,11 @@ def test_tensorboard_and_wandb_get_the_numbers(tmp_path, fake_trackers):
     # a resumed run continues the same W&B run even if a new id would be generated
     sys.modules["wandb"].util.generate_id = lambda: "other"
     MetricsLogger(tmp_path, report_to=["wandb"], progress_bar=False).close()
-    assert fake_trackers["wandb_init"][1]["id"] == "run123"
+    MetricsLogger(tmp_path, report_to=["wandb"], progress_bar=False, resume_step=3).close()
+    assert [init["id"] for init in fake_trackers["wandb_init"][1:]] == ["run123", "run123"]
+    # a run starting again from step 0 is a new W&B run (W&B would ignore its steps below the old run's)
+    MetricsLogger(tmp_path, report_to=["wandb"], progress_bar=False, resume_step=0).close()
+    assert fake_trackers["wandb_init"][3]["id"] == "other"
 
 
 # --- preemption ------------------------------------------------------------------------------------
