@@ -197,16 +197,22 @@ def detect_balls(
     return Detections(mass, np.stack([cx, cy], axis=-1), hue_offset, unexplained)
 
 
-def _as_world(world: Any, index: int, key: str) -> Mapping[str, Any] | None:
-    if world is None:
-        return None
+def world_metadata(world: Any, index: int, key: str) -> Any:
+    """A sample's toy-world metadata as given to a reward: a dict, or its JSON text (manifests), parsed."""
     if isinstance(world, str | bytes):
         try:
-            world = json.loads(world)
+            return json.loads(world)
         except json.JSONDecodeError as err:
             raise InputError(
                 f"{key}[{index}] is not valid JSON ({err.msg}); pass the toy world's metadata"
             ) from None
+    return world
+
+
+def _as_world(world: Any, index: int, key: str) -> Mapping[str, Any] | None:
+    if world is None:
+        return None
+    world = world_metadata(world, index, key)
     if not isinstance(world, Mapping) or not isinstance(world.get("objects"), list) or not world["objects"]:
         raise InputError(
             f"{key}[{index}] has no 'objects' list; expected toy-world metadata (grpo.data.toyworld)"

@@ -35,7 +35,6 @@ only counted: the sound alone is scored, so combine it with ``toyworld_verifiabl
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from grpo.data.video import as_audio
 from policies.errors import InputError
 from rewards.registry import register
 from rewards.types import RewardOutput
+from rewards.verifiable import world_metadata
 
 
 @dataclass
@@ -91,13 +91,7 @@ class AudioRewardConfig:
 
 
 def _world_dict(world: Any, index: int, key: str) -> Mapping[str, Any]:
-    if isinstance(world, str | bytes):
-        try:
-            world = json.loads(world)
-        except json.JSONDecodeError as err:
-            raise InputError(
-                f"{key}[{index}] is not valid JSON ({err.msg}); pass the toy world's metadata"
-            ) from None
+    world = world_metadata(world, index, key)
     if not isinstance(world, Mapping):
         raise InputError(f"{key}[{index}] is a {type(world).__name__}; expected toy-world metadata (a dict)")
     return world
