@@ -1,0 +1,422 @@
+"""LTX2Policy's contract: the ODE path equals diffusers' LTX2Pipeline / LTX2ImageToVideoPipeline (video
+and audio, all guidance on), recomputed log-probs equal the rollout's, checkpoints (with LoRA)
+round-trip bitwise, and bad input fails early with one line."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.errors import InputError
+from policies.ltx import LTXPolicy
+from policies.ltx2 import LTX2Policy, LTX2SamplingConfig
+
+GEOMETRY = dict(num_frames=5, height=32, width=32, frame_rate=25.0)
+GUIDANCE = dict(
+    guidance_scale=3.0,
+    audio_guidance_scale=4.0,
+    stg_scale=1.0,
+    stg_blocks=[1],
+    modality_scale=2.0,
+    guidance_rescale=0.5,
+    audio_guidance_rescale=0.3,
+)
+TEXT_WIDTH = 32 * 3  # caption channels x (text-encoder layers + 1)
+
+
+def _components():
+    """Tiny random LTX-2 components of the real classes (perturbed attention on, so STG acts)."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    torch.manual_seed(0)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=2,
+        caption_channels=32,
+        rope_double_precision=False,
+        rope_type="split",
+        perturbed_attn=True,
+    )
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=3,
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=4,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        mid_block_add_attention=False,
+        is_causal=True,
+        mel_bins=8,
+    )
+    vocoder = LTX2Vocoder(
+        in_channels=16,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+    )
+    # dynamic shifting on, so the resolution-dependent shift of LTX2Pipeline is exercised
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05)
+    with torch.no_grad():  # non-trivial latent statistics, so (de)normalisation is checked
+        for module in (vae, audio_vae):
+            module.latents_mean.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+            module.latents_std.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        audio_vae=audio_vae,
+        scheduler=scheduler,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors,
+        vocoder=vocoder,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from diffusers import LTX2Pipeline
+
+    path = tmp_path_factory.mktemp("tiny_ltx2") / "ckpt"
+    LTX2Pipeline(**_components()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_dir):
+    return LTX2Policy.from_pretrained(tiny_dir)
+
+
+def _pipeline(cls, path):
+    pipe = cls.from_pretrained(path, text_encoder=None, tokenizer=None)  # the tiny checkpoint has no Gemma
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _condition(rows: int, cfg: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(rows, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, as Gemma's tokenizer pads
+    cond = {"prompt_embeds": torch.randn(rows, 7, TEXT_WIDTH, generator=g), "prompt_attention_mask": mask}
+    if cfg:
+        cond["negative_prompt_embeds"] = torch.randn(rows, 7, TEXT_WIDTH, generator=g)
+        cond["negative_prompt_attention_mask"] = torch.ones(rows, 7, dtype=torch.long)
+    return cond
+
+
+def _pipeline_latents(policy, rollout):
+    """The rollout's final video ``[B, C, F, h, w]`` and audio ``[B, C, L, M]`` latents, denormalised
+    as the pipelines return them with ``output_type="latent"``."""
+    final = rollout.final_latents
+    n_video = int(np.prod(rollout.latent_shape)) * 4
+    video = final[:, :n_video].unflatten(1, (-1, 4)).transpose(1, 2).unflatten(2, rollout.latent_shape)
+    vae = policy.vae
+    video = video * vae.latents_std.view(1, -1, 1, 1, 1) / vae.config.scaling_factor + vae.latents_mean.view(
+        1, -1, 1, 1, 1
+    )
+    audio = final[:, n_video:].unflatten(1, (-1, 4))
+    audio = audio * policy.audio_vae.latents_std + policy.audio_vae.latents_mean
+    return video, audio.unflatten(2, (2, 2)).transpose(1, 2)
+
+
+def _pipeline_kwargs(cond, idx, guidance):
+    kwargs = dict(
+        prompt_embeds=cond["prompt_embeds"][idx], prompt_attention_mask=cond["prompt_attention_mask"][idx]
+    )
+    if guidance:
+        kwargs.update(
+            negative_prompt_embeds=cond["negative_prompt_embeds"][idx],
+            negative_prompt_attention_mask=cond["negative_prompt_attention_mask"][idx],
+            **{k: v for k, v in GUIDANCE.items() if k != "stg_blocks"},
+            spatio_temporal_guidance_blocks=GUIDANCE["stg_blocks"],
+            audio_stg_scale=GUIDANCE["stg_scale"],
+            audio_modality_scale=GUIDANCE["modality_scale"],
+        )
+    else:
+        kwargs.update(guidance_scale=1.0, stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0)
+        kwargs.update(audio_guidance_scale=1.0, audio_stg_scale=0.0, audio_modality_scale=1.0)
+        kwargs.update(audio_guidance_rescale=0.0)
+    return kwargs
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
+def test_ode_rollout_reproduces_ltx2_pipeline(tiny_dir, policy, guidance):
+    from diffusers import LTX2Pipeline
+
+    pipe = _pipeline(LTX2Pipeline, tiny_dir)
+    cond = _condition(2, cfg=guidance)
+    seeds, steps = [11, 12, 13, 14], 4
+    idx = torch.arange(2).repeat_interleave(2)
+    expected = pipe(
+        **_pipeline_kwargs(cond, idx, guidance),
+        **GEOMETRY,
+        num_inference_steps=steps,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="latent",
+    )
+    sampling = LTX2SamplingConfig(
+        **GEOMETRY, num_inference_steps=steps, kind="ode", **(GUIDANCE if guidance else {})
+    )
+    rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=seeds)
+    video, audio = _pipeline_latents(policy, rollout)
+    assert video.shape == expected.frames.shape and audio.shape == expected.audio.shape
+    assert (video - expected.frames).abs().max().item() <= 1e-4
+    assert (audio - expected.audio).abs().max().item() <= 1e-4
+    assert rollout.extras["guidance"]["stg"] == ([1.0, 1.0] if guidance else [0.0, 0.0])  # recorded
+
+
+def test_decode_matches_ltx2_pipeline_output(tiny_dir, policy):
+    from diffusers import LTX2Pipeline
+
+    pipe = _pipeline(LTX2Pipeline, tiny_dir)
+    cond = _condition(1, cfg=False)
+    out = pipe(
+        **_pipeline_kwargs(cond, torch.tensor([0]), False),
+        **GEOMETRY,
+        num_inference_steps=3,
+        generator=[torch.Generator().manual_seed(7)],
+        output_type="pt",
+    )
+    rollout = policy.rollout(
+        cond, sampling=LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, kind="ode"), seeds=[7]
+    )
+    videos = policy.decode(rollout.final_latents, rollout.latent_shape)
+    assert (videos - out.frames.permute(0, 1, 3, 4, 2)).abs().max().item() <= 1e-4
+    waveform = policy.decode_audio(rollout.final_latents, rollout.latent_shape)
+    assert waveform.shape == out.audio.shape
+    assert (waveform - out.audio).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
+def test_i2v_ode_rollout_reproduces_ltx2_image_to_video_pipeline(tiny_dir, policy, guidance):
+    from diffusers import LTX2ImageToVideoPipeline
+    from PIL import Image
+
+    pipe = _pipeline(LTX2ImageToVideoPipeline, tiny_dir)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    cond = _condition(1, cfg=guidance)
+    seeds = [21, 22]
+    expected = pipe(
+        image=[Image.fromarray(pixels)] * 2,
+        image_crf=0,
+        **_pipeline_kwargs(cond, torch.tensor([0, 0]), guidance),
+        **GEOMETRY,
+        num_inference_steps=4,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="latent",
+    )
+    cond["image_latents"] = policy.encode_image(torch.from_numpy(pixels).float()[None] / 255)
+    sampling = LTX2SamplingConfig(
+        **GEOMETRY, num_inference_steps=4, kind="ode", **(GUIDANCE if guidance else {})
+    )
+    rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=seeds)
+    video, audio = _pipeline_latents(policy, rollout)
+    assert (video - expected.frames).abs().max().item() <= 1e-4
+    assert (audio - expected.audio).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("modalities", ["video", "audio_video"])
+@pytest.mark.parametrize("guidance", [False, True], ids=["no-guidance", "guidance"])
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
+    cond = _condition(2, cfg=guidance)
+    if i2v:
+        cond["image_latents"] = policy.encode_image(
+            torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+        )
+    sampling = LTX2SamplingConfig(
+        **GEOMETRY,
+        num_inference_steps=4,
+        kind="sde",
+        noise_level=0.7,
+        modalities=modalities,
+        **(GUIDANCE if guidance else {}),
+    )
+    rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[1, 2, 3, 4])
+    assert rollout.log_probs.shape == (4, 4) and set(rollout.part_log_probs) == {"video", "audio"}
+    for j in range(rollout.latents.shape[1]):
+        with torch.no_grad():
+            out, parts = policy.log_prob_parts(rollout, j)
+        assert (out.log_prob - rollout.log_probs[:, j]).abs().max().item() <= 1e-5
+        for name in ("video", "audio"):
+            assert (parts[name] - rollout.part_log_probs[name][:, j]).abs().max().item() <= 1e-5
+    # the joint reduction, computed independently: the Gaussian density of every stochastic element
+    with torch.no_grad():
+        out = policy.log_prob(rollout, 1)
+    stochastic = out.std > 0
+    n_video = int(np.prod(rollout.latent_shape)) * 4
+    assert bool(stochastic[:, n_video:].any()) == (modalities == "audio_video")
+    std = torch.where(stochastic, out.std, torch.ones_like(out.std))
+    density = (
+        -0.5 * ((rollout.next_latents[:, 1] - out.mean) / std) ** 2 - std.log() - 0.5 * np.log(2 * np.pi)
+    )
+    expected = (density * stochastic).sum(1) / stochastic.sum(1)
+    assert (expected - rollout.log_probs[:, 1]).abs().max().item() <= 1e-5
+    if modalities == "video":
+        assert torch.equal(rollout.part_log_probs["audio"], torch.zeros_like(rollout.log_probs))
+        assert torch.equal(rollout.log_probs, rollout.part_log_probs["video"])
+    if i2v:  # the clean first latent frame never moves and is out of the log-prob
+        first = rollout.latent_shape[1] * rollout.latent_shape[2] * 4
+        assert torch.equal(rollout.final_latents[:, :first], rollout.latents[:, 0, :first])
+        assert not bool(stochastic[:, :first].any())
+
+
+def test_train_without_guidance_and_bad_override(policy):
+    cond = _condition(1, cfg=True)
+    sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
+    rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[5, 6])
+    plain = policy.rollout(
+        cond, num_generations=2, sampling=LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3), seeds=[5, 6]
+    )
+    with torch.no_grad():
+        free = policy.log_prob(rollout, 0, guidance_scale=1.0)
+        again = policy.log_prob(plain, 0)
+    assert torch.equal(
+        rollout.latents[:, 0], plain.latents[:, 0]
+    )  # the first step's input is the seed's noise
+    # without guidance the recompute is the unguided policy's log-prob of the guided sample
+    assert (free.mean - again.mean).abs().max().item() <= 1e-5
+    with pytest.raises(InputError, match="guidance_scale"):
+        policy.log_prob(rollout, 0, guidance_scale=3.0)
+
+
+def test_save_load_lora_round_trip_is_bitwise(tmp_path, tiny_dir):
+    from diffusers import LTX2Pipeline
+
+    sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
+    cond = _condition(1, cfg=True)
+    policy = LTX2Policy.from_pretrained(tiny_dir)
+    policy.save_pretrained(tmp_path / "base")
+    loaded = LTX2Policy.from_pretrained(tmp_path / "base")
+    first = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
+    assert torch.equal(
+        first.final_latents,
+        loaded.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9]).final_latents,
+    )
+
+    loaded.add_lora(rank=4)
+    optimizer = torch.optim.SGD([p for p in loaded.parameters() if p.requires_grad], lr=0.5)
+    for step in range(2):
+        loss = -loaded.log_prob(first, step).log_prob.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tuned = loaded.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
+    assert (tuned.final_latents - first.final_latents).abs().max() > 1e-4  # LoRA training changed the policy
+    with loaded.reference(), torch.no_grad():  # adapters off: the base model again
+        reference = loaded.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
+    torch.testing.assert_close(reference.final_latents, first.final_latents, rtol=0, atol=1e-5)
+
+    loaded.save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "transformer_lora").is_dir()
+    again = LTX2Policy.from_pretrained(tmp_path / "lora")
+    second = again.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
+    for name in ("final_latents", "latents", "next_latents", "log_probs"):
+        assert torch.equal(getattr(second, name), getattr(tuned, name)), name
+    _pipeline(LTX2Pipeline, tmp_path / "base")  # what we save is a diffusers LTX-2 directory
+
+
+def _no_forward(monkeypatch, policy):
+    calls = []
+    monkeypatch.setattr(policy.transformer, "forward", lambda *a, **k: calls.append(1))
+    return calls
+
+
+def test_ltx_video_and_ltx2_directories_are_not_mixed_up(tmp_path, tiny_dir):
+    from policies.tiny import build_tiny_ltx
+
+    ltx_dir = build_tiny_ltx(tmp_path / "ltx")
+    with pytest.raises(InputError, match="LTXPolicy") as info:
+        LTX2Policy.from_pretrained(ltx_dir)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="LTX2Policy") as info:
+        LTXPolicy.from_pretrained(tiny_dir)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(num_frames=6), "2k\\+1"),
+        (dict(height=31), "multiple of 8"),
+        (dict(modalities="audio"), "modalities"),
+        (dict(stg_scale=1.0, stg_blocks=[]), "stg_blocks"),
+        (dict(stg_scale=1.0, stg_blocks=[2]), "stg_blocks"),
+        (dict(guidance_scale=3.0), "negative_prompt_embeds"),
+    ],
+)
+def test_bad_input_fails_before_any_forward(monkeypatch, policy, change, match):
+    calls = _no_forward(monkeypatch, policy)
+    with pytest.raises(InputError, match=match) as info:
+        policy.rollout(_condition(1, cfg=False), sampling=LTX2SamplingConfig(**{**GEOMETRY, **change}))
+    assert calls == [] and "\n" not in str(info.value)
+
+
+def test_checkpoint_limits_fail_before_any_forward(monkeypatch, tiny_dir):
+    policy = LTX2Policy.from_pretrained(tiny_dir)
+    calls = _no_forward(monkeypatch, policy)
+    policy.transformer.register_to_config(perturbed_attn=False)
+    with pytest.raises(InputError, match="perturbed attention") as info:
+        policy.rollout(
+            _condition(1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY, stg_scale=1.0, stg_blocks=[1])
+        )
+    assert "\n" not in str(info.value)
+    policy.audio_vae = None
+    with pytest.raises(InputError, match="modalities='video'") as info:
+        policy.rollout(_condition(1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY))
+    assert calls == [] and "\n" not in str(info.value)
+    with pytest.raises(InputError, match="prompt_embeds must be"):
+        policy.rollout({"prompt_embeds": torch.zeros(1, 3, 5), "prompt_attention_mask": torch.ones(1, 3)})
