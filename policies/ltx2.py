@@ -213,6 +213,9 @@ class LTX2Policy(LTXPolicy):
         self.connectors = connectors.requires_grad_(False)
         self.audio_vae = audio_vae.requires_grad_(False) if audio_vae is not None else None
         self.vocoder = vocoder.requires_grad_(False) if vocoder is not None else None
+        # LTX2SamplingConfig fields applied when a rollout is given a plain SamplingConfig (e.g. the
+        # GRPO trainer's): modalities and guidance from the recipe's policy section
+        self.sampling_overrides: dict = {}
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -562,9 +565,7 @@ class LTX2Policy(LTXPolicy):
         [P, C, 1, h, w] from `encode_image`. Sample ``b`` uses row ``b // num_generations`` and
         seed ``seeds[b]``.
         """
-        sampling = sampling or LTX2SamplingConfig()
-        if not isinstance(sampling, LTX2SamplingConfig):
-            sampling = LTX2SamplingConfig(**asdict(sampling))
+        sampling = self.ltx2_sampling(sampling)
         guidance = sampling.guidance()
         rows = self._check_condition(condition, max(guidance.cfg))
         self._check_sampling(sampling, guidance)
@@ -643,6 +644,14 @@ class LTX2Policy(LTXPolicy):
                 for p in parts
             },
         )
+
+    def ltx2_sampling(self, sampling: SamplingConfig | None) -> LTX2SamplingConfig:
+        """``sampling`` as an `LTX2SamplingConfig`: a plain `SamplingConfig` (or None) gets
+        ``sampling_overrides`` (modalities, STG, modality guidance, rescale, audio scales) added."""
+        if isinstance(sampling, LTX2SamplingConfig):
+            return sampling
+        base = asdict(sampling) if sampling is not None else {}
+        return LTX2SamplingConfig(**{**base, **self.sampling_overrides})
 
     def _video_mask(self, scale: torch.Tensor, geometry: Geometry) -> torch.Tensor | None:
         """Per-token generated mask ``[b, Sv]`` of the video, or None when every token is generated."""

@@ -2,15 +2,19 @@
 and audio, all guidance on), recomputed log-probs equal the rollout's, checkpoints (with LoRA)
 round-trip bitwise, and bad input fails early with one line."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from policies.errors import InputError
 from policies.ltx import LTXPolicy
 from policies.ltx2 import LTX2Policy, LTX2SamplingConfig
+from policies.tiny_ltx2 import build_tiny_ltx2
 
-GEOMETRY = dict(num_frames=5, height=32, width=32, frame_rate=25.0)
+GEOMETRY = dict(num_frames=9, height=64, width=64, frame_rate=25.0)
 GUIDANCE = dict(
     guidance_scale=3.0,
     audio_guidance_scale=4.0,
@@ -20,118 +24,24 @@ GUIDANCE = dict(
     guidance_rescale=0.5,
     audio_guidance_rescale=0.3,
 )
-TEXT_WIDTH = 32 * 3  # caption channels x (text-encoder layers + 1)
-
-
-def _components():
-    """Tiny random LTX-2 components of the real classes (perturbed attention on, so STG acts)."""
-    from diffusers import (
-        AutoencoderKLLTX2Audio,
-        AutoencoderKLLTX2Video,
-        FlowMatchEulerDiscreteScheduler,
-        LTX2VideoTransformer3DModel,
-    )
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-
-    torch.manual_seed(0)
-    transformer = LTX2VideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
-        audio_in_channels=4,
-        audio_out_channels=4,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
-        num_layers=2,
-        caption_channels=32,
-        rope_double_precision=False,
-        rope_type="split",
-        perturbed_attn=True,
-    )
-    connectors = LTX2TextConnectors(
-        caption_channels=32,
-        text_proj_in_factor=3,
-        video_connector_num_attention_heads=4,
-        video_connector_attention_head_dim=8,
-        video_connector_num_layers=1,
-        video_connector_num_learnable_registers=None,
-        audio_connector_num_attention_heads=4,
-        audio_connector_attention_head_dim=8,
-        audio_connector_num_layers=1,
-        audio_connector_num_learnable_registers=None,
-        connector_rope_base_seq_len=32,
-        rope_double_precision=False,
-        rope_type="split",
-    )
-    vae = AutoencoderKLLTX2Video(
-        latent_channels=4,
-        block_out_channels=(8,),
-        decoder_block_out_channels=(8,),
-        layers_per_block=(1,),
-        decoder_layers_per_block=(1, 1),
-        spatio_temporal_scaling=(True,),
-        decoder_spatio_temporal_scaling=(True,),
-        decoder_inject_noise=(False, False),
-        downsample_type=("spatial",),
-        upsample_residual=(False,),
-        upsample_factor=(1,),
-        timestep_conditioning=False,
-        encoder_causal=True,
-        decoder_causal=False,
-    )
-    vae.use_framewise_encoding = vae.use_framewise_decoding = False
-    audio_vae = AutoencoderKLLTX2Audio(
-        base_channels=4,
-        output_channels=2,
-        ch_mult=(1,),
-        num_res_blocks=1,
-        attn_resolutions=None,
-        in_channels=2,
-        resolution=32,
-        latent_channels=2,
-        norm_type="pixel",
-        causality_axis="height",
-        mid_block_add_attention=False,
-        is_causal=True,
-        mel_bins=8,
-    )
-    vocoder = LTX2Vocoder(
-        in_channels=16,
-        hidden_channels=32,
-        out_channels=2,
-        upsample_kernel_sizes=[4, 4],
-        upsample_factors=[2, 2],
-        resnet_kernel_sizes=[3],
-        resnet_dilations=[[1, 3, 5]],
-    )
-    # dynamic shifting on, so the resolution-dependent shift of LTX2Pipeline is exercised
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05)
-    with torch.no_grad():  # non-trivial latent statistics, so (de)normalisation is checked
-        for module in (vae, audio_vae):
-            module.latents_mean.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
-            module.latents_std.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
-    return dict(
-        transformer=transformer,
-        vae=vae,
-        audio_vae=audio_vae,
-        scheduler=scheduler,
-        text_encoder=None,
-        tokenizer=None,
-        connectors=connectors,
-        vocoder=vocoder,
-    )
+PROMPTS = ["a red ball", "two blue squares"]
+TEXT = dict(max_sequence_length=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from diffusers import LTX2Pipeline
-
-    path = tmp_path_factory.mktemp("tiny_ltx2") / "ckpt"
-    LTX2Pipeline(**_components()).save_pretrained(path)
+    """The tiny LTX-2 checkpoint with perturbed attention on (LTX-2.3's STG layout: no extra weights)
+    and non-trivial latent statistics, so that STG acts and (de)normalisation is checked."""
+    path = build_tiny_ltx2(tmp_path_factory.mktemp("tiny_ltx2") / "ckpt", seed=1)
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    (path / "transformer" / "config.json").write_text(json.dumps({**config, "perturbed_attn": True}))
+    for seed, folder in enumerate(("vae", "audio_vae")):
+        file = path / folder / "diffusion_pytorch_model.safetensors"
+        state = load_file(file)
+        g = torch.Generator().manual_seed(seed)
+        state["latents_mean"] = 0.3 * torch.randn(state["latents_mean"].shape, generator=g)
+        state["latents_std"] = 0.5 + torch.rand(state["latents_std"].shape, generator=g)
+        save_file(state, file)
     return path
 
 
@@ -141,45 +51,37 @@ def policy(tiny_dir):
 
 
 def _pipeline(cls, path):
-    pipe = cls.from_pretrained(path, text_encoder=None, tokenizer=None)  # the tiny checkpoint has no Gemma
+    pipe = cls.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _condition(rows: int, cfg: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(rows, 7, dtype=torch.long)
-    mask[0, :2] = 0  # left padding, as Gemma's tokenizer pads
-    cond = {"prompt_embeds": torch.randn(rows, 7, TEXT_WIDTH, generator=g), "prompt_attention_mask": mask}
-    if cfg:
-        cond["negative_prompt_embeds"] = torch.randn(rows, 7, TEXT_WIDTH, generator=g)
-        cond["negative_prompt_attention_mask"] = torch.ones(rows, 7, dtype=torch.long)
-    return cond
+def _condition(policy, rows: int, cfg: bool) -> dict[str, torch.Tensor]:
+    return policy.encode_prompt(PROMPTS[:rows], negative_prompt="" if cfg else None, **TEXT)
 
 
 def _pipeline_latents(policy, rollout):
     """The rollout's final video ``[B, C, F, h, w]`` and audio ``[B, C, L, M]`` latents, denormalised
     as the pipelines return them with ``output_type="latent"``."""
-    final = rollout.final_latents
-    n_video = int(np.prod(rollout.latent_shape)) * 4
-    video = final[:, :n_video].unflatten(1, (-1, 4)).transpose(1, 2).unflatten(2, rollout.latent_shape)
+    final, channels = rollout.final_latents, policy.transformer.config.in_channels
+    n_video = int(np.prod(rollout.latent_shape)) * channels
+    video = final[:, :n_video].unflatten(1, (-1, channels)).transpose(1, 2).unflatten(2, rollout.latent_shape)
     vae = policy.vae
     video = video * vae.latents_std.view(1, -1, 1, 1, 1) / vae.config.scaling_factor + vae.latents_mean.view(
         1, -1, 1, 1, 1
     )
-    audio = final[:, n_video:].unflatten(1, (-1, 4))
+    audio = final[:, n_video:].unflatten(1, (-1, policy.transformer.config.audio_in_channels))
     audio = audio * policy.audio_vae.latents_std + policy.audio_vae.latents_mean
-    return video, audio.unflatten(2, (2, 2)).transpose(1, 2)
+    return video, audio.unflatten(2, (policy.audio_vae.config.latent_channels, -1)).transpose(1, 2)
 
 
-def _pipeline_kwargs(cond, idx, guidance):
-    kwargs = dict(
-        prompt_embeds=cond["prompt_embeds"][idx], prompt_attention_mask=cond["prompt_attention_mask"][idx]
-    )
+def _pipeline_kwargs(rows, guidance, generations=1):
+    # each prompt repeated, not num_videos_per_prompt: diffusers 0.42.1 repeats the prompt embeddings
+    # per prompt but their attention masks per batch, so the two disagree for G > 1 distinct prompts
+    prompts = [p for p in PROMPTS[:rows] for _ in range(generations)]
+    kwargs = dict(prompt=prompts, negative_prompt="", **TEXT)
     if guidance:
         kwargs.update(
-            negative_prompt_embeds=cond["negative_prompt_embeds"][idx],
-            negative_prompt_attention_mask=cond["negative_prompt_attention_mask"][idx],
             **{k: v for k, v in GUIDANCE.items() if k != "stg_blocks"},
             spatio_temporal_guidance_blocks=GUIDANCE["stg_blocks"],
             audio_stg_scale=GUIDANCE["stg_scale"],
@@ -197,11 +99,10 @@ def test_ode_rollout_reproduces_ltx2_pipeline(tiny_dir, policy, guidance):
     from diffusers import LTX2Pipeline
 
     pipe = _pipeline(LTX2Pipeline, tiny_dir)
-    cond = _condition(2, cfg=guidance)
+    cond = _condition(policy, 2, cfg=guidance)
     seeds, steps = [11, 12, 13, 14], 4
-    idx = torch.arange(2).repeat_interleave(2)
     expected = pipe(
-        **_pipeline_kwargs(cond, idx, guidance),
+        **_pipeline_kwargs(2, guidance, generations=2),
         **GEOMETRY,
         num_inference_steps=steps,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -222,9 +123,9 @@ def test_decode_matches_ltx2_pipeline_output(tiny_dir, policy):
     from diffusers import LTX2Pipeline
 
     pipe = _pipeline(LTX2Pipeline, tiny_dir)
-    cond = _condition(1, cfg=False)
+    cond = _condition(policy, 1, cfg=False)
     out = pipe(
-        **_pipeline_kwargs(cond, torch.tensor([0]), False),
+        **_pipeline_kwargs(1, False),
         **GEOMETRY,
         num_inference_steps=3,
         generator=[torch.Generator().manual_seed(7)],
@@ -246,13 +147,13 @@ def test_i2v_ode_rollout_reproduces_ltx2_image_to_video_pipeline(tiny_dir, polic
     from PIL import Image
 
     pipe = _pipeline(LTX2ImageToVideoPipeline, tiny_dir)
-    pixels = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-    cond = _condition(1, cfg=guidance)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    cond = _condition(policy, 1, cfg=guidance)
     seeds = [21, 22]
     expected = pipe(
         image=[Image.fromarray(pixels)] * 2,
         image_crf=0,
-        **_pipeline_kwargs(cond, torch.tensor([0, 0]), guidance),
+        **_pipeline_kwargs(1, guidance, generations=2),
         **GEOMETRY,
         num_inference_steps=4,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -272,10 +173,10 @@ def test_i2v_ode_rollout_reproduces_ltx2_image_to_video_pipeline(tiny_dir, polic
 @pytest.mark.parametrize("guidance", [False, True], ids=["no-guidance", "guidance"])
 @pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
 def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
-    cond = _condition(2, cfg=guidance)
+    cond = _condition(policy, 2, cfg=guidance)
     if i2v:
         cond["image_latents"] = policy.encode_image(
-            torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+            torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(4))
         )
     sampling = LTX2SamplingConfig(
         **GEOMETRY,
@@ -297,7 +198,7 @@ def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
     with torch.no_grad():
         out = policy.log_prob(rollout, 1)
     stochastic = out.std > 0
-    n_video = int(np.prod(rollout.latent_shape)) * 4
+    n_video = int(np.prod(rollout.latent_shape)) * policy.transformer.config.in_channels
     assert bool(stochastic[:, n_video:].any()) == (modalities == "audio_video")
     std = torch.where(stochastic, out.std, torch.ones_like(out.std))
     density = (
@@ -309,13 +210,13 @@ def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
         assert torch.equal(rollout.part_log_probs["audio"], torch.zeros_like(rollout.log_probs))
         assert torch.equal(rollout.log_probs, rollout.part_log_probs["video"])
     if i2v:  # the clean first latent frame never moves and is out of the log-prob
-        first = rollout.latent_shape[1] * rollout.latent_shape[2] * 4
+        first = rollout.latent_shape[1] * rollout.latent_shape[2] * policy.transformer.config.in_channels
         assert torch.equal(rollout.final_latents[:, :first], rollout.latents[:, 0, :first])
         assert not bool(stochastic[:, :first].any())
 
 
 def test_train_without_guidance_and_bad_override(policy):
-    cond = _condition(1, cfg=True)
+    cond = _condition(policy, 1, cfg=True)
     sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
     rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[5, 6])
     plain = policy.rollout(
@@ -337,8 +238,8 @@ def test_save_load_lora_round_trip_is_bitwise(tmp_path, tiny_dir):
     from diffusers import LTX2Pipeline
 
     sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
-    cond = _condition(1, cfg=True)
     policy = LTX2Policy.from_pretrained(tiny_dir)
+    cond = _condition(policy, 1, cfg=True)
     policy.save_pretrained(tmp_path / "base")
     loaded = LTX2Policy.from_pretrained(tmp_path / "base")
     first = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
@@ -390,8 +291,8 @@ def test_ltx_video_and_ltx2_directories_are_not_mixed_up(tmp_path, tiny_dir):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(num_frames=6), "2k\\+1"),
-        (dict(height=31), "multiple of 8"),
+        (dict(num_frames=10), "8k\\+1"),
+        (dict(height=48), "multiple of 32"),
         (dict(modalities="audio"), "modalities"),
         (dict(stg_scale=1.0, stg_blocks=[]), "stg_blocks"),
         (dict(stg_scale=1.0, stg_blocks=[2]), "stg_blocks"),
@@ -401,7 +302,9 @@ def test_ltx_video_and_ltx2_directories_are_not_mixed_up(tmp_path, tiny_dir):
 def test_bad_input_fails_before_any_forward(monkeypatch, policy, change, match):
     calls = _no_forward(monkeypatch, policy)
     with pytest.raises(InputError, match=match) as info:
-        policy.rollout(_condition(1, cfg=False), sampling=LTX2SamplingConfig(**{**GEOMETRY, **change}))
+        policy.rollout(
+            _condition(policy, 1, cfg=False), sampling=LTX2SamplingConfig(**{**GEOMETRY, **change})
+        )
     assert calls == [] and "\n" not in str(info.value)
 
 
@@ -411,12 +314,13 @@ def test_checkpoint_limits_fail_before_any_forward(monkeypatch, tiny_dir):
     policy.transformer.register_to_config(perturbed_attn=False)
     with pytest.raises(InputError, match="perturbed attention") as info:
         policy.rollout(
-            _condition(1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY, stg_scale=1.0, stg_blocks=[1])
+            _condition(policy, 1, cfg=False),
+            sampling=LTX2SamplingConfig(**GEOMETRY, stg_scale=1.0, stg_blocks=[1]),
         )
     assert "\n" not in str(info.value)
     policy.audio_vae = None
     with pytest.raises(InputError, match="modalities='video'") as info:
-        policy.rollout(_condition(1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY))
+        policy.rollout(_condition(policy, 1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY))
     assert calls == [] and "\n" not in str(info.value)
     with pytest.raises(InputError, match="prompt_embeds must be"):
         policy.rollout({"prompt_embeds": torch.zeros(1, 3, 5), "prompt_attention_mask": torch.ones(1, 3)})
