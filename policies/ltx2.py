@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -90,6 +90,12 @@ class LTX2SamplingConfig(SamplingConfig):
             rescale=(float(self.guidance_rescale), audio(self.audio_guidance_rescale, self.guidance_rescale)),
             stg_blocks=list(self.stg_blocks),
         )
+
+
+# LTX2SamplingConfig's own fields (beyond SamplingConfig's): what a recipe's policy.sampling may set
+LTX2_ONLY_FIELDS = tuple(
+    f.name for f in fields(LTX2SamplingConfig) if f.name not in {g.name for g in fields(SamplingConfig)}
+)
 
 
 @dataclass

@@ -3,6 +3,7 @@ and audio, all guidance on), recomputed log-probs equal the rollout's, checkpoin
 round-trip bitwise, and bad input fails early with one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from policies.ltx import LTXPolicy
 from policies.ltx2 import LTX2Policy, LTX2SamplingConfig
 from policies.tiny_ltx2 import build_tiny_ltx2
 
+REPO = Path(__file__).resolve().parents[1]
 GEOMETRY = dict(num_frames=9, height=64, width=64, frame_rate=25.0)
 GUIDANCE = dict(
     guidance_scale=3.0,
@@ -324,3 +326,49 @@ def test_checkpoint_limits_fail_before_any_forward(monkeypatch, tiny_dir):
     assert calls == [] and "\n" not in str(info.value)
     with pytest.raises(InputError, match="prompt_embeds must be"):
         policy.rollout({"prompt_embeds": torch.zeros(1, 3, 5), "prompt_attention_mask": torch.ones(1, 3)})
+
+
+def _grpo_recipe(tmp_path, tiny_dir, *overrides):
+    import yaml
+
+    from grpo.recipe import load_recipe
+
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny_ltx2_grpo_redness.yaml").read_text())
+    recipe["policy"] = {"type": "ltx2", "path": str(tiny_dir), "sampling": {"modalities": "audio_video"}}
+    recipe["trainer"].update(
+        output_dir=str(tmp_path / "run"), max_iterations=2, eval_every=2, save_steps=2, num_inference_steps=3
+    )
+    recipe["data"]["eval_prompts"] = recipe["data"]["eval_prompts"][:2]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return load_recipe(path, list(overrides))
+
+
+def test_grpo_runs_on_ltx2_with_exact_on_policy_ratios(tmp_path, tiny_dir):
+    from grpo.tracking import read_metrics
+    from grpo.train import run
+
+    run(_grpo_recipe(tmp_path, tiny_dir, "trainer.guidance_scale=2.0", "trainer.cfg_in_training=true"))
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    steps = [m for m in metrics if "train/ratio_first_step" in m]
+    assert len(steps) == 2 and all(m["train/ratio_first_step"] == pytest.approx(1.0, abs=1e-5) for m in steps)
+    assert all(m["train/logprob_drift"] < 1e-5 for m in steps)  # the recompute reproduces the rollout
+    assert steps[-1]["train/kl"] > 0  # the policy moved
+    final = LTX2Policy.from_pretrained(tmp_path / "run" / "final").transformer.state_dict()
+    start = LTX2Policy.from_pretrained(tiny_dir).transformer.state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-4  # trained and saved
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("policy.sampling.modalities=audio", "modalities must be one of"),
+        ("policy.sampling.num_frames=9", "unknown key(s) ['num_frames']"),
+    ],
+)
+def test_bad_ltx2_recipe_fails_fast_with_one_line(tmp_path, tiny_dir, override, message):
+    from grpo.train import validate
+
+    with pytest.raises(InputError) as info:
+        validate(_grpo_recipe(tmp_path, tiny_dir, override))
+    assert message in str(info.value) and "\n" not in str(info.value)
