@@ -217,6 +217,27 @@ def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
         assert not bool(stochastic[:, :first].any())
 
 
+def test_saved_rollout_recomputes_and_per_sample_steps_match(tmp_path, policy):
+    from policies import Rollout
+
+    cond = _condition(policy, 2, cfg=True)
+    sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
+    rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[1, 2, 3, 4])
+    rollout.save(tmp_path / "r")
+    loaded = Rollout.load(tmp_path / "r")
+    assert torch.equal(loaded.part_log_probs["audio"], rollout.part_log_probs["audio"])
+    steps = torch.tensor([2, 0, 1, 2])  # each sample its own recorded step (Flow-GRPO's random subset)
+    with torch.no_grad():
+        mixed = policy.log_prob(loaded, steps)
+        singles = [policy.log_prob(loaded, int(j)).log_prob[b] for b, j in enumerate(steps)]
+    torch.testing.assert_close(mixed.log_prob, torch.stack(singles), rtol=0, atol=1e-6)
+    expected = rollout.log_probs[torch.arange(4), steps]
+    assert (mixed.log_prob - expected).abs().max().item() <= 1e-5
+    part = loaded.select([2, 3])  # a micro-batch keeps its own rows, masks and per-part log-probs
+    with torch.no_grad():
+        assert (policy.log_prob(part, 1).log_prob - rollout.log_probs[2:, 1]).abs().max().item() <= 1e-5
+
+
 def test_train_without_guidance_and_bad_override(policy):
     cond = _condition(policy, 1, cfg=True)
     sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, **GUIDANCE)
