@@ -26,6 +26,28 @@ a warm-up run that compiles and autotunes.
     python benchmarks/gpu_rollout.py --settings 49x480x704 --sections a,c_eager,b,c
     python benchmarks/gpu_rollout.py --tiny                # CPU smoke run (seconds)
 
+LTX-2 (``--family ltx2``): one random-weight LTX-2 at the released config (diffusers' defaults of
+`LTX2VideoTransformer3DModel`: 48 blocks, video 32 heads x 128, audio 32 x 64, audio<->video
+cross-attention; `LTX2TextConnectors` on Gemma-3-12B's 49 stacked layers; the LTX-2 video / audio
+VAEs), bf16, G audio+video samples of one prompt (random text features), with `LTX2Pipeline`'s
+guidance (``--guidance`` CFG, ``--audio-guidance``, ``--modality``, ``--rescale``; ``--stg`` needs
+``--perturbed-attn``, LTX-2.3's STG layout, else STG is a no-op in the pipeline and refused by us):
+
+    a          diffusers `LTX2Pipeline`, eager
+    c_eager    our SDE rollout with log-probs (`LTX2Policy.rollout`, Flow-GRPO "sde" on every step,
+               ``--modalities`` video | audio_video), eager
+    check_eager  recompute == rollout log-prob (eager)
+    a_compiled `LTX2Pipeline` with ``transformer.compile_repeated_blocks(fullgraph=True)``
+    c          our SDE rollout on that same compiled transformer
+    check      recompute == rollout log-prob (compiled)
+
+FLOPs of LTX-2 are counted by ``torch.utils.flop_counter`` on one eager guided velocity (all
+branches), not by a formula.
+
+    python benchmarks/gpu_rollout.py --family ltx2                          # 121x512x768, G=8
+    python benchmarks/gpu_rollout.py --family ltx2 --settings 49x480x704 --generations 4
+    python benchmarks/gpu_rollout.py --family ltx2 --tiny                   # CPU smoke run
+
 Prints a table and writes JSON (``--json``, default benchmarks/results/gpu_rollout_<setting>.json).
 """
 
@@ -768,6 +790,281 @@ def qwen_vl_flops(tiny: bool, tokens: int, patches: int) -> float:
     return 2.0 * (tokens * per_token + patches * per_patch)
 
 
+# ----------------------------------------------------------------------------------------- LTX-2
+LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check")
+LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
+LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline's max_sequence_length
+
+
+def build_ltx2_policy(tiny: bool, device: torch.device, dtype: torch.dtype, perturbed_attn: bool) -> Any:
+    """A random-weight LTX-2 policy: the released config (diffusers' defaults), or the tiny checkpoint."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from policies.ltx2 import LTX2Policy
+    from policies.tiny_ltx2 import build_tiny_ltx2
+
+    if tiny:
+        path = build_tiny_ltx2(Path(tempfile.mkdtemp()) / "tiny_ltx2")
+        policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device, load_text_encoder=False)
+        transformer = policy.transformer
+        if perturbed_attn:  # LTX-2.3's STG layout adds no weights: rebuild the blocks' processors
+            transformer = LTX2VideoTransformer3DModel.from_config(
+                {**transformer.config, "perturbed_attn": True}
+            )
+            transformer.load_state_dict(policy.transformer.state_dict())
+            policy.transformer = transformer.to(device, dtype)
+    else:
+        torch.manual_seed(0)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build the 19B transformer directly in bf16 on the GPU
+        try:
+            with torch.device(device):
+                policy = LTX2Policy(
+                    LTX2VideoTransformer3DModel(perturbed_attn=perturbed_attn),
+                    AutoencoderKLLTX2Video(),
+                    FlowMatchEulerDiscreteScheduler(
+                        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05
+                    ),
+                    LTX2TextConnectors(),
+                    AutoencoderKLLTX2Audio(),
+                    LTX2Vocoder(),
+                )
+        finally:
+            torch.set_default_dtype(default_dtype)
+    policy.transformer.requires_grad_(False)
+    return policy.eval()
+
+
+class LTX2Bench:
+    """The LTX-2 sections of one setting: diffusers' LTX2Pipeline vs our rollout, eager and compiled."""
+
+    def __init__(
+        self, args: argparse.Namespace, device: torch.device, geometry: tuple[int, int, int]
+    ) -> None:
+        from policies.ltx2 import LTX2SamplingConfig
+
+        self.args, self.device, self.geometry = args, device, geometry
+        self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        self.policy = build_ltx2_policy(args.tiny, device, self.dtype, args.perturbed_attn)
+        self.rows: list[Row] = []
+        self.checks: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+        self.rollouts: dict[str, Rollout] = {}
+        frames, height, width = geometry
+        self.guidance = dict(
+            guidance_scale=args.guidance,
+            audio_guidance_scale=args.audio_guidance,
+            stg_scale=args.stg,
+            stg_blocks=[int(b) for b in args.stg_blocks.split(",")] if args.stg > 0 else [],
+            modality_scale=args.modality,
+            guidance_rescale=args.rescale,
+        )
+        self.sampling = LTX2SamplingConfig(
+            num_frames=frames,
+            height=height,
+            width=width,
+            frame_rate=24.0,
+            num_inference_steps=args.steps,
+            kind="sde",
+            noise_level=0.7,
+            modalities=args.modalities,
+            **self.guidance,
+        )
+        config = self.policy.connectors.config
+        width_text = config.caption_channels * config.text_proj_in_factor
+        tokens = 64 if args.tiny else LTX2_TEXT_TOKENS
+        gen = torch.Generator(device).manual_seed(1)
+        mask = torch.zeros(1, tokens, dtype=torch.long, device=device)
+        mask[:, -40:] = 1  # 40 real tokens, left padding as Gemma's
+        self.cond = {
+            "prompt_embeds": torch.randn(1, tokens, width_text, generator=gen, device=device).to(self.dtype),
+            "prompt_attention_mask": mask,
+            "negative_prompt_embeds": torch.randn(1, tokens, width_text, generator=gen, device=device).to(
+                self.dtype
+            ),
+            "negative_prompt_attention_mask": mask.clone(),
+        }
+        self.info["step_tflop"] = self.count_step_flops() / 1e12
+
+    def count_step_flops(self) -> float:
+        """FLOPs of one guided denoising step of the group (all branches), counted by torch."""
+        from dataclasses import replace
+
+        from torch.utils.flop_counter import FlopCounterMode
+
+        two_steps = replace(self.sampling, num_inference_steps=2, kind="ode")  # 1 step: no terminal stretch
+        with FlopCounterMode(display=False) as counter:
+            self.policy.rollout(
+                self.cond,
+                num_generations=self.args.generations,
+                sampling=two_steps,
+                seeds=[0] * self.args.generations,
+            )
+        return float(counter.get_total_flops()) / 2
+
+    def add(self, key: str, what: str, ms: float, peak: float, diffusers_ms: float | None = None) -> None:
+        tflop = self.info["step_tflop"] * self.args.steps
+        row = Row(key, what, ms, tflop, peak)
+        row.speedup_vs_diffusers = diffusers_ms / ms if diffusers_ms else None
+        row.tflops = tflop / (ms * 1e-3) if ms > 0 else 0.0
+        row.pct_ceiling = 100 * row.tflops / self.info["matmul_ceiling_tflops"]
+        self.rows.append(row)
+        print(f"  {key:10s} {what:60s} {ms:10.1f} ms {row.tflops:7.1f} TFLOP/s", flush=True)
+
+    def run_diffusers(self, steps: int) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+
+        p, g, guidance = self.policy, self.args.generations, self.guidance
+        pipe = LTX2Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(p.scheduler.config),
+            vae=p.vae,
+            audio_vae=p.audio_vae,
+            text_encoder=None,
+            tokenizer=None,
+            connectors=p.connectors,
+            transformer=p.transformer,
+            vocoder=p.vocoder,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        cond = self.cond
+        frames, height, width = self.geometry
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=cond["prompt_embeds"].expand(g, -1, -1),
+                prompt_attention_mask=cond["prompt_attention_mask"].expand(g, -1),
+                negative_prompt_embeds=cond["negative_prompt_embeds"].expand(g, -1, -1),
+                negative_prompt_attention_mask=cond["negative_prompt_attention_mask"].expand(g, -1),
+                num_frames=frames,
+                height=height,
+                width=width,
+                frame_rate=24.0,
+                num_inference_steps=steps,
+                guidance_scale=guidance["guidance_scale"],
+                audio_guidance_scale=guidance["audio_guidance_scale"],
+                stg_scale=guidance["stg_scale"],
+                audio_stg_scale=guidance["stg_scale"],
+                spatio_temporal_guidance_blocks=guidance["stg_blocks"] or None,
+                modality_scale=guidance["modality_scale"],
+                audio_modality_scale=guidance["modality_scale"],
+                guidance_rescale=guidance["guidance_rescale"],
+                audio_guidance_rescale=guidance["guidance_rescale"],
+                generator=[torch.Generator(self.device).manual_seed(s) for s in range(g)],
+                output_type="latent",
+            )
+
+    def rollout(self, steps: int) -> Rollout:
+        from dataclasses import replace
+
+        g = self.args.generations
+        sampling = replace(self.sampling, num_inference_steps=steps)
+        return self.policy.rollout(self.cond, num_generations=g, sampling=sampling, seeds=list(range(g)))
+
+    def section(self, key: str) -> None:
+        steps, g = self.args.steps, self.args.generations
+        if key in ("a_compiled", "c") and not self.info.get("compiled"):
+            # diffusers' perturbed (STG) attention branches on a tensor (`if all_perturbed:`), which
+            # a full graph cannot hold: with STG on, the blocks compile with graph breaks
+            fullgraph = self.args.stg == 0
+            self.policy.transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=self.args.compile)
+            self.info["compiled"] = (
+                f"transformer.compile_repeated_blocks(fullgraph={fullgraph}, backend={self.args.compile!r}), "
+                "shared by a_compiled and c"
+            )
+        if key in ("a", "a_compiled"):
+            self.run_diffusers(2)  # warm-up (kernels; compiles every branch's graph)
+            _, ms, peak = timed(self.device, lambda: self.run_diffusers(steps))
+            self.info[f"diffusers_ms_{key}"] = ms
+            mode = "eager" if key == "a" else "compiled"
+            self.add(key, f"diffusers LTX2Pipeline, {mode}, {g} samples, {steps} steps", ms, peak)
+        elif key in ("c", "c_eager"):
+            self.rollout(2)  # warm-up
+            out, ms, peak = timed(self.device, lambda: self.rollout(steps))
+            self.rollouts[key] = out
+            mode = "eager" if key == "c_eager" else "compiled"
+            what = (
+                f"ours: SDE rollout + log-probs ({self.args.modalities}), {mode}, {g} samples, {steps} steps"
+            )
+            base = self.info.get("diffusers_ms_a" if key == "c_eager" else "diffusers_ms_a_compiled")
+            self.add(key, what, ms, peak, diffusers_ms=base)  # against diffusers in the same mode
+        else:  # check, check_eager: recompute every recorded step of the rollout, same batch
+            rollout = self.rollouts["c_eager" if key == "check_eager" else "c"]
+            diffs = []
+            for j in range(rollout.latents.shape[1]):
+                with torch.no_grad():
+                    diffs.append(
+                        float(
+                            (self.policy.log_prob(rollout, j).log_prob - rollout.log_probs[:, j]).abs().max()
+                        )
+                    )
+            self.checks[key] = {"logp_max_abs": max(diffs), "dtype": str(self.dtype)}
+            print(f"  {key:10s} {self.checks[key]}", flush=True)
+
+    def result(self, name: str, ceiling: float) -> dict[str, Any]:
+        frames, height, width = self.geometry
+        geometry = self.policy.geometry(self.sampling)
+        device = self.device
+        return {
+            "setting": name,
+            "family": "ltx2",
+            "frames": frames,
+            "height": height,
+            "width": width,
+            "latent_tokens": math.prod(geometry.latent_shape),
+            "audio_tokens": geometry.audio_frames,
+            "generations": self.args.generations,
+            "steps": self.args.steps,
+            "guidance": self.args.guidance,
+            "ltx2_guidance": self.guidance,
+            "modalities": self.args.modalities,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "model": "tiny LTX-2" if self.args.tiny else "LTX-2 released config, random weights, bf16",
+            "matmul_ceiling_tflops": ceiling,
+            "rows": [asdict(r) for r in self.rows],
+            "checks": self.checks,
+            "info": self.info,
+        }
+
+
+def run_ltx2(
+    args: argparse.Namespace, device: torch.device, names: list[str], sections: list[str]
+) -> list[dict]:
+    """The ``--family ltx2`` benchmark (module docstring)."""
+    table = LTX2_TINY_SETTINGS if args.tiny else SETTINGS
+    bad = [n for n in names if n not in table] + [s for s in sections if s not in LTX2_SECTIONS]
+    if bad:
+        raise SystemExit(f"unknown LTX-2 settings or sections {bad}: {list(table)}, {LTX2_SECTIONS}")
+    ceiling = matmul_ceiling(device, 512 if device.type == "cpu" else 8192)
+    results = []
+    for name in names:
+        print(f"== LTX-2 {name}: G={args.generations}, device {device}", flush=True)
+        bench = LTX2Bench(args, device, table[name])
+        bench.info["matmul_ceiling_tflops"] = ceiling
+        path = Path(args.json.format(setting=f"ltx2_{name}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for section in LTX2_SECTIONS:
+            if section in sections:
+                bench.section(section)
+                result = bench.result(name, ceiling)
+                path.write_text(json.dumps(result, indent=2))
+        print(format_table(result), flush=True)
+        print(f"wrote {path}", flush=True)
+        results.append(result)
+        del bench
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 # ----------------------------------------------------------------------------------------- output
 def format_table(result: dict[str, Any]) -> str:
     """The markdown table of one result file."""
@@ -789,10 +1086,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.family == "ltx2":
+        table = LTX2_TINY_SETTINGS if args.tiny else SETTINGS
+        names = args.settings.split(",") if args.settings else [next(iter(table))]
+        sections = args.sections.split(",") if args.sections else list(LTX2_SECTIONS)
+        return run_ltx2(args, device, names, sections)
     table = TINY_SETTINGS if args.tiny else SETTINGS
     names = args.settings.split(",") if args.settings else [next(iter(table))]
     unknown = [n for n in names if n not in table]
-    sections = args.sections.split(",")
+    sections = args.sections.split(",") if args.sections else list(SECTIONS)
     bad = [s for s in sections if s not in SECTIONS]
     if unknown or bad:
         raise SystemExit(
@@ -843,11 +1145,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--family",
+        default="ltx",
+        choices=["ltx", "ltx2"],
+        help="LTX-Video (default) or LTX-2 (audio + video)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and geometry (CPU smoke run)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--settings", default=None, help=f"comma-separated: {list(SETTINGS)} (or tiny ones)")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+        "--sections",
+        default=None,
+        help=f"comma-separated subset of {SECTIONS} (ltx2: {LTX2_SECTIONS}); default all",
     )
     parser.add_argument("--generations", type=int, default=8, help="G videos per prompt")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of each rollout")
@@ -873,6 +1183,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="let inductor keep fp32 intermediates (LTXPolicy.compile(emulate_precision_casts=False))",
     )
+    ltx2 = parser.add_argument_group("LTX-2 (--family ltx2; LTX2Pipeline's names and defaults)")
+    ltx2.add_argument("--audio-guidance", type=float, default=7.0, help="audio CFG scale")
+    ltx2.add_argument("--modality", type=float, default=3.0, help="modality-isolation guidance scale")
+    ltx2.add_argument("--rescale", type=float, default=0.7, help="guidance rescale (video and audio)")
+    ltx2.add_argument("--stg", type=float, default=0.0, help="STG scale (needs --perturbed-attn)")
+    ltx2.add_argument("--stg-blocks", default="28", help="comma-separated STG blocks")
+    ltx2.add_argument(
+        "--perturbed-attn", action="store_true", help="transformer with STG attention (LTX-2.3)"
+    )
+    ltx2.add_argument("--modalities", default="audio_video", choices=["video", "audio_video"])
     parser.add_argument("--json", default=None, help="output path; {setting} is replaced by the setting name")
     args = parser.parse_args(argv)
     if args.compile is None:

@@ -69,7 +69,42 @@ class NextClipPolicySpec:
     )
 
 
-POLICY_SPECS: dict[str, type] = {"ltx": LTXPolicySpec, "nsp": NSPPolicySpec, "nextclip": NextClipPolicySpec}
+@dataclass
+class LTX2PolicySpec:
+    """``policy: {type: ltx2, ...}``: an LTX-2 (audio + video) directory, or a tiny random one."""
+
+    type: Literal["ltx2"] = field(default="ltx2", metadata={"help": "policy kind"})
+    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-2 directory"})
+    tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
+    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    sampling: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "LTX-2 sampling: modalities (video | audio_video), stg_scale, stg_blocks, "
+            "modality_scale, guidance_rescale, audio_guidance_scale, audio_stg_scale, "
+            "audio_modality_scale, audio_guidance_rescale"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2SamplingConfig
+
+        unknown = sorted(set(self.sampling) - set(LTX2_ONLY_FIELDS))
+        if unknown:
+            raise InputError(
+                f"policy.sampling: unknown key(s) {unknown}; choose from {', '.join(LTX2_ONLY_FIELDS)} "
+                "(geometry, steps and CFG scale are trainer settings)"
+            )
+        LTX2SamplingConfig(**self.sampling)  # bad values fail here, before any model is loaded
+
+
+POLICY_SPECS: dict[str, type] = {
+    "ltx": LTXPolicySpec,
+    "ltx2": LTX2PolicySpec,
+    "nsp": NSPPolicySpec,
+    "nextclip": NextClipPolicySpec,
+}
 
 
 def _policy_spec(recipe: Recipe) -> Any:
@@ -141,6 +176,16 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
                 vae_fit_steps=spec.tiny_vae_fit_steps,
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
+    if isinstance(spec, LTX2PolicySpec):
+        from policies.ltx2 import LTX2Policy
+        from policies.tiny_ltx2 import build_tiny_ltx2
+
+        path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
+        if spec.path is None and not (path / "model_index.json").is_file():
+            build_tiny_ltx2(path)
+        policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
+        policy.sampling_overrides = dict(spec.sampling)
+        return policy
     from policies import LTXPolicy
     from policies.tiny import build_tiny_ltx
 

@@ -3,8 +3,19 @@
 from policies import sde
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig
+from policies.ltx2 import LTX2Policy, LTX2SamplingConfig
 from policies.nextclip import NextClipPolicy
 from policies.nsp import NSPPolicy
 from policies.rollout import Rollout
 
-__all__ = ["InputError", "LTXPolicy", "NextClipPolicy", "NSPPolicy", "Rollout", "SamplingConfig", "sde"]
+__all__ = [
+    "InputError",
+    "LTX2Policy",
+    "LTX2SamplingConfig",
+    "LTXPolicy",
+    "NextClipPolicy",
+    "NSPPolicy",
+    "Rollout",
+    "SamplingConfig",
+    "sde",
+]

@@ -23,6 +23,7 @@ from policies import sde as sde_lib
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
 from policies.rollout import Rollout
+from policies.sampler import ChainRecord, cfg_batch, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import ltx_sigmas
 
 LORA_ADAPTER = "nextscene_lora"
@@ -118,6 +119,13 @@ def check_ltx_dir(path: Path, weights: bool = True) -> None:
     directory; loads nothing."""
     if not path.is_dir():
         raise InputError(f"LTX checkpoint directory {str(path)!r} does not exist")
+    index = path / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    if name.startswith("LTX2"):
+        raise InputError(
+            f"{str(path)!r} is an LTX-2 checkpoint ({name}), not LTX-Video: load it with LTX2Policy "
+            "(policy type ltx2)"
+        )
     for sub in ("transformer", "vae", "scheduler"):
         config = path / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")
         if not config.is_file():
@@ -200,15 +208,19 @@ class LTXPolicy(nn.Module):
             )
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         policy = cls(transformer, vae, scheduler, text_encoder, tokenizer)
+        policy._load_lora(path)
+        return policy.to(device)
+
+    def _load_lora(self, path: Path) -> None:
+        """Attach the LoRA adapter saved in ``path/transformer_lora``, if there is one."""
         if (path / "transformer_lora").is_dir():
-            policy.transformer.load_lora_adapter(
+            self.transformer.load_lora_adapter(
                 str(path / "transformer_lora"),
                 adapter_name=LORA_ADAPTER,
                 weight_name=LORA_WEIGHTS,
                 use_safetensors=True,
                 prefix=None,
             )
-        return policy.to(device)
 
     def save_pretrained(
         self, path: str | Path, transformer_state_dict: dict[str, torch.Tensor] | None = None
@@ -218,9 +230,25 @@ class LTXPolicy(nn.Module):
         ``transformer_state_dict`` replaces the transformer's own weights (e.g. the full state
         gathered from FSDP shards, which the module itself cannot save).
         """
+        path = Path(path)
+        self._save_components(path, transformer_state_dict)
+        index = {
+            "_class_name": "LTXPipeline",
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "transformer": ["diffusers", type(self.transformer).__name__],
+            "vae": ["diffusers", type(self.vae).__name__],
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+        }
+        if self.text_encoder is not None:
+            index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
+            index["tokenizer"] = ["transformers", type(self.tokenizer).__name__]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    def _save_components(self, path: Path, transformer_state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Transformer (base + ``transformer_lora/``), VAE, scheduler and text encoder into ``path``."""
         from safetensors.torch import save_file
 
-        path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.has_lora:
             self.transformer.save_lora_adapter(str(path / "transformer_lora"), adapter_name=LORA_ADAPTER)
@@ -237,20 +265,9 @@ class LTXPolicy(nn.Module):
             self.transformer.save_pretrained(path / "transformer")
         self.vae.save_pretrained(path / "vae")
         self.scheduler.save_pretrained(path / "scheduler")
-        index = {
-            "_class_name": "LTXPipeline",
-            "scheduler": ["diffusers", type(self.scheduler).__name__],
-            "transformer": ["diffusers", type(self.transformer).__name__],
-            "vae": ["diffusers", type(self.vae).__name__],
-            "text_encoder": [None, None],
-            "tokenizer": [None, None],
-        }
         if self.text_encoder is not None:
             self.text_encoder.save_pretrained(path / "text_encoder")
             self.tokenizer.save_pretrained(path / "tokenizer")
-            index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
-            index["tokenizer"] = ["transformers", type(self.tokenizer).__name__]
-        (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -423,8 +440,7 @@ class LTXPolicy(nn.Module):
         """
         embeds, mask = text
         cfg = guidance_scale > 1.0
-        if cfg:
-            latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
+        latents, timestep = cfg_batch(latents, cfg), cfg_batch(timestep, cfg)
         frames, height, width = latent_shape
         r_t, r_s = self.temporal_compression, self.spatial_compression
         use_wrapper = self._wrapped_transformer is not None and not self._in_reference
@@ -471,17 +487,9 @@ class LTXPolicy(nn.Module):
         sampling = sampling or SamplingConfig()
         rows = self._check_condition(condition, sampling.guidance_scale)
         latent_shape = self.latent_shape(sampling.num_frames, sampling.height, sampling.width)
-        batch = rows * num_generations
-        if seeds is None:
-            seeds = torch.randint(0, 2**62, (batch,)).tolist()
-        if len(seeds) != batch:
-            raise InputError(
-                f"got {len(seeds)} seeds for {rows} rows x {num_generations} generations = {batch}"
-            )
         device = self.device
+        seeds, condition_index, generators = sample_plan(rows, num_generations, seeds, device)
         condition = {k: v.to(device) for k, v in condition.items()}
-        condition_index = torch.arange(rows, device=device).repeat_interleave(num_generations)
-        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
         latents, generated_mask = self._initial_latents(condition, condition_index, latent_shape, generators)
         seq_len = math.prod(latent_shape)
@@ -495,44 +503,27 @@ class LTXPolicy(nn.Module):
 
         text = self.text_inputs(condition, condition_index, sampling.guidance_scale)
 
-        recorded, recorded_next, log_probs = [], [], []
-        for i in range(sampling.num_inference_steps):
+        def velocity(state: torch.Tensor, i: int) -> torch.Tensor:
             timestep = self._timestep(timesteps[i], generated_mask, per_token)
-            velocity = self.velocity(
-                latents,
-                timestep,
-                text,
-                sampling.guidance_scale,
-                latent_shape,
-                sampling.frame_rate,
+            return self.velocity(
+                state, timestep, text, sampling.guidance_scale, latent_shape, sampling.frame_rate
             )
-            kind = sampling.kind if i in stochastic else "ode"
-            noise = None
-            if kind != "ode":
-                noise = torch.stack(
-                    [torch.randn(latents.shape[1:], generator=g, device=device) for g in generators]
-                )
-            out = sde_lib.step(
-                kind,
-                latents,
-                velocity,
-                sigmas[i] * token_scale,
-                sigmas[i + 1] * token_scale,
-                sampling.noise_level,
-                noise=noise,
-                reduction=sampling.reduction,
-            )
-            if kind != "ode":
-                recorded.append(latents)
-                recorded_next.append(out.next_sample)
-                log_probs.append(out.log_prob)
-            latents = out.next_sample
 
-        empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
+        record = ChainRecord()
+        latents = run_chain(
+            latents,
+            velocity,
+            sigmas,
+            kind=sampling.kind,
+            noise_level=sampling.noise_level,
+            stochastic=stochastic,
+            generators=generators,
+            reduction=sampling.reduction,
+            record=record,
+            sigma_scale=token_scale,
+        )
         return Rollout(
-            latents=torch.stack(recorded, 1) if recorded else empty,
-            next_latents=torch.stack(recorded_next, 1) if recorded else empty,
-            log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
+            **record.stacked(latents),
             final_latents=latents,
             step_indices=torch.tensor(stochastic, dtype=torch.long),
             sigmas=sigmas,
@@ -587,42 +578,20 @@ class LTXPolicy(nn.Module):
         CFG); by default the rollout's own is used, so unchanged weights give back the recorded
         log-prob.
         """
-        num_recorded = rollout.latents.shape[1]
         device = rollout.latents.device
-        steps = torch.as_tensor(step, dtype=torch.long, device=device).expand(rollout.num_samples)
-        if steps.numel() and not bool(((steps >= 0) & (steps < num_recorded)).all()):
-            raise InputError(f"step {step} is not a recorded stochastic step (0..{num_recorded - 1})")
+        steps = recorded_steps(step, rollout.num_samples, rollout.latents.shape[1], device)
         scale = rollout.guidance_scale if guidance_scale is None else guidance_scale
-        rows = torch.arange(rollout.num_samples, device=device)
-        schedule = rollout.step_indices.to(device)[steps]
-        latents = rollout.latents[rows, steps]
         per_token = "image_latents" in rollout.condition
-        timestep = rollout.timesteps[schedule]
-        if per_token:
-            timestep = timestep[:, None] * rollout.generated_mask.to(torch.float32)
-        velocity = self.velocity(
-            latents,
-            timestep,
-            self.text_inputs(rollout.condition, rollout.condition_index, scale),
-            scale,
-            rollout.latent_shape,
-            rollout.frame_rate,
-        )
-        token_scale = (
-            rollout.generated_mask.to(torch.float32) if per_token else torch.ones(len(rows), 1, device=device)
-        )
-        sigma = rollout.sigmas[schedule][:, None] * token_scale
-        sigma_next = rollout.sigmas[schedule + 1][:, None] * token_scale
-        return sde_lib.step(
-            rollout.kind,
-            latents,
-            velocity,
-            sigma,
-            sigma_next,
-            rollout.noise_level,
-            prev_sample=rollout.next_latents[rows, steps],
-            reduction=rollout.reduction,
-        )
+        text = self.text_inputs(rollout.condition, rollout.condition_index, scale)
+
+        def velocity(latents: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
+            timestep = rollout.timesteps[schedule]
+            if per_token:
+                timestep = timestep[:, None] * rollout.generated_mask.to(torch.float32)
+            return self.velocity(latents, timestep, text, scale, rollout.latent_shape, rollout.frame_rate)
+
+        token_scale = rollout.generated_mask.to(torch.float32) if per_token else None
+        return rescore(rollout, steps, velocity, sigma_scale=token_scale)[0]
 
     # ------------------------------------------------------------------ reference model and LoRA
     def wrap_transformer(self, wrapped: nn.Module | None) -> None:

@@ -60,6 +60,7 @@ from policies.clip_attention import (
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig, check_ltx_dir
 from policies.rollout import Rollout
+from policies.sampler import ChainRecord, draw_noise, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import ltx_sigmas
 
 CONFIG_NAME = "nextclip.json"
@@ -426,18 +427,11 @@ class NextClipPolicy(LTXPolicy):
         latent_hw = latent_shape[1:]
         tokens, num_clips = self._clip_tokens(latent_shape)
         rows, num_context = self._check_next_clip_condition(condition, tokens)
-        batch = rows * num_generations
-        if seeds is None:
-            seeds = torch.randint(0, 2**62, (batch,)).tolist()
-        if len(seeds) != batch:
-            raise InputError(
-                f"got {len(seeds)} seeds for {rows} rows x {num_generations} generations = {batch}"
-            )
         device = self.device
+        seeds, condition_index, generators = sample_plan(rows, num_generations, seeds, device)
+        batch = len(seeds)
         condition = {k: v.to(device) for k, v in condition.items()}
-        condition_index = torch.arange(rows, device=device).repeat_interleave(num_generations)
         history_noise = self._history_noise(seeds, (num_context + num_clips) * tokens)
-        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         sigmas, timesteps = ltx_sigmas(self.scheduler, sampling.num_inference_steps, tokens)
         sigmas, timesteps = sigmas.to(device), timesteps.to(device)
         stochastic = sampling.stochastic_steps()
@@ -453,38 +447,27 @@ class NextClipPolicy(LTXPolicy):
                 cache, self._history_input(history, history_noise), 0, text, latent_hw, tokens
             )
 
-        recorded, recorded_next, log_probs, finals = [], [], [], []
+        record, finals = ChainRecord(), []
         for g in range(num_clips):
             clip = num_context + g
             seen = self._history_input(history, history_noise)
-            latents = torch.stack(
-                [torch.randn(tokens, channels, generator=gen, device=device) for gen in generators]
+            latents = draw_noise(generators, (tokens, channels), device)
+
+            def velocity(state: torch.Tensor, i: int, clip: int = clip, seen: torch.Tensor = seen):
+                timestep = timesteps[i].expand(batch)
+                return self.clip_velocity(state, timestep, clip, seen, text, latent_hw, cache)
+
+            latents = run_chain(
+                latents,
+                velocity,
+                sigmas,
+                kind=sampling.kind,
+                noise_level=sampling.noise_level,
+                stochastic=stochastic,
+                generators=generators,
+                reduction=sampling.reduction,
+                record=record,
             )
-            for i in range(sampling.num_inference_steps):
-                velocity = self.clip_velocity(
-                    latents, timesteps[i].expand(batch), clip, seen, text, latent_hw, cache
-                )
-                kind = sampling.kind if i in stochastic else "ode"
-                noise = None
-                if kind != "ode":
-                    noise = torch.stack(
-                        [torch.randn(latents.shape[1:], generator=gen, device=device) for gen in generators]
-                    )
-                out = sde_lib.step(
-                    kind,
-                    latents,
-                    velocity,
-                    sigmas[i],
-                    sigmas[i + 1],
-                    sampling.noise_level,
-                    noise=noise,
-                    reduction=sampling.reduction,
-                )
-                if kind != "ode":
-                    recorded.append(latents)
-                    recorded_next.append(out.next_sample)
-                    log_probs.append(out.log_prob)
-                latents = out.next_sample
             finals.append(latents)
             history = torch.cat([history, latents], dim=1)
             if cache is not None and g < num_clips - 1:  # the last clip is never anyone's history
@@ -492,11 +475,8 @@ class NextClipPolicy(LTXPolicy):
                 self.extend_history(cache, new, clip, text, latent_hw, tokens)
 
         final = torch.cat(finals, dim=1)
-        empty = final.new_zeros((batch, 0, tokens, channels))
         return Rollout(
-            latents=torch.stack(recorded, 1) if recorded else empty,
-            next_latents=torch.stack(recorded_next, 1) if recorded else empty,
-            log_probs=torch.stack(log_probs, 1) if log_probs else final.new_zeros((batch, 0)),
+            **record.stacked(final.new_zeros((batch, tokens, channels))),
             final_latents=final,
             step_indices=torch.tensor(stochastic * num_clips, dtype=torch.long),
             sigmas=sigmas,
@@ -546,11 +526,8 @@ class NextClipPolicy(LTXPolicy):
         plus the record's earlier generated clips) under the full clip-causal mask. Samples at
         different clips are batched per clip. ``guidance_scale`` may only be None or 1 (no CFG)."""
         _no_cfg(1.0 if guidance_scale is None else guidance_scale)
-        num_recorded = rollout.latents.shape[1]
         device = rollout.latents.device
-        steps = torch.as_tensor(step, dtype=torch.long, device=device).expand(rollout.num_samples)
-        if steps.numel() and not bool(((steps >= 0) & (steps < num_recorded)).all()):
-            raise InputError(f"step {step} is not a recorded stochastic step (0..{num_recorded - 1})")
+        steps = recorded_steps(step, rollout.num_samples, rollout.latents.shape[1], device)
         extras = rollout.extras
         tokens, num_context = extras["clip_tokens"], extras["num_context_clips"]
         latent_hw = rollout.latent_shape[1:]
@@ -564,32 +541,25 @@ class NextClipPolicy(LTXPolicy):
             history = torch.cat([context[rollout.condition_index].to(history.dtype), history], dim=1)
         history = self._history_input(history, history_noise)
         text = self.text_inputs(rollout.condition, rollout.condition_index, 1.0)
-        schedule = rollout.step_indices.to(device)[steps]
         rows = torch.arange(rollout.num_samples, device=device)
 
         parts, order = [], []
         for g in clips.unique().tolist():
             idx = rows[clips == g]
-            velocity = self.clip_velocity(
-                rollout.latents[idx, steps[idx]],
-                rollout.timesteps[schedule[idx]],
-                num_context + g,
-                history[idx],
-                (text[0][idx], text[1][idx]),
-                latent_hw,
-            )
-            parts.append(
-                sde_lib.step(
-                    rollout.kind,
-                    rollout.latents[idx, steps[idx]],
-                    velocity,
-                    rollout.sigmas[schedule[idx]],
-                    rollout.sigmas[schedule[idx] + 1],
-                    rollout.noise_level,
-                    prev_sample=rollout.next_latents[idx, steps[idx]],
-                    reduction=rollout.reduction,
+
+            def velocity(
+                latents: torch.Tensor, schedule: torch.Tensor, g: int = g, idx: torch.Tensor = idx
+            ) -> torch.Tensor:
+                return self.clip_velocity(
+                    latents,
+                    rollout.timesteps[schedule],
+                    num_context + g,
+                    history[idx],
+                    (text[0][idx], text[1][idx]),
+                    latent_hw,
                 )
-            )
+
+            parts.append(rescore(rollout, steps[idx], velocity, rows=idx)[0])
             order.append(idx)
         inverse = torch.argsort(torch.cat(order))
         return sde_lib.StepOutput(

@@ -44,6 +44,10 @@ class Rollout:
     extras: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Policy-specific JSON-able fields."}
     )
+    part_log_probs: dict[str, torch.Tensor] = field(
+        default_factory=dict,
+        metadata={"help": "[B, K] log-prob of each part of a joint state (video, audio); {}: one part."},
+    )
 
     @property
     def num_samples(self) -> int:
@@ -66,7 +70,9 @@ class Rollout:
             "seeds",
         )
         return replace(
-            self, **{name: getattr(self, name)[idx.to(getattr(self, name).device)] for name in per_sample}
+            self,
+            **{name: getattr(self, name)[idx.to(getattr(self, name).device)] for name in per_sample},
+            part_log_probs={k: v[idx.to(v.device)] for k, v in self.part_log_probs.items()},
         )
 
     @classmethod
@@ -84,6 +90,7 @@ class Rollout:
             condition_index=torch.cat(
                 [p.condition_index + int(o) for p, o in zip(parts, offsets, strict=True)]
             ),
+            part_log_probs={k: torch.cat([p.part_log_probs[k] for p in parts]) for k in first.part_log_probs},
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -93,6 +100,7 @@ class Rollout:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         moved["condition"] = {k: v.to(device) for k, v in self.condition.items()}
+        moved["part_log_probs"] = {k: v.to(device) for k, v in self.part_log_probs.items()}
         return replace(self, **moved)
 
     def save(self, path: str | Path) -> None:
@@ -104,8 +112,8 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 tensors[f.name] = value.detach().cpu().contiguous()
-            elif f.name == "condition":
-                tensors.update({f"condition.{k}": v.detach().cpu().contiguous() for k, v in value.items()})
+            elif f.name in ("condition", "part_log_probs"):
+                tensors.update({f"{f.name}.{k}": v.detach().cpu().contiguous() for k, v in value.items()})
             else:
                 scalars[f.name] = value
         save_file(tensors, str(path / "rollout.safetensors"))
@@ -117,5 +125,8 @@ class Rollout:
         tensors = load_file(str(path / "rollout.safetensors"))
         scalars = json.loads((path / "rollout.json").read_text())
         scalars["latent_shape"] = tuple(scalars["latent_shape"])
-        condition = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("condition.")}
-        return cls(condition=condition, **tensors, **scalars)
+        dicts = {
+            name: {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{name}.")}
+            for name in ("condition", "part_log_probs")
+        }
+        return cls(**dicts, **tensors, **scalars)

@@ -23,22 +23,29 @@ def calculate_shift(
     return seq_len * slope + base_shift - slope * base_seq_len
 
 
-def ltx_sigmas(scheduler, num_inference_steps: int, video_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+# Shift settings a pipeline falls back to when the scheduler config lacks them:
+# (base_image_seq_len, max_image_seq_len, base_shift, max_shift).
+LTX_SHIFT_DEFAULTS = (256, 4096, 0.5, 1.15)
+LTX2_SHIFT_DEFAULTS = (1024, 4096, 0.95, 2.05)
+
+
+def ltx_sigmas(
+    scheduler,
+    num_inference_steps: int,
+    video_seq_len: int,
+    shift_defaults: tuple[int, int, float, float] = LTX_SHIFT_DEFAULTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmas ``[N + 1]`` (ending at 0) and denoiser timesteps ``[N]`` for an LTX rollout.
 
     ``scheduler`` is the checkpoint's `FlowMatchEulerDiscreteScheduler`; it is asked exactly what
-    `LTXPipeline` asks it, so shift settings in its config are honoured.
+    `LTXPipeline` (or, with ``LTX2_SHIFT_DEFAULTS``, `LTX2Pipeline`) asks it, so shift settings in
+    its config are honoured.
     """
     if num_inference_steps < 1:
         raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cfg = scheduler.config
-    mu = calculate_shift(
-        video_seq_len,
-        cfg.get("base_image_seq_len", 256),
-        cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5),
-        cfg.get("max_shift", 1.15),
-    )
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    mu = calculate_shift(video_seq_len, *(cfg.get(k, d) for k, d in zip(keys, shift_defaults, strict=True)))
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device="cpu")
     return scheduler.sigmas.to(torch.float32).clone(), scheduler.timesteps.to(torch.float32).clone()

@@ -40,21 +40,33 @@ TOY_CORPUS = [
 ]
 
 
+def train_bpe(
+    tokenizer, corpus: Sequence[str], vocab_size: int, special_tokens: Sequence[str], **trainer_kwargs
+):
+    """Train ``tokenizer`` (a `tokenizers.Tokenizer` with a BPE model, normalizer and pre-tokenizer already
+    set) on ``corpus`` in place, ``special_tokens`` first in the vocabulary; returns it. Shared by the tiny
+    tokenizers of each model family, which differ only in how they split and normalise text."""
+    from tokenizers import trainers
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), **trainer_kwargs
+    )
+    tokenizer.train_from_iterator(list(corpus) * 20, trainer)
+    return tokenizer
+
+
 def build_tiny_qwen_tokenizer(corpus: Sequence[str] = TOY_CORPUS, vocab_size: int = 400):
     """A byte-level BPE tokenizer (Qwen's kind) trained on ``corpus``, with Qwen's special tokens and
     chat template; any text still tokenizes (byte fallback)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    train_bpe(
+        tokenizer, corpus, vocab_size, SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator(list(corpus) * 20, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )

@@ -106,6 +106,20 @@ def test_gpu_rollout_smoke_update_training_and_nsp(tmp_path):
     assert rows["d"]["tflop"] == pytest.approx(2 * 2 * 3 * forward / 1e12)
 
 
+@pytest.mark.slow
+def test_gpu_rollout_ltx2_smoke_with_stg(tmp_path):
+    args = gpu_rollout.parse_args(
+        ["--family", "ltx2", "--tiny", "--perturbed-attn", "--stg", "1", "--stg-blocks", "1"]
+        + ["--json", str(tmp_path / "{setting}.json")]
+    )
+    (result,) = gpu_rollout.run(args)
+    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "a_compiled", "c"]
+    assert result["checks"]["check"]["logp_max_abs"] <= 1e-5  # recompute == rollout, compiled
+    assert result["checks"]["check_eager"]["logp_max_abs"] <= 1e-5
+    assert result["info"]["step_tflop"] > 0
+    assert json.loads((tmp_path / "ltx2_tiny-9x64x64.json").read_text())["rows"] == result["rows"]
+
+
 def test_gpu_rollout_rejects_unknown_sections():
     with pytest.raises(SystemExit, match="sections"):
         gpu_rollout.run(gpu_rollout.parse_args(["--tiny", "--sections", "a,warp"]))
