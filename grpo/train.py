@@ -139,6 +139,10 @@ def check_policy_dir(spec: Any) -> None:
         from policies.nextclip import check_nextclip_dir
 
         check_nextclip_dir(Path(spec.path))
+    elif isinstance(spec, LTX2PolicySpec):
+        from policies.ltx2 import check_ltx2_dir
+
+        check_ltx2_dir(Path(spec.path))
     else:
         from policies.ltx import check_ltx_dir
 

@@ -37,7 +37,8 @@ import torch
 
 from policies import sde as sde_lib
 from policies.errors import InputError
-from policies.ltx import LTXPolicy, SamplingConfig
+from policies.files import check_model_weights, check_safetensors
+from policies.ltx import LORA_WEIGHTS, LTXPolicy, SamplingConfig
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, Part, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import LTX2_SHIFT_DEFAULTS, ltx_sigmas
@@ -173,8 +174,9 @@ def _read_index(path: Path) -> dict:
     return json.loads(index.read_text())
 
 
-def check_ltx2_dir(path: Path) -> None:
-    """An `InputError` unless ``path`` is a diffusers-format LTX-2 directory."""
+def check_ltx2_dir(path: Path, weights: bool = True) -> None:
+    """An `InputError` unless ``path`` is a diffusers-format LTX-2 directory; with ``weights``, its
+    weight files too (safetensors only, headers readable); loads nothing."""
     if not path.is_dir():
         raise InputError(f"LTX-2 checkpoint directory {str(path)!r} does not exist")
     name = _read_index(path).get("_class_name")
@@ -195,6 +197,13 @@ def check_ltx2_dir(path: Path) -> None:
                 "diffusers-format LTX-2 directory (transformer/, vae/, connectors/, scheduler/, "
                 "audio_vae/, vocoder/)"
             )
+    if not weights:
+        return
+    for sub in ("transformer", "vae", "connectors", "audio_vae", "vocoder", "text_encoder"):
+        if (path / sub / "config.json").is_file():
+            check_model_weights(path / sub)
+    if (path / "transformer_lora").is_dir():
+        check_safetensors(path / "transformer_lora" / LORA_WEIGHTS)
 
 
 class LTX2Policy(LTXPolicy):
@@ -246,23 +255,33 @@ class LTX2Policy(LTXPolicy):
         path = Path(path)
         check_ltx2_dir(path)
         transformer = LTX2VideoTransformer3DModel.from_pretrained(
-            path / "transformer", torch_dtype=torch_dtype
+            path / "transformer", torch_dtype=torch_dtype, use_safetensors=True
         )
-        vae = AutoencoderKLLTX2Video.from_pretrained(path / "vae", torch_dtype=torch_dtype)
-        connectors = LTX2TextConnectors.from_pretrained(path / "connectors", torch_dtype=torch_dtype)
+        vae = AutoencoderKLLTX2Video.from_pretrained(
+            path / "vae", torch_dtype=torch_dtype, use_safetensors=True
+        )
+        connectors = LTX2TextConnectors.from_pretrained(
+            path / "connectors", torch_dtype=torch_dtype, use_safetensors=True
+        )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
         audio_vae = vocoder = text_encoder = tokenizer = None
         if (path / "audio_vae" / "config.json").is_file():
-            audio_vae = AutoencoderKLLTX2Audio.from_pretrained(path / "audio_vae", torch_dtype=torch_dtype)
+            audio_vae = AutoencoderKLLTX2Audio.from_pretrained(
+                path / "audio_vae", torch_dtype=torch_dtype, use_safetensors=True
+            )
         if (path / "vocoder" / "config.json").is_file():
-            vocoder = LTX2Vocoder.from_pretrained(path / "vocoder", torch_dtype=torch_dtype)
+            vocoder = LTX2Vocoder.from_pretrained(
+                path / "vocoder", torch_dtype=torch_dtype, use_safetensors=True
+            )
         if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
             import transformers
 
             encoder_class = getattr(
                 transformers, _read_index(path).get("text_encoder", [None, "AutoModel"])[1]
             )
-            text_encoder = encoder_class.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+            text_encoder = encoder_class.from_pretrained(
+                path / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+            )
             tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
         policy = cls(transformer, vae, scheduler, connectors, audio_vae, vocoder, text_encoder, tokenizer)
         policy._load_lora(path)

@@ -372,3 +372,18 @@ def test_judge_score_without_a_server_is_one_line_and_writes_nothing(tmp_path):
     assert done.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "no judge server answered" in err and "nextscene judge serve --model PATH" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle_only"])
+def test_broken_ltx2_weights_are_one_line_before_model_work(tmp_path, capsys, damage):
+    from policies.tiny_ltx2 import build_tiny_ltx2
+
+    ckpt = build_tiny_ltx2(tmp_path / "ckpt", seed=0)
+    if damage == "pickle_only":
+        pickle_only(ckpt / "connectors" / WEIGHTS, "diffusion_pytorch_model.bin")
+        expected = [f"{ckpt / 'connectors'} has only pickle weights (diffusion_pytorch_model.bin)", "convert"]
+    else:
+        truncate(ckpt / "transformer" / WEIGHTS)
+        expected = [f"{ckpt / 'transformer' / WEIGHTS} is truncated or corrupt", "re-download or regenerate"]
+    recipe = write_recipe(tmp_path, {"type": "ltx2", "path": str(ckpt)})
+    fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], *expected)
