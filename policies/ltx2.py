@@ -367,6 +367,14 @@ class LTX2Policy(LTXPolicy):
             condition.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
         return condition
 
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 1024
+    ) -> dict[str, torch.Tensor]:
+        """`LTXPolicy.prepare_condition` with `LTX2Pipeline`'s prompt length (1024 Gemma tokens)."""
+        return super().prepare_condition(
+            rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
+        )
+
     def _check_condition(self, condition: dict[str, torch.Tensor], guidance_scale: float) -> int:
         if "prompt_embeds" not in condition or "prompt_attention_mask" not in condition:
             raise InputError("condition needs 'prompt_embeds' [P, L, D] and 'prompt_attention_mask' [P, L]")
