@@ -120,10 +120,6 @@ class Guidance:
     def uses_modality(self) -> bool:
         return max(self.modality) > 1.0
 
-    @property
-    def active(self) -> bool:
-        return self.uses_cfg or self.uses_stg or self.uses_modality
-
     def to_dict(self) -> dict:
         """JSON-able form (recorded in `Rollout.extras`)."""
         return {k: list(v) for k, v in asdict(self).items()}
