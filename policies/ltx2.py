@@ -121,10 +121,6 @@ class Guidance:
     def uses_modality(self) -> bool:
         return max(self.modality) > 1.0
 
-    @property
-    def active(self) -> bool:
-        return self.uses_cfg or self.uses_stg or self.uses_modality
-
     def to_dict(self) -> dict:
         """JSON-able form (recorded in `Rollout.extras`)."""
         return {k: list(v) for k, v in asdict(self).items()}
@@ -385,6 +381,14 @@ class LTX2Policy(LTXPolicy):
             neg, neg_mask = encode([negative_prompt] * len(prompts))
             condition.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
         return condition
+
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 1024
+    ) -> dict[str, torch.Tensor]:
+        """`LTXPolicy.prepare_condition` with `LTX2Pipeline`'s prompt length (1024 Gemma tokens)."""
+        return super().prepare_condition(
+            rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
+        )
 
     def _check_condition(self, condition: dict[str, torch.Tensor], guidance_scale: float) -> int:
         if "prompt_embeds" not in condition or "prompt_attention_mask" not in condition:

@@ -109,7 +109,7 @@ def joint_step(
         n = (out.std.expand_as(out.mean) > 0).flatten(1).sum(1).float()
         per_part[part.name] = out.log_prob if reduction == "sum" else out.log_prob / n.clamp_min(1.0)
         total, count = total + out.log_prob, count + n
-    log_prob = total if reduction == "sum" else total / torch.as_tensor(count).clamp_min(1.0)
+    log_prob = total if reduction == "sum" else total / count.clamp_min(1.0)
     joint = sde_lib.StepOutput(
         torch.cat([o.next_sample for o in outs], 1),
         log_prob,

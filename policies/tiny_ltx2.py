@@ -98,7 +98,8 @@ class TinyLTX2Spec:
     vae_downsample: tuple[str, ...] = field(
         default=_LTX2_DOWNSAMPLE_TYPES,
         metadata={
-            "help": "What each encoder stage halves: spatial, temporal or spatiotemporal (real: these four)."
+            "help": "What each encoder stage halves: spatial, temporal, spatiotemporal (real: these four) "
+            "or none (the stage keeps its input's width)."
         },
     )
     vae_patch_size: int = field(default=4, metadata={"help": "Video VAE pixel patch side (real: 4)."})
@@ -120,23 +121,37 @@ class TinyLTX2Spec:
         default=8,
         metadata={"help": "Learnable registers per connector (real: 128; divides the prompt length)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
+    vae_fit_steps: int = field(
+        default=0,
+        metadata={"help": "Steps fitting the video VAE to toy-world clips (policies.toy_vae; 0: random)."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for the random weights (and the VAE fit's batches)."}
+    )
 
     @classmethod
     def toy_world(cls, **overrides) -> TinyLTX2Spec:
-        """The toy-world layout: video VAE 4x in space and no temporal compression (2x2 pixel patches and
-        one spatial stage), like `TinyLTXSpec.toy_world` for LTX-Video, whose 8x space-time layouts could
-        not learn to move the balls between frames in a CPU fitting budget."""
-        toy = dict(latent_channels=16, vae_channels=(32,), vae_downsample=("spatial",), vae_patch_size=2)
+        """The toy-world layout of `TinyLTXSpec.toy_world`: 4x4 pixel patches and no temporal
+        compression (8x8 latents of 16 channels per 32x32 frame), through one LTX-2 stage that keeps the
+        resolution; the 8x space-time layouts could not learn to move the balls between frames in a CPU
+        fitting budget. `policies.toy_vae` fits it (see its ``python -m`` entry point)."""
+        toy = dict(latent_channels=16, vae_channels=(16,), vae_downsample=("none",), vae_patch_size=4)
         return cls(**{**toy, **overrides})
 
     def __post_init__(self) -> None:
-        kinds = {"spatial", "temporal", "spatiotemporal"}
+        kinds = {"spatial", "temporal", "spatiotemporal", "none"}
         if len(self.vae_channels) != len(self.vae_downsample) or not set(self.vae_downsample) <= kinds:
             raise InputError(
                 f"TinyLTX2Spec: vae_downsample {self.vae_downsample} must name one of {sorted(kinds)} per "
                 f"entry of vae_channels {self.vae_channels}"
             )
+        widths = (self.latent_channels, *self.vae_channels)  # LTX-2's encoder starts latent_channels wide
+        for i, kind in enumerate(self.vae_downsample):
+            if kind == "none" and widths[i + 1] != widths[i]:
+                raise InputError(
+                    f"TinyLTX2Spec: vae_channels[{i}] must be {widths[i]}: an LTX-2 VAE stage that does not "
+                    "down-sample cannot change the width (set it to the previous width or latent_channels)"
+                )
         if self.text_layers < 1:
             raise InputError(
                 "TinyLTX2Spec: text_layers must be >= 1 (LTX-2 always encodes prompts with Gemma-3)"
@@ -154,29 +169,37 @@ class TinyLTX2Spec:
         return self.vae_patch_size * 2**spatial, 2**temporal
 
 
-def _video_vae(spec: TinyLTX2Spec):
-    """The LTX-2 video VAE at ``spec``'s widths. The encoder widens to ``vae_channels`` in its down-sampling
-    stages; the decoder mirrors them in reverse and, as the class's residual up-samplers require, starts at
-    twice the encoder's last width and halves it in each stage."""
+def build_video_vae(spec: TinyLTX2Spec):
+    """A random `AutoencoderKLLTX2Video` at ``spec``'s widths (seed the global RNG first). The encoder
+    widens to ``vae_channels`` in its stages; the decoder mirrors them in reverse and, as the class's
+    residual up-samplers require, starts twice as wide as the encoder ends and halves its width in each
+    stage that up-samples."""
     from diffusers import AutoencoderKLLTX2Video
 
     n = len(spec.vae_channels)
+    scaling = tuple(kind != "none" for kind in spec.vae_downsample)
+    kinds = tuple(kind if kind != "none" else "spatial" for kind in spec.vae_downsample)  # unused if none
+    width, decoder_channels = 2 * spec.vae_channels[-1], []
+    for scales in reversed(scaling):  # deepest stage first
+        decoder_channels.append(width)
+        width //= 2 if scales else 1
     spatial, temporal = spec.vae_compression
     return AutoencoderKLLTX2Video(
         latent_channels=spec.latent_channels,
         block_out_channels=spec.vae_channels,
         down_block_types=("LTX2VideoDownBlock3D",) * n,
-        decoder_block_out_channels=tuple(2 * spec.vae_channels[-1] >> (n - 1 - i) for i in range(n)),
+        decoder_block_out_channels=tuple(reversed(decoder_channels)),
         layers_per_block=(1,) * (n + 1),
         decoder_layers_per_block=(1,) * (n + 1),
-        spatio_temporal_scaling=(True,) * n,
-        decoder_spatio_temporal_scaling=(True,) * n,
+        spatio_temporal_scaling=scaling,
+        decoder_spatio_temporal_scaling=scaling,
         decoder_inject_noise=(False,) * (n + 1),
-        downsample_type=spec.vae_downsample,
-        upsample_type=tuple(reversed(spec.vae_downsample)),  # the decoder reverses its other settings itself
-        upsample_residual=(True,) * n,
-        upsample_factor=(2,) * n,
+        downsample_type=kinds,
+        upsample_type=tuple(reversed(kinds)),  # the decoder reverses its other per-stage settings itself
+        upsample_residual=scaling,
+        upsample_factor=tuple(2 if scales else 1 for scales in scaling),
         patch_size=spec.vae_patch_size,
+        decoder_causal=False,  # as in the real LTX-2 VAE
         spatial_compression_ratio=spatial,
         temporal_compression_ratio=temporal,
     )
@@ -281,7 +304,14 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
         caption_channels=spec.caption_channels,
     )
     torch.manual_seed(spec.seed + 3)
-    components["vae"] = _video_vae(spec)
+    components["vae"] = build_video_vae(spec)
+    if spec.vae_fit_steps:
+        from grpo.data.toyworld import ToyWorldConfig
+        from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
+
+        fit_toy_vae(
+            components["vae"], ToyWorldConfig(), ToyVAEFitConfig(steps=spec.vae_fit_steps, seed=spec.seed)
+        )
     torch.manual_seed(spec.seed + 4)
     components["audio_vae"] = AutoencoderKLLTX2Audio(
         base_channels=audio_channels,  # its latents_mean/std normalise packed audio tokens of this width

@@ -155,5 +155,46 @@ def test_bad_spec_is_one_input_error():
         TinyLTX2Spec(vae_channels=(8, 8), vae_downsample=("spatial",))
     with pytest.raises(InputError, match="mel_bins"):
         TinyLTX2Spec(mel_bins=30)
+    with pytest.raises(InputError, match="cannot change the width"):
+        TinyLTX2Spec(latent_channels=16, vae_channels=(32,), vae_downsample=("none",))
     with pytest.raises(InputError, match="text_layers"):
         TinyLTX2Spec(text_layers=0)
+
+
+class _IdentityVAE(torch.nn.Module):
+    """Latents are the pixels: a perfect autoencoder with the LTX VAEs' interface."""
+
+    def __init__(self, blank: bool = False) -> None:
+        super().__init__()
+        self.blank = blank
+        self.register_buffer("latents_mean", torch.zeros(3))
+
+    def encode(self, pixels):
+        dist = type("Dist", (), {"mode": lambda _self: pixels})()
+        return type("Out", (), {"latent_dist": dist})()
+
+    def decode(self, latents, temb, return_dict=True):
+        return (torch.full_like(latents, -1.0) if self.blank else latents,)
+
+
+def test_reconstruction_reward_scores_the_truth_high_and_a_blank_decoder_low():
+    from grpo.data.toyworld import ToyWorldConfig
+    from policies.toy_vae import reconstruction_reward
+
+    assert reconstruction_reward(_IdentityVAE(), ToyWorldConfig(), num_samples=4) > 0.9
+    assert reconstruction_reward(_IdentityVAE(blank=True), ToyWorldConfig(), num_samples=4) < 0.2
+
+
+def test_toy_world_layout_fits_and_runs_through_the_pipeline_at_toy_size(tmp_path):
+    """The toy layout (4x space, no temporal compression) is fitted by `policies.toy_vae` during the build
+    (latent statistics written) and the pipeline draws 32x32 toy-size clips with it."""
+    from diffusers import LTX2Pipeline
+
+    spec = TinyLTX2Spec.toy_world(vae_fit_steps=2)
+    assert spec.vae_compression == (4, 1)
+    pipe = LTX2Pipeline.from_pretrained(build_tiny_ltx2(tmp_path / "toy", spec))
+    assert (pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio) == (4, 1)
+    assert not torch.equal(pipe.vae.latents_std, torch.ones_like(pipe.vae.latents_std))
+    call = {**CALL, "height": 32, "width": 32}
+    out = pipe(prompt="a red ball", generator=torch.Generator().manual_seed(0), output_type="latent", **call)
+    assert out.frames.shape == (1, 16, 9, 8, 8)
