@@ -59,7 +59,7 @@ def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None 
         foreground = ((clips - background).abs().amax(-1) > 0.1).float().unsqueeze(1)
         weight = 1.0 + (fit.foreground_weight - 1.0) * foreground  # [B, 1, F, H, W]
         latents = vae.encode(pixels).latent_dist.mode()
-        recon = vae.decode(latents, torch.zeros(len(pixels)), return_dict=False)[0]
+        recon = vae.decode(latents, torch.zeros(len(pixels), device=device), return_dict=False)[0]
         loss = (weight * (recon - pixels) ** 2).mean() + fit.latent_weight * latents.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
