@@ -830,7 +830,9 @@ def build_ltx2_policy(tiny: bool, device: torch.device, dtype: torch.dtype, pert
             with torch.device(device):
                 policy = LTX2Policy(
                     LTX2VideoTransformer3DModel(perturbed_attn=perturbed_attn),
-                    AutoencoderKLLTX2Video(),
+                    # the released VAE's config.json states its ratios; the class defaults would
+                    # derive 64x / 16x from its layer list
+                    AutoencoderKLLTX2Video(spatial_compression_ratio=32, temporal_compression_ratio=8),
                     FlowMatchEulerDiscreteScheduler(
                         use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05
                     ),

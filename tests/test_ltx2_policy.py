@@ -217,6 +217,32 @@ def test_recomputed_log_prob_equals_rollout(policy, modalities, guidance, i2v):
         assert not bool(stochastic[:, :first].any())
 
 
+@pytest.mark.parametrize("kind", ["cps", "dance"])
+def test_sde_window_and_kinds(policy, kind):
+    sampling = LTX2SamplingConfig(
+        **GEOMETRY, num_inference_steps=5, kind=kind, noise_level=0.5, sde_steps=[1, 3]
+    )
+    rollout = policy.rollout(
+        _condition(policy, 1, cfg=False), num_generations=2, sampling=sampling, seeds=[7, 8]
+    )
+    assert rollout.step_indices.tolist() == [1, 3] and rollout.log_probs.shape == (2, 2)
+    for j in range(2):
+        with torch.no_grad():
+            assert (policy.log_prob(rollout, j).log_prob - rollout.log_probs[:, j]).abs().max().item() <= 1e-5
+
+
+def test_sum_reduction_is_the_joint_likelihood(policy):
+    sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=3, reduction="sum")
+    rollout = policy.rollout(
+        _condition(policy, 1, cfg=False), num_generations=2, sampling=sampling, seeds=[5, 6]
+    )
+    parts = rollout.part_log_probs
+    torch.testing.assert_close(rollout.log_probs, parts["video"] + parts["audio"], rtol=1e-6, atol=1e-3)
+    with torch.no_grad():
+        out = policy.log_prob(rollout, 2)
+    assert (out.log_prob - rollout.log_probs[:, 2]).abs().max().item() <= 1e-5 * rollout.log_probs.abs().max()
+
+
 def test_saved_rollout_recomputes_and_per_sample_steps_match(tmp_path, policy):
     from policies import Rollout
 
