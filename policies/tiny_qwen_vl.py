@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from policies.qwen_vl_inputs import QwenVLInputsConfig
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # Qwen-style chat template: text parts verbatim, one vision placeholder per image/video part.
 CHAT_TEMPLATE = (
@@ -41,8 +44,12 @@ TOY_CORPUS = [
 
 
 def train_bpe(
-    tokenizer, corpus: Sequence[str], vocab_size: int, special_tokens: Sequence[str], **trainer_kwargs
-):
+    tokenizer: Tokenizer,
+    corpus: Sequence[str],
+    vocab_size: int,
+    special_tokens: Sequence[str],
+    **trainer_kwargs,
+) -> Tokenizer:
     """Train ``tokenizer`` (a `tokenizers.Tokenizer` with a BPE model, normalizer and pre-tokenizer already
     set) on ``corpus`` in place, ``special_tokens`` first in the vocabulary; returns it. Shared by the tiny
     tokenizers of each model family, which differ only in how they split and normalise text."""
