@@ -239,6 +239,10 @@ class ToyWorldDataSpec:
     fps: float = field(
         default=8.0, metadata={"help": "frame rate of the videos; every stage trains and generates at it"}
     )
+    audio: bool = field(
+        default=False,
+        metadata={"help": "sound: rows carry the next scene's waveform ('audio', 'sample_rate'; LTX-2)"},
+    )
 
 
 @dataclass
@@ -375,6 +379,8 @@ def scene_row(prompt_column: str, context: bool = False):
 
     def convert(sample: dict[str, Any]) -> dict[str, Any]:
         row = {"prompt": sample[prompt_column], "video": sample["next"]}
+        if "next_audio" in sample:  # the target's sound (toy world with audio)
+            row.update(audio=sample["next_audio"], sample_rate=sample["sample_rate"])
         if context:
             row.update({k: sample[k] for k in ("context", "instruction", "fps") if sample.get(k) is not None})
         row.update({k: v for k, v in sample.items() if k in ("world", "next_caption", "context_caption")})
@@ -451,6 +457,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             next_frames=spec.next_frames,
             next_overlap=spec.next_overlap,
             fps=spec.fps,
+            audio=spec.audio,
         )
         convert = scene_row(spec.prompt, spec.context)
         return (
