@@ -78,6 +78,13 @@ class LTX2PolicySpec:
     tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    tiny_vae_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with tiny: the toy-world layout (TinyLTX2Spec.toy_world), its video VAE fitted to "
+            "the toy world for this many steps first (0 = the default random tiny layout)"
+        },
+    )
     sampling: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -182,11 +189,12 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):
         from policies.ltx2 import LTX2Policy
-        from policies.tiny_ltx2 import build_tiny_ltx2
+        from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
-            build_tiny_ltx2(path)
+            fit = spec.tiny_vae_fit_steps
+            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(vae_fit_steps=fit) if fit else None)
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy

@@ -192,3 +192,61 @@ def test_audio_video_training_needs_the_rows_sound(policy, rows):
         )
     with pytest.raises(InputError, match="Hz"):
         policy.encode_audio([torch.as_tensor(rows[0]["audio"])], 22050)
+
+
+def test_rewards_get_the_generated_sound_not_the_rows(policy, rows):
+    from grpo.trainer import reward_metadata
+    from policies.ltx import SamplingConfig
+
+    sampling = SamplingConfig(num_frames=9, height=32, width=32, num_inference_steps=2, frame_rate=FPS)
+    condition = policy.prepare_condition(rows[:1])
+    policy.sampling_overrides = {"modalities": "audio_video"}
+    try:
+        rollout = policy.rollout(condition, num_generations=2, sampling=sampling, seeds=[3, 4])
+    finally:
+        policy.sampling_overrides = {}
+    metadata = reward_metadata(policy, rollout, rows[0])
+    generated = policy.decode_audio(rollout.final_latents, rollout.latent_shape)
+    assert len(metadata["audio"]) == 2 and metadata["sample_rate"] == [24000, 24000]
+    for got, want in zip(metadata["audio"], generated, strict=True):
+        torch.testing.assert_close(got, want.cpu())
+    assert metadata["world"] == [rows[0]["world"]] * 2
+    # a rollout without scored sound: the row's own (target) waveform never reaches the rewards
+    rollout.extras["modalities"] = "video"
+    assert not {"audio", "sample_rate", "prompt"} & set(reward_metadata(policy, rollout, rows[0]))
+
+
+def test_grpo_on_the_toy_world_scores_the_generated_sound(tmp_path):
+    """Two GRPO iterations of toy_ltx2_grpo.yaml (shrunk, on a fresh tiny toy-layout LTX-2): the audio
+    reward scores every rollout and every held-out generation from the vocoder's waveform."""
+    import json
+    from pathlib import Path
+
+    from grpo.recipe import load_recipe
+    from grpo.train import run
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "toy_ltx2_grpo.yaml"
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "policy.path=null",
+        "policy.tiny=true",
+        "policy.tiny_vae_fit_steps=2",
+        "data.num_train=4",
+        "data.num_eval=1",
+        "trainer.max_iterations=2",
+        "trainer.num_generations=2",
+        "trainer.num_prompts_per_iteration=1",
+        "trainer.num_inference_steps=3",
+        "trainer.sde_window_size=2",
+        "trainer.eval_every=2",
+        "trainer.save_steps=0",
+        "trainer.save_eval_videos=0",
+    ]
+    run(load_recipe(recipe, overrides))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in logged if "reward/toyworld_audio/mean" in m]
+    assert len(train) == 2
+    assert all(math.isfinite(m["reward/toyworld_audio/mean"]) for m in train)
+    assert all(m["reward/toyworld_audio/num_unscored"] == 0 for m in train)
+    held_out = [m for m in logged if "eval/toyworld_audio/mean" in m]
+    assert held_out and math.isfinite(held_out[-1]["eval/toyworld_audio/mean"])
