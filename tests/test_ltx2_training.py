@@ -74,11 +74,22 @@ def _direct_loss(policy, condition, target, audio_target, sigmas, noise, audio_n
     return torch.cat(parts, dim=1).mean(dim=1)
 
 
-@pytest.mark.parametrize("modalities,i2v", [("audio_video", False), ("video", False), ("audio_video", True)])
-def test_flow_matching_loss_is_the_transformers_velocity_error(policy, rows, modalities, i2v):
+@pytest.mark.parametrize(
+    "modalities,i2v,silent",
+    [
+        ("audio_video", False, False),
+        ("video", False, False),
+        ("audio_video", True, False),
+        ("video", True, True),
+    ],
+)
+def test_flow_matching_loss_is_the_transformers_velocity_error(policy, rows, modalities, i2v, silent):
+    """``silent``: rows without sound (video only): the audio stream is the all-zero latent."""
     from diffusers import LTX2Pipeline
 
     policy.sampling_overrides = {"modalities": modalities}
+    if silent:
+        rows = [{k: v for k, v in r.items() if k not in ("audio", "sample_rate")} for r in rows]
     try:
         condition = policy.prepare_condition(rows)
         videos = torch.stack([torch.as_tensor(r["video"]) for r in rows])
@@ -99,13 +110,18 @@ def test_flow_matching_loss_is_the_transformers_velocity_error(policy, rows, mod
             1,
         )
         torch.testing.assert_close(target, expected)
-        audio_target = condition["audio_latents"]
         g = torch.Generator().manual_seed(0)
         sigmas = torch.tensor([0.3, 0.8])
         noise = torch.randn(target.shape, generator=g)
-        audio_noise = torch.randn(audio_target.shape, generator=g)
+        if silent:
+            audio_target = audio_noise = torch.zeros(2, policy._audio_frames(9, FPS), 32)
+            extra = {}
+        else:
+            audio_target = condition["audio_latents"]
+            audio_noise = torch.randn(audio_target.shape, generator=g)
+            extra = {"audio_noise": audio_noise}
         loss = policy.flow_matching_loss(
-            condition, target, sigmas, noise, latent_shape, frame_rate=FPS, audio_noise=audio_noise
+            condition, target, sigmas, noise, latent_shape, frame_rate=FPS, **extra
         )
         with torch.no_grad():
             direct = _direct_loss(
