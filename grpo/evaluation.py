@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from grpo.config import GRPOConfig
-from grpo.trainer import CONDITION_COLUMNS, derived_seed
+from grpo.trainer import derived_seed, reward_metadata
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
 from rewards.composite import CompositeOutput, CompositeReward
@@ -178,9 +178,10 @@ def eval_seeds(seed: int, index: int, num_generations: int) -> list[int]:
     return [derived_seed(seed, 0, index * num_generations + g) for g in range(num_generations)]
 
 
-def _score(reward: CompositeReward, videos: torch.Tensor, row: dict[str, Any]) -> CompositeOutput:
+def _score(
+    reward: CompositeReward, videos: torch.Tensor, row: dict[str, Any], metadata: dict[str, list[Any]]
+) -> CompositeOutput:
     n = len(videos)
-    metadata = {k: [v] * n for k, v in row.items() if k not in CONDITION_COLUMNS}
     return reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
 
 
@@ -236,9 +237,10 @@ def evaluate(
                 )
             with torch.no_grad():
                 videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
+                metadata = reward_metadata(policy, rollout, row)
             if index < min(num_videos, n_rows):
                 kept.append(videos[0])
-            futures.append(scorer.submit(_score, reward, videos, row))
+            futures.append(scorer.submit(_score, reward, videos, row, metadata))
         outputs = [f.result() for f in futures]
 
     # [R, per_rank, G] on this rank (float64: scores as the rewards returned them, NaN where

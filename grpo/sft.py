@@ -146,8 +146,12 @@ class FlowMatchingTrainer:
             target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
         noise = torch.randn(target.shape, generator=generator).to(target.device)
+        extra = {}
+        if "audio_latents" in condition:  # a joint audio-video target (LTX-2): the audio stream's noise
+            audio = condition["audio_latents"]
+            extra["audio_noise"] = torch.randn(audio.shape, generator=generator).to(audio.device)
         return self.policy.flow_matching_loss(
-            condition, target, sigmas, noise, self.latent_shape, frame_rate=self.args.frame_rate
+            condition, target, sigmas, noise, self.latent_shape, frame_rate=self.args.frame_rate, **extra
         )
 
     @torch.no_grad()

@@ -78,6 +78,13 @@ class LTX2PolicySpec:
     tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    tiny_vae_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with tiny: the toy-world layout (TinyLTX2Spec.toy_world), its video VAE fitted to "
+            "the toy world for this many steps first (0 = the default random tiny layout)"
+        },
+    )
     sampling: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -182,11 +189,12 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):
         from policies.ltx2 import LTX2Policy
-        from policies.tiny_ltx2 import build_tiny_ltx2
+        from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
-            build_tiny_ltx2(path)
+            fit = spec.tiny_vae_fit_steps
+            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(vae_fit_steps=fit) if fit else None)
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy
@@ -238,6 +246,10 @@ class ToyWorldDataSpec:
     )
     fps: float = field(
         default=8.0, metadata={"help": "frame rate of the videos; every stage trains and generates at it"}
+    )
+    audio: bool = field(
+        default=False,
+        metadata={"help": "sound: rows carry the next scene's waveform ('audio', 'sample_rate'; LTX-2)"},
     )
 
 
@@ -375,6 +387,8 @@ def scene_row(prompt_column: str, context: bool = False):
 
     def convert(sample: dict[str, Any]) -> dict[str, Any]:
         row = {"prompt": sample[prompt_column], "video": sample["next"]}
+        if "next_audio" in sample:  # the target's sound (toy world with audio)
+            row.update(audio=sample["next_audio"], sample_rate=sample["sample_rate"])
         if context:
             row.update({k: sample[k] for k in ("context", "instruction", "fps") if sample.get(k) is not None})
         row.update({k: v for k, v in sample.items() if k in ("world", "next_caption", "context_caption")})
@@ -451,6 +465,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             next_frames=spec.next_frames,
             next_overlap=spec.next_overlap,
             fps=spec.fps,
+            audio=spec.audio,
         )
         convert = scene_row(spec.prompt, spec.context)
         return (

@@ -53,6 +53,23 @@ CONDITION_COLUMNS = (
     "image",
     "context",
 )
+# a row's target sound (supervised data): never a reward input, rewards get the generated sound instead
+TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
+
+
+def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
+    """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
+    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
+    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
+    n = rollout.num_samples
+    skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
+    metadata = {k: [v] * n for k, v in row.items() if k not in skip}
+    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
+    sound = decode_audio(rollout) if decode_audio is not None else None
+    if sound is not None:
+        waveforms, sample_rate = sound
+        metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)
+    return metadata
 
 
 class GRPOTrainer:
@@ -254,9 +271,9 @@ class GRPOTrainer:
         tick = time.perf_counter()
         with torch.no_grad():
             videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
+            metadata = reward_metadata(self.policy, rollout, row)
         decode_s = time.perf_counter() - tick
         n = rollout.num_samples
-        metadata = {k: [v] * n for k, v in row.items() if k not in CONDITION_COLUMNS}
         out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)

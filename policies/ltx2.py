@@ -45,6 +45,7 @@ from policies.schedules import LTX2_SHIFT_DEFAULTS, ltx_sigmas
 
 LTX2_PIPELINES = ("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline")
 MODALITIES = ("video", "audio_video")
+MEL_N_FFT = 1024  # LTX-2's audio preprocessing: 1024-point STFT (window 1024) at the VAE's hop
 
 
 @dataclass
@@ -322,6 +323,12 @@ class LTX2Policy(LTXPolicy):
         """
         latent_shape = self.latent_shape(sampling.num_frames, sampling.height, sampling.width)
         config = self.transformer.config
+        audio_frames = self._audio_frames(sampling.num_frames, sampling.frame_rate)
+        return Geometry(latent_shape, config.in_channels, audio_frames, config.audio_in_channels)
+
+    def _audio_frames(self, num_frames: int, frame_rate: float) -> int:
+        """Audio latent frames of ``num_frames`` video frames at ``frame_rate`` (`LTX2Pipeline`'s rule)."""
+        config = self.transformer.config
         if self.audio_vae is not None:
             rate, hop = self.audio_vae.config.sample_rate, self.audio_vae.config.mel_hop_length
             compression = self.audio_vae.temporal_compression_ratio
@@ -331,13 +338,13 @@ class LTX2Policy(LTXPolicy):
                 config.audio_hop_length,
                 config.audio_scale_factor,
             )
-        audio_frames = round(sampling.num_frames / sampling.frame_rate * rate / hop / float(compression))
+        audio_frames = round(num_frames / frame_rate * rate / hop / float(compression))
         if audio_frames < 1:
             raise InputError(
-                f"{sampling.num_frames} frames at {sampling.frame_rate} fps give no audio latent frame: "
+                f"{num_frames} frames at {frame_rate} fps give no audio latent frame: "
                 "generate more frames or lower frame_rate"
             )
-        return Geometry(latent_shape, config.in_channels, audio_frames, config.audio_in_channels)
+        return audio_frames
 
     def _audio_noise_shape(self, geometry: Geometry) -> tuple[int, int, int]:
         """(channels, frames, mel bins) of the audio noise, drawn as `LTX2Pipeline` draws it."""
@@ -381,14 +388,6 @@ class LTX2Policy(LTXPolicy):
             neg, neg_mask = encode([negative_prompt] * len(prompts))
             condition.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
         return condition
-
-    def prepare_condition(
-        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 1024
-    ) -> dict[str, torch.Tensor]:
-        """`LTXPolicy.prepare_condition` with `LTX2Pipeline`'s prompt length (1024 Gemma tokens)."""
-        return super().prepare_condition(
-            rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
-        )
 
     def _check_condition(self, condition: dict[str, torch.Tensor], guidance_scale: float) -> int:
         if "prompt_embeds" not in condition or "prompt_attention_mask" not in condition:
@@ -773,8 +772,182 @@ class LTX2Policy(LTXPolicy):
         spectrogram = self.audio_vae.decode(audio.to(self.audio_vae.dtype), return_dict=False)[0]
         return self.vocoder(spectrogram).float()
 
-    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("LTX2Policy has no supervised (flow-matching) path yet: GRPO only")
+    @torch.no_grad()
+    def rollout_audio(self, rollout: Rollout) -> tuple[torch.Tensor, int] | None:
+        """The generated sound of an ``audio_video`` rollout for rewards: waveforms ``[B, channels,
+        samples]`` (CPU, fp32) and the vocoder's sample rate (Hz); None for a ``video`` rollout (its
+        audio is not a scored variable) or a checkpoint that cannot voice audio."""
+        if (
+            rollout.extras.get("modalities") != "audio_video"
+            or self.audio_vae is None
+            or self.vocoder is None
+        ):
+            return None
+        waveforms = self.decode_audio(rollout.final_latents, rollout.latent_shape).cpu()
+        return waveforms, int(self.vocoder.config.output_sampling_rate)
 
-    def flow_matching_loss(self, *args, **kwargs) -> torch.Tensor:
-        raise NotImplementedError("LTX2Policy has no supervised (flow-matching) path yet: GRPO only")
+    # ------------------------------------------------------------------ supervised (flow matching)
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 1024
+    ) -> dict[str, torch.Tensor]:
+        """`LTXPolicy.prepare_condition` with `LTX2Pipeline`'s prompt length (1024 Gemma tokens); rows
+        carrying a target waveform (``audio`` ``[channels, samples]`` and ``sample_rate``) also give
+        ``audio_latents`` ``[P, La, Da]`` (`encode_audio`), the audio half of a supervised target."""
+        condition = super().prepare_condition(
+            rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
+        )
+        if "audio" in rows[0]:
+            rates = {int(r.get("sample_rate", 0)) for r in rows}
+            if len(rates) != 1:
+                raise InputError(f"rows with audio need one common 'sample_rate', got {sorted(rates)}")
+            condition["audio_latents"] = self.encode_audio([r["audio"] for r in rows], rates.pop())
+        return condition
+
+    @torch.no_grad()
+    def encode_audio(self, waveforms: list[torch.Tensor], sample_rate: int) -> torch.Tensor:
+        """Packed, normalised audio latents ``[B, La, Da]`` of waveforms ``[channels, samples]``: the
+        log-mel spectrogram LTX-2's audio VAE was trained on (`log_mel_spectrogram`), encoded (mode),
+        packed and normalised as `LTX2Pipeline.prepare_audio_latents` takes given latents. Mono is
+        duplicated to the VAE's channels; the waveforms must be at the VAE's sample rate."""
+        if self.audio_vae is None:
+            raise InputError("this checkpoint has no audio_vae/ to encode target audio with")
+        config = self.audio_vae.config
+        if sample_rate != config.sample_rate:
+            raise InputError(
+                f"target audio is at {sample_rate} Hz but the audio VAE takes {config.sample_rate} Hz: "
+                f"resample it (e.g. the toy world's sample_rate: {config.sample_rate})"
+            )
+        lengths = {torch.as_tensor(w).shape for w in waveforms}
+        if len(lengths) != 1 or len(next(iter(lengths))) != 2:
+            raise InputError(f"waveforms must share one shape [channels, samples], got {sorted(lengths)}")
+        audio = torch.stack([torch.as_tensor(w) for w in waveforms]).to(self.device, torch.float32)
+        channels = config.in_channels
+        if audio.shape[1] not in (1, channels):
+            raise InputError(f"waveforms have {audio.shape[1]} channels; the audio VAE takes 1 or {channels}")
+        mel = log_mel_spectrogram(
+            audio.expand(-1, channels, -1), config.sample_rate, config.mel_bins, config.mel_hop_length
+        )
+        latents = self.audio_vae.encode(mel.to(self.audio_vae.dtype)).latent_dist.mode().float()
+        # LTX2Pipeline's length for this duration (the causal encoder yields one more for a partial tail)
+        frames = round(audio.shape[-1] / config.mel_hop_length / self.audio_vae.temporal_compression_ratio)
+        latents = latents[:, :, :frames]
+        packed = latents.transpose(1, 2).flatten(2, 3)  # [B, C, L, M] -> [B, L, C*M]
+        return (packed - self.audio_vae.latents_mean.to(packed)) / self.audio_vae.latents_std.to(packed)
+
+    def flow_matching_loss(
+        self,
+        condition: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: torch.Tensor,
+        latent_shape: tuple[int, int, int],
+        frame_rate: float = 25.0,
+        audio_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample ``mean ||v_theta(x_s, s) - (eps - x0)||^2`` over the generated elements ``[B]``.
+
+        ``target`` / ``noise``: clean video tokens ``[B, Sv, Cv]`` (`encode_video`) and their ``eps``;
+        ``condition["audio_latents"]`` / ``audio_noise``: the audio stream's ``[B, La, Da]``; both
+        streams are noised to the same ``sigmas`` ``[B]``, as sampling steps them together. With
+        ``modalities`` ``audio_video`` the loss covers both streams (every element weighs the same,
+        as the ``mean`` log-prob reduction); with ``video`` only the video (the audio is seen, not
+        learned: the noised target audio when rows carry sound, else the all-zero normalised latent).
+        With ``image_latents`` the first latent frame is clean conditioning, left out of the loss.
+        """
+        modalities = self.ltx2_sampling(None).modalities
+        b, device = target.shape[0], target.device
+        if "audio_latents" in condition:
+            if audio_noise is None or audio_noise.shape != condition["audio_latents"].shape:
+                raise InputError("audio_latents in the condition need an audio_noise draw of their shape")
+            audio_target, audio_noise = condition["audio_latents"].to(device), audio_noise.to(device)
+            num_frames = (latent_shape[0] - 1) * self.temporal_compression + 1
+            expected = self._audio_frames(num_frames, frame_rate)
+            if audio_target.shape[1] != expected:
+                raise InputError(
+                    f"the target audio has {audio_target.shape[1]} latent frames but {num_frames} video "
+                    f"frames at {frame_rate} fps take {expected}: give the clip's own audio, and the "
+                    "data's fps as the recipe's frame_rate"
+                )
+        elif modalities == "audio_video":
+            raise InputError(
+                "modalities audio_video trains on sound: give rows an 'audio' waveform and 'sample_rate' "
+                "(toyworld data: audio: true), or use policy.sampling.modalities: video"
+            )
+        else:
+            frames = self._audio_frames((latent_shape[0] - 1) * self.temporal_compression + 1, frame_rate)
+            audio_target = audio_noise = target.new_zeros(
+                b, frames, self.transformer.config.audio_in_channels
+            )
+        s = sigmas.to(device, torch.float32)[:, None, None]
+        noisy, noisy_audio = (1 - s) * target + s * noise, (1 - s) * audio_target + s * audio_noise
+        timestep = sigmas.to(device, torch.float32) * self.scheduler.config.num_train_timesteps
+        generated = torch.ones(target.shape[:2], device=device)
+        if "image_latents" in condition:
+            first = latent_shape[1] * latent_shape[2]
+            generated[:, :first] = 0
+            noisy[:, :first] = target[:, :first]
+        geometry = Geometry(latent_shape, target.shape[-1], audio_target.shape[1], audio_target.shape[-1])
+        text = self.text_inputs(condition, torch.arange(b, device=device), 1.0)
+        video_out, audio_out = self._forward(
+            noisy,
+            noisy_audio,
+            self._video_timestep(timestep, None if "image_latents" not in condition else generated),
+            timestep,
+            (text["video"], text["audio"], text["mask"]),
+            geometry,
+            frame_rate,
+        )
+        error = ((video_out - (noise - target)) ** 2).sum(-1) * generated
+        total, count = error.sum(1), generated.sum(1) * target.shape[-1]
+        if modalities == "audio_video":
+            total = total + ((audio_out - (audio_noise - audio_target)) ** 2).flatten(1).sum(1)
+            count = count + audio_target[0].numel()
+        return total / count
+
+
+def log_mel_spectrogram(
+    waveforms: torch.Tensor, sample_rate: int, mel_bins: int, hop_length: int, n_fft: int = MEL_N_FFT
+) -> torch.Tensor:
+    """Log-mel spectrograms ``[B, C, frames, mel_bins]`` of waveforms ``[B, C, samples]``, as LTX-2's
+    audio VAE was trained on them: magnitude STFT (Hann window of ``n_fft``, centred, reflect padding),
+    Slaney mel filterbank over 0..sample_rate/2 with Slaney area normalisation, ``log(max(mel, 1e-5))``;
+    ``samples // hop_length + 1`` frames. (LTX-2's trainer computes it with torchaudio's
+    ``MelSpectrogram``; diffusers ships only the decode side, and its vocoder's ``MelSTFT`` is a
+    different, causal transform with a learned filterbank, so it is written out here with torch.stft.)"""
+    window = torch.hann_window(n_fft, device=waveforms.device, dtype=waveforms.dtype)
+    spectrum = torch.stft(
+        waveforms.flatten(0, 1),
+        n_fft,
+        hop_length=hop_length,
+        win_length=n_fft,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
+    ).abs()  # [B*C, n_fft // 2 + 1, frames]
+    banks = slaney_mel_filterbank(n_fft // 2 + 1, sample_rate, mel_bins).to(spectrum)
+    mel = torch.log(torch.clamp(banks.T @ spectrum, min=1e-5))
+    return mel.unflatten(0, waveforms.shape[:2]).transpose(2, 3)
+
+
+def slaney_mel_filterbank(num_freqs: int, sample_rate: int, mel_bins: int) -> torch.Tensor:
+    """Triangular mel filters ``[num_freqs, mel_bins]`` on the Slaney mel scale (linear below 1 kHz,
+    logarithmic above) over 0..sample_rate/2, each scaled to unit area (Slaney normalisation)."""
+    f_sp, knee_hz, knee_mel, log_step = 200.0 / 3, 1000.0, 15.0, math.log(6.4) / 27.0
+
+    def to_mel(hz: torch.Tensor) -> torch.Tensor:
+        return torch.where(
+            hz < knee_hz, hz / f_sp, knee_mel + torch.log(hz.clamp(min=knee_hz) / knee_hz) / log_step
+        )
+
+    def to_hz(mel: torch.Tensor) -> torch.Tensor:
+        return torch.where(mel < knee_mel, mel * f_sp, knee_hz * torch.exp(log_step * (mel - knee_mel)))
+
+    freqs = torch.linspace(0, sample_rate // 2, num_freqs, dtype=torch.float64)
+    top = to_mel(torch.tensor(sample_rate / 2.0, dtype=torch.float64))
+    edges = to_hz(torch.linspace(0.0, float(top), mel_bins + 2, dtype=torch.float64))
+    slopes = edges[None, :] - freqs[:, None]
+    widths = edges[1:] - edges[:-1]
+    down, up = -slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]
+    banks = torch.clamp(torch.minimum(down, up), min=0)
+    return (banks * (2.0 / (edges[2:] - edges[:-2]))[None, :]).float()
