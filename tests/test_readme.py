@@ -38,6 +38,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # what the README's examples say at real scale -> what the test runs (the README announces each one)
 SUBSTITUTIONS = {
     "/ckpt/LTX-Video": "{tiny_ltx}",
+    "/ckpt/LTX-2": "{tiny_ltx2}",
     'device="cuda"': f'device="{DEVICE}"',
     "num_frames=121, height=512, width=768": "num_frames=9, height=64, width=64",
     "max_iterations=100": "max_iterations=1",
@@ -68,7 +69,8 @@ def test_the_readme_announces_every_substitution():
     for real in SUBSTITUTIONS:
         assert any(real in body for _, body in PYTHON_EXAMPLES), f"no README example uses {real!r}"
     said = README[: README.index("```python")]  # the announcement comes before the first example
-    for phrase in ("`/ckpt/LTX-Video`", '`"cuda"`', "121 frames at 512x768", "`max_iterations=100`"):
+    phrases = ("`/ckpt/LTX-Video`", "`/ckpt/LTX-2`", '`"cuda"`', "121 frames at 512x768", "`max_iterations=100`")
+    for phrase in phrases:
         assert phrase in said, f"the README does not announce the substitution of {phrase}"
 
 
@@ -79,10 +81,17 @@ def tiny_ltx(tmp_path_factory) -> Path:
     return build_tiny_ltx(tmp_path_factory.mktemp("ckpt") / "tiny_ltx")
 
 
+@pytest.fixture(scope="module")
+def tiny_ltx2(tmp_path_factory) -> Path:
+    from policies.tiny_ltx2 import build_tiny_ltx2
+
+    return build_tiny_ltx2(tmp_path_factory.mktemp("ckpt") / "tiny_ltx2", seed=0)
+
+
 @pytest.mark.parametrize("name,body", PYTHON_EXAMPLES, ids=[name for name, _ in PYTHON_EXAMPLES])
-def test_python_example_runs_as_written(name, body, tiny_ltx, tmp_path):
+def test_python_example_runs_as_written(name, body, tiny_ltx, tiny_ltx2, tmp_path):
     for real, small in SUBSTITUTIONS.items():
-        body = body.replace(real, small.format(tiny_ltx=tiny_ltx))
+        body = body.replace(real, small.format(tiny_ltx=tiny_ltx, tiny_ltx2=tiny_ltx2))
     (tmp_path / "checkpoints").symlink_to(
         ROOT / "checkpoints"
     )  # the shipped tiny policies, as from the repo root
