@@ -172,6 +172,11 @@ class InProcessJudge:
             merge_size=self.inputs_config.merge_size,
         )
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        ids = encoded["input_ids"]
+        config = self.model.config
+        if vision:  # text 0, image 1, video 2; without it transformers uses 1-D positions (no M-RoPE)
+            video_tokens = ids == getattr(config, "video_token_id", -1)
+            encoded["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * video_tokens.int()
         inputs = {k: v.to(device) for k, v in encoded.items()}
         for key, value in vision.items():
             inputs[key] = value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
