@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny judge tokenizer and text model built locally, and the vLLM interpreter."""
+"""Shared fixtures: a tiny judge tokenizer, tiny text and Qwen-VL judges built locally, the vLLM python."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policies.tiny_qwen_vl import build_tiny_qwen_tokenizer
+from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_tokenizer, build_tiny_qwen_vl
 
 CORPUS = [
     "yes no Yes No yes. no. 1 2 3 4 5",
@@ -43,6 +43,15 @@ def tiny_text_judge(tmp_path_factory, judge_tokenizer) -> Path:
     Qwen2ForCausalLM(config).save_pretrained(path)
     judge_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_judge(tmp_path_factory) -> Path:
+    """A random tiny Qwen2.5-VL checkpoint: model, tokenizer, pre-processing config (head_dim 64, for vLLM).
+
+    Frames are resized to at most 32 x 32 pixels (patch 8, merge 2: 4 tokens per image).
+    """
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny_vl_judge"), TinyQwenVLSpec(hidden_size=128))
 
 
 @pytest.fixture(scope="session")

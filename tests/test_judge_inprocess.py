@@ -171,8 +171,10 @@ def manual_score(model, tokenizer, context: torch.Tensor, prediction: torch.Tens
     tokens_per_image = int(pixels["image_grid_thw"][0].prod()) // 4
     text = text.replace("<|image_pad|>", "<|image_pad|>" * tokens_per_image)
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    token_types = (encoded["input_ids"] == image_pad).int()  # transformers' M-RoPE needs them (image: 1)
     with torch.no_grad():
-        logits = model(**encoded, **pixels).logits[0, -1]
+        logits = model(**encoded, mm_token_type_ids=token_types, **pixels).logits[0, -1]
     probs = torch.softmax(logits.double(), dim=-1)
     vocab = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
     p_yes = sum(probs[i].item() for i, t in vocab.items() if t in ("y", "ye", "yes"))
@@ -215,6 +217,17 @@ def test_in_process_video_and_rating_modes(tiny_vlm, judge_tokenizer):
     rating = InProcessJudge(tiny_vlm, judge_tokenizer, scoring="rating", num_frames=2, inputs_config=inputs)
     out = rating(videos, None, contexts)
     assert 0 <= out.scores[0] <= 1 and out.metadata["rating"][0] == pytest.approx(1 + 4 * out.scores[0])
+
+
+@pytest.mark.parametrize("mode", ["images", "video"])
+def test_in_process_judge_runs_qwen2_vl(tmp_path, mode):
+    """Qwen2-VL's forward refuses frames without ``mm_token_type_ids`` (the M-RoPE token types)."""
+    from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+
+    path = build_tiny_qwen_vl(tmp_path, TinyQwenVLSpec(architecture="qwen2_vl"))
+    videos, contexts = batch()
+    out = InProcessJudge(str(path), dtype="float32", mode=mode, num_frames=2)(videos, None, contexts)
+    assert all(0 < s < 1 for s in out.scores) and out.scores[0] != out.scores[1]
 
 
 # ------------------------------------------------------------------------- payload vs vLLM's own models

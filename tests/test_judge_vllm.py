@@ -1,6 +1,8 @@
-"""The judge against a real vLLM server (CPU build, own venv) serving a tiny random Qwen2 text model.
+"""The judge against a real vLLM server (CPU build, own venv) serving tiny random judges: a Qwen2 text
+model and a Qwen2.5-VL (image and video requests).
 
-One server for the module (~1 min to start). The last tests kill it, so their order matters.
+One server per model for the module (~1.5 min each to start). The last tests kill the text one, so their
+order matters.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_text_judge, vllm_python, tmp_path_factory):
+def serve(model, name, vllm_python, tmp_path_factory, **overrides):
+    """Start vLLM on ``model`` (float32, key in $KEY_ENV), wait until healthy, yield it, stop it."""
     os.environ[KEY_ENV] = "test-key-123"
-    config = ServeConfig(
-        model=str(tiny_text_judge), port=free_port(), served_model_name=MODEL, max_model_len=1024,
-        dtype="float32", max_logprobs=20, api_key_env=KEY_ENV, python=vllm_python,
+    settings = dict(
+        model=str(model), port=free_port(), served_model_name=name, max_model_len=1024, dtype="float32",
+        max_logprobs=20, api_key_env=KEY_ENV, python=vllm_python,
     )  # fmt: skip
+    config = ServeConfig(**{**settings, **overrides})
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     with log_path.open("wb") as log:
         srv = start_server(config, log=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
@@ -54,10 +57,16 @@ def server(tiny_text_judge, vllm_python, tmp_path_factory):
             waited = srv.wait_healthy(timeout_s=400)
         except RuntimeError:
             print(log_path.read_text()[-3000:])
+            srv.stop()
             raise
-        print(f"\nvLLM server healthy after {waited:.1f} s")
+        print(f"\nvLLM server for {name} healthy after {waited:.1f} s")
         yield srv
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_text_judge, vllm_python, tmp_path_factory):
+    yield from serve(tiny_text_judge, MODEL, vllm_python, tmp_path_factory)
     os.environ.pop(KEY_ENV, None)
 
 
@@ -146,6 +155,54 @@ def test_in_process_backend_gives_the_servers_score(server, tiny_text_judge):
     local = InProcessJudge(model, tokenizer, mode="text")([None] * 4, None, None, **meta).scores
     print(f"\nmax |in-process - vLLM| = {max(abs(a - b) for a, b in zip(local, served)):.2e}")
     assert local == pytest.approx(served, abs=1e-5)
+
+
+VL_MODEL = "tiny-vl-judge"
+
+
+@pytest.fixture(scope="module")
+def vl_server(tiny_vl_judge, vllm_python, tmp_path_factory):
+    yield from serve(tiny_vl_judge, VL_MODEL, vllm_python, tmp_path_factory, max_model_len=2048)
+
+
+def frames(seed: int, height: int, width: int) -> torch.Tensor:
+    return torch.rand(5, height, width, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["images", "video"])
+def test_qwen_vl_server_scores_image_and_video_requests(vl_server, tiny_vl_judge, mode):
+    """A tiny Qwen2.5-VL served by vLLM on CPU scores frames end to end, and the in-process backend
+    agrees: same prompt token ids (chat template, vision placeholders per grid) and the same score to
+    float32 round-off, frames resized or not (measured: 4e-6 images, 1e-6 video). Before the
+    in-process backend passed M-RoPE token types, transformers fell back to 1-D positions and the
+    scores differed by 2.5e-4.
+    """
+    served = judge(vl_server, mode=mode, num_frames=2, timeout_s=120)
+    local = InProcessJudge(str(tiny_vl_judge), dtype="float32", mode=mode, num_frames=2)
+    diffs = []
+    for height, width in ((32, 32), (32, 40)):  # kept as is / resized by both backends
+        videos = [frames(10 + i, height, width) for i in range(2)]
+        contexts = [frames(20 + i, height, width) for i in range(2)]
+        out = served(videos, None, contexts)
+        assert served.last_stats["failed"] == 0 and served.last_stats["scored"] == 2
+        assert all(0.0 < s < 1.0 for s in out.scores) and abs(out.scores[0] - out.scores[1]) > 1e-3
+        expected = local(videos, None, contexts).scores
+        diffs += [abs(a - b) for a, b in zip(out.scores, expected)]
+        assert out.scores == pytest.approx(expected, abs=2e-5)
+
+        body = build_requests(served.config, videos[:1], None, contexts[:1], {}, model=VL_MODEL)[0]
+        answer = direct(vl_server, {**body, "return_token_ids": True})
+        assert answer["prompt_token_ids"] == local.encode(body)["input_ids"][0].tolist()
+        live = [
+            e for e in answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"] if e["logprob"] > -100
+        ]
+        assert len(live) >= 2 and all(
+            "yes".startswith(e["token"]) or "no".startswith(e["token"]) for e in live
+        )
+        assert math.isclose(sum(math.exp(e["logprob"]) for e in live), 1.0, abs_tol=1e-4)
+        p_yes, p_no = allowed_mass(live, "yes"), allowed_mass(live, "no")
+        assert out.scores[0] == pytest.approx(p_yes / (p_yes + p_no), abs=1e-6)
+    print(f"\n{mode}: max |vLLM - in-process| = {max(diffs):.2e}")
 
 
 def test_wrong_or_missing_api_key_is_a_clear_error(server, monkeypatch):

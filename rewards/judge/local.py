@@ -153,9 +153,9 @@ class InProcessJudge:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
         return model, tokenizer, inputs_config or QwenVLInputsConfig.from_pretrained(path)
 
-    @torch.no_grad()
-    def score_request(self, request: dict[str, Any]) -> ScoredAnswer:
-        """Score one request body (as the vLLM client would send it)."""
+    def encode(self, request: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model inputs for one request body: the prompt's token ids (chat template, vision
+        placeholders expanded per grid, as vLLM builds them) and the frames' pixels, on the model."""
         messages, images, videos = unpack_media(request["messages"])
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         device = next(self.model.parameters()).device
@@ -172,9 +172,20 @@ class InProcessJudge:
             merge_size=self.inputs_config.merge_size,
         )
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        ids = encoded["input_ids"]
+        config = self.model.config
+        if vision:  # text 0, image 1, video 2; without it transformers uses 1-D positions (no M-RoPE)
+            video_tokens = ids == getattr(config, "video_token_id", -1)
+            encoded["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * video_tokens.int()
         inputs = {k: v.to(device) for k, v in encoded.items()}
         for key, value in vision.items():
             inputs[key] = value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
+        return inputs
+
+    @torch.no_grad()
+    def score_request(self, request: dict[str, Any]) -> ScoredAnswer:
+        """Score one request body (as the vLLM client would send it)."""
+        inputs = self.encode(request)
         logits = self.model(**inputs).logits[0, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         candidates = [(token, logprobs[i].item()) for token, i in self._allowed]
