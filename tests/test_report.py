@@ -418,7 +418,9 @@ class _SeedColourPolicy:
         shape = (sampling.num_frames, sampling.height, sampling.width, 3)
         colours = [torch.rand(3, generator=torch.Generator().manual_seed(s % 2**62)) for s in seeds]
         return SimpleNamespace(
-            final_latents=torch.stack([c.expand(shape) for c in colours]), latent_shape=None
+            final_latents=torch.stack([c.expand(shape) for c in colours]),
+            latent_shape=None,
+            num_samples=len(seeds),
         )
 
     def decode(self, latents, latent_shape):
