@@ -40,12 +40,18 @@ guidance (``--guidance`` CFG, ``--audio-guidance``, ``--modality``, ``--rescale`
     a_compiled `LTX2Pipeline` with ``transformer.compile_repeated_blocks(fullgraph=True)``
     c          our SDE rollout on that same compiled transformer
     check      recompute == rollout log-prob (compiled)
+    d          one GRPO update on the compiled rollout's record, as `recipes/ltx2_grpo.yaml` trains:
+               LoRA (``--lora-rank``), ``--train-steps`` recorded steps of every sample, micro-batches
+               of ``--micro-batch``, the rollout's guidance in training, no KL (beta 0: no reference
+               forward), ``--gradient-checkpointing``; its time and peak memory
 
 FLOPs of LTX-2 are counted by ``torch.utils.flop_counter`` on one eager guided velocity (all
 branches), not by a formula.
 
     python benchmarks/gpu_rollout.py --family ltx2                          # 121x512x768, G=8
     python benchmarks/gpu_rollout.py --family ltx2 --settings 49x480x704 --generations 4
+    python benchmarks/gpu_rollout.py --family ltx2 --settings 81x256x384 --lora-rank 64 \
+        --train-steps 3 --micro-batch 2 --gradient-checkpointing   # recipes/ltx2_grpo.yaml's shape
     python benchmarks/gpu_rollout.py --family ltx2 --tiny                   # CPU smoke run
 
 Prints a table and writes JSON (``--json``, default benchmarks/results/gpu_rollout_<setting>.json).
@@ -138,7 +144,7 @@ QWEN_TINY_VISION = dict(
 )
 
 # name -> (frames, height, width); the tiny ones run on a CPU in seconds
-SETTINGS = {"121x512x768": (121, 512, 768), "49x480x704": (49, 480, 704)}
+SETTINGS = {"121x512x768": (121, 512, 768), "49x480x704": (49, 480, 704), "81x256x384": (81, 256, 384)}
 TINY_SETTINGS = {"tiny-17x64x96": (17, 64, 96), "tiny-9x32x32": (9, 32, 32)}
 SECTIONS = ("a", "c_eager", "check_eager", "b", "c", "profile", "e", "check", "train", "d")
 TEXT_TOKENS = 128  # T5 prompt length LTXPipeline uses
@@ -623,7 +629,7 @@ class Bench:
         p = self.policy
         rollout = self.sde_rollout or self.eager_rollout
         if not p.has_lora:
-            p.add_lora(rank=32, alpha=64)
+            p.add_lora(rank=self.args.lora_rank, alpha=2 * self.args.lora_rank)
             if self.args.gradient_checkpointing:
                 p.transformer.enable_gradient_checkpointing()
         params = [q for q in p.transformer.parameters() if q.requires_grad]
@@ -664,7 +670,8 @@ class Bench:
         ckpt = "on" if self.args.gradient_checkpointing else "off"
         self.add(
             "d",
-            f"GRPO update: LoRA r32, {rollout.num_samples} samples x {k_steps} steps, micro-batch {mb}",
+            f"GRPO update: LoRA r{self.args.lora_rank}, {rollout.num_samples} samples x {k_steps} steps, "
+            f"micro-batch {mb}",
             ms,
             flop,
             peak,
@@ -791,7 +798,7 @@ def qwen_vl_flops(tiny: bool, tokens: int, patches: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------- LTX-2
-LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check")
+LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check", "d")
 LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
 LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline's max_sequence_length
 
@@ -913,8 +920,17 @@ class LTX2Bench:
             )
         return float(counter.get_total_flops()) / 2
 
-    def add(self, key: str, what: str, ms: float, peak: float, diffusers_ms: float | None = None) -> None:
-        tflop = self.info["step_tflop"] * self.args.steps
+    def add(
+        self,
+        key: str,
+        what: str,
+        ms: float,
+        peak: float,
+        diffusers_ms: float | None = None,
+        tflop: float | None = None,
+    ) -> None:
+        """A table row; ``tflop`` defaults to one rollout's (``--steps`` guided steps of the group)."""
+        tflop = self.info["step_tflop"] * self.args.steps if tflop is None else tflop
         row = Row(key, what, ms, tflop, peak)
         row.speedup_vs_diffusers = diffusers_ms / ms if diffusers_ms else None
         row.tflops = tflop / (ms * 1e-3) if ms > 0 else 0.0
@@ -997,6 +1013,8 @@ class LTX2Bench:
             )
             base = self.info.get("diffusers_ms_a" if key == "c_eager" else "diffusers_ms_a_compiled")
             self.add(key, what, ms, peak, diffusers_ms=base)  # against diffusers in the same mode
+        elif key == "d":
+            self.update()
         else:  # check, check_eager: recompute every recorded step of the rollout, same batch
             rollout = self.rollouts["c_eager" if key == "check_eager" else "c"]
             diffs = []
@@ -1009,6 +1027,48 @@ class LTX2Bench:
                     )
             self.checks[key] = {"logp_max_abs": max(diffs), "dtype": str(self.dtype)}
             print(f"  {key:10s} {self.checks[key]}", flush=True)
+
+    def update(self) -> None:
+        """Section d: one GRPO update (LoRA) on the latest rollout's record, with its peak memory."""
+        from grpo.loss import grpo_loss
+
+        p, args = self.policy, self.args
+        rollout = self.rollouts.get("c") or self.rollouts["c_eager"]
+        if not p.has_lora:
+            p.add_lora(rank=args.lora_rank, alpha=args.lora_rank)
+            if args.gradient_checkpointing:
+                p.transformer.enable_gradient_checkpointing()
+        params = [q for q in p.transformer.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        k_steps = min(args.train_steps, rollout.latents.shape[1])
+        advantages = torch.linspace(-1, 1, rollout.num_samples, device=self.device)
+        mb = args.micro_batch
+
+        def update(steps: int) -> None:
+            for b in range(0, rollout.num_samples, mb):
+                idx = list(range(b, min(b + mb, rollout.num_samples)))
+                sub = rollout.select(idx)
+                for j in range(steps):  # the rollout's guidance: every branch's forward and backward
+                    out = p.log_prob(sub, j)
+                    loss, _ = grpo_loss(
+                        out.log_prob[:, None], sub.log_probs[:, j : j + 1], advantages[idx], epsilon=1e-4
+                    )
+                    (loss / steps).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        update(1)  # warm-up: the LoRA forward + backward graphs
+        _, ms, peak = timed(self.device, lambda: update(k_steps))
+        # forward + backward (2x: input and LoRA gradients) of every branch; a checkpointed block's
+        # second forward is not counted
+        tflop = 3 * k_steps * self.info["step_tflop"]
+        ckpt = "on" if args.gradient_checkpointing else "off"
+        what = (
+            f"GRPO update: LoRA r{args.lora_rank}, {rollout.num_samples} samples x {k_steps} steps, "
+            f"micro-batch {mb}, guidance in training, checkpointing {ckpt}"
+        )
+        self.add("d", what, ms, peak, tflop=tflop)
+        self.info["update_ms_per_sample_step"] = ms / (rollout.num_samples * k_steps)
 
     def result(self, name: str, ceiling: float) -> dict[str, Any]:
         frames, height, width = self.geometry
@@ -1167,6 +1227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=2, help="recorded steps trained per sample in d")
     parser.add_argument("--micro-batch", type=int, default=1, help="samples per micro-batch in d and check")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint blocks in d")
+    parser.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the update in d")
     parser.add_argument(
         "--compile",
         default=None,

@@ -375,6 +375,7 @@ class GRPOTrainer:
         args = self.args
         positions, mask, max_steps = self._trained_positions(rollout, iteration)
         num_steps = positions.shape[1]
+        advantages = advantages.to(positions.device)
         if advantages.dim() == 2:  # per-clip advantages [B, num_clips]: a step takes its clip's
             step_clips = torch.tensor(rollout.extras["step_clips"], dtype=torch.long, device=positions.device)
             advantages = advantages.gather(1, step_clips[positions])

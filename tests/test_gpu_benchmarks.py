@@ -113,7 +113,9 @@ def test_gpu_rollout_ltx2_smoke_with_stg(tmp_path):
         + ["--json", str(tmp_path / "{setting}.json")]
     )
     (result,) = gpu_rollout.run(args)
-    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "a_compiled", "c"]
+    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "a_compiled", "c", "d"]
+    update = result["rows"][-1]
+    assert update["ms"] > 0 and update["tflop"] == pytest.approx(3 * 2 * result["info"]["step_tflop"])
     assert result["checks"]["check"]["logp_max_abs"] <= 1e-5  # recompute == rollout, compiled
     assert result["checks"]["check_eager"]["logp_max_abs"] <= 1e-5
     assert result["info"]["step_tflop"] > 0

@@ -57,7 +57,8 @@ TIMING_KEYS = ("time", "samples_per_s", "memory/peak_gb")
 
 def nextscene(out: Path, recipe: list[str], global_seed: int, kill_after_step: int = -1):
     """Run `nextscene train RECIPE output_dir=OUT` in a fresh process (CPU, one thread)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, str(SCRIPT), str(global_seed), str(kill_after_step), "--", "train"]
     return subprocess.run(
         [*command, *recipe, f"output_dir={out}"],

@@ -111,7 +111,8 @@ def test_sft_trains_at_the_recipes_frame_rate(tmp_path, tiny_dir):
     train, _ = build_datasets(data_spec)
     history = FlowMatchingTrainer(LTXPolicy.from_pretrained(tiny_dir), recipe.args, train).train()
 
-    policy = LTXPolicy.from_pretrained(tiny_dir)  # the weights of step 0, before the update
+    # the weights of step 0, before the update, on the trainer's device (a GPU's kernels round differently)
+    policy = LTXPolicy.from_pretrained(tiny_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     seed = recipe.args.seed
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derived_seed(seed, 0)))
     rows = [train[int(i)] for i in order[:2]]
@@ -120,7 +121,7 @@ def test_sft_trains_at_the_recipes_frame_rate(tmp_path, tiny_dir):
         condition = policy.prepare_condition(rows)
         target = policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = torch.rand(2, generator=generator)
-        noise = torch.randn(target.shape, generator=generator)
+        noise = torch.randn(target.shape, generator=generator).to(target.device)
         at = {
             fps: float(policy.flow_matching_loss(condition, target, sigmas, noise, (2, 4, 4), fps).mean())
             for fps in (2.0, 25.0)
@@ -183,7 +184,8 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
     if loaded.stage == "reward_model":  # the recipe simulates 16k preference pairs first
         short += ["data.num_train=32", "data.num_eval=16", "trainer.per_device_train_batch_size=8"]
         if loaded.data.get("policy"):  # and samples 512 contexts x 8 of a policy
-            short += ["data.policy_contexts=1", "data.policy_eval_contexts=1", "data.policy_generations=3"]
+            short += ["data.policy_contexts=1", "data.policy_eval_contexts=1", "data.policy_generations=4"]
+            short += ["data.policy_margin=0"]  # 6 pairs of one context: keep every pair that is not a tie
     for i, reward in enumerate(loaded.rewards):  # a learned reward the recipe expects trained first
         model = (reward.kwargs or {}).get("model")
         if reward.name == "reward_model" and not Path(str(model)).is_dir():
