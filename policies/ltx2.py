@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -201,6 +203,32 @@ def check_ltx2_dir(path: Path, weights: bool = True) -> None:
             check_model_weights(path / sub)
     if (path / "transformer_lora").is_dir():
         check_safetensors(path / "transformer_lora" / LORA_WEIGHTS)
+
+
+def check_ltx2_sampling(
+    sampling: LTX2SamplingConfig, transformer_config: Mapping[str, Any], has_audio_vae: bool
+) -> None:
+    """Refuse what a checkpoint cannot sample, from its transformer's config and whether it has an
+    audio VAE: no weights needed, so a command can check before loading the model."""
+    if sampling.modalities == "audio_video" and not has_audio_vae:
+        raise InputError(
+            "modalities='audio_video' needs an audio VAE (audio_vae/) to give the audio a meaning, and "
+            "this checkpoint has none: use modalities='video'"
+        )
+    guidance = sampling.guidance()
+    if guidance.uses_stg:
+        layers = transformer_config["num_layers"]
+        if not transformer_config.get("perturbed_attn", False):
+            raise InputError(
+                f"stg_scale {guidance.stg} needs a transformer with perturbed attention "
+                "(config perturbed_attn: true, LTX-2.3), which this checkpoint lacks: set stg_scale 0"
+            )
+        bad = [b for b in guidance.stg_blocks if not 0 <= b < layers]
+        if not guidance.stg_blocks or bad:
+            raise InputError(
+                f"stg_blocks {guidance.stg_blocks} must be a non-empty list of blocks in [0, {layers}) "
+                "for STG on this checkpoint"
+            )
 
 
 class LTX2Policy(LTXPolicy):
@@ -406,27 +434,6 @@ class LTX2Policy(LTXPolicy):
             )
         return embeds.shape[0]
 
-    def _check_sampling(self, sampling: LTX2SamplingConfig, guidance: Guidance) -> None:
-        """Refuse what this checkpoint cannot do, before any model work."""
-        if sampling.modalities == "audio_video" and self.audio_vae is None:
-            raise InputError(
-                "modalities='audio_video' needs an audio VAE (audio_vae/) to give the audio a meaning, and "
-                "this checkpoint has none: use modalities='video'"
-            )
-        if guidance.uses_stg:
-            layers = self.transformer.config.num_layers
-            if not self.transformer.config.perturbed_attn:
-                raise InputError(
-                    f"stg_scale {guidance.stg} needs a transformer with perturbed attention "
-                    "(config perturbed_attn: true, LTX-2.3), which this checkpoint lacks: set stg_scale 0"
-                )
-            bad = [b for b in guidance.stg_blocks if not 0 <= b < layers]
-            if not guidance.stg_blocks or bad:
-                raise InputError(
-                    f"stg_blocks {guidance.stg_blocks} must be a non-empty list of blocks in [0, {layers}) "
-                    "for STG on this checkpoint"
-                )
-
     def text_inputs(
         self, condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
     ) -> dict[str, torch.Tensor]:
@@ -596,7 +603,7 @@ class LTX2Policy(LTXPolicy):
         sampling = self.ltx2_sampling(sampling)
         guidance = sampling.guidance()
         rows = self._check_condition(condition, max(guidance.cfg))
-        self._check_sampling(sampling, guidance)
+        check_ltx2_sampling(sampling, self.transformer.config, self.audio_vae is not None)
         geometry = self.geometry(sampling)
         device = self.device
         seeds, condition_index, generators = sample_plan(rows, num_generations, seeds, device)

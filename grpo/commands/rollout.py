@@ -1,8 +1,9 @@
 """`nextscene rollout`: sample G videos per prompt with an LTX policy, write MP4s and per-step log-probs.
 
-Without ``--checkpoint`` it builds the tiny random LTX-Video checkpoint (diffusers layout) in the
-output directory first, so the command runs anywhere in seconds and exercises the same loading
-path a real checkpoint takes.
+The checkpoint's ``model_index.json`` picks the family: ``LTX2Pipeline`` (LTX-2 / LTX-2.3, audio +
+video: `LTX2Policy`) or LTX-Video 0.9 (`LTXPolicy`). Without ``--checkpoint`` it builds the tiny
+random LTX-Video checkpoint (diffusers layout) in the output directory first, so the command runs
+anywhere in seconds and exercises the same loading path a real checkpoint takes.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
 from policies.errors import InputError
 from policies.files import check_output_dir
+from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2_PIPELINES, MODALITIES, LTX2SamplingConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "rollout",
-        help="sample videos with per-step log-probs from an LTX-Video policy",
+        help="sample videos with per-step log-probs from an LTX-Video or LTX-2 policy",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -29,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         type=Path,
         default=None,
-        help="diffusers-format LTX-Video directory (default: build a tiny random one)",
+        help="diffusers-format LTX-Video or LTX-2 directory, told apart by its model_index.json "
+        "(default: build a tiny random LTX-Video one)",
     )
     parser.add_argument(
         "--prompt",
@@ -40,31 +45,131 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-generations", type=int, default=4, help="videos per prompt (the GRPO group)")
     parser.add_argument("--out", type=Path, default=Path("runs/rollout"), help="output directory")
     parser.add_argument("--frames", type=int, default=9, help="frames per video (8k+1)")
-    parser.add_argument("--height", type=int, default=32, help="height in pixels")
-    parser.add_argument("--width", type=int, default=32, help="width in pixels")
+    parser.add_argument(
+        "--height", type=int, default=32, help="height in pixels (LTX-2: >= 2 latent cells, 64)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=32, help="width in pixels (LTX-2: >= 2 latent cells, 64)"
+    )
     parser.add_argument("--steps", type=int, default=8, help="denoising steps")
     parser.add_argument("--kind", default="sde", help="stochastic step: sde | cps | dance | ode")
     parser.add_argument("--noise-level", type=float, default=0.7, help="noise of the stochastic steps")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (<= 1: off)")
     parser.add_argument(
-        "--fps", type=float, default=8.0, help="frame rate sampled at (temporal RoPE) and of the MP4s"
+        "--guidance-scale", type=float, default=1.0, help="CFG scale (<= 1: off; LTX-2: the video's)"
+    )
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=8.0,
+        help="frame rate sampled at (temporal RoPE; LTX-2: also sets the audio's length) and of the MP4s; "
+        "LTX2Pipeline's default is 24",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first video (others follow)")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
+    _add_ltx2_options(parser)
     parser.set_defaults(func=run)
+
+
+def _add_ltx2_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `LTX2SamplingConfig` field beyond `SamplingConfig` (``--modalities``, STG,
+    modality guidance, rescale and the ``audio_*`` scales), with the field's own help and default.
+    Left unset they are absent from the namespace, so giving one for an LTX-Video checkpoint is an
+    error rather than silently ignored."""
+    group = parser.add_argument_group(
+        "LTX-2 (audio + video) checkpoints only",
+        "LTX2Pipeline's modalities and guidance (names as in LTX2SamplingConfig)",
+    )
+    hints = get_type_hints(LTX2SamplingConfig)
+    for f in fields(LTX2SamplingConfig):
+        if f.name not in LTX2_ONLY_FIELDS:
+            continue
+        kinds = get_args(hints[f.name]) or (hints[f.name],)
+        if any(get_origin(kind) is list for kind in kinds):
+            kwargs: dict[str, Any] = {"nargs": "+", "type": int, "metavar": "BLOCK"}
+        elif str in kinds:
+            kwargs = {"metavar": "{" + ",".join(MODALITIES) + "}"}
+        else:
+            kwargs = {"type": float}
+        default = "the video one" if f.name.startswith("audio_") else f.default
+        if default is None:
+            default = "none"
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help'].rstrip('.')} (default: {default})",
+            **kwargs,
+        )
+
+
+def checkpoint_family(path: Path) -> str:
+    """``ltx2`` when the directory's ``model_index.json`` names an LTX-2 pipeline, else ``ltx``
+    (LTX-Video: its own checks then say what is missing)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return "ltx"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(
+            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
+        ) from None
+    return "ltx2" if name in LTX2_PIPELINES else "ltx"
+
+
+def _check_ltx2_checkpoint(path: Path, sampling: LTX2SamplingConfig) -> None:
+    """Everything about an LTX-2 checkpoint that can refuse these settings, from its configs alone."""
+    from policies.ltx import latent_shape
+    from policies.ltx2 import check_ltx2_dir, check_ltx2_sampling
+
+    check_ltx2_dir(path)
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    spatial, temporal = vae.get("spatial_compression_ratio", 32), vae.get("temporal_compression_ratio", 8)
+    shape = latent_shape(sampling.num_frames, sampling.height, sampling.width, spatial, temporal)
+    if vae.get("decoder_spatial_padding_mode", "reflect") == "reflect":
+        for name, size, cells in (("height", sampling.height, shape[1]), ("width", sampling.width, shape[2])):
+            if cells < 2:
+                raise InputError(
+                    f"{name}={size} is {cells} latent cell; the LTX-2 VAE decoder (reflect padding) needs "
+                    f">= 2: use {name} >= {2 * spatial}"
+                )
+    if sampling.modalities == "audio_video":
+        missing = [
+            f"{sub}/" for sub in ("audio_vae", "vocoder") if not (path / sub / "config.json").is_file()
+        ]
+        if missing:
+            raise InputError(
+                f"--modalities audio_video puts the generated sound in the MP4s, which needs the "
+                f"checkpoint's audio_vae/ and vocoder/; {str(path)!r} has no {' or '.join(missing)}: "
+                "use --modalities video"
+            )
+    transformer = json.loads((path / "transformer" / "config.json").read_text())
+    check_ltx2_sampling(sampling, transformer, (path / "audio_vae" / "config.json").is_file())
 
 
 def run(args: argparse.Namespace) -> int:
     from grpo.data.video import write_video
-    from grpo.train import LTXPolicySpec, build_policy
+    from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
     from policies import SamplingConfig
     from policies.ltx import latent_shape, vae_compression
     from policies.tiny import TinyLTXSpec
 
     # every cheap check first: nothing is loaded or written before the arguments are known to work
-    sampling = SamplingConfig(
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise InputError(f"--checkpoint: checkpoint directory {str(args.checkpoint)!r} does not exist")
+    family = checkpoint_family(args.checkpoint) if args.checkpoint is not None else "ltx"
+    ltx2_options = {name: getattr(args, name) for name in LTX2_ONLY_FIELDS if hasattr(args, name)}
+    if family == "ltx" and ltx2_options:
+        given = ", ".join("--" + name.replace("_", "-") for name in ltx2_options)
+        which = "--checkpoint" if args.checkpoint is not None else "the default tiny checkpoint"
+        raise InputError(
+            f"{given}: only for LTX-2 checkpoints (model_index.json _class_name LTX2Pipeline), and "
+            f"{which} is LTX-Video: drop the option(s) or give an LTX-2 --checkpoint"
+        )
+    config = LTX2SamplingConfig if family == "ltx2" else SamplingConfig
+    sampling = config(
         num_frames=args.frames,
         height=args.height,
         width=args.width,
@@ -73,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         kind=args.kind,
         noise_level=args.noise_level,
+        **ltx2_options,
     )
     if args.num_generations < 1:
         raise InputError(f"--num-generations must be >= 1, got {args.num_generations}")
@@ -82,24 +188,30 @@ def run(args: argparse.Namespace) -> int:
         "a green ball falls and bounces",
     ]
 
-    if args.checkpoint is not None:
-        latent_shape(sampling.num_frames, sampling.height, sampling.width, *vae_compression(args.checkpoint))
+    if family == "ltx2":
+        _check_ltx2_checkpoint(args.checkpoint, sampling)
+        spec = LTX2PolicySpec(path=str(args.checkpoint), device=args.device)
+        uses_cfg = max(sampling.guidance().cfg) > 1
     else:
-        latent_shape(sampling.num_frames, sampling.height, sampling.width, *TinyLTXSpec().vae_compression)
+        compression = vae_compression(args.checkpoint) if args.checkpoint else TinyLTXSpec().vae_compression
+        latent_shape(sampling.num_frames, sampling.height, sampling.width, *compression)
+        spec = LTXPolicySpec(path=args.checkpoint and str(args.checkpoint), tiny=True, device=args.device)
+        uses_cfg = sampling.guidance_scale > 1
 
-    policy = build_policy(
-        LTXPolicySpec(path=args.checkpoint and str(args.checkpoint), tiny=True, device=args.device), args.out
-    )
+    policy = build_policy(spec, args.out)
 
     start = time.perf_counter()
-    condition = policy.encode_prompt(prompts, negative_prompt="" if sampling.guidance_scale > 1 else None)
+    condition = policy.encode_prompt(prompts, negative_prompt="" if uses_cfg else None)
     seeds = [args.seed + i for i in range(len(prompts) * args.num_generations)]
     rollout = policy.rollout(condition, num_generations=args.num_generations, sampling=sampling, seeds=seeds)
     videos = policy.decode(rollout.final_latents, rollout.latent_shape)
+    # the generated sound of an audio_video rollout (None for LTX-Video and LTX-2 `video` rollouts)
+    sound = policy.rollout_audio(rollout) if family == "ltx2" else None
     elapsed = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rollout.to("cpu").save(args.out / "rollout")
+    rollout = rollout.to("cpu")
+    rollout.save(args.out / "rollout")
     summary = []
     for b, video in enumerate(videos):
         row = b // args.num_generations
@@ -107,28 +219,39 @@ def run(args: argparse.Namespace) -> int:
             args.out / "videos" / f"prompt{row:02d}_gen{b % args.num_generations:02d}.mp4",
             video.cpu(),
             args.fps,
+            **({} if sound is None else {"audio": sound[0][b], "sample_rate": sound[1]}),
         )
         log_probs = rollout.log_probs[b].tolist()
-        summary.append(
-            {
-                "video": str(path.relative_to(args.out)),
-                "prompt": prompts[row],
-                "seed": seeds[b],
-                "log_prob_per_step": log_probs,
-                "log_prob_total": sum(log_probs),
+        sample = {
+            "video": str(path.relative_to(args.out)),
+            "prompt": prompts[row],
+            "seed": seeds[b],
+            "log_prob_per_step": log_probs,
+            "log_prob_total": sum(log_probs),
+        }
+        if rollout.part_log_probs:
+            sample["log_prob_per_step_by_modality"] = {
+                name: values[b].tolist() for name, values in rollout.part_log_probs.items()
             }
-        )
+        summary.append(sample)
     (args.out / "samples.json").write_text(json.dumps(summary, indent=2))
 
+    modalities = f", modalities {sampling.modalities}" if family == "ltx2" else ""
     print(
         f"{len(videos)} videos ({len(prompts)} prompts x {args.num_generations}) in {elapsed:.2f}s; "
         f"stochastic steps {rollout.step_indices.tolist()} of {sampling.num_inference_steps} "
-        f"({sampling.kind})"
+        f"({sampling.kind}{modalities})"
     )
-    print(f"{'video':<34} {'seed':>6} {'sum log-prob':>13}")
-    for row in summary:
-        print(f"{row['video']:<34} {row['seed']:>6} {row['log_prob_total']:>13.4f}")
+    parts = list(rollout.part_log_probs)
     print(
-        f"wrote {args.out}/videos/*.mp4, {args.out}/samples.json, {args.out}/rollout/ (recomputable record)"
+        f"{'video':<34} {'seed':>6} {'sum log-prob':>13}" + "".join(f" {'sum ' + name:>13}" for name in parts)
+    )
+    for b, row in enumerate(summary):
+        by_part = "".join(f" {rollout.part_log_probs[name][b].sum().item():>13.4f}" for name in parts)
+        print(f"{row['video']:<34} {row['seed']:>6} {row['log_prob_total']:>13.4f}{by_part}")
+    audio = f" (with sound, {sound[1]} Hz)" if sound is not None else ""
+    print(
+        f"wrote {args.out}/videos/*.mp4{audio}, {args.out}/samples.json, "
+        f"{args.out}/rollout/ (recomputable record)"
     )
     return 0
