@@ -93,6 +93,7 @@ def tiny_ltx2(tmp_path_factory):
 
 
 LTX2_GEOMETRY = ["--frames", "9", "--height", "64", "--width", "64", "--fps", "8"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the command's default; compared on it
 
 
 def test_rollout_command_on_ltx2_writes_sound_and_recomputable_per_modality_log_probs(tiny_ltx2, tmp_path):
@@ -106,10 +107,10 @@ def test_rollout_command_on_ltx2_writes_sound_and_recomputable_per_modality_log_
     guidance = ["--guidance-scale", "2", "--audio-guidance-scale", "3", "--modality-scale", "1.5"]
     guidance += ["--guidance-rescale", "0.5", "--stg-scale", "0.5", "--stg-blocks", "1"]
     argv = ["rollout", "--checkpoint", str(ckpt), "--out", str(out), "--num-generations", "2"]
-    assert main([*argv, "--steps", "3", "--seed", "5", *LTX2_GEOMETRY, *guidance]) == 0
+    assert main([*argv, "--steps", "3", "--seed", "5", "--device", DEVICE, *LTX2_GEOMETRY, *guidance]) == 0
 
     samples = json.loads((out / "samples.json").read_text())
-    rollout = Rollout.load(out / "rollout")
+    rollout = Rollout.load(out / "rollout").to(DEVICE)
     assert len(samples) == 4 and rollout.extras["modalities"] == "audio_video"
     assert rollout.extras["guidance"] == {
         "cfg": [2.0, 3.0],
@@ -118,7 +119,7 @@ def test_rollout_command_on_ltx2_writes_sound_and_recomputable_per_modality_log_
         "rescale": [0.5, 0.5],
         "stg_blocks": [1],
     }
-    policy = LTX2Policy.from_pretrained(ckpt)
+    policy = LTX2Policy.from_pretrained(ckpt, device=DEVICE)
     waveforms, rate = policy.rollout_audio(rollout)
     for b, sample in enumerate(samples):
         video, fps, (audio, audio_rate) = read_video(out / sample["video"], with_audio=True)
@@ -154,8 +155,8 @@ def test_rollout_command_on_ltx2_writes_sound_and_recomputable_per_modality_log_
         sampling=sampling,
         seeds=[5, 6, 7, 8],
     )
-    assert (direct.log_probs - rollout.log_probs).abs().max() <= 1e-6
-    assert (direct.final_latents - rollout.final_latents).abs().max() <= 1e-6
+    assert (direct.log_probs - rollout.log_probs).abs().max() <= 1e-5
+    assert (direct.final_latents - rollout.final_latents).abs().max() <= 1e-5
 
 
 def test_rollout_command_on_ltx2_video_modality_writes_silent_videos(tiny_ltx2, tmp_path):
