@@ -2,6 +2,7 @@
 LTX-2B VAE config."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -171,23 +172,36 @@ def test_rollout_command_on_ltx2_video_modality_writes_silent_videos(tiny_ltx2, 
     assert sample["log_prob_per_step_by_modality"]["audio"] == [0.0, 0.0]
 
 
+def _without_sound(ckpt):
+    """A video-only LTX-2 directory: no audio VAE, no vocoder."""
+    shutil.rmtree(ckpt / "audio_vae")
+    shutil.rmtree(ckpt / "vocoder")
+
+
+def _truncated_transformer(ckpt):
+    """The transformer's weights cut in half, as an interrupted download leaves them."""
+    weights = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
 @pytest.mark.parametrize(
-    "argv,message",
+    "argv,damage,message",
     [
-        (["--height", "32"], "height=32 is 1 latent cell"),
-        (["--frames", "12"], "num_frames=12 is not 8k+1"),
-        (["--modalities", "audio"], "modalities must be one of video, audio_video"),
-        (["--stg-scale", "1", "--stg-blocks", "0"], "needs a transformer with perturbed attention"),
-        (["--no-audio-vae"], "has no audio_vae/ or vocoder/: use --modalities video"),
+        (["--height", "32"], None, "height=32 is 1 latent cell"),
+        (["--frames", "12"], None, "num_frames=12 is not 8k+1"),
+        (["--modalities", "audio"], None, "modalities must be one of video, audio_video"),
+        (["--stg-scale", "1", "--stg-blocks", "0"], None, "needs a transformer with perturbed attention"),
+        ([], _without_sound, "has no audio_vae/ or vocoder/: use --modalities video"),
+        ([], _truncated_transformer, "is truncated or corrupt"),
     ],
 )
 def test_rollout_command_on_ltx2_bad_input_is_one_line_before_loading(
-    tiny_ltx2, tmp_path, capsys, monkeypatch, argv, message
+    tiny_ltx2, tmp_path, capsys, monkeypatch, argv, damage, message
 ):
     ckpt = tiny_ltx2
-    if argv == ["--no-audio-vae"]:  # a video-only copy: the default audio_video cannot voice its sound
-        argv, ckpt = LTX2_GEOMETRY, tmp_path / "no_audio"
-        shutil.copytree(tiny_ltx2, ckpt, ignore=shutil.ignore_patterns("audio_vae", "vocoder"))
+    if damage is not None:
+        ckpt = shutil.copytree(tiny_ltx2, tmp_path / "ckpt")
+        damage(ckpt)
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
