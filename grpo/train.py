@@ -251,6 +251,20 @@ class ToyWorldDataSpec:
         default=False,
         metadata={"help": "sound: rows carry the next scene's waveform ('audio', 'sample_rate'; LTX-2)"},
     )
+    first_frame: bool = field(
+        default=False,
+        metadata={
+            "help": "image-to-video: rows carry the next scene's first frame as 'image' (clean conditioning);"
+            " needs next_overlap >= 1, so that frame is the last context frame, already seen"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.first_frame and self.next_overlap < 1:
+            raise InputError(
+                "data.first_frame conditions on the next scene's first frame, which must be one the "
+                f"context showed: set data.next_overlap >= 1 (got {self.next_overlap})"
+            )
 
 
 @dataclass
@@ -381,12 +395,15 @@ class _Rows:
         raise InputError(f"none of the {n} rows of the dataset could be decoded; check its video files")
 
 
-def scene_row(prompt_column: str, context: bool = False):
+def scene_row(prompt_column: str, context: bool = False, first_frame: bool = False):
     """Dataset sample -> row: the prompt text (or, with ``context``, the context clip, instruction and
-    frame rate), the target next scene, and the rest as reward metadata."""
+    frame rate), the target next scene, and the rest as reward metadata. ``first_frame``: the next
+    scene's first frame as ``image`` too (image-to-video conditioning)."""
 
     def convert(sample: dict[str, Any]) -> dict[str, Any]:
         row = {"prompt": sample[prompt_column], "video": sample["next"]}
+        if first_frame:
+            row["image"] = sample["next"][0]
         if "next_audio" in sample:  # the target's sound (toy world with audio)
             row.update(audio=sample["next_audio"], sample_rate=sample["sample_rate"])
         if context:
@@ -467,7 +484,7 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             fps=spec.fps,
             audio=spec.audio,
         )
-        convert = scene_row(spec.prompt, spec.context)
+        convert = scene_row(spec.prompt, spec.context, spec.first_frame)
         return (
             _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
