@@ -106,3 +106,13 @@ def test_a_connector_kind_that_does_not_match_the_weights_is_one_line(tmp_path, 
     assert isinstance(NSPPolicy.from_pretrained(transformer_dir).connector, Connector)
     with pytest.raises(InputError, match="holds a 'transformer' connector .* set connector: 'transformer'"):
         NSPPolicy.from_pretrained(transformer_dir, connector="paper")
+
+
+def test_a_tiny_recipe_policy_is_built_with_the_connector_its_overrides_name(tmp_path):
+    from grpo.train import NSPPolicySpec, build_policy
+
+    spec = NSPPolicySpec(tiny=True, overrides={"connector": "paper", "num_queries": 256})
+    policy = build_policy(spec, tmp_path)
+    assert isinstance(policy.connector, PaperConnector) and policy.queries.shape[0] == 256
+    saved = json.loads((tmp_path / "base_tiny_nsp" / "nsp_config.json").read_text())
+    assert saved["connector"] == "paper" and saved["num_queries"] == 256
