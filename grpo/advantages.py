@@ -19,6 +19,10 @@ Finally advantages are clipped to ``[-adv_clip, adv_clip]``. Rewards ``[num_rewa
 (one score per generated clip) give advantages ``[B, num_clips]``, each clip index normalised within
 its group on its own. With several ranks, gather the whole batch's rewards before calling this
 (``"batch"`` needs every sample; groups must not be split across the call).
+
+Best-of-N (`best_of_n_indices`, the NSP paper's selection): of each group's N samples only the
+``k_top`` highest- and ``k_bottom`` lowest-scored are kept, and the advantages above are computed over
+the kept samples alone.
 """
 
 from __future__ import annotations
@@ -186,3 +190,47 @@ def compute_advantages(
     )
     advantages = advantages.float()
     return (advantages if per_clip else advantages.squeeze(-1)), stats
+
+
+def best_of_n_indices(
+    scores: torch.Tensor | Sequence[Any], group_size: int, keep_top: int, keep_bottom: int
+) -> torch.Tensor:
+    """Indices of the samples best-of-N keeps: per group, the ``keep_top`` highest and the
+    ``keep_bottom`` lowest of the remaining scores.
+
+    Args:
+        scores: ``[B]`` one ranking score per sample (None / NaN = unscored), groups of ``group_size``
+            consecutive samples.
+        group_size: N, the samples generated per group.
+        keep_top, keep_bottom: how many of the best and of the worst samples each group keeps.
+
+    Returns:
+        int64 ``[num_groups * (keep_top + keep_bottom)]``: the kept indices, group after group, in
+        ascending order within a group (the rollout's order).
+
+    The rule is deterministic: the top is taken first, then the bottom from the rest; equal scores go
+    to the lower sample index (a stable sort). Unscored samples rank after every scored one in both
+    directions, so they are kept only when a group has too few scored samples (they then get
+    advantage 0 from `compute_advantages`).
+    """
+    values = rewards_to_tensor(scores)
+    if values.dim() != 1 or group_size < 1 or values.numel() % group_size:
+        raise InputError(
+            f"scores must be [B] with B a multiple of group_size {group_size}, got shape {list(values.shape)}"
+        )
+    if keep_top < 0 or keep_bottom < 0 or keep_top + keep_bottom > group_size:
+        raise InputError(
+            f"best-of-N keeps {keep_top} + {keep_bottom} of groups of {group_size}: "
+            "both must be >= 0 with a sum <= the group size"
+        )
+    kept = []
+    for start in range(0, values.numel(), group_size):
+        group = values[start : start + group_size].tolist()
+        unscored = [math.isnan(v) for v in group]
+        by_index = range(group_size)
+        top = sorted(by_index, key=lambda i: (unscored[i], -group[i] if not unscored[i] else 0.0, i))
+        top = top[:keep_top]
+        rest = [i for i in by_index if i not in top]
+        bottom = sorted(rest, key=lambda i: (unscored[i], group[i] if not unscored[i] else 0.0, i))
+        kept.extend(start + i for i in sorted(top + bottom[:keep_bottom]))
+    return torch.tensor(kept, dtype=torch.long)

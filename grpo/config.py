@@ -346,6 +346,12 @@ class GRPOConfig(VideoTrainerConfig):
     adv_clip: float | None = field(
         default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]; null disables."}
     )
+    best_of_n_keep: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "[k_top, k_bottom]: train on each group's k_top best and k_bottom worst only; null: all."
+        },
+    )
     # --- policy update ---
     num_iterations: int = field(
         default=1, metadata={"help": "Inner epochs over each rollout batch (TRL's num_iterations, mu)."}
@@ -451,6 +457,24 @@ class GRPOConfig(VideoTrainerConfig):
             "adv_clip",
             f"must be > 0 or null, got {self.adv_clip}",
         )
+        if self.best_of_n_keep is not None:
+            keep = self.best_of_n_keep
+            _require(
+                len(keep) == 2,
+                "best_of_n_keep",
+                f"must be [k_top, k_bottom] (two numbers) or null, got {keep}",
+            )
+            _require(
+                min(keep) >= 0 and sum(keep) >= 2,
+                "best_of_n_keep",
+                f"{keep} must keep >= 0 best and >= 0 worst samples, at least 2 in all to form a group",
+            )
+            _require(
+                sum(keep) <= self.num_generations,
+                "best_of_n_keep",
+                f"{keep} keeps {sum(keep)} of num_generations {self.num_generations}; keep at most "
+                f"{self.num_generations} or raise num_generations",
+            )
         _require(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
         _require(self.beta >= 0, "beta", f"must be >= 0 (0 = no KL penalty), got {self.beta}")
         _require(self.epsilon > 0, "epsilon", f"must be > 0, got {self.epsilon}")
@@ -462,6 +486,12 @@ class GRPOConfig(VideoTrainerConfig):
         _require(self.sample_every >= 0, "sample_every", f"must be >= 0 (0 = never), got {self.sample_every}")
         _require(self.save_samples >= 0, "save_samples", f"must be >= 0, got {self.save_samples}")
         _require(self.save_eval_videos >= 0, "save_eval_videos", f"must be >= 0, got {self.save_eval_videos}")
+
+    @property
+    def trained_group_size(self) -> int:
+        """Samples of each group the update trains on: ``k_top + k_bottom`` with best-of-N, else all
+        ``num_generations``."""
+        return sum(self.best_of_n_keep) if self.best_of_n_keep is not None else self.num_generations
 
     def sde_steps(self, iteration: int) -> list[int]:
         """Indices of the denoising steps that are stochastic in the rollout of ``iteration`` (0-based).

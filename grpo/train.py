@@ -163,12 +163,17 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, spec.torch_dtype)
     if isinstance(spec, NSPPolicySpec):
-        from policies.nsp import NSPPolicy
+        from dataclasses import asdict
+
+        from policies.nsp import NSPConfig, NSPPolicy
         from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
         if spec.path is None and not (path / "nsp_config.json").is_file():
-            build_tiny_nsp(path, TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps))
+            # built with the overrides, so its queries and connector are of the kind they ask for
+            tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps)
+            tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **spec.overrides}, "policy.overrides")
+            build_tiny_nsp(path, tiny)
         return NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
     if isinstance(spec, NextClipPolicySpec):
         from policies.nextclip import NextClipConfig, NextClipPolicy

@@ -6,6 +6,7 @@ One iteration reads like the algorithm:
     rollout   = G stochastic denoising chains per row              (policy.rollout, old log-probs)
     rewards   = every reward function on the decoded videos        (scored in threads while the
                                                                     next group is still rolling out)
+    kept      = all, or each group's k_top best and k_bottom worst (best_of_n_keep)
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from grpo.advantages import compute_advantages, rewards_to_tensor
+from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
 from grpo.loss import grpo_loss, loss_weights
 from grpo.preemption import PreemptionHandler
@@ -164,9 +165,11 @@ class GRPOTrainer:
 
                 rows = self._rows_for(iteration)
                 rollout, scores, timing = self._rollout_and_score(rows, iteration)
-                advantages, reward_stats = self._advantages(scores)
-                train_stats = self._update(rollout, advantages, iteration)
+                trained, trained_scores, selection_stats = self._best_of_n(rollout, scores)
+                advantages, reward_stats = self._advantages(trained_scores)
+                train_stats = self._update(trained, advantages, iteration)
 
+                metrics.update(selection_stats)
                 metrics.update(reward_stats)
                 metrics.update(train_stats)
                 metrics.update(timing)
@@ -295,9 +298,38 @@ class GRPOTrainer:
                 ]
         return out
 
+    def _best_of_n(
+        self, rollout: Rollout, scores: CompositeOutput
+    ) -> tuple[Rollout, CompositeOutput, dict[str, float]]:
+        """The samples this rank trains on, their scores, and selection statistics.
+
+        Without ``best_of_n_keep`` every sample. With ``[k_top, k_bottom]`` each group keeps its
+        ``k_top`` best and ``k_bottom`` worst samples (`grpo.advantages.best_of_n_indices`), ranked by
+        the weighted sum of their raw rewards (a next-clip video's own score, not its clips'). Every
+        rank holds whole groups, so the selection is local; the rewards of all ranks are gathered
+        only for ``best_of_n/reward_mean_all`` (over every generated sample) and
+        ``best_of_n/reward_mean_kept`` (over the kept ones).
+        """
+        if self.args.best_of_n_keep is None:
+            return rollout, scores, {}
+        keep_top, keep_bottom = self.args.best_of_n_keep
+        local = rewards_to_tensor(scores.weighted_sum())
+        kept = best_of_n_indices(local, self.args.num_generations, keep_top, keep_bottom)
+        flags = torch.zeros_like(local, dtype=torch.bool)
+        flags[kept] = True
+        both = torch.stack([local, flags.double()]).to(self.accelerator.device)
+        if self.world_size > 1:
+            both = self.accelerator.gather(both.T.contiguous()).T
+        everything, everywhere_kept = both[0].cpu(), both[1].cpu().bool()
+        stats = {
+            "best_of_n/reward_mean_all": float(everything.nanmean()),
+            "best_of_n/reward_mean_kept": float(everything[everywhere_kept].nanmean()),
+        }
+        return rollout.select(kept), scores.select(kept.tolist()), stats
+
     def _advantages(self, scores: CompositeOutput) -> tuple[torch.Tensor, dict[str, float]]:
-        """Advantages of this rank's samples, normalised over the groups of every rank: ``[B]``, or
-        ``[B, num_clips]`` (each clip index normalised within its group) when `_score_group` gave
+        """Advantages of this rank's (kept) samples, normalised over the groups of every rank: ``[B]``,
+        or ``[B, num_clips]`` (each clip index normalised within its group) when `_score_group` gave
         per-clip rewards."""
         clip_keys = [f"clip_rewards/{name}" for name in self.reward.names]
         if all(key in scores.metadata for key in clip_keys):
@@ -309,7 +341,7 @@ class GRPOTrainer:
             everything = self.accelerator.gather(local.movedim(1, 0).contiguous()).movedim(0, 1)
         else:
             everything = local
-        generations = self.args.num_generations
+        generations = self.args.trained_group_size
         group_ids = torch.arange(everything.shape[1] // generations).repeat_interleave(generations)
         advantages, stats = compute_advantages(
             everything.cpu(),
@@ -330,7 +362,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ update
     def _accumulation_groups(self, num_samples: int | None = None) -> list[int]:
         """Micro-batches per optimizer step, e.g. [2, 2, 1] for 5 micro-batches accumulated by 2."""
-        num_samples = num_samples or self.local_prompts * self.args.num_generations
+        num_samples = num_samples or self.local_prompts * self.args.trained_group_size
         size = self.args.per_device_train_batch_size or num_samples
         micro = math.ceil(num_samples / size)
         accum = self.args.gradient_accumulation_steps

@@ -3,9 +3,12 @@
 Next Scene Prediction (arXiv 2512.13015) couples understanding and generation: a vision-language
 model (Qwen2.5-VL by default; Qwen2-VL and Qwen3-VL by config) receives a chat -- the context video
 and an instruction ("What happens next?") -- followed by N learnable query embeddings. The VLM's
-hidden states at the query positions (from a chosen layer) go through a connector (transformer
-encoder layers at VLM width + an MLP to LTX's caption width) and take the place of the T5 text
-embeddings in LTX-Video, which generates the next scene. Optionally the last context frame is a
+hidden states at the query positions (from a chosen layer) go through a connector and take the
+place of the T5 text embeddings in LTX-Video, which generates the next scene. Two connectors:
+``transformer`` (the default: transformer encoder layers at VLM width + an MLP to LTX's caption
+width) and ``paper`` (the NSP paper's: Linear - SiLU - Linear - RMSNorm with a learnable output
+scale initialised at 0.01, as Qwen-VL's hidden states have a far larger variance than the T5
+embeddings LTX was trained on). Optionally the last context frame is a
 clean LTX conditioning frame (per-token timestep 0, excluded from log-probs) for visual continuity;
 the next scene then starts at that frame, as image-to-video generation does.
 
@@ -25,7 +28,7 @@ import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +50,8 @@ CONFIG_FILE = "nsp_config.json"
 TRAINED_FILE = "nsp_trainable.safetensors"
 VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEFAULT_INSTRUCTION = "What happens next? Continue the scene."
+CONNECTORS = ("transformer", "paper")
+PAPER_OUTPUT_SCALE = 0.01  # the NSP paper's initial output scale of its connector
 
 
 @dataclass
@@ -63,12 +68,20 @@ class NSPConfig:
     vlm_layer: int = field(
         default=-1, metadata={"help": "Hidden-state layer read at the query positions (-1: last)."}
     )
-    connector_layers: int = field(
-        default=2, metadata={"help": "Transformer-encoder layers of the connector."}
+    connector: Literal["transformer", "paper"] = field(
+        default="transformer",
+        metadata={
+            "help": "'transformer' (encoder layers + MLP) or 'paper' (Linear-SiLU-Linear-RMSNorm x 0.01)."
+        },
     )
-    connector_heads: int = field(default=8, metadata={"help": "Attention heads of the connector layers."})
+    connector_layers: int = field(
+        default=2, metadata={"help": "Transformer-encoder layers of the 'transformer' connector."}
+    )
+    connector_heads: int = field(
+        default=8, metadata={"help": "Attention heads of the 'transformer' connector's layers."}
+    )
     connector_mlp_ratio: float = field(
-        default=4.0, metadata={"help": "Connector feed-forward width / VLM width."}
+        default=4.0, metadata={"help": "'transformer' connector: feed-forward width / VLM width."}
     )
     continuity: bool = field(
         default=True, metadata={"help": "Condition LTX on the last context frame as a clean first frame."}
@@ -93,6 +106,10 @@ class NSPConfig:
     def __post_init__(self) -> None:
         if self.num_queries < 1:
             raise InputError(f"nsp num_queries={self.num_queries} must be >= 1")
+        if self.connector not in CONNECTORS:
+            raise InputError(
+                f"nsp connector must be one of {', '.join(map(repr, CONNECTORS))}, got {self.connector!r}"
+            )
         if self.connector_layers < 0:
             raise InputError(f"nsp connector_layers={self.connector_layers} must be >= 0")
         if self.min_context_frames < 1 or self.context_frames < self.min_context_frames:
@@ -149,6 +166,55 @@ class Connector(nn.Module):
         return self.proj(self.norm(states))
 
 
+class PaperConnector(nn.Module):
+    """The NSP paper's connector: ``Linear - SiLU - Linear - RMSNorm``, times a learnable per-channel
+    output scale initialised at 0.01.
+
+    The RMSNorm (no affine weight of its own) removes the scale of the VLM's hidden states, whose
+    variance is far larger than that of the T5 embeddings LTX-Video was trained on; the small scale
+    then starts LTX near an unconditional prompt instead of far outside its training range.
+    """
+
+    def __init__(self, width: int, out_width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, out_width), nn.SiLU(), nn.Linear(out_width, out_width))
+        self.norm = nn.RMSNorm(out_width, eps=1e-6, elementwise_affine=False)
+        self.scale = nn.Parameter(torch.full((out_width,), PAPER_OUTPUT_SCALE))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.mlp(states)) * self.scale
+
+
+def build_connector(config: NSPConfig, width: int, out_width: int) -> nn.Module:
+    """The connector ``config.connector`` names, from VLM width ``width`` to LTX caption width."""
+    if config.connector == "paper":
+        return PaperConnector(width, out_width)
+    return Connector(
+        width, out_width, config.connector_layers, config.connector_heads, config.connector_mlp_ratio
+    )
+
+
+def connector_kind(keys: Iterable[str]) -> str | None:
+    """Which connector a trained-weights file holds (``connector.*`` keys), or None if neither."""
+    keys = set(keys)
+    if "connector.scale" in keys:
+        return "paper"
+    if "connector.norm.weight" in keys:
+        return "transformer"
+    return None
+
+
+def check_connector_kind(file: Path, keys: Iterable[str], config: NSPConfig) -> None:
+    """A one-line `InputError` when the trained weights ``keys`` of ``file`` are another connector
+    than ``config.connector``."""
+    stored = connector_kind(keys)
+    if stored is not None and stored != config.connector:
+        raise InputError(
+            f"{file}: holds a {stored!r} connector but the NSP config says connector: "
+            f"{config.connector!r}; set connector: {stored!r} ({CONFIG_FILE} or overrides)"
+        )
+
+
 def _vlm_type(path: Path) -> str:
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -188,7 +254,11 @@ def check_nsp_dir(path: Path, **overrides: Any) -> NSPConfig:
         )
     check_ltx_dir(ltx_path)
     if (path / TRAINED_FILE).exists():
+        from safetensors import safe_open
+
         check_safetensors(path / TRAINED_FILE)
+        with safe_open(str(path / TRAINED_FILE), "pt") as trained:  # the header only: nothing loads
+            check_connector_kind(path / TRAINED_FILE, trained.keys(), config)
     return config
 
 
@@ -225,13 +295,7 @@ class NSPPolicy(LTXPolicy):
         width = _vlm_width(vlm)
         embed = vlm.get_input_embeddings().weight
         self.queries = nn.Parameter(torch.randn(config.num_queries, width) * float(embed.float().std()))
-        self.connector = Connector(
-            width,
-            transformer.config.caption_channels,
-            config.connector_layers,
-            config.connector_heads,
-            config.connector_mlp_ratio,
-        )
+        self.connector = build_connector(config, width, transformer.config.caption_channels)
         self._reference_connector: nn.Module | None = None
         self._query_token = vlm_tokenizer.pad_token or "<|endoftext|>"
         self._query_token_id = vlm_tokenizer.convert_tokens_to_ids(self._query_token)
@@ -289,6 +353,7 @@ class NSPPolicy(LTXPolicy):
         state = load_file(str(file))
         expected = {k: tuple(v.shape) for k, v in self.trained_state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}
+        check_connector_kind(Path(file), found, self.config)
         if set(found) != set(expected):
             missing, extra = sorted(set(expected) - set(found))[:3], sorted(set(found) - set(expected))[:3]
             raise InputError(

@@ -61,6 +61,15 @@ class CompositeOutput:
             [[math.nan if s is None else s for s in row] for row in rows], dtype=torch.float32
         )
 
+    def select(self, samples: Sequence[int]) -> CompositeOutput:
+        """The scores and per-video metadata of the given videos (as `Rollout.select` for samples)."""
+        return CompositeOutput(
+            columns={name: [column[i] for i in samples] for name, column in self.columns.items()},
+            weights=dict(self.weights),
+            metadata={key: [column[i] for i in samples] for key, column in self.metadata.items()},
+            timings=dict(self.timings),
+        )
+
     def weighted_sum(self) -> list[float | None]:
         """``sum_r weight_r * score_r`` per video; ``None`` where a reward with non-zero weight is ``None``.
 

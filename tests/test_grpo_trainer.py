@@ -219,6 +219,18 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
+def test_best_of_n_keeps_whole_groups_on_each_rank(tmp_path, tiny_dir):
+    """Each rank holds whole groups, so best-of-N selects locally: keeping 1 + 1 of 3 samples per
+    prompt, each rank trains 2 samples (2 micro-batches of 1, not 3) and the ranks stay identical."""
+    out = tmp_path / "ddp"
+    ranks = _torchrun(tiny_dir, out, "num_generations=3", "best_of_n_keep=[1, 1]", port=29521)
+    assert len(ranks[0]) == 2 * 2  # 2 iterations x 2 kept samples per rank
+    assert ranks[0] == ranks[1]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert all("best_of_n/reward_mean_all" in m and "best_of_n/reward_mean_kept" in m for m in metrics)
+
+
+@pytest.mark.slow
 def test_fsdp2_with_a_resume_matches_ddp(tmp_path, tiny_dir):
     """Full fine-tuning sharded with FSDP2 over two gloo ranks, checkpointed and resumed midway,
     ends with the weights of the same run under DDP."""

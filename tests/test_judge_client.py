@@ -157,6 +157,50 @@ def test_garbage_logprobs_give_a_reason_not_a_crash(response, reason):
     assert candidates is None and reason in why
 
 
+# P(yes) / (P(yes) + P(no)) of the answers to captions "ball 0 stops" ... "ball 4 stops"; the 0.5
+# comes from equal log-probs, so it is exactly 0.5: the threshold's edge
+P_YES = [0.2, 0.5, 0.7, 0.49, None]
+
+
+def known_probabilities(body: dict) -> tuple[int, object, float]:
+    """Answer sample i (found by its caption) with P(yes) = P_YES[i]; None: an answer with no yes/no."""
+    i = next(i for i in range(len(P_YES)) if f"ball {i} stops" in json.dumps(body))
+    p = P_YES[i]
+    if p is None:
+        return 200, completion([("maybe", -0.1)]), 0.0
+    return 200, completion([("yes", math.log(p)), ("no", math.log(1 - p) if p != 0.5 else math.log(p))]), 0.0
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"), [(0.5, [0.0, 1.0, 1.0, 0.0]), (0.7, [0.0, 0.0, 1.0, 0.0])]
+)
+def test_binary_scoring_is_the_verdict_at_a_threshold(threshold, expected):
+    """'binary' (the NSP paper's reward): 1.0 when P(yes) >= binary_threshold else 0.0; P(yes) stays in
+    the p_yes column, and an answer with neither label is still None (not a 0)."""
+    with FakeServer(known_probabilities) as server:
+        binary = make_judge(server.url, scoring="binary", binary_threshold=threshold)(
+            [None] * 5, None, None, **text_batch(5)
+        )
+        choice = make_judge(server.url)([None] * 5, None, None, **text_batch(5))
+    assert binary.scores == [*expected, None]
+    assert choice.scores[:4] == pytest.approx(P_YES[:4]) and choice.scores[1] == 0.5
+    assert binary.metadata["p_yes"] == choice.scores
+    assert "neither 'yes' nor 'no'" in binary.metadata["reason"][4]
+
+
+def test_binary_scoring_from_recipe_kwargs_and_bad_settings():
+    with FakeServer(known_probabilities) as server:
+        kwargs = {"urls": [server.url], "mode": "text", "scoring": "binary", "binary_threshold": 0.45}
+        composite = CompositeReward.from_specs([{"name": "causal_consistency", "kwargs": kwargs}])
+        out = composite([None] * 4, None, None, **text_batch(4))
+    assert out.columns["causal_consistency"] == [0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(InputError, match="scoring='binery' is not one of choice, binary, rating"):
+        make_judge("http://127.0.0.1:1", scoring="binery")
+    for threshold in (0.0, 1.5):
+        with pytest.raises(InputError, match=f"binary_threshold={threshold} must be in \\(0, 1\\]"):
+            make_judge("http://127.0.0.1:1", scoring="binary", binary_threshold=threshold)
+
+
 # ------------------------------------------------------------------------------------ client faults
 @pytest.mark.parametrize(
     ("payload", "reason"),

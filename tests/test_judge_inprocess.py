@@ -219,6 +219,28 @@ def test_in_process_video_and_rating_modes(tiny_vlm, judge_tokenizer):
     assert 0 <= out.scores[0] <= 1 and out.metadata["rating"][0] == pytest.approx(1 + 4 * out.scores[0])
 
 
+def test_in_process_binary_scoring_thresholds_p_yes(tiny_vlm, judge_tokenizer):
+    """'binary' gives 1.0 where the 'choice' score P(yes) reaches binary_threshold, else 0.0; with the
+    threshold between two samples' P(yes), one verdict is yes and the other no."""
+    inputs = QwenVLInputsConfig(**SMALL)
+    videos, contexts = batch()
+    p_yes = InProcessJudge(tiny_vlm, judge_tokenizer, num_frames=2, inputs_config=inputs)(
+        videos, None, contexts
+    ).scores
+    threshold = (p_yes[0] + p_yes[1]) / 2
+    binary = InProcessJudge(
+        tiny_vlm,
+        judge_tokenizer,
+        scoring="binary",
+        binary_threshold=threshold,
+        num_frames=2,
+        inputs_config=inputs,
+    )
+    out = binary(videos, None, contexts)
+    assert out.scores == [float(p >= threshold) for p in p_yes] and sorted(out.scores) == [0.0, 1.0]
+    assert out.metadata["p_yes"] == pytest.approx(p_yes, abs=1e-7)
+
+
 @pytest.mark.parametrize("mode", ["images", "video"])
 def test_in_process_judge_runs_qwen2_vl(tmp_path, mode):
     """Qwen2-VL's forward refuses frames without ``mm_token_type_ids`` (the M-RoPE token types)."""

@@ -9,8 +9,8 @@ from grpo.config import FlowMatchingConfig, GRPOConfig
 from grpo.sft import FlowMatchingTrainer
 from grpo.train import ToyWorldDataSpec, build_datasets
 from grpo.trainer import GRPOTrainer
-from policies.nsp import NSPPolicy
-from policies.tiny_nsp import build_tiny_nsp
+from policies.nsp import NSPConfig, NSPPolicy
+from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
 
 
 @rewards.register("test_nsp_redness")
@@ -21,6 +21,13 @@ def redness(videos, prompts, contexts, **metadata):
 @pytest.fixture(scope="module")
 def nsp_dir(tmp_path_factory):
     return build_tiny_nsp(tmp_path_factory.mktemp("tiny_nsp"))
+
+
+@pytest.fixture(scope="module")
+def paper_nsp_dir(tmp_path_factory):
+    """The NSP paper's connector and its 256 queries."""
+    spec = TinyNSPSpec(nsp=NSPConfig(num_queries=256, connector="paper"))
+    return build_tiny_nsp(tmp_path_factory.mktemp("paper_nsp"), spec)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +58,9 @@ def _assert_vlm_frozen(policy, before, optimizer):
     assert not vlm_params & {id(p) for p in optimizer.state}
 
 
-def test_sft_step_trains_queries_and_connector_through_a_frozen_vlm(tmp_path, nsp_dir, data):
-    policy = NSPPolicy.from_pretrained(nsp_dir)
+@pytest.mark.parametrize("directory", ["nsp_dir", "paper_nsp_dir"])
+def test_sft_step_trains_queries_and_connector_through_a_frozen_vlm(tmp_path, request, directory, data):
+    policy = NSPPolicy.from_pretrained(request.getfixturevalue(directory))
     vlm, queries, connector = (
         _snapshot(policy.vlm),
         _cpu(policy.queries),
@@ -65,9 +73,11 @@ def test_sft_step_trains_queries_and_connector_through_a_frozen_vlm(tmp_path, ns
     trainer.train()
     _assert_vlm_frozen(policy, vlm, trainer.state.optimizer)
     assert (_cpu(policy.queries) - queries).abs().max() > 0
-    assert _changed(connector, policy.connector)
+    after = _snapshot(policy.connector)
+    assert all(not torch.equal(connector[k], after[k]) for k in connector)  # every connector weight
     saved = NSPPolicy.from_pretrained(tmp_path / "sft" / "final")
     assert torch.equal(saved.queries, _cpu(policy.queries))
+    assert saved.config.connector == policy.config.connector
 
 
 def test_grpo_iteration_runs_the_vlm_once_per_context_and_keeps_it_frozen(tmp_path, nsp_dir, data):

@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("model", str), ("scoring", str), ("num_frames", int), ("top_logprobs", int),
         ("max_concurrency", int), ("timeout_s", float), ("max_retries", int), ("health_timeout_s", float),
         ("api_key_env", str), ("failure_policy", str), ("abort_threshold", float),
+        ("binary_threshold", float),
     ):  # fmt: skip
         score.add_argument(
             f"--{name.replace('_', '-')}", type=kind, default=None, help=_help(JudgeConfig, name)
@@ -137,7 +138,8 @@ def _score(args: argparse.Namespace) -> int:
     from rewards.judge.client import CausalConsistencyJudge
 
     names = ["model", "scoring", "num_frames", "top_logprobs", "max_concurrency", "timeout_s", "max_retries",
-             "health_timeout_s", "api_key_env", "failure_policy", "abort_threshold"]  # fmt: skip
+             "health_timeout_s", "api_key_env", "failure_policy", "abort_threshold",
+             "binary_threshold"]  # fmt: skip
     judge = CausalConsistencyJudge(
         urls=args.url, mode=args.mode, aspects=tuple(args.aspects), **_given(args, names)
     )

@@ -26,7 +26,7 @@ from rewards.composite import run_sync
 from rewards.judge.cache import ScoreCache, request_key
 from rewards.judge.config import JudgeConfig
 from rewards.judge.prompts import build_requests
-from rewards.judge.scoring import ScoredAnswer, first_token_candidates, score_choice, score_rating
+from rewards.judge.scoring import ScoredAnswer, first_token_candidates
 from rewards.registry import register
 from rewards.types import RewardOutput
 
@@ -166,9 +166,7 @@ class CausalConsistencyJudge:
         candidates, reason = first_token_candidates(body)
         if candidates is None:
             return ScoredAnswer(None, reason)
-        if self.config.rating:
-            return score_rating(candidates, self.config.labels)
-        return score_choice(candidates, *self.config.choices)
+        return self.config.score_candidates(candidates)
 
     def _first_url(self) -> int:
         """Round robin over the live URLs, skipping those that failed in the last ``url_cooldown_s``."""
@@ -302,7 +300,7 @@ class CausalConsistencyJudge:
             "wall_s": wall_s,
         }
         return RewardOutput(
-            scores=[s.answer.score for s in samples],
+            scores=[cfg.reward_value(s.answer.score) for s in samples],
             metadata={
                 cfg.label_column: [cfg.label_value(s.answer.score) for s in samples],
                 "latency_s": [s.latency_s for s in samples],

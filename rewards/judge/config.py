@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 from policies.errors import InputError
 from rewards.judge.prompts import DEFAULT_SYSTEM_PROMPT, MODES, render_question
+from rewards.judge.scoring import ScoredAnswer, score_choice, score_rating
 
 FAILURE_POLICIES = ("raise", "none")
-SCORINGS = ("choice", "rating")
+SCORINGS = ("choice", "binary", "rating")
 
 
 @dataclass
@@ -35,7 +36,14 @@ class JudgeConfig:
     scoring: str = field(
         default="choice",
         metadata={
-            "help": "'choice': P(yes)/(P(yes)+P(no)); 'rating': expected rating 1..rating_scale in [0, 1]."
+            "help": "'choice': P(yes)/(P(yes)+P(no)); 'binary': 1 if that >= binary_threshold else 0; "
+            "'rating': expected rating 1..rating_scale in [0, 1]."
+        },
+    )
+    binary_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "'binary' scoring: the verdict is yes (reward 1) when P(yes)/(P(yes)+P(no)) >= this."
         },
     )
     choices: tuple[str, str] = field(
@@ -123,6 +131,10 @@ class JudgeConfig:
                 f"choices={self.choices!r} must be two non-empty words",
             ),
             (2 <= self.rating_scale <= 9, f"rating_scale={self.rating_scale} must be in 2..9 (one digit)"),
+            (
+                0.0 < self.binary_threshold <= 1.0,
+                f"binary_threshold={self.binary_threshold} must be in (0, 1] (0.5: the likelier answer)",
+            ),
             (self.image_format in ("png", "jpeg"), f"image_format={self.image_format!r} must be png or jpeg"),
             (self.num_frames >= 1, f"num_frames={self.num_frames} must be >= 1"),
             (self.top_logprobs >= 2, f"top_logprobs={self.top_logprobs} must be >= 2"),
@@ -151,6 +163,20 @@ class JudgeConfig:
     def label_column(self) -> str:
         """Metadata column with the answer in the judge's own units: ``p_<positive>`` or ``rating``."""
         return "rating" if self.rating else f"p_{self.choices[0]}"
+
+    def score_candidates(self, candidates: list[tuple[str, float]]) -> ScoredAnswer:
+        """The answer's [0, 1] score from its first-token ``(token, logprob)`` candidates: the expected
+        rating, or P(positive) (also for 'binary', whose verdict `reward_value` takes from it)."""
+        if self.rating:
+            return score_rating(candidates, self.labels)
+        return score_choice(candidates, *self.choices)
+
+    def reward_value(self, score: float | None) -> float | None:
+        """The reward of an answer's score: the score itself, or with 'binary' scoring the verdict,
+        1.0 when P(positive) >= ``binary_threshold`` and 0.0 otherwise (None stays None)."""
+        if score is None or self.scoring != "binary":
+            return score
+        return 1.0 if score >= self.binary_threshold else 0.0
 
     def label_value(self, score: float | None) -> float | None:
         """A [0, 1] score in the judge's own units (probability of the positive answer, or 1..N rating)."""

@@ -29,7 +29,7 @@ from policies.errors import InputError
 from policies.qwen_vl_inputs import QwenVLInputsConfig, expand_vision_placeholders, image_inputs, video_inputs
 from rewards.judge.config import JudgeConfig
 from rewards.judge.prompts import build_requests
-from rewards.judge.scoring import ScoredAnswer, score_choice, score_rating
+from rewards.judge.scoring import ScoredAnswer
 from rewards.registry import register
 from rewards.types import RewardOutput
 
@@ -189,21 +189,23 @@ class InProcessJudge:
         logits = self.model(**inputs).logits[0, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         candidates = [(token, logprobs[i].item()) for token, i in self._allowed]
-        if self.config.rating:
-            return score_rating(candidates, self.config.labels)
-        return score_choice(candidates, *self.config.choices)
+        return self.config.score_candidates(candidates)
 
     def __call__(
         self, videos: Any, prompts: Sequence[str] | None = None, contexts: Any = None, **metadata: Any
     ) -> RewardOutput:
         """Score a batch, one forward pass per sample."""
         cfg = self.config
-        scores, latencies, reasons = [], [], []
+        answers, latencies = [], []
         for request in build_requests(cfg, videos, prompts, contexts, metadata):
             start = time.perf_counter()
-            answer = self.score_request(request)
+            answers.append(self.score_request(request))
             latencies.append(time.perf_counter() - start)
-            scores.append(answer.score)
-            reasons.append(answer.reason)
-        labels = [cfg.label_value(s) for s in scores]
-        return RewardOutput(scores, {cfg.label_column: labels, "latency_s": latencies, "reason": reasons})
+        return RewardOutput(
+            [cfg.reward_value(a.score) for a in answers],
+            {
+                cfg.label_column: [cfg.label_value(a.score) for a in answers],
+                "latency_s": latencies,
+                "reason": [a.reason for a in answers],
+            },
+        )
