@@ -266,3 +266,22 @@ def test_grpo_on_the_toy_world_scores_the_generated_sound(tmp_path):
     assert all(m["reward/toyworld_audio/num_unscored"] == 0 for m in train)
     held_out = [m for m in logged if "eval/toyworld_audio/mean" in m]
     assert held_out and math.isfinite(held_out[-1]["eval/toyworld_audio/mean"])
+
+
+def test_toy_world_first_frame_is_the_seen_frame_and_conditions_image_to_video(policy):
+    """data.first_frame: each row's 'image' is the next scene's first frame, which (next_overlap 1) is
+    the context's last one; the policy takes it as image-to-video conditioning. Without an overlap the
+    frame was never seen: a one-line error."""
+    from grpo.data import ToyWorld, ToyWorldConfig
+
+    train, _ = build_datasets(ToyWorldDataSpec(next_overlap=1, first_frame=True, num_train=2, num_eval=1))
+    world = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=2)
+    for i in range(2):
+        assert torch.equal(torch.as_tensor(train[i]["image"]), world[i]["context"][-1])
+        assert torch.equal(torch.as_tensor(train[i]["image"]), torch.as_tensor(train[i]["video"])[0])
+    condition = policy.prepare_condition([train[0], train[1]])
+    assert condition["image_latents"].shape[0] == 2
+    plain, _ = build_datasets(ToyWorldDataSpec(next_overlap=1, num_train=1, num_eval=1))
+    assert "image" not in plain[0]
+    with pytest.raises(InputError, match="next_overlap >= 1"):
+        ToyWorldDataSpec(first_frame=True)
