@@ -3,7 +3,7 @@
 ::
 
     name: ltx-grpo-brightness
-    stage: grpo                     # pretrain | sft | grpo | reward_model
+    stage: grpo                     # pretrain | sft | grpo | reward_model | judge_sft
     output_dir: runs/ltx-grpo       # default runs/<name>
     policy: {type: ltx, ...}        # checked by the policy's own code
     data: {type: toy_world, ...}    # checked by the dataset's own code
@@ -43,6 +43,7 @@ from grpo.config import (
     VideoTrainerConfig,
     check_choice,
 )
+from grpo.judge_training import JudgeSFTConfig
 from grpo.reward_modeling import RewardModelConfig
 from policies.errors import InputError
 
@@ -55,6 +56,7 @@ TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {
     "sft": FlowMatchingConfig,
     "grpo": GRPOConfig,
     "reward_model": RewardModelConfig,
+    "judge_sft": JudgeSFTConfig,
 }
 
 T = TypeVar("T")
@@ -231,8 +233,8 @@ class Recipe:
     """A validated recipe. ``args`` is the trainer config built from ``trainer`` (see `TRAINER_CONFIGS`)."""
 
     name: str = field(metadata={"help": "name of the job; the default output_dir is runs/<name>"})
-    stage: Literal["pretrain", "sft", "grpo", "reward_model"] = field(
-        metadata={"help": "which trainer runs: pretrain | sft | grpo | reward_model"}
+    stage: Literal["pretrain", "sft", "grpo", "reward_model", "judge_sft"] = field(
+        metadata={"help": "which trainer runs: pretrain | sft | grpo | reward_model | judge_sft"}
     )
     policy: dict[str, Any] = field(
         metadata={"help": "the policy: a mapping with a 'type' key and its options"}
@@ -394,6 +396,10 @@ def _section_specs(stage: str) -> tuple[dict[str, type], dict[str, type]]:
         from grpo.reward_modeling import DATA_SPECS, RewardModelSpec
 
         return {"video_reward_model": RewardModelSpec}, DATA_SPECS
+    if stage == "judge_sft":
+        from grpo.judge_training import DATA_SPECS, JudgeModelSpec
+
+        return {"qwen_vl_judge": JudgeModelSpec}, DATA_SPECS
     from grpo.train import DATA_SPECS, POLICY_SPECS  # grpo.train imports this module
 
     return POLICY_SPECS, DATA_SPECS

@@ -1,5 +1,6 @@
 """Run a recipe: build the policy, the data and the rewards it names, then the trainer of its stage
-(``pretrain`` / ``sft``: `FlowMatchingTrainer`; ``grpo``: `GRPOTrainer`).
+(``pretrain`` / ``sft``: `FlowMatchingTrainer`; ``grpo``: `GRPOTrainer`; ``reward_model`` and
+``judge_sft``: `grpo.reward_modeling` and `grpo.judge_training`).
 
 `validate` does every check that needs no model (keys, types, files, reward names) so a bad
 recipe fails in well under a second; `run` then loads models and trains.
@@ -530,6 +531,10 @@ def validate(recipe: Recipe) -> tuple[Any, Any]:
         from grpo.reward_modeling import validate_recipe
 
         specs = validate_recipe(recipe)
+    elif recipe.stage == "judge_sft":
+        from grpo.judge_training import validate_recipe
+
+        specs = validate_recipe(recipe)
     else:
         specs = _policy_spec(recipe), _data_spec(recipe)
     check_resume(recipe.args.resume_from_checkpoint, recipe.args.output_dir)
@@ -544,6 +549,10 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
 
     if recipe.stage == "reward_model":
         from grpo.reward_modeling import run_recipe
+
+        return run_recipe(recipe)
+    if recipe.stage == "judge_sft":
+        from grpo.judge_training import run_recipe
 
         return run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)

@@ -92,6 +92,34 @@ def unpack_media(
     return out, images, videos
 
 
+def encode_request(
+    request: dict[str, Any], tokenizer: Any, inputs_config: QwenVLInputsConfig, model_config: Any
+) -> dict[str, torch.Tensor]:
+    """The Qwen-VL inputs of one request body, on the CPU: the prompt's token ids (chat template with
+    the generation prompt, vision placeholders expanded per grid, as vLLM builds them), the M-RoPE
+    token types and the frames' pixels. Shared by the judge's scoring and its training
+    (`grpo.judge_training`), so both see the same tokens."""
+    messages, images, videos = unpack_media(request["messages"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    vision: dict[str, torch.Tensor] = {}
+    if images:
+        vision.update(image_inputs(images, inputs_config))
+    if videos:
+        vision.update(video_inputs(videos, inputs_config, fps=VIDEO_FPS))
+    text = expand_vision_placeholders(
+        text,
+        image_grid_thw=vision.get("image_grid_thw"),
+        video_grid_thw=vision.get("video_grid_thw"),
+        merge_size=inputs_config.merge_size,
+    )
+    encoded = dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+    ids = encoded["input_ids"]
+    if vision:  # text 0, image 1, video 2; without it transformers uses 1-D positions (no M-RoPE)
+        video_tokens = ids == getattr(model_config, "video_token_id", -1)
+        encoded["mm_token_type_ids"] = (ids == model_config.image_token_id).int() + 2 * video_tokens.int()
+    return {**encoded, **vision}
+
+
 @register("causal_consistency_local")
 class InProcessJudge:
     """Reward: the causal-consistency judge computed by a transformers (Qwen-VL) model in this process.
@@ -118,7 +146,7 @@ class InProcessJudge:
             config = JudgeConfig(**{**asdict(config), **overrides})
         self.config = config or JudgeConfig(**overrides)
         if isinstance(model, str | Path):
-            model, tokenizer, inputs_config = self._load(Path(model), device, dtype, inputs_config)
+            model, tokenizer, inputs_config = self.load_checkpoint(Path(model), device, dtype, inputs_config)
         elif tokenizer is None:
             raise InputError("InProcessJudge got a model object without its tokenizer; pass tokenizer=...")
         self.model = model.eval()
@@ -129,7 +157,7 @@ class InProcessJudge:
         self._allowed = allowed_first_tokens(tokenizer, self.config.labels)
 
     @staticmethod
-    def _load(
+    def load_checkpoint(
         path: Path,
         device: str | torch.device,
         dtype: str | torch.dtype,
@@ -154,33 +182,15 @@ class InProcessJudge:
         return model, tokenizer, inputs_config or QwenVLInputsConfig.from_pretrained(path)
 
     def encode(self, request: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The model inputs for one request body: the prompt's token ids (chat template, vision
-        placeholders expanded per grid, as vLLM builds them) and the frames' pixels, on the model."""
-        messages, images, videos = unpack_media(request["messages"])
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The model inputs for one request body (`encode_request`), on the model's device and dtype."""
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
-        vision: dict[str, torch.Tensor] = {}
-        if images:
-            vision.update(image_inputs(images, self.inputs_config))
-        if videos:
-            vision.update(video_inputs(videos, self.inputs_config, fps=VIDEO_FPS))
-        text = expand_vision_placeholders(
-            text,
-            image_grid_thw=vision.get("image_grid_thw"),
-            video_grid_thw=vision.get("video_grid_thw"),
-            merge_size=self.inputs_config.merge_size,
-        )
-        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        ids = encoded["input_ids"]
-        config = self.model.config
-        if vision:  # text 0, image 1, video 2; without it transformers uses 1-D positions (no M-RoPE)
-            video_tokens = ids == getattr(config, "video_token_id", -1)
-            encoded["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * video_tokens.int()
-        inputs = {k: v.to(device) for k, v in encoded.items()}
-        for key, value in vision.items():
-            inputs[key] = value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
-        return inputs
+        return {
+            key: value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
+            for key, value in encode_request(
+                request, self.tokenizer, self.inputs_config, self.model.config
+            ).items()
+        }
 
     @torch.no_grad()
     def score_request(self, request: dict[str, Any]) -> ScoredAnswer:

@@ -1,0 +1,161 @@
+"""Verdict data for training the causal-consistency judge: (context, candidate next scene, yes/no).
+
+A row is ``{context, candidate, verdict, kind, prompt}``: ``context`` and ``candidate`` are uint8
+videos ``[F, H, W, 3]``, ``verdict`` is the judge's positive or negative answer ("yes" / "no"),
+``kind`` says where the row came from (``true``, a perturbation name, ``manifest``) and ``prompt``
+is the text a judge template may show (``{prompt}``), or None. Two sources:
+
+* `toyworld_verdicts`: the toy world's true continuations -> yes, perturbed ones -> no. The
+  perturbations are the reward-model preference data's own (`rewards.preferences.toyworld_pairs`:
+  wrong direction, frozen, shuffled, another sample's future): each pair gives one yes row (its
+  chosen video) and one no row (its rejected video), so the two kinds of data cannot drift apart.
+* `read_verdict_manifest`: a user's JSON Lines file, one ``{"context": PATH, "candidate": PATH,
+  "verdict": "yes" | "no"[, "prompt": TEXT]}`` object a line (paths relative to the file). Every
+  line is checked before any video is decoded; a problem is a one-line error naming FILE:LINE.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.errors import InputError
+
+VERDICT_KEYS = ("context", "candidate", "verdict")
+
+
+def verdict_row(
+    context: Any, candidate: Any, verdict: str, kind: str, prompt: str | None = None
+) -> dict[str, Any]:
+    """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors."""
+    from grpo.data.video import to_uint8
+
+    return {
+        "context": torch.from_numpy(np.ascontiguousarray(to_uint8(context))),
+        "candidate": torch.from_numpy(np.ascontiguousarray(to_uint8(candidate))),
+        "verdict": verdict,
+        "kind": kind,
+        "prompt": prompt,
+    }
+
+
+def verdict_dataset(rows: Sequence[dict[str, Any]]) -> Any:
+    """Verdict rows as a `datasets.Dataset` in torch format (videos: uint8 ``Array4D`` of one frame
+    size, as `SFTTrainer` takes them)."""
+    import datasets
+
+    if not rows:
+        raise InputError("no verdict rows to train on; give at least one (context, candidate, verdict)")
+    size = tuple(rows[0]["context"].shape[1:3])
+    for i, row in enumerate(rows):
+        for key in ("context", "candidate"):
+            if tuple(row[key].shape[1:3]) != size:
+                raise InputError(
+                    f"verdict row {i} {key!r} is {tuple(row[key].shape[1:3])} px, row 0 {size}; "
+                    "resize the videos to one size"
+                )
+    video = datasets.Array4D(shape=(None, *size, 3), dtype="uint8")
+    features = datasets.Features(
+        context=video,
+        candidate=video,
+        verdict=datasets.Value("string"),
+        kind=datasets.Value("string"),
+        prompt=datasets.Value("string"),
+    )
+    columns = {name: [row[name] for row in rows] for name in features}
+    columns["context"] = [v.numpy() for v in columns["context"]]
+    columns["candidate"] = [v.numpy() for v in columns["candidate"]]
+    return datasets.Dataset.from_dict(columns, features=features).with_format(
+        "torch", columns=["context", "candidate"], output_all_columns=True
+    )
+
+
+def verdicts_from_pairs(pairs: Any, choices: Sequence[str] = ("yes", "no")) -> list[dict[str, Any]]:
+    """Verdict rows of a preference table (`rewards.preferences`): chosen -> ``choices[0]`` (kind
+    ``true``), rejected -> ``choices[1]`` (kind: the pair's ``kind`` column, else ``rejected``).
+    Tied pairs say neither is better, so they carry no verdict and are skipped."""
+    from rewards.preferences import PAIR_VIDEOS
+
+    table = pairs.with_format("numpy")
+    rows = []
+    for i in range(len(table)):
+        pair = table[i]
+        if bool(pair.get("tie", False)):
+            continue
+        prompt = pair.get("prompt")
+        prompt = None if prompt is None else str(prompt)
+        context, chosen, rejected = (np.asarray(pair[k], dtype=np.uint8) for k in PAIR_VIDEOS)
+        kind = str(pair.get("kind", "rejected"))
+        rows.append(verdict_row(context, chosen, choices[0], "true", prompt))
+        rows.append(verdict_row(context, rejected, choices[1], kind, prompt))
+    return rows
+
+
+def toyworld_verdicts(
+    world: Any,
+    perturbations: Sequence[str],
+    *,
+    choices: Sequence[str] = ("yes", "no"),
+    num_workers: int = 0,
+) -> Any:
+    """Two rows per toy-world sample: its true future (yes) and a perturbed one (no; sample ``i``
+    gets ``perturbations[i % len]``), with the context caption as the prompt; a `verdict_dataset`."""
+    from rewards.preferences import toyworld_pairs
+
+    pairs = toyworld_pairs(world, perturbations, num_workers=num_workers)
+    return verdict_dataset(verdicts_from_pairs(pairs, choices))
+
+
+def read_verdict_manifest(path: str | Path, choices: Sequence[str] = ("yes", "no")) -> Any:
+    """The rows of a verdict manifest (JSON Lines) as a `verdict_dataset`. Every line is validated
+    first -- JSON object, the keys, a verdict that is one of ``choices``, both video files present --
+    so a bad line fails in milliseconds with ``FILE:LINE: problem; fix``; then the videos are decoded."""
+    from grpo.data.video import read_video
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"verdict manifest {path} does not exist; give a .jsonl file of {VERDICT_KEYS} rows")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg}); write one object a line") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: a JSON {type(row).__name__}, not an object with keys {VERDICT_KEYS}")
+        missing = [key for key in VERDICT_KEYS if not isinstance(row.get(key), str) or not row[key]]
+        if missing:
+            raise InputError(f"{where}: missing or empty {missing}; every line needs {VERDICT_KEYS} strings")
+        verdict = row["verdict"].strip().lower()
+        if verdict not in choices:
+            raise InputError(
+                f"{where}: verdict {row['verdict']!r} is neither {choices[0]!r} nor {choices[1]!r}"
+            )
+        videos = {}
+        for key in ("context", "candidate"):
+            video = Path(row[key]) if Path(row[key]).is_absolute() else path.parent / row[key]
+            if not video.is_file():
+                raise InputError(
+                    f"{where}: {key} video {str(video)!r} not found; fix the path (relative to the file)"
+                )
+            videos[key] = video
+        prompt = row.get("prompt")
+        entries.append((where, videos, verdict, None if prompt is None else str(prompt)))
+    if not entries:
+        raise InputError(f"verdict manifest {path} has no rows; write one {VERDICT_KEYS} object a line")
+    rows = []
+    for where, videos, verdict, prompt in entries:
+        try:
+            context, candidate = (read_video(videos[key])[0] for key in ("context", "candidate"))
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+        rows.append(verdict_row(context, candidate, verdict, "manifest", prompt))
+    return verdict_dataset(rows)

@@ -1,0 +1,467 @@
+"""Training the causal-consistency judge (recipe stage ``judge_sft``) with TRL's `SFTTrainer`.
+
+Each training example is one conversation: the user turn is exactly the request the judge sends
+when it scores (`rewards.judge.prompts.build_requests`: the same system prompt, question, frame
+sampling and layout, encoded by the in-process judge's own `rewards.judge.local.encode_request`),
+and the assistant turn is the verdict ("yes" / "no") as the checkpoint's chat template renders it.
+The loss covers the verdict tokens only. Scoring reads the first answer token after the very same
+prompt tokens, so training and scoring cannot drift apart.
+
+TRL's vision collator (`DataCollatorForVisionLanguageModeling`) needs a transformers
+``ProcessorMixin`` and builds the vision inputs itself; the judge's frames go through
+`policies.qwen_vl_inputs` instead (the layout the vLLM server and the in-process judge see), so
+`JudgeCollator` builds the batches and `SFTTrainer` runs the loop (optimizer, schedule, logging).
+
+The result, ``output_dir/final``, is a checkpoint directory (safetensors weights, tokenizer with its
+chat template, pre-processing config) for ``causal_consistency_local`` (`InProcessJudge`) or a vLLM
+server. Nothing here imports torch at import time (recipes validate in milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from grpo.config import ConfigError, TrainerConfig, _require
+from policies.errors import InputError
+from policies.files import check_model_weights
+
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
+# JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
+PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
+
+
+@dataclass
+class JudgeSFTConfig(TrainerConfig):
+    """Judge fine-tuning (TRL's `SFTConfig` names). Only the final judge is saved (``save_steps: 0``)."""
+
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps to run."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Conversations per device per micro-batch."}
+    )
+    save_steps: int = field(default=0, metadata={"help": "Must be 0: only the final judge is saved."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(
+            self.per_device_train_batch_size >= 1,
+            "per_device_train_batch_size",
+            f"must be >= 1, got {self.per_device_train_batch_size}",
+        )
+        unsupported = {
+            "use_lora": (self.use_lora, "the judge is fully fine-tuned; LoRA is not supported yet"),
+            "fsdp": (self.fsdp, "judge training uses DDP; FSDP is not supported yet"),
+            "ema_decay": (self.ema_decay > 0, "no EMA in judge training; set 0"),
+            "eval_every": (self.eval_every > 0, "the held-out split is scored before and after; set 0"),
+            "save_steps": (self.save_steps > 0, "only the final judge is saved; set 0"),
+            "resume_from_checkpoint": (
+                self.resume_from_checkpoint is not None,
+                "judge runs are short and not resumable yet; set null",
+            ),
+        }
+        for name, (bad, problem) in unsupported.items():
+            _require(not bad, name, problem)
+
+
+# ------------------------------------------------------------------------------------------- recipe specs
+
+
+@dataclass
+class JudgeModelSpec:
+    """``policy: {type: qwen_vl_judge, ...}``: the Qwen-VL judge to fine-tune and what it is asked."""
+
+    type: Literal["qwen_vl_judge"] = field(default="qwen_vl_judge", metadata={"help": "model kind"})
+    path: str | None = field(default=None, metadata={"help": "Qwen2-VL / Qwen2.5-VL checkpoint directory"})
+    tiny: bool = field(default=False, metadata={"help": "a random tiny Qwen2.5-VL judge (tests, toy world)"})
+    tiny_spec: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "sizes of the tiny judge (policies.tiny_qwen_vl.TinyQwenVLSpec fields)"},
+    )
+    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+    judge: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "what the judge is shown, as the reward's kwargs: mode (images | video), num_frames, "
+            "image_format, system_prompt, template, aspects, choices"
+        },
+    )
+
+
+@dataclass
+class ToyVerdictsSpec:
+    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no)."""
+
+    type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
+    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
+    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
+    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
+    next_overlap: int = field(
+        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
+    )
+    num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
+    num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
+    perturbations: list[str] = field(
+        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "the 'no' continuations, mixed"}
+    )
+    num_workers: int = field(
+        default=0, metadata={"help": "processes simulating the samples (at most the CPU count; 0: this one)"}
+    )
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
+        if not self.perturbations or unknown:
+            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
+        if self.num_train < 2 or self.num_eval < 2:
+            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+        if not 0 <= self.next_overlap < self.context_frames:
+            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+
+
+@dataclass
+class VerdictManifestSpec:
+    """``data: {type: verdict_manifest, ...}``: JSON Lines of ``{context, candidate, verdict}``."""
+
+    type: Literal["verdict_manifest"] = field(default="verdict_manifest", metadata={"help": "data kind"})
+    path: str = field(default="", metadata={"help": "training manifest (.jsonl; video paths relative to it)"})
+    eval_path: str | None = field(default=None, metadata={"help": "held-out manifest (.jsonl)"})
+
+
+DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_manifest": VerdictManifestSpec}
+
+
+def judge_config(spec: JudgeModelSpec) -> Any:
+    """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
+    from grpo.recipe import from_dict
+    from rewards.judge.config import JudgeConfig
+
+    unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
+    if unknown:
+        raise InputError(
+            f"policy.judge: {unknown} do not change what the judge is shown; "
+            f"give only {', '.join(PROMPT_FIELDS)}"
+        )
+    config = from_dict(JudgeConfig, spec.judge, where="policy.judge")
+    if config.mode == "text":
+        raise InputError("policy.judge.mode: judge_sft trains on frames; use 'images' or 'video'")
+    return config
+
+
+def check_vl_checkpoint(path: str) -> None:
+    """A one-line error unless ``path`` is a Qwen2-VL / Qwen2.5-VL checkpoint with safetensors weights."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"policy.path: {path!r} is not a model directory (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise InputError(f"policy.path: {config_file} is not a JSON object; is this a checkpoint?") from None
+    if model_type not in VL_MODEL_TYPES:
+        raise InputError(
+            f"policy.path: {path!r} is a {model_type!r} checkpoint, not a vision-language judge; "
+            f"give a Qwen2-VL / Qwen2.5-VL one (model_type {' or '.join(VL_MODEL_TYPES)})"
+        )
+    check_model_weights(folder)
+
+
+def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
+    """Every check of a ``judge_sft`` recipe that needs no model; returns the model and data specs."""
+    from grpo.recipe import from_dict
+
+    if recipe.policy["type"] != "qwen_vl_judge":
+        raise InputError(
+            f"policy.type: stage 'judge_sft' trains a 'qwen_vl_judge', got {recipe.policy['type']!r}"
+        )
+    spec = from_dict(JudgeModelSpec, recipe.policy, where="policy")
+    if (spec.path is None) == (not spec.tiny):
+        raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
+    if spec.tiny_spec and not spec.tiny:
+        raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
+    if spec.tiny:
+        from policies.tiny_qwen_vl import TinyQwenVLSpec
+
+        tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
+        if tiny.architecture not in VL_MODEL_TYPES:
+            raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
+    else:
+        check_vl_checkpoint(spec.path)
+    judge_config(spec)
+    kind = recipe.data["type"]
+    if kind not in DATA_SPECS:
+        raise InputError(f"data.type: stage 'judge_sft' reads {', '.join(DATA_SPECS)}, got {kind!r}")
+    data = from_dict(DATA_SPECS[kind], recipe.data, where="data")
+    if isinstance(data, VerdictManifestSpec):
+        for name in ("path", "eval_path"):
+            value = getattr(data, name)
+            if (name == "path" or value is not None) and not Path(value or "").is_file():
+                raise InputError(
+                    f"data.{name}: verdict manifest {value!r} does not exist; give a .jsonl file"
+                )
+    return spec, data
+
+
+def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
+    """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
+    manifest: None)."""
+    from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
+
+    if isinstance(data, VerdictManifestSpec):
+        train = read_verdict_manifest(data.path, choices)
+        return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
+    from grpo.data import ToyWorld, ToyWorldConfig
+
+    config = ToyWorldConfig(
+        size=data.size,
+        context_frames=data.context_frames,
+        next_frames=data.next_frames,
+        next_overlap=data.next_overlap,
+    )
+    workers = min(data.num_workers, os.cpu_count() or 1)
+    train, held_out = (
+        toyworld_verdicts(
+            ToyWorld(config, split=split, num_samples=n),
+            data.perturbations,
+            choices=choices,
+            num_workers=workers,
+        )
+        for split, n in (("train", data.num_train), ("validation", data.num_eval))
+    )
+    return train, held_out
+
+
+def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
+    """Model, tokenizer and pre-processing config of the judge to train (a tiny one is written to
+    ``output_dir/base`` first, so it loads through exactly the code a real checkpoint takes)."""
+    from rewards.judge.local import InProcessJudge
+
+    path = spec.path
+    if spec.tiny:
+        from grpo.recipe import from_dict
+        from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+
+        tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
+        path = build_tiny_qwen_vl(output_dir / "base", tiny)
+    return InProcessJudge.load_checkpoint(Path(path), "cpu", spec.torch_dtype, None)
+
+
+def run_recipe(recipe: Any) -> list[dict[str, Any]]:
+    """Fine-tune the judge a recipe describes; returns the logged metrics."""
+    from grpo.recipe import save_resolved
+
+    spec, data = validate_recipe(recipe)
+    config = judge_config(spec)
+    train, held_out = build_rows(data, config.choices)
+    output_dir = Path(recipe.args.output_dir)
+    save_resolved(recipe, output_dir)
+    model, tokenizer, inputs_config = load_judge(spec, output_dir)
+    return train_judge(model, tokenizer, inputs_config, config, recipe.args, train, held_out)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def frames(video: Any) -> Any:
+    """A video cell of a verdict table as a uint8 tensor (datasets hands Array4D back as int64)."""
+    import torch
+
+    return torch.as_tensor(video).to(torch.uint8)
+
+
+class JudgeCollator:
+    """Verdict rows -> one padded Qwen-VL batch whose labels are the verdict tokens only.
+
+    The prompt is `encode_request` of the judge's own request for the row (what the judge sends
+    when scoring); the completion is what the chat template appends for an assistant turn holding
+    the verdict (e.g. ``yes<|im_end|>\\n``), tokenized on its own, since scoring reads the token
+    that follows the prompt tokens.
+    """
+
+    def __init__(self, tokenizer: Any, inputs_config: Any, config: Any, model_config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.inputs_config = inputs_config
+        self.config = config
+        self.model_config = model_config
+        self._completions = {label: self._completion_ids(label) for label in config.choices}
+
+    def _completion_ids(self, verdict: str) -> list[int]:
+        turn = [{"role": "user", "content": "?"}]
+        prompt = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(
+            [*turn, {"role": "assistant", "content": verdict}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise InputError(
+                "the judge's chat template renders an assistant turn that does not extend its generation "
+                "prompt; judge_sft needs a template like Qwen's"
+            )
+        return self.tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+
+    def encode(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The prompt inputs (CPU) and labels of one row."""
+        import torch
+
+        from rewards.judge.local import encode_request
+        from rewards.judge.prompts import build_requests
+
+        prompts = None if row.get("prompt") is None else [row["prompt"]]
+        request = build_requests(
+            self.config, [frames(row["candidate"])], prompts, [frames(row["context"])], {}
+        )[0]
+        inputs = encode_request(request, self.tokenizer, self.inputs_config, self.model_config)
+        completion = torch.tensor([self._completions[row["verdict"]]])
+        prompt_ids = inputs.pop("input_ids")
+        inputs["input_ids"] = torch.cat([prompt_ids, completion], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["labels"] = torch.cat([torch.full_like(prompt_ids, -100), completion], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(completion, dtype=torch.int32)], dim=1
+            )
+        return inputs
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        encoded = [self.encode(row) for row in rows]
+        length = max(e["input_ids"].shape[1] for e in encoded)
+        pads = {
+            "input_ids": self.tokenizer.pad_token_id,
+            "attention_mask": 0,
+            "labels": -100,
+            "mm_token_type_ids": 0,
+        }
+        batch: dict[str, Any] = {}
+        for key, pad in pads.items():
+            if key in encoded[0]:
+                batch[key] = torch.cat(
+                    [
+                        torch.nn.functional.pad(e[key], (0, length - e[key].shape[1]), value=pad)
+                        for e in encoded
+                    ]
+                )
+        for key in encoded[0]:
+            if key not in pads:  # pixels and grids of every frame, in row order
+                batch[key] = torch.cat([e[key] for e in encoded])
+        return batch
+
+
+def evaluate_judge(judge: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
+    """Mean P(positive) of the positive and negative rows of a verdict table, their gap
+    (``separation``) and the verdict accuracy at 0.5, as the judge scores them (`InProcessJudge`);
+    no table: no metrics."""
+    if dataset is None:
+        return {}
+    rows = [dataset[i] for i in range(len(dataset))]
+    positive = judge.config.choices[0]
+    prompts = [row.get("prompt") or "" for row in rows]
+    scores = judge(
+        [frames(r["candidate"]) for r in rows], prompts, [frames(r["context"]) for r in rows]
+    ).metadata[judge.config.label_column]
+    yes = [s for s, r in zip(scores, rows) if r["verdict"] == positive and s is not None]
+    no = [s for s, r in zip(scores, rows) if r["verdict"] != positive and s is not None]
+    mean = lambda values: sum(values) / len(values) if values else math.nan  # noqa: E731
+    right = [(s >= 0.5) == (r["verdict"] == positive) for s, r in zip(scores, rows) if s is not None]
+    return {
+        f"{prefix}/p_{positive}_true": mean(yes),
+        f"{prefix}/p_{positive}_false": mean(no),
+        f"{prefix}/separation": mean(yes) - mean(no),
+        f"{prefix}/accuracy": mean([float(x) for x in right]),
+    }
+
+
+def sft_config(args: JudgeSFTConfig) -> Any:
+    """TRL's `SFTConfig` of a `JudgeSFTConfig` (same names; batches come from `JudgeCollator`)."""
+    import torch
+    from trl import SFTConfig
+
+    shared = {f.name for f in fields(SFTConfig)}
+    ours = {k: v for k, v in asdict(args).items() if k in shared and k not in ("report_to", "save_steps")}
+    return SFTConfig(
+        **ours,
+        save_strategy="no",
+        report_to="none",  # metrics.jsonl / TensorBoard / W&B go through grpo.tracking, as in every stage
+        logging_strategy="steps",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # grpo.tracking draws the bar
+        data_seed=args.seed,
+    )
+
+
+def train_judge(
+    model: Any,
+    tokenizer: Any,
+    inputs_config: Any,
+    config: Any,
+    args: JudgeSFTConfig,
+    train_rows: Any,
+    eval_rows: Any = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` on a verdict table (`grpo.data.judge_data`) with `SFTTrainer`, score the
+    held-out table before and after (``base/*``, ``eval/*``) and save the judge to
+    ``args.output_dir/final``; returns the log."""
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTTrainer
+
+    from grpo.tracking import MetricsLogger
+    from rewards.judge.local import InProcessJudge
+
+    def scored(prefix: str) -> dict[str, float]:
+        return evaluate_judge(InProcessJudge(model, tokenizer, config, inputs_config), eval_rows, prefix)
+
+    history: list[dict[str, Any]] = []
+    logger = MetricsLogger(
+        args.output_dir,
+        report_to=args.report_to,
+        total=args.max_steps,
+        run_name=args.run_name,
+        progress_keys=("loss",),
+    )
+
+    class Log(TrainerCallback):
+        def on_log(self, _args: Any, state: Any, _control: Any, logs: Any = None, **kwargs: Any) -> None:
+            metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}
+            if "loss" in metrics:
+                logger.log(metrics, step=state.global_step)
+                history.append(metrics)
+
+    with logger:
+        base = scored("base")
+        if base:
+            logger.log(base, step=0)
+            history.append(base)
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(args),
+            train_dataset=train_rows,
+            processing_class=tokenizer,
+            data_collator=JudgeCollator(tokenizer, inputs_config, config, model.config),
+            callbacks=[Log()],
+        )
+        trainer.remove_callback(PrinterCallback)  # the log goes to metrics.jsonl and the bar
+        trainer.train()
+        final = scored("eval")
+        if final:
+            logger.log(final, step=args.max_steps)
+            history.append(final)
+    save_judge(model, tokenizer, inputs_config, Path(args.output_dir) / "final")
+    return history
+
+
+def save_judge(model: Any, tokenizer: Any, inputs_config: Any, path: Path) -> Path:
+    """A judge checkpoint directory: safetensors weights, tokenizer (with the chat template) and the
+    pre-processing config -- what `InProcessJudge` and a vLLM server load."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    inputs_config.save_pretrained(path)
+    return path
