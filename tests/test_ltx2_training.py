@@ -20,9 +20,7 @@ FPS = 8.0  # the toy world's frame rate (ToyWorldDataSpec's default)
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = build_tiny_ltx2(
-        tmp_path_factory.mktemp("ltx2train") / "ckpt", TinyLTX2Spec.toy_world(audio_fit_steps=0), seed=1
-    )
+    path = build_tiny_ltx2(tmp_path_factory.mktemp("ltx2train") / "ckpt", TinyLTX2Spec.toy_world(), seed=1)
     return LTX2Policy.from_pretrained(path)
 
 
