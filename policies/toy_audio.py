@@ -9,10 +9,10 @@ real classes, to toy-world sounds (``ToyWorldConfig(audio=True)``), in two stage
    LTX-2 encodes (`policies.ltx2.log_mel_spectrogram` of the 16 kHz waveform, duplicated to stereo, as
    `LTX2Policy.encode_audio` computes it): squared error between the decoded mel, as the pipeline's
    decode path reads it (latents cut to the pipeline's length for the duration), and the input's frames,
-   its sounding bins weighted up (the tones cover a few % of a spectrogram: unweighted, silence
-   everywhere is a good fit), plus a small pull of the latents towards zero; its ``latents_mean`` /
-   ``latents_std`` buffers then get the packed latents' statistics, as `LTX2Policy.encode_audio` and
-   `LTX2Pipeline` normalise with them;
+   the sounding bins' mean and the silent bins' mean weighing alike (the tones cover a few % of a
+   spectrogram: unweighted, silence everywhere is a good fit), plus a small pull of the latents
+   towards zero; its ``latents_mean`` / ``latents_std`` buffers then get the packed latents'
+   statistics, as `LTX2Policy.encode_audio` and `LTX2Pipeline` normalise with them;
 2. the vocoder (`LTX2Vocoder`) on the fitted VAE's decoded mels (what it voices after diffusion), the
    target being the same scene's sound rendered at the vocoder's 24 kHz (the toy world's sound follows
    from the scene alone), in stereo: L1 between log STFT magnitudes at several resolutions (pitch and
@@ -48,12 +48,9 @@ class ToyAudioFitConfig:
     vocoder_steps: int = field(default=300, metadata={"help": "Adam steps of the vocoder."})
     batch_size: int = field(default=4, metadata={"help": "Waveforms per step."})
     learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate."})
-    foreground_weight: float = field(
-        default=10.0, metadata={"help": "Loss weight of the audio VAE's sounding mel bins (not silence)."}
-    )
     latent_weight: float = field(default=1e-4, metadata={"help": "Weight of the audio latents' L2 penalty."})
     envelope_weight: float = field(default=1.0, metadata={"help": "Weight of the vocoder's envelope loss."})
-    num_train: int = field(default=4096, metadata={"help": "Toy-world training samples drawn from."})
+    num_train: int = field(default=1024, metadata={"help": "Toy-world training samples drawn from."})
     seed: int = field(default=0, metadata={"help": "Seed of the batches."})
     log_every: int = field(default=100, metadata={"help": "Steps between progress logs."})
 
@@ -87,6 +84,20 @@ def _batch(world, picks: list[int], part: str, device: torch.device) -> torch.Te
     return torch.stack([world[i][f"{part}_audio"] for i in picks]).to(device)  # [B, 1, samples]
 
 
+def _sounding(world) -> dict[str, list[int]]:
+    """Per segment (context, next), the samples of ``world`` whose segment rings at least one tone (a
+    silent clip teaches little)."""
+    onsets = [world[i]["world"]["audio"]["onsets"] for i in range(len(world))]
+    return {part: [i for i, o in enumerate(onsets) if o[part]] for part in ("context", "next")}
+
+
+def _draw(pools: dict[str, list[int]], batch_size: int, generator: torch.Generator) -> tuple[list[int], str]:
+    """A segment and ``batch_size`` of its sounding samples, drawn from ``generator``."""
+    part = "next" if torch.randint(0, 2, (), generator=generator) else "context"
+    picks = torch.randint(0, len(pools[part]), (batch_size,), generator=generator).tolist()
+    return [pools[part][j] for j in picks], part
+
+
 def fit_toy_audio_vae(
     audio_vae: torch.nn.Module, world_config, fit: ToyAudioFitConfig | None = None, log=print
 ) -> dict:
@@ -100,18 +111,20 @@ def fit_toy_audio_vae(
     world = ToyWorld(
         _with_sound(world_config, audio_vae.config.sample_rate), "train", num_samples=fit.num_train
     )
+    pools = _sounding(world)
 
     def step_loss(generator: torch.Generator) -> torch.Tensor:
-        picks = torch.randint(0, len(world), (fit.batch_size,), generator=generator).tolist()
-        part = "next" if torch.randint(0, 2, (), generator=generator) else "context"
+        picks, part = _draw(pools, fit.batch_size, generator)
         waveforms = _batch(world, picks, part, device)
         mels = toy_mels(audio_vae, waveforms)
         latents = audio_latents(audio_vae, mels, waveforms.shape[-1])
         decoded = audio_vae.decode(latents, return_dict=False)[0]
         target = mels[:, :, : decoded.shape[2]]
         sounding = (target > _SILENT_MEL).float()  # the tones' bins: a few % of the spectrogram
-        weight = 1.0 + (fit.foreground_weight - 1.0) * sounding
-        return (weight * (decoded - target) ** 2).mean() + fit.latent_weight * latents.pow(2).mean()
+        error = (decoded - target) ** 2
+        tones = (error * sounding).sum() / sounding.sum().clamp_min(1.0)
+        silence = (error * (1 - sounding)).sum() / (1 - sounding).sum().clamp_min(1.0)
+        return tones + silence + fit.latent_weight * latents.pow(2).mean()
 
     with torch.no_grad():  # start the decoded mels at silence (log_mel_spectrogram's floor), not at 0
         audio_vae.decoder.conv_out.conv.bias.fill_(math.log(1e-5))
@@ -119,7 +132,7 @@ def fit_toy_audio_vae(
         audio_vae, step_loss, fit.vae_steps, fit.learning_rate, fit.seed, fit.log_every, log, "toy audio VAE"
     )
     with torch.no_grad():
-        waveforms = _batch(world, list(range(16)), "next", device)
+        waveforms = _batch(world, pools["next"][:16], "next", device)
         latents = audio_latents(audio_vae, toy_mels(audio_vae, waveforms), waveforms.shape[-1])
         packed = latents.transpose(1, 2).flatten(2, 3)  # [B, C, L, M] -> [B, L, C*M], as the pipeline packs
         store_latent_statistics(audio_vae, packed, dims=(0, 1))
@@ -168,10 +181,10 @@ def fit_toy_vocoder(
         ToyWorld(_with_sound(world_config, r), "train", num_samples=fit.num_train)
         for r in (audio_vae.config.sample_rate, rate)
     ]
+    pools = _sounding(worlds[0])
 
     def step_loss(generator: torch.Generator) -> torch.Tensor:
-        picks = torch.randint(0, fit.num_train, (fit.batch_size,), generator=generator).tolist()
-        part = "next" if torch.randint(0, 2, (), generator=generator) else "context"
+        picks, part = _draw(pools, fit.batch_size, generator)
         waveforms, targets = (_batch(world, picks, part, device) for world in worlds)
         with torch.no_grad():
             latents = audio_latents(audio_vae, toy_mels(audio_vae, waveforms), waveforms.shape[-1])
