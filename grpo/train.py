@@ -86,6 +86,13 @@ class LTX2PolicySpec:
             "the toy world for this many steps first (0 = the default random tiny layout)"
         },
     )
+    tiny_audio_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with tiny: the toy-world layout, its audio VAE and then its vocoder fitted to the toy "
+            "world's sound for this many steps each first (policies.toy_audio; 0 = random)"
+        },
+    )
     sampling: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -199,8 +206,8 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
-            fit = spec.tiny_vae_fit_steps
-            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(vae_fit_steps=fit) if fit else None)
+            fits = dict(vae_fit_steps=spec.tiny_vae_fit_steps, audio_fit_steps=spec.tiny_audio_fit_steps)
+            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy

@@ -32,7 +32,8 @@ from policies.tiny import _scheduler_config
 from policies.tiny_qwen_vl import TOY_CORPUS, train_bpe
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLLTX2Video
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+    from diffusers.pipelines.ltx2 import LTX2Vocoder
     from transformers import GemmaTokenizer
 
 # Gemma's special tokens (ids 0-4 as in Gemma's vocabulary), its chat-turn and image markers, and the 256
@@ -130,9 +131,14 @@ class TinyLTX2Spec:
         default=0,
         metadata={"help": "Steps fitting the video VAE to toy-world clips (policies.toy_vae; 0: random)."},
     )
-    seed: int = field(
-        default=0, metadata={"help": "Seed for the random weights (and the VAE fit's batches)."}
+    audio_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps fitting the audio VAE, then as many the vocoder, to toy-world sounds "
+            "(policies.toy_audio; 0: random)."
+        },
     )
+    seed: int = field(default=0, metadata={"help": "Seed for the random weights (and the fits' batches)."})
 
     @classmethod
     def toy_world(cls, **overrides) -> TinyLTX2Spec:
@@ -168,6 +174,12 @@ class TinyLTX2Spec:
             raise InputError(
                 f"TinyLTX2Spec: mel_bins {self.mel_bins} must be a multiple of 4 (the audio VAE's 4x)"
             )
+
+    @property
+    def audio_token_channels(self) -> int:
+        """Width of one packed audio token: every latent channel of every latent mel bin (the audio VAE
+        compresses mel bins 4x)."""
+        return self.audio_latent_channels * (self.mel_bins // 4)
 
     @property
     def vae_compression(self) -> tuple[int, int]:
@@ -210,6 +222,38 @@ def build_video_vae(spec: TinyLTX2Spec) -> AutoencoderKLLTX2Video:
         decoder_causal=False,  # as in the real LTX-2 VAE
         spatial_compression_ratio=spatial,
         temporal_compression_ratio=temporal,
+    )
+
+
+def build_audio_vae(spec: TinyLTX2Spec) -> AutoencoderKLLTX2Audio:
+    """A random `AutoencoderKLLTX2Audio` at ``spec``'s sizes (seed the global RNG first): three levels (the
+    real 4x in time and in mel bins), its latent statistics as wide as one packed audio token."""
+    from diffusers import AutoencoderKLLTX2Audio
+
+    return AutoencoderKLLTX2Audio(
+        base_channels=spec.audio_token_channels,  # its latents_mean/std normalise packed tokens this wide
+        ch_mult=(1, 1, 1),  # three levels: the real 4x in time and in mel bins
+        num_res_blocks=1,
+        latent_channels=spec.audio_latent_channels,
+        sample_rate=spec.audio_sample_rate,
+        mel_hop_length=spec.mel_hop_length,
+        mel_bins=spec.mel_bins,
+    )
+
+
+def build_vocoder(spec: TinyLTX2Spec) -> LTX2Vocoder:
+    """A random `LTX2Vocoder` at ``spec``'s width (seed the global RNG first): stereo mels in, the real
+    240x up-sampling (100 mel frames/s -> 24 kHz) out."""
+    from diffusers.pipelines.ltx2 import LTX2Vocoder
+
+    return LTX2Vocoder(
+        in_channels=2 * spec.mel_bins,  # stereo mel spectrograms
+        hidden_channels=spec.vocoder_channels,
+        upsample_kernel_sizes=[16, 15, 8, 4, 4],
+        upsample_factors=[6, 5, 2, 2, 2],  # 240x: 100 mel frames/s -> 24 kHz
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        output_sampling_rate=spec.audio_sample_rate // spec.mel_hop_length * 240,
     )
 
 
@@ -258,12 +302,11 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
 
     ``seed`` overrides ``spec.seed``; the same spec and seed write bitwise-identical weights."""
     from diffusers import (
-        AutoencoderKLLTX2Audio,
         FlowMatchEulerDiscreteScheduler,
         LTX2Pipeline,
         LTX2VideoTransformer3DModel,
     )
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
     spec = spec or TinyLTX2Spec()
     if seed is not None:
@@ -272,8 +315,7 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
     tokenizer = build_tiny_gemma_tokenizer()
     inner = spec.num_attention_heads * spec.attention_head_dim
     audio_inner = spec.audio_num_attention_heads * spec.audio_attention_head_dim
-    latent_mel_bins = spec.mel_bins // 4  # the audio VAE's fixed 4x in time and in mel bins
-    audio_channels = spec.audio_latent_channels * latent_mel_bins  # one audio token: all latent mel bins
+    audio_channels = spec.audio_token_channels
     spatial, temporal = spec.vae_compression
     # Each component from its own seeded stream, so that changing one component's size leaves the others.
     components = {}
@@ -321,25 +363,16 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
             components["vae"], ToyWorldConfig(), ToyVAEFitConfig(steps=spec.vae_fit_steps, seed=spec.seed)
         )
     torch.manual_seed(spec.seed + 4)
-    components["audio_vae"] = AutoencoderKLLTX2Audio(
-        base_channels=audio_channels,  # its latents_mean/std normalise packed audio tokens of this width
-        ch_mult=(1, 1, 1),  # three levels: the real 4x in time and in mel bins
-        num_res_blocks=1,
-        latent_channels=spec.audio_latent_channels,
-        sample_rate=spec.audio_sample_rate,
-        mel_hop_length=spec.mel_hop_length,
-        mel_bins=spec.mel_bins,
-    )
+    components["audio_vae"] = build_audio_vae(spec)
     torch.manual_seed(spec.seed + 5)
-    components["vocoder"] = LTX2Vocoder(
-        in_channels=2 * spec.mel_bins,  # stereo mel spectrograms
-        hidden_channels=spec.vocoder_channels,
-        upsample_kernel_sizes=[16, 15, 8, 4, 4],
-        upsample_factors=[6, 5, 2, 2, 2],  # 240x: 100 mel frames/s -> 24 kHz
-        resnet_kernel_sizes=[3],
-        resnet_dilations=[[1, 3, 5]],
-        output_sampling_rate=spec.audio_sample_rate // spec.mel_hop_length * 240,
-    )
+    components["vocoder"] = build_vocoder(spec)
+    if spec.audio_fit_steps:
+        from grpo.data.toyworld import ToyWorldConfig
+        from policies.toy_audio import ToyAudioFitConfig, fit_toy_audio
+
+        steps = spec.audio_fit_steps
+        fit = ToyAudioFitConfig(vae_steps=steps, vocoder_steps=steps, seed=spec.seed)
+        fit_toy_audio(components["audio_vae"], components["vocoder"], ToyWorldConfig(), fit)
     components["tokenizer"] = tokenizer
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(**_scheduler_config())
     # The pipeline writes each component's folder and the model_index.json a real checkpoint has.

@@ -36,6 +36,35 @@ class ToyVAEFitConfig:
     log_every: int = field(default=250, metadata={"help": "Steps between progress logs."})
 
 
+def adam_fit(
+    module: torch.nn.Module,
+    step_loss,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    log_every: int,
+    log=print,
+    name: str = "toy VAE",
+) -> dict:
+    """Train ``module`` in place with Adam for ``steps`` steps of ``step_loss(generator)`` (the loss of one
+    batch, drawn from ``generator``, a CPU generator seeded with ``seed``), logging every ``log_every``
+    steps; leaves it in eval mode without gradients. Returns the last loss and the seconds taken."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
+    module.train().requires_grad_(True)
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for step in range(steps):
+        loss = step_loss(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0:
+            log(f"{name} step {step}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    module.eval().requires_grad_(False)
+    return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+
+
 def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None = None, log=print) -> dict:
     """Train ``vae`` (an LTX-Video or LTX-2 video VAE, on any device) in place on context and next clips
     of the toy world; returns fit statistics. Batches are drawn on the CPU from ``fit.seed``."""
@@ -44,13 +73,9 @@ def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None 
     fit = fit or ToyVAEFitConfig()
     device = vae.latents_mean.device
     world = ToyWorld(world_config, split="train", num_samples=fit.num_train)
-    generator = torch.Generator().manual_seed(fit.seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=fit.learning_rate)
     background = torch.tensor(BACKGROUND, dtype=torch.float32, device=device) / 255.0
-    vae.train().requires_grad_(True)
-    start = time.perf_counter()
-    loss = torch.zeros(())
-    for step in range(fit.steps):
+
+    def step_loss(generator: torch.Generator) -> torch.Tensor:
         picks = torch.randint(0, len(world), (fit.batch_size,), generator=generator).tolist()
         which = torch.randint(0, 2, (fit.batch_size,), generator=generator).tolist()
         clips = torch.stack([world[i]["next" if w else "context"] for i, w in zip(picks, which, strict=True)])
@@ -60,20 +85,20 @@ def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None 
         weight = 1.0 + (fit.foreground_weight - 1.0) * foreground  # [B, 1, F, H, W]
         latents = vae.encode(pixels).latent_dist.mode()
         recon = vae.decode(latents, torch.zeros(len(pixels), device=device), return_dict=False)[0]
-        loss = (weight * (recon - pixels) ** 2).mean() + fit.latent_weight * latents.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % fit.log_every == 0:
-            elapsed = time.perf_counter() - start
-            log(f"toy VAE step {step}/{fit.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
-    vae.eval().requires_grad_(False)
+        return (weight * (recon - pixels) ** 2).mean() + fit.latent_weight * latents.pow(2).mean()
+
+    stats = adam_fit(vae, step_loss, fit.steps, fit.learning_rate, fit.seed, fit.log_every, log)
     with torch.no_grad():
         clips = torch.stack([world[i]["next"] for i in range(16)]).to(device).permute(0, 4, 1, 2, 3) * 2 - 1
-        latents = vae.encode(clips).latent_dist.mode()
-        vae.latents_mean.copy_(latents.mean(dim=(0, 2, 3, 4)))
-        vae.latents_std.copy_(latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3))
-    return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+        store_latent_statistics(vae, vae.encode(clips).latent_dist.mode(), dims=(0, 2, 3, 4))
+    return stats
+
+
+def store_latent_statistics(vae: torch.nn.Module, latents: torch.Tensor, dims: tuple[int, ...]) -> None:
+    """Write the mean and standard deviation of ``latents`` over ``dims`` to ``vae``'s ``latents_mean`` /
+    ``latents_std`` buffers, which the pipelines normalise latents with."""
+    vae.latents_mean.copy_(latents.mean(dim=dims))
+    vae.latents_std.copy_(latents.std(dim=dims).clamp_min(1e-3))
 
 
 def reconstruction_reward(vae: torch.nn.Module, world_config, num_samples: int = 12) -> float:
