@@ -383,7 +383,8 @@ def sft_config(args: JudgeSFTConfig) -> Any:
 
     shared = {f.name for f in fields(SFTConfig)}
     ours = {k: v for k, v in asdict(args).items() if k in shared and k not in ("report_to", "save_steps")}
-    ours["activation_checkpointing"] = ours.pop("gradient_checkpointing")  # transformers' new name
+    if "activation_checkpointing" in shared:  # newer transformers' name; older releases know only the old one
+        ours["activation_checkpointing"] = ours.pop("gradient_checkpointing")
     return SFTConfig(
         **ours,
         save_strategy="no",
