@@ -141,7 +141,25 @@ def _policy_spec(recipe: Recipe) -> Any:
                 f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
             )
         check_policy_dir(spec)
+        if isinstance(spec, LTX2PolicySpec) and recipe.stage == "grpo":
+            check_ltx2_recipe(spec, recipe.args)
     return spec
+
+
+def check_ltx2_recipe(spec: LTX2PolicySpec, args: Any) -> None:
+    """What the LTX-2 directory cannot sample at the GRPO config's geometry, modalities and guidance,
+    from its configs alone: a one-line error at recipe time, not after the first rollout."""
+    from policies.ltx2 import LTX2SamplingConfig, check_ltx2_checkpoint
+
+    sampling = LTX2SamplingConfig(
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        frame_rate=args.frame_rate,
+        guidance_scale=args.guidance_scale,
+        **spec.sampling,
+    )
+    check_ltx2_checkpoint(Path(spec.path), sampling, modalities_option="policy.sampling.modalities")
 
 
 def check_policy_dir(spec: Any) -> None:

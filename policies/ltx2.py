@@ -40,7 +40,7 @@ import torch
 from policies import sde as sde_lib
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
-from policies.ltx import LORA_WEIGHTS, LTXPolicy, SamplingConfig
+from policies.ltx import LORA_WEIGHTS, LTXPolicy, SamplingConfig, latent_shape
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, Part, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import LTX2_SHIFT_DEFAULTS, ltx_sigmas
@@ -229,6 +229,56 @@ def check_ltx2_sampling(
                 f"stg_blocks {guidance.stg_blocks} must be a non-empty list of blocks in [0, {layers}) "
                 "for STG on this checkpoint"
             )
+
+
+def check_ltx2_size(sampling: SamplingConfig, vae_config: Mapping[str, Any]) -> None:
+    """Refuse a geometry the checkpoint's video VAE cannot encode or decode, from its config alone: frames
+    8k+1 and sizes a multiple of its compression, and (with the decoder's default ``reflect`` padding,
+    which needs a neighbour on each side) at least 2 latent cells in height and width."""
+    spatial = vae_config.get("spatial_compression_ratio", 32)
+    temporal = vae_config.get("temporal_compression_ratio", 8)
+    shape = latent_shape(sampling.num_frames, sampling.height, sampling.width, spatial, temporal)
+    if vae_config.get("decoder_spatial_padding_mode", "reflect") != "reflect":
+        return
+    for name, size, cells in (("height", sampling.height, shape[1]), ("width", sampling.width, shape[2])):
+        if cells < 2:
+            raise InputError(
+                f"{name}={size} is {cells} latent cell; the LTX-2 VAE decoder (reflect padding) needs >= 2: "
+                f"use {name} >= {2 * spatial}"
+            )
+
+
+def _config(path: Path) -> dict:
+    """A sub-model's ``config.json`` (the layout check has found it)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}): re-download or regenerate it") from None
+
+
+def check_ltx2_checkpoint(
+    path: Path, sampling: LTX2SamplingConfig, modalities_option: str = "modalities"
+) -> None:
+    """Everything about an LTX-2 directory that can refuse ``sampling``, from its configs and weight
+    headers alone (loads no model): layout, geometry, sound, guidance. ``modalities_option`` is how the
+    caller's user sets the modalities (a CLI flag or a recipe key), for the message."""
+    check_ltx2_dir(path)
+    check_ltx2_size(sampling, _config(path / "vae" / "config.json"))
+    if sampling.modalities == "audio_video":
+        missing = [
+            f"{sub}/" for sub in ("audio_vae", "vocoder") if not (path / sub / "config.json").is_file()
+        ]
+        if missing:
+            raise InputError(
+                f"{modalities_option} audio_video decodes the generated sound, which needs the checkpoint's "
+                f"audio_vae/ and vocoder/; {str(path)!r} has no {' or '.join(missing)}: "
+                f"use {modalities_option} video"
+            )
+    check_ltx2_sampling(
+        sampling,
+        _config(path / "transformer" / "config.json"),
+        (path / "audio_vae" / "config.json").is_file(),
+    )
 
 
 class LTX2Policy(LTXPolicy):
@@ -604,6 +654,7 @@ class LTX2Policy(LTXPolicy):
         guidance = sampling.guidance()
         rows = self._check_condition(condition, max(guidance.cfg))
         check_ltx2_sampling(sampling, self.transformer.config, self.audio_vae is not None)
+        check_ltx2_size(sampling, self.vae.config)
         geometry = self.geometry(sampling)
         device = self.device
         seeds, condition_index, generators = sample_plan(rows, num_generations, seeds, device)

@@ -367,6 +367,11 @@ def test_checkpoint_limits_fail_before_any_forward(monkeypatch, tiny_dir):
             sampling=LTX2SamplingConfig(**GEOMETRY, stg_scale=1.0, stg_blocks=[1]),
         )
     assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="height=32 is 1 latent cell") as info:  # the VAE could not decode it
+        policy.rollout(
+            _condition(policy, 1, cfg=False), sampling=LTX2SamplingConfig(**{**GEOMETRY, "height": 32})
+        )
+    assert "\n" not in str(info.value)
     policy.audio_vae = None
     with pytest.raises(InputError, match="modalities='video'") as info:
         policy.rollout(_condition(policy, 1, cfg=False), sampling=LTX2SamplingConfig(**GEOMETRY))
@@ -411,6 +416,13 @@ def test_grpo_runs_on_ltx2_with_exact_on_policy_ratios(tmp_path, tiny_dir):
     [
         ("policy.sampling.modalities=audio", "modalities must be one of"),
         ("policy.sampling.num_frames=9", "unknown key(s) ['num_frames']"),
+        # what the checkpoint's configs refuse: caught at recipe time, not after the first rollout
+        (
+            "trainer.height=32",
+            "height=32 is 1 latent cell; the LTX-2 VAE decoder (reflect padding) needs >= 2",
+        ),
+        ("trainer.num_frames=12", "num_frames=12 is not 8k+1"),
+        ("policy.sampling.stg_scale=1.0", "stg_blocks [] must be a non-empty list of blocks"),
     ],
 )
 def test_bad_ltx2_recipe_fails_fast_with_one_line(tmp_path, tiny_dir, override, message):

@@ -19,7 +19,13 @@ import torch
 
 from policies.errors import InputError
 from policies.files import check_output_dir
-from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2_PIPELINES, MODALITIES, LTX2SamplingConfig
+from policies.ltx2 import (
+    LTX2_ONLY_FIELDS,
+    LTX2_PIPELINES,
+    MODALITIES,
+    LTX2SamplingConfig,
+    check_ltx2_checkpoint,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,36 +125,6 @@ def checkpoint_family(path: Path) -> str:
     return "ltx2" if name in LTX2_PIPELINES else "ltx"
 
 
-def _check_ltx2_checkpoint(path: Path, sampling: LTX2SamplingConfig) -> None:
-    """Everything about an LTX-2 checkpoint that can refuse these settings, from its configs alone."""
-    from policies.ltx import latent_shape
-    from policies.ltx2 import check_ltx2_dir, check_ltx2_sampling
-
-    check_ltx2_dir(path)
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    spatial, temporal = vae.get("spatial_compression_ratio", 32), vae.get("temporal_compression_ratio", 8)
-    shape = latent_shape(sampling.num_frames, sampling.height, sampling.width, spatial, temporal)
-    if vae.get("decoder_spatial_padding_mode", "reflect") == "reflect":
-        for name, size, cells in (("height", sampling.height, shape[1]), ("width", sampling.width, shape[2])):
-            if cells < 2:
-                raise InputError(
-                    f"{name}={size} is {cells} latent cell; the LTX-2 VAE decoder (reflect padding) needs "
-                    f">= 2: use {name} >= {2 * spatial}"
-                )
-    if sampling.modalities == "audio_video":
-        missing = [
-            f"{sub}/" for sub in ("audio_vae", "vocoder") if not (path / sub / "config.json").is_file()
-        ]
-        if missing:
-            raise InputError(
-                f"--modalities audio_video puts the generated sound in the MP4s, which needs the "
-                f"checkpoint's audio_vae/ and vocoder/; {str(path)!r} has no {' or '.join(missing)}: "
-                "use --modalities video"
-            )
-    transformer = json.loads((path / "transformer" / "config.json").read_text())
-    check_ltx2_sampling(sampling, transformer, (path / "audio_vae" / "config.json").is_file())
-
-
 def run(args: argparse.Namespace) -> int:
     from grpo.data.video import write_video
     from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
@@ -189,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     ]
 
     if family == "ltx2":
-        _check_ltx2_checkpoint(args.checkpoint, sampling)
+        check_ltx2_checkpoint(args.checkpoint, sampling, modalities_option="--modalities")
         spec = LTX2PolicySpec(path=str(args.checkpoint), device=args.device)
         uses_cfg = max(sampling.guidance().cfg) > 1
     else:
