@@ -267,6 +267,11 @@ class GRPOConfig(VideoTrainerConfig):
     prompts (all ranks together), scores them, computes group-relative advantages and runs
     ``num_iterations`` inner epochs of the clipped surrogate over the trained denoising steps.
     ``save_steps``, ``logging_steps`` and ``eval_every`` count iterations.
+
+    ``rollout_batch_size`` only regroups the rollout calls (every sample keeps its seed and place):
+    one group per call by default, so a group's decode + reward overlaps the next group's rollout;
+    several contexts per call for small models and CPUs (fewer, larger forwards; held-out evaluation
+    batches as many rows); a group in parts when one context per GPU would leave nothing to overlap.
     """
 
     # --- rollout ---
@@ -287,6 +292,13 @@ class GRPOConfig(VideoTrainerConfig):
         default=None,
         metadata={
             "help": "Samples per micro-batch in the update; null = all of this rank's samples at once."
+        },
+    )
+    rollout_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per rollout call: null = G, one group; k x G batches k contexts; "
+            "G / k splits a group."
         },
     )
     guidance_scale: float = field(
@@ -402,6 +414,12 @@ class GRPOConfig(VideoTrainerConfig):
         )
         for name in ("num_frames", "height", "width"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        size, group = self.rollout_batch_size, self.num_generations
+        _require(
+            size is None or (size >= 1 and (size % group == 0 or group % size == 0)),
+            "rollout_batch_size",
+            f"must be a multiple or a divisor of num_generations {group} (or null), got {size}",
+        )
         _require(
             self.per_device_train_batch_size is None or self.per_device_train_batch_size >= 1,
             "per_device_train_batch_size",
@@ -492,6 +510,11 @@ class GRPOConfig(VideoTrainerConfig):
         """Samples of each group the update trains on: ``k_top + k_bottom`` with best-of-N, else all
         ``num_generations``."""
         return sum(self.best_of_n_keep) if self.best_of_n_keep is not None else self.num_generations
+
+    @property
+    def rollout_rows_per_call(self) -> int:
+        """Contexts rolled out in one call: 1 unless ``rollout_batch_size`` is a multiple of the group."""
+        return max(1, (self.rollout_batch_size or self.num_generations) // self.num_generations)
 
     def sde_steps(self, iteration: int) -> list[int]:
         """Indices of the denoising steps that are stochastic in the rollout of ``iteration`` (0-based).

@@ -196,6 +196,7 @@ def evaluate(
     num_videos: int = 0,
     accelerator: Any = None,
     autocast: Any = None,
+    rows_per_call: int = 1,
 ) -> Evaluation:
     """Roll out ``num_generations`` videos per held-out row with ``sampling`` and score them.
 
@@ -209,6 +210,7 @@ def evaluate(
         num_videos: keep generation 0 of the first ``num_videos`` rows.
         accelerator: an ``accelerate.Accelerator`` when several processes share the rows.
         autocast: a context manager around the rollout (the trainer's bf16 autocast).
+        rows_per_call: held-out rows rolled out together (their samples keep their seeds).
     Returns every score on every rank (gathered), and the kept videos (on every rank).
     """
     if len(dataset) == 0:
@@ -224,23 +226,26 @@ def evaluate(
     indices = [rank + k * world for k in range(per_rank)]
     futures: list[Future] = []
     kept: list[torch.Tensor] = []
-    with ThreadPoolExecutor(max_workers=1) as scorer:  # score a row while the next one rolls out
-        for index in indices:
-            row = dataset[index if index < n_rows else 0]
+    with ThreadPoolExecutor(max_workers=1) as scorer:  # score rows while the next ones roll out
+        for k in range(0, per_rank, rows_per_call):
+            chunk = indices[k : k + rows_per_call]
+            rows = [dataset[index if index < n_rows else 0] for index in chunk]
             with torch.no_grad(), autocast:
-                condition = policy.prepare_condition([row], guidance_scale=sampling.guidance_scale)
-                rollout = policy.rollout(
+                condition = policy.prepare_condition(rows, guidance_scale=sampling.guidance_scale)
+                batch = policy.rollout(
                     condition,
                     num_generations=num_generations,
                     sampling=sampling,
-                    seeds=eval_seeds(seed, index, num_generations),
+                    seeds=[s for index in chunk for s in eval_seeds(seed, index, num_generations)],
                 )
-            with torch.no_grad():
-                videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
-                metadata = reward_metadata(policy, rollout, row)
-            if index < min(num_videos, n_rows):
-                kept.append(videos[0])
-            futures.append(scorer.submit(_score, reward, videos, row, metadata))
+            for j, (index, row) in enumerate(zip(chunk, rows, strict=True)):
+                rollout = batch.select(list(range(j * num_generations, (j + 1) * num_generations)))
+                with torch.no_grad():
+                    videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
+                    metadata = reward_metadata(policy, rollout, row)
+                if index < min(num_videos, n_rows):
+                    kept.append(videos[0])
+                futures.append(scorer.submit(_score, reward, videos, row, metadata))
         outputs = [f.result() for f in futures]
 
     # [R, per_rank, G] on this rank (float64: scores as the rewards returned them, NaN where

@@ -230,25 +230,46 @@ class GRPOTrainer:
     def _rollout_and_score(
         self, rows: list[dict[str, Any]], iteration: int
     ) -> tuple[Rollout, CompositeOutput, dict[str, float]]:
-        """Roll out G videos per row, one row at a time, scoring each group in a thread meanwhile."""
+        """Roll out G videos per row, ``rollout_batch_size`` samples per call (whole groups of several
+        rows, or equal parts of one row's group), scoring each group or part in a thread meanwhile.
+        Every sample keeps its seed and its place, so the chunking changes no sample's draws."""
         generations = self.args.num_generations
+        part_size = min(self.args.rollout_batch_size or generations, generations)
+        rows_per_call = self.args.rollout_rows_per_call
         sampling = self._sampling(self.args.sde_steps(iteration))
+        first = self.rank * self.local_prompts * generations
+        seeds = [derived_seed(self.args.seed, iteration, first + s) for s in range(len(rows) * generations)]
         parts: list[Rollout] = []
         futures: list[Future] = []
         rollout_s = 0.0
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            for k, row in enumerate(rows):
+            for k in range(0, len(rows), rows_per_call):
+                chunk = rows[k : k + rows_per_call]
                 tick = time.perf_counter()
-                first = (self.rank * self.local_prompts + k) * generations
-                seeds = [derived_seed(self.args.seed, iteration, first + g) for g in range(generations)]
-                with torch.no_grad(), self.state.autocast:
-                    condition = self.policy.prepare_condition([row], guidance_scale=sampling.guidance_scale)
-                    part = self.policy.rollout(
-                        condition, num_generations=generations, sampling=sampling, seeds=seeds
-                    )
-                parts.append(part)
+                with torch.no_grad(), self.state.autocast:  # a context is encoded once per iteration
+                    condition = self.policy.prepare_condition(chunk, guidance_scale=sampling.guidance_scale)
                 rollout_s += time.perf_counter() - tick
-                futures.append(scorer.submit(self._score_group, part, row))
+                for g in range(0, generations, part_size):
+                    tick = time.perf_counter()
+                    picks = [
+                        (k + j) * generations + g + i for j in range(len(chunk)) for i in range(part_size)
+                    ]
+                    with torch.no_grad(), self.state.autocast:
+                        part = self.policy.rollout(
+                            condition,
+                            num_generations=part_size,
+                            sampling=sampling,
+                            seeds=[seeds[i] for i in picks],
+                        )
+                    parts.append(part)
+                    rollout_s += time.perf_counter() - tick
+                    for j, row in enumerate(chunk):
+                        own = (
+                            part
+                            if len(chunk) == 1
+                            else part.select(list(range(j * part_size, (j + 1) * part_size)))
+                        )
+                        futures.append(scorer.submit(self._score_group, own, row))
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
@@ -533,6 +554,7 @@ class GRPOTrainer:
                 num_videos=self.args.save_eval_videos,
                 accelerator=self.accelerator,
                 autocast=self.state.autocast,
+                rows_per_call=self.args.rollout_rows_per_call,
             )
         if self.accelerator.is_main_process:
             folder = self.output_dir / EVAL_DIR / f"step_{self.iteration:06d}"

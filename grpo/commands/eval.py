@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         num_generations=recipe.args.num_generations,
         seed=recipe.args.seed,
         num_videos=videos,
+        rows_per_call=recipe.args.rollout_rows_per_call,
     )
     write_evaluation(out, evaluation, heldout, recipe.args.frame_rate)
     comparisons = compare(evaluation.results, None, args.threshold)
