@@ -40,8 +40,8 @@ def _one_line(err: Exception) -> bool:
     """Errors whose message names the problem and the fix: printed as one line, no traceback."""
     if isinstance(err, InputError | FileNotFoundError | NotImplementedError):
         return True
-    judge = sys.modules.get("rewards.judge.client")  # loaded by whatever used a judge
-    return judge is not None and isinstance(err, judge.JudgeUnavailableError)
+    types = sys.modules.get("rewards.types")  # loaded by whatever scored a reward (a judge server down)
+    return types is not None and isinstance(err, types.RewardUnavailableError)
 
 
 def main(argv: list[str] | None = None) -> int:

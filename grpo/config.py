@@ -301,6 +301,12 @@ class GRPOConfig(VideoTrainerConfig):
             "G / k splits a group."
         },
     )
+    max_reward_outage_iterations: int = field(
+        default=3,
+        metadata={
+            "help": "Iterations in a row a reward may be down (scores None) before the run saves and stops."
+        },
+    )
     guidance_scale: float = field(
         default=1.0, metadata={"help": "Classifier-free guidance weight w in rollouts; 1 disables CFG."}
     )
@@ -414,6 +420,11 @@ class GRPOConfig(VideoTrainerConfig):
         )
         for name in ("num_frames", "height", "width"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.max_reward_outage_iterations >= 1,
+            "max_reward_outage_iterations",
+            f"must be >= 1, got {self.max_reward_outage_iterations}",
+        )
         size, group = self.rollout_batch_size, self.num_generations
         _require(
             size is None or (size >= 1 and (size % group == 0 or group % size == 0)),

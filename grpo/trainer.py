@@ -44,6 +44,7 @@ from policies.ltx import SamplingConfig
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
 from rewards.composite import CompositeOutput, CompositeReward
+from rewards.types import RewardUnavailableError
 
 # dataset columns that condition the policy rather than being passed to rewards as metadata
 CONDITION_COLUMNS = (
@@ -138,6 +139,7 @@ class GRPOTrainer:
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
         self.iteration = 0
+        self.outage_iterations, self.outage_reason = 0, ""  # iterations in a row a reward was down
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
@@ -165,6 +167,7 @@ class GRPOTrainer:
 
                 rows = self._rows_for(iteration)
                 rollout, scores, timing = self._rollout_and_score(rows, iteration)
+                metrics.update(self._track_outage(scores))
                 trained, trained_scores, selection_stats = self._best_of_n(rollout, scores)
                 advantages, reward_stats = self._advantages(trained_scores)
                 train_stats = self._update(trained, advantages, iteration)
@@ -187,8 +190,15 @@ class GRPOTrainer:
                         callback.on_iteration_end(self, iteration, metrics)
 
                 stop = self.state.any_rank(preemption.requested)
-                if stop or (args.save_steps and (iteration + 1) % args.save_steps == 0):
-                    self.state.save(iteration + 1, {"iteration": iteration + 1})
+                down = self.state.any_rank(self.outage_iterations >= args.max_reward_outage_iterations)
+                if stop or down or (args.save_steps and (iteration + 1) % args.save_steps == 0):
+                    saved = self.state.save(iteration + 1, {"iteration": iteration + 1})
+                if down:
+                    raise RewardUnavailableError(
+                        f"a reward could not score for {self.outage_iterations} iterations in a row "
+                        f"({self.outage_reason}); saved {saved}: bring its server back and rerun with "
+                        "trainer.resume_from_checkpoint=auto (max_reward_outage_iterations sets the patience)"
+                    )
                 if stop:
                     return history
             if self.eval_dataset is not None and args.eval_every:
@@ -277,6 +287,7 @@ class GRPOTrainer:
             columns={name: sum((g.columns[name] for g in groups), []) for name in self.reward.names},
             weights=dict(self.reward.weights),
             metadata={key: sum((g.metadata[key] for g in groups), []) for key in groups[0].metadata},
+            unavailable={name: why for g in groups for name, why in g.unavailable.items()},
         )
         reward_s = sum(g.timings["total"] + g.timings["decode"] for g in groups)
         timing = {
@@ -286,6 +297,16 @@ class GRPOTrainer:
             "time/reward_hidden_frac": 1.0 - wait_s / reward_s if reward_s > 0 else 1.0,
         }
         return Rollout.cat(parts), scores, timing
+
+    def _track_outage(self, scores: CompositeOutput) -> dict[str, float]:
+        """Count the iterations in a row in which a reward could not score (its server was down: its
+        scores are None, so those samples carry no advantage from it); the loop stops at the limit."""
+        if scores.unavailable:
+            self.outage_iterations += 1
+            self.outage_reason = "; ".join(f"{name}: {why}" for name, why in scores.unavailable.items())
+        else:
+            self.outage_iterations = 0
+        return {"reward/unavailable": float(len(scores.unavailable))}
 
     def _score_group(self, rollout: Rollout, row: dict[str, Any]) -> CompositeOutput:
         """Decode and score one group. A next-clip rollout (``extras["num_clips"]``) also gets every

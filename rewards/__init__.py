@@ -11,7 +11,7 @@ from rewards.composite import CompositeOutput, CompositeReward, build_reward
 from rewards.judge import CausalConsistencyJudge, InProcessJudge, JudgeConfig, JudgeUnavailableError
 from rewards.registry import register, registered, resolve
 from rewards.reward_model import LearnedReward, RewardModelArgs, VideoRewardModel  # registers 'reward_model'
-from rewards.types import RewardOutput, as_reward_output
+from rewards.types import RewardOutput, RewardUnavailableError, as_reward_output
 
 __all__ = [
     "CausalConsistencyJudge",
@@ -23,6 +23,7 @@ __all__ = [
     "LearnedReward",
     "RewardModelArgs",
     "RewardOutput",
+    "RewardUnavailableError",
     "as_reward_output",
     "build_reward",
     "next_scene_similarity",

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,7 +31,9 @@ import torch
 
 from policies.errors import InputError
 from rewards.registry import resolve
-from rewards.types import as_reward_output
+from rewards.types import RewardOutput, RewardUnavailableError, as_reward_output
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -53,6 +56,9 @@ class CompositeOutput:
     weights: dict[str, float]
     metadata: dict[str, list[Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Rewards that could not score the batch: name -> why."}
+    )
 
     def to_tensor(self) -> torch.Tensor:
         """Scores as a float32 tensor ``[num_videos, num_rewards]`` (column order), NaN where ``None``."""
@@ -68,6 +74,7 @@ class CompositeOutput:
             weights=dict(self.weights),
             metadata={key: [column[i] for i in samples] for key, column in self.metadata.items()},
             timings=dict(self.timings),
+            unavailable=dict(self.unavailable),
         )
 
     def weighted_sum(self) -> list[float | None]:
@@ -169,6 +176,9 @@ class CompositeReward:
                 result = await asyncio.to_thread(func, *args, **metadata)
             if inspect.isawaitable(result):
                 result = await result
+        except RewardUnavailableError as err:  # its service is down: no score for this batch
+            logger.warning("reward %r could not score a batch of %d: %s", name, n, err)
+            return RewardOutput([None] * n), time.perf_counter() - start, str(err)
         except Exception as err:
             err.add_note(f"raised by reward {name!r}")
             raise
@@ -182,12 +192,13 @@ class CompositeReward:
                 raise InputError(
                     f"reward {name!r} returned {score} for video {i}; return None for 'cannot score'"
                 )
-        return output, time.perf_counter() - start
+        return output, time.perf_counter() - start, None
 
     async def acall(
         self, videos: Any, prompts: Sequence[str] | None = None, contexts: Any = None, **metadata: Any
     ) -> CompositeOutput:
-        """Score a batch with every reward concurrently."""
+        """Score a batch with every reward concurrently. A reward that raises `RewardUnavailableError`
+        (its server is down) scores the batch ``None`` and is named in ``unavailable``."""
         n = next((len(x) for x in (videos, prompts, contexts) if x is not None), None)
         if n is None:
             raise InputError("rewards need videos, prompts or contexts to know the batch size; got all None")
@@ -200,7 +211,9 @@ class CompositeReward:
             *(self._run_one(name, func, n, args, metadata) for name, func in zip(self.names, self.funcs))
         )
         out = CompositeOutput(columns={}, weights=dict(self.weights))
-        for name, (output, seconds) in zip(self.names, results):
+        for name, (output, seconds, unavailable) in zip(self.names, results):
+            if unavailable is not None:
+                out.unavailable[name] = unavailable
             out.columns[name] = output.scores
             out.metadata.update({f"{name}/{key}": column for key, column in output.metadata.items()})
             out.timings[name] = seconds

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class RewardUnavailableError(RuntimeError):
+    """A reward's service could not score a batch (e.g. its judge server is down). Called alone, the
+    reward raises it; in a `rewards.CompositeReward` that reward scores the batch ``None`` and the
+    output names it (``CompositeOutput.unavailable``), so a training run decides how long to go on."""
+
+
 @dataclass
 class RewardOutput:
     """Scores plus per-sample columns (each a list as long as ``scores``) for logging."""

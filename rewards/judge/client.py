@@ -28,14 +28,14 @@ from rewards.judge.config import JudgeConfig
 from rewards.judge.prompts import build_requests
 from rewards.judge.scoring import ScoredAnswer, first_token_candidates
 from rewards.registry import register
-from rewards.types import RewardOutput
+from rewards.types import RewardOutput, RewardUnavailableError
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class JudgeUnavailableError(RuntimeError):
+class JudgeUnavailableError(RewardUnavailableError):
     """No judge server could be reached, or too many samples of a batch failed."""
 
 
