@@ -320,3 +320,18 @@ def test_queries_that_do_not_fit_the_vlm_context_are_one_line(tmp_path, paper_di
     assert f"needs {prompt} tokens" in message and f"+ 256 queries = {len(needed)} positions" in message
     assert f"use at most {270 - prompt} queries" in message and "\n" not in message
     assert policy.vlm_forwards == 0
+
+
+def test_a_recipe_policy_section_builds_nsp_on_ltx2_with_its_sampling(tmp_path):
+    from grpo.train import NSPPolicySpec, build_policy, check_policy_dir
+
+    spec = NSPPolicySpec(tiny=True, tiny_generator="ltx2", sampling={"modalities": "video"})
+    policy = build_policy(spec, tmp_path)
+    assert type(policy) is NSPLTX2Policy and policy.ltx2_sampling(None).modalities == "video"
+    with pytest.raises(InputError, match="set policy.tiny_generator: ltx2"):
+        NSPPolicySpec(tiny=True, sampling={"modalities": "video"})
+    with pytest.raises(InputError, match="policy.sampling: unknown key"):
+        NSPPolicySpec(tiny=True, tiny_generator="ltx2", sampling={"modality": "video"})
+    ltx_dir = build_tiny_nsp(tmp_path / "ltx")
+    with pytest.raises(InputError, match="generates with LTX-Video.*remove policy.sampling"):
+        check_policy_dir(NSPPolicySpec(path=str(ltx_dir), sampling={"modalities": "video"}))
