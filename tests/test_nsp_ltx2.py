@@ -7,9 +7,11 @@ too long for the VLM."""
 import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from test_bad_inputs import fails_in_one_line, write_recipe
 from test_ltx2_policy import _pipeline_latents
 
 import rewards
@@ -335,3 +337,21 @@ def test_a_recipe_policy_section_builds_nsp_on_ltx2_with_its_sampling(tmp_path):
     ltx_dir = build_tiny_nsp(tmp_path / "ltx")
     with pytest.raises(InputError, match="generates with LTX-Video.*remove policy.sampling"):
         check_policy_dir(NSPPolicySpec(path=str(ltx_dir), sampling={"modalities": "video"}))
+
+
+@pytest.mark.parametrize("damage", ["neither_family", "queries_too_many"])
+def test_bad_nsp_ltx2_directories_fail_in_train_in_one_line(tmp_path, capsys, paper_dir, damage):
+    """``nextscene train``: exit 2, one stderr line, nothing written, before any model loads."""
+    nsp = Path(shutil.copytree(paper_dir, tmp_path / "nsp"))
+    if damage == "neither_family":
+        file = nsp / "ltx" / "model_index.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), "_class_name": "WanPipeline"}))
+        expected = "holds a 'WanPipeline' checkpoint"
+    else:  # the paper's 256 queries, a VLM of 200 positions
+        file = nsp / "vlm" / "config.json"
+        config = json.loads(file.read_text())
+        config["text_config"]["max_position_embeddings"] = 200
+        file.write_text(json.dumps(config))
+        expected = "num_queries=256 does not fit the VLM's context of 200 positions"
+    recipe = write_recipe(tmp_path, {"type": "nsp", "path": str(nsp)})
+    fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], expected)
