@@ -238,8 +238,8 @@ def test_sft_trains_queries_and_connector_through_the_frozen_vlm_and_resumes(
     tmp_path, request, directory, data
 ):
     """One SFT step moves the queries and every connector weight, not the VLM; the saved policy loads
-    bitwise (either connector kind), and a run resumed from its step-1 checkpoint ends where the
-    uninterrupted two-step run ends."""
+    bitwise (either connector kind), and a run resumed from its step-1 checkpoint (started from other
+    weights, so only the checkpoint can bring it back) ends where the uninterrupted two-step run ends."""
     path = request.getfixturevalue(directory)
 
     def sft(out, steps, resume=None):
@@ -280,7 +280,8 @@ def test_sft_trains_queries_and_connector_through_the_frozen_vlm_and_resumes(
     checkpoint = sorted((tmp_path / "one").glob("checkpoint-*"))[-1]
     resumed, _ = sft(tmp_path / "resumed", 2, resume=str(checkpoint))
     a, b = straight.trained_state_dict(), resumed.trained_state_dict()
-    assert all(torch.equal(_cpu(a[k]), _cpu(b[k])) for k in a)
+    # 1e-6, not bitwise: a GPU's backward may sum atomically in another order (grpo.seeding)
+    assert max((_cpu(a[k]) - _cpu(b[k])).abs().max().item() for k in a) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------------- bad input
