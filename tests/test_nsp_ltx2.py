@@ -298,6 +298,20 @@ def test_a_generator_of_neither_family_is_one_line(tmp_path, nsp_dir):
         NSPPolicy.from_pretrained(tmp_path / "nsp")
 
 
+def test_ltx2_3_text_streams_of_two_widths_are_not_implemented(tmp_path, nsp_dir):
+    """LTX-2.3 takes its text streams at the video and audio widths (no caption projection of its own):
+    one connector output cannot feed both, said before anything loads."""
+    shutil.copytree(nsp_dir, tmp_path / "nsp")
+    file = tmp_path / "nsp" / "ltx" / "transformer" / "config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, "use_prompt_embeddings": False}))
+    video = config["num_attention_heads"] * config["attention_head_dim"]
+    audio = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    assert video != audio
+    with pytest.raises(NotImplementedError, match=rf"differ in width \({video} vs {audio}: LTX-2.3"):
+        check_nsp_dir(tmp_path / "nsp")
+
+
 def test_queries_that_do_not_fit_the_vlm_context_are_one_line(tmp_path, paper_dir, rows):
     """256 queries: a VLM of 200 positions cannot hold them (refused before anything loads); one of 270
     holds the queries but not the chat before them (refused before any VLM forward, naming both)."""
