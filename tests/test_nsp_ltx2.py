@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_bad_inputs import fails_in_one_line, write_recipe
-from test_ltx2_policy import _pipeline_latents
+from test_ltx2_policy import GUIDANCE, _pipeline_latents
 
 import rewards
 from grpo.config import FlowMatchingConfig, GRPOConfig
@@ -39,7 +39,11 @@ def redness(videos, prompts, contexts, **metadata):
 
 @pytest.fixture(scope="module")
 def nsp_dir(tmp_path_factory):
-    return build_tiny_nsp(tmp_path_factory.mktemp("nsp_ltx2"), TinyNSPSpec(generator="ltx2"))
+    """A tiny NSP directory on LTX-2, its transformer with perturbed attention (STG; no extra weights)."""
+    path = build_tiny_nsp(tmp_path_factory.mktemp("nsp_ltx2"), TinyNSPSpec(generator="ltx2"))
+    file = path / "ltx" / "transformer" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "perturbed_attn": True}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +106,8 @@ def test_the_checkpoint_picks_the_generator(tmp_path, policy, nsp_dir):
 
 
 @pytest.mark.parametrize("modalities", ["video", "audio_video"])
-@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
-def test_recomputed_log_prob_equals_rollout(policy, rows, modalities, cfg):
+@pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
+def test_recomputed_log_prob_equals_rollout(policy, rows, modalities, guided):
     with torch.no_grad():
         cond = policy.prepare_condition(rows)
     assert "image_latents" in cond  # continuity: the last context frame, clean
@@ -113,7 +117,7 @@ def test_recomputed_log_prob_equals_rollout(policy, rows, modalities, cfg):
         kind="sde",
         noise_level=0.7,
         modalities=modalities,
-        guidance_scale=3.0 if cfg else 1.0,
+        **(GUIDANCE if guided else {}),
     )
     rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[1, 2, 3, 4])
     assert rollout.log_probs.shape == (4, 4)
@@ -159,10 +163,11 @@ class _ConnectorOutput(torch.nn.Module):
 
 
 @pytest.mark.parametrize("continuity", [False, True], ids=["text-to-video", "image-to-video"])
-@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
-def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, continuity, cfg):
+@pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
+def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, continuity, guided):
     """The NSP denoiser is LTX2Pipeline (continuity: LTX2ImageToVideoPipeline of the last context
-    frame) whose text connectors are the NSP connector, fed the VLM query states."""
+    frame) whose text connectors are the NSP connector, fed the VLM query states (zero states for
+    the negative prompt), with all of LTX-2's guidance on or off."""
     from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
     from PIL import Image
 
@@ -174,12 +179,20 @@ def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, 
     with _continuity(policy, continuity), torch.no_grad():
         cond = policy.prepare_condition(rows)
     assert ("image_latents" in cond) == continuity
-    index, seeds, scale = torch.arange(2).repeat_interleave(2), [11, 12, 13, 14], 3.0 if cfg else 1.0
+    index, seeds = torch.arange(2).repeat_interleave(2), [11, 12, 13, 14]
     states = cond["vlm_states"][index.to(cond["vlm_states"].device)]
     mask = torch.ones(states.shape[:2], dtype=torch.int64, device=states.device)
     kwargs = dict(prompt_embeds=states, prompt_attention_mask=mask)
-    if cfg:
+    if guided:
         kwargs.update(negative_prompt_embeds=torch.zeros_like(states), negative_prompt_attention_mask=mask)
+        kwargs.update({k: v for k, v in GUIDANCE.items() if k != "stg_blocks"})
+        kwargs.update(
+            spatio_temporal_guidance_blocks=GUIDANCE["stg_blocks"],
+            audio_stg_scale=GUIDANCE["stg_scale"],
+            audio_modality_scale=GUIDANCE["modality_scale"],
+        )
+    else:
+        kwargs.update(**NO_GUIDANCE, **NO_AUDIO_GUIDANCE)
     if continuity:
         frames = [(r["context"][-1] * 255).round().to(torch.uint8).numpy() for r in rows]
         kwargs.update(image=[Image.fromarray(frames[int(i)]) for i in index], image_crf=0)
@@ -187,13 +200,13 @@ def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, 
         expected = pipe(
             **kwargs,
             **GEOMETRY,
-            **{**NO_GUIDANCE, "guidance_scale": scale},
-            **{**NO_AUDIO_GUIDANCE, "audio_guidance_scale": scale},
             num_inference_steps=4,
             generator=[torch.Generator(policy.device).manual_seed(s) for s in seeds],
             output_type="latent",
         )
-    sampling = LTX2SamplingConfig(**GEOMETRY, num_inference_steps=4, kind="ode", guidance_scale=scale)
+    sampling = LTX2SamplingConfig(
+        **GEOMETRY, num_inference_steps=4, kind="ode", **(GUIDANCE if guided else {})
+    )
     rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=seeds)
     video, audio = _pipeline_latents(policy, rollout)
     assert video.shape == expected.frames.shape and audio.shape == expected.audio.shape
