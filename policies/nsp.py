@@ -281,14 +281,12 @@ def ltx2_text_widths(transformer_config: Mapping[str, Any]) -> tuple[int, int]:
     """Widths of the (video, audio) text conditioning an LTX-2 transformer attends to, from its config.
 
     LTX-2.0 (``use_prompt_embeddings``) projects both streams from ``caption_channels`` itself; LTX-2.3
-    takes them already at its video and audio widths."""
+    takes them already at its text cross-attention widths (``cross_attention_dim``,
+    ``audio_cross_attention_dim``)."""
     config = transformer_config
     if config.get("use_prompt_embeddings", True):
         return config["caption_channels"], config["caption_channels"]
-    return (
-        config["num_attention_heads"] * config["attention_head_dim"],
-        config["audio_num_attention_heads"] * config["audio_attention_head_dim"],
-    )
+    return config["cross_attention_dim"], config["audio_cross_attention_dim"]
 
 
 def _check_ltx2_text_widths(transformer_config: Mapping[str, Any]) -> int:

@@ -318,8 +318,7 @@ def test_ltx2_3_text_streams_of_two_widths_are_not_implemented(tmp_path, nsp_dir
     file = tmp_path / "nsp" / "ltx" / "transformer" / "config.json"
     config = json.loads(file.read_text())
     file.write_text(json.dumps({**config, "use_prompt_embeddings": False}))
-    video = config["num_attention_heads"] * config["attention_head_dim"]
-    audio = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    video, audio = config["cross_attention_dim"], config["audio_cross_attention_dim"]
     assert video != audio
     with pytest.raises(NotImplementedError, match=rf"differ in width \({video} vs {audio}: LTX-2.3"):
         check_nsp_dir(tmp_path / "nsp")
