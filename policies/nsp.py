@@ -32,9 +32,12 @@ first, then LTX-2's, then LTX-Video's). On LTX-2 the connector's output is the t
 caption projection (``caption_projection``, ``audio_caption_projection``, both from
 ``caption_channels``), as LTX-2's Gemma connectors also start from one shared projection of the
 text states, so one connector (one set of trained weights, one 7B-width encoder rather than two)
-gives the scene to both. Continuity is LTX-2's image-to-video path (the first latent frame clean at
-timestep 0, out of the log-prob). The Gemma text connectors of the LTX-2 directory are loaded and
-saved with it (the saved generator stays a complete LTX-2 checkpoint) but are not used.
+gives the scene to both. LTX-2.3 has no caption projections of its own and takes the streams at
+their cross-attention widths: there the connector's last layer is the two streams' output
+projections side by side (width video + audio), split per stream. Continuity is LTX-2's
+image-to-video path (the first latent frame clean at timestep 0, out of the log-prob). The Gemma
+text connectors of the LTX-2 directory are loaded and saved with it (the saved generator stays a
+complete LTX-2 checkpoint) but are not used.
 """
 
 from __future__ import annotations
@@ -289,18 +292,6 @@ def ltx2_text_widths(transformer_config: Mapping[str, Any]) -> tuple[int, int]:
     return config["cross_attention_dim"], config["audio_cross_attention_dim"]
 
 
-def _check_ltx2_text_widths(transformer_config: Mapping[str, Any]) -> int:
-    """The one connector width an LTX-2 transformer takes for both streams, or NotImplementedError."""
-    video, audio = ltx2_text_widths(transformer_config)
-    if video != audio:
-        raise NotImplementedError(
-            f"NSP on an LTX-2 transformer whose video and audio text streams differ in width ({video} vs "
-            f"{audio}: LTX-2.3's per-modality layout) needs a second connector output; only LTX-2.0's "
-            "layout (use_prompt_embeddings: both streams at caption_channels) is supported"
-        )
-    return video
-
-
 def _vlm_positions(vlm_path: Path) -> int | None:
     """The VLM language model's ``max_position_embeddings`` (its longest input), from config.json."""
     config = json.loads((vlm_path / "config.json").read_text())
@@ -338,7 +329,6 @@ def check_nsp_dir(path: Path, **overrides: Any) -> NSPConfig:
         )
     if generator_family(ltx_path) == "ltx2":
         check_ltx2_dir(ltx_path)
-        _check_ltx2_text_widths(json.loads((ltx_path / "transformer" / "config.json").read_text()))
     else:
         check_ltx_dir(ltx_path)
     if (path / TRAINED_FILE).exists():
@@ -731,8 +721,19 @@ class NSPLTX2Policy(NSPPolicy, LTX2Policy):
     generator_class = LTX2Policy
 
     def connector_width(self) -> int:
-        """The one width of LTX-2's video and audio text streams (from the transformer's config)."""
-        return _check_ltx2_text_widths(self.transformer.config)
+        """LTX-2.0: the one width of both text streams (``caption_channels``); LTX-2.3: the video and
+        the audio width side by side (the connector's last layer is then the two streams' output
+        projections), from the transformer's config."""
+        video, audio = ltx2_text_widths(self.transformer.config)
+        return video if video == audio else video + audio
+
+    def _streams(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (video, audio) text streams of connector output ``embeds``: the same tensor for
+        LTX-2.0, whose transformer projects each stream itself; split by width for LTX-2.3."""
+        video, audio = ltx2_text_widths(self.transformer.config)
+        if video == audio:
+            return embeds, embeds
+        return tuple(embeds.split([video, audio], dim=-1))
 
     @staticmethod
     def generator_parts(generator: LTXPolicy) -> dict[str, Any]:
@@ -760,7 +761,8 @@ class NSPLTX2Policy(NSPPolicy, LTX2Policy):
         and, with CFG, their ``negative_`` twins), as `LTX2Policy.text_inputs` gives them."""
         embeds, null = self.connector_embeddings(condition, condition_index, guidance_scale)
         mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
-        text = {"video": embeds, "audio": embeds, "mask": mask}
+        text = dict(zip(("video", "audio"), self._streams(embeds), strict=True), mask=mask)
         if null is not None:
-            text.update(negative_video=null, negative_audio=null, negative_mask=mask)
+            negative = self._streams(null)
+            text.update(negative_video=negative[0], negative_audio=negative[1], negative_mask=mask)
         return text

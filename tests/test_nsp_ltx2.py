@@ -58,6 +58,27 @@ def policy(nsp_dir):
 
 
 @pytest.fixture(scope="module")
+def ltx23_dir(tmp_path_factory, nsp_dir):
+    """The tiny NSP directory with an LTX-2.3-layout transformer: no caption projections of its own, so
+    it takes the video and audio text streams at their cross-attention widths (here 32 and 16)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    path = Path(shutil.copytree(nsp_dir, tmp_path_factory.mktemp("nsp_ltx23") / "nsp"))
+    config = LTX2VideoTransformer3DModel.load_config(path / "ltx" / "transformer")
+    torch.manual_seed(3)
+    transformer = LTX2VideoTransformer3DModel.from_config({**config, "use_prompt_embeddings": False})
+    transformer.save_pretrained(path / "ltx" / "transformer")
+    (path / "nsp_trainable.safetensors").unlink()  # the connector's widths change: drawn anew
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy23(ltx23_dir):
+    torch.manual_seed(4)
+    return NSPPolicy.from_pretrained(ltx23_dir)
+
+
+@pytest.fixture(scope="module")
 def rows():
     """Toy-world contexts, quantised to 8 bits so the last frame is exactly an image a pipeline takes."""
     world = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=2)
@@ -107,7 +128,9 @@ def test_the_checkpoint_picks_the_generator(tmp_path, policy, nsp_dir):
 
 @pytest.mark.parametrize("modalities", ["video", "audio_video"])
 @pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
-def test_recomputed_log_prob_equals_rollout(policy, rows, modalities, guided):
+@pytest.mark.parametrize("layout", ["ltx2.0", "ltx2.3"])
+def test_recomputed_log_prob_equals_rollout(request, rows, modalities, guided, layout):
+    policy = request.getfixturevalue("policy" if layout == "ltx2.0" else "policy23")
     with torch.no_grad():
         cond = policy.prepare_condition(rows)
     assert "image_latents" in cond  # continuity: the last context frame, clean
@@ -137,17 +160,24 @@ def test_recomputed_log_prob_equals_rollout(policy, rows, modalities, guided):
     # the connector feeds both text streams; the connector trains through the recomputation
     out = policy.log_prob(rollout, 0)
     out.log_prob.sum().backward()
-    assert policy.connector.proj[-1].weight.grad.abs().sum() > 0
+    grad, config = policy.connector.proj[-1].weight.grad, policy.transformer.config
+    if layout == "ltx2.3":  # two output projections side by side: the video stream's, the audio's
+        video = config.cross_attention_dim
+        assert grad.shape[0] == video + config.audio_cross_attention_dim
+        assert grad[:video].abs().sum() > 0 and grad[video:].abs().sum() > 0
+    else:  # one output, fed to both streams
+        assert grad.shape[0] == config.caption_channels and grad.abs().sum() > 0
     policy.zero_grad(set_to_none=True)
 
 
 class _ConnectorOutput(torch.nn.Module):
     """Stands in for the pipeline's Gemma text connectors: the NSP connector applied to the 'prompt
-    embeddings' it is given (VLM query states; zeros for the negative prompt), fed to both streams."""
+    embeddings' it is given (VLM query states; zeros for the negative prompt), fed to both streams --
+    the whole output to each (LTX-2.0), or its first ``video`` channels and the rest (LTX-2.3)."""
 
-    def __init__(self, connector: torch.nn.Module) -> None:
+    def __init__(self, connector: torch.nn.Module, video: int | None = None) -> None:
         super().__init__()
-        self.connector = connector
+        self.connector, self.video = connector, video
 
     @property
     def device(self) -> torch.device:  # what a pipeline asks of its components
@@ -159,15 +189,20 @@ class _ConnectorOutput(torch.nn.Module):
 
     def forward(self, states, mask, padding_side="left"):
         embeds = self.connector(states)
-        return embeds, embeds, mask.to(torch.int64)
+        if self.video is None:
+            return embeds, embeds, mask.to(torch.int64)
+        return embeds[..., : self.video], embeds[..., self.video :], mask.to(torch.int64)
 
 
 @pytest.mark.parametrize("continuity", [False, True], ids=["text-to-video", "image-to-video"])
 @pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "cfg-stg-modality-rescale"])
-def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, continuity, guided):
+@pytest.mark.parametrize("layout", ["ltx2.0", "ltx2.3"])
+def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(request, rows, continuity, guided, layout):
     """The NSP denoiser is LTX2Pipeline (continuity: LTX2ImageToVideoPipeline of the last context
     frame) whose text connectors are the NSP connector, fed the VLM query states (zero states for
-    the negative prompt), with all of LTX-2's guidance on or off."""
+    the negative prompt), with all of LTX-2's guidance on or off, on LTX-2.0's layout and LTX-2.3's."""
+    nsp_dir = request.getfixturevalue("nsp_dir" if layout == "ltx2.0" else "ltx23_dir")
+    policy = request.getfixturevalue("policy" if layout == "ltx2.0" else "policy23")
     from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
     from PIL import Image
 
@@ -175,7 +210,9 @@ def test_ode_rollout_reproduces_diffusers_ltx2_pipelines(nsp_dir, policy, rows, 
     pipe = pipeline_class.from_pretrained(nsp_dir / "ltx", text_encoder=None, tokenizer=None)
     pipe = pipe.to(policy.device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.connectors = _ConnectorOutput(policy.connector)
+    config = policy.transformer.config
+    video = None if config.use_prompt_embeddings else config.cross_attention_dim
+    pipe.connectors = _ConnectorOutput(policy.connector, video)
     with _continuity(policy, continuity), torch.no_grad():
         cond = policy.prepare_condition(rows)
     assert ("image_latents" in cond) == continuity
@@ -309,19 +346,6 @@ def test_a_generator_of_neither_family_is_one_line(tmp_path, nsp_dir):
     assert "LTXPipeline" in message and "\n" not in message
     with pytest.raises(InputError, match="'WanPipeline'"):
         NSPPolicy.from_pretrained(tmp_path / "nsp")
-
-
-def test_ltx2_3_text_streams_of_two_widths_are_not_implemented(tmp_path, nsp_dir):
-    """LTX-2.3 takes its text streams at the video and audio widths (no caption projection of its own):
-    one connector output cannot feed both, said before anything loads."""
-    shutil.copytree(nsp_dir, tmp_path / "nsp")
-    file = tmp_path / "nsp" / "ltx" / "transformer" / "config.json"
-    config = json.loads(file.read_text())
-    file.write_text(json.dumps({**config, "use_prompt_embeddings": False}))
-    video, audio = config["cross_attention_dim"], config["audio_cross_attention_dim"]
-    assert video != audio
-    with pytest.raises(NotImplementedError, match=rf"differ in width \({video} vs {audio}: LTX-2.3"):
-        check_nsp_dir(tmp_path / "nsp")
 
 
 def test_queries_that_do_not_fit_the_vlm_context_are_one_line(tmp_path, paper_dir, rows):
