@@ -48,6 +48,39 @@ class NSPPolicySpec:
     tiny_vae_fit_steps: int = field(
         default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0: random VAE)"}
     )
+    tiny_generator: Literal["ltx", "ltx2"] = field(
+        default="ltx",
+        metadata={
+            "help": "with tiny: the generator of the tiny NSP policy, ltx (LTX-Video 0.9) or ltx2 (LTX-2); "
+            "a directory's own generator is read from it"
+        },
+    )
+    sampling: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "NSP on LTX-2 only: LTX-2 sampling keys, as policy.sampling of type ltx2"},
+    )
+
+    def __post_init__(self) -> None:
+        check_ltx2_sampling_keys(self.sampling)
+        if self.tiny_generator not in ("ltx", "ltx2"):
+            raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
+        if self.path is None and self.sampling and self.tiny_generator != "ltx2":
+            raise InputError(
+                "policy.sampling is for NSP on LTX-2: set policy.tiny_generator: ltx2 (or remove it)"
+            )
+
+
+def check_ltx2_sampling_keys(sampling: dict[str, Any]) -> None:
+    """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance): known keys with valid values."""
+    from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2SamplingConfig
+
+    unknown = sorted(set(sampling) - set(LTX2_ONLY_FIELDS))
+    if unknown:
+        raise InputError(
+            f"policy.sampling: unknown key(s) {unknown}; choose from {', '.join(LTX2_ONLY_FIELDS)} "
+            "(geometry, steps and CFG scale are trainer settings)"
+        )
+    LTX2SamplingConfig(**sampling)  # bad values fail here, before any model is loaded
 
 
 @dataclass
@@ -103,15 +136,7 @@ class LTX2PolicySpec:
     )
 
     def __post_init__(self) -> None:
-        from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2SamplingConfig
-
-        unknown = sorted(set(self.sampling) - set(LTX2_ONLY_FIELDS))
-        if unknown:
-            raise InputError(
-                f"policy.sampling: unknown key(s) {unknown}; choose from {', '.join(LTX2_ONLY_FIELDS)} "
-                "(geometry, steps and CFG scale are trainer settings)"
-            )
-        LTX2SamplingConfig(**self.sampling)  # bad values fail here, before any model is loaded
+        check_ltx2_sampling_keys(self.sampling)
 
 
 POLICY_SPECS: dict[str, type] = {
@@ -165,9 +190,14 @@ def check_ltx2_recipe(spec: LTX2PolicySpec, args: Any) -> None:
 def check_policy_dir(spec: Any) -> None:
     """Layout and weight files of the checkpoint a spec names (safetensors headers only: cheap)."""
     if isinstance(spec, NSPPolicySpec):
-        from policies.nsp import check_nsp_dir
+        from policies.nsp import check_nsp_dir, generator_family
 
-        check_nsp_dir(Path(spec.path), **spec.overrides)
+        config = check_nsp_dir(Path(spec.path), **spec.overrides)
+        if spec.sampling and generator_family(Path(spec.path) / config.ltx) != "ltx2":
+            raise InputError(
+                f"policy.sampling: {spec.path!r} generates with LTX-Video, which has no LTX-2 sampling "
+                "settings: remove policy.sampling (or give an NSP directory on LTX-2)"
+            )
     elif isinstance(spec, NextClipPolicySpec):
         from policies.nextclip import check_nextclip_dir
 
@@ -191,16 +221,19 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     if isinstance(spec, NSPPolicySpec):
         from dataclasses import asdict
 
-        from policies.nsp import NSPConfig, NSPPolicy
+        from policies.nsp import NSPConfig, NSPLTX2Policy, NSPPolicy
         from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
         if spec.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
-            tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps)
+            tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps, generator=spec.tiny_generator)
             tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **spec.overrides}, "policy.overrides")
             build_tiny_nsp(path, tiny)
-        return NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
+        policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
+        if isinstance(policy, NSPLTX2Policy):
+            policy.sampling_overrides = dict(spec.sampling)
+        return policy
     if isinstance(spec, NextClipPolicySpec):
         from policies.nextclip import NextClipConfig, NextClipPolicy
         from policies.nextclip_tiny import build_tiny_nextclip

@@ -854,12 +854,18 @@ class LTX2Policy(LTXPolicy):
         condition = super().prepare_condition(
             rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
         )
-        if "audio" in rows[0]:
-            rates = {int(r.get("sample_rate", 0)) for r in rows}
-            if len(rates) != 1:
-                raise InputError(f"rows with audio need one common 'sample_rate', got {sorted(rates)}")
-            condition["audio_latents"] = self.encode_audio([r["audio"] for r in rows], rates.pop())
+        condition.update(self.audio_condition(rows))
         return condition
+
+    def audio_condition(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """``{"audio_latents": [P, La, Da]}`` (`encode_audio`) when the rows carry a target waveform
+        (``audio`` ``[channels, samples]`` and ``sample_rate``), else nothing."""
+        if "audio" not in rows[0]:
+            return {}
+        rates = {int(r.get("sample_rate", 0)) for r in rows}
+        if len(rates) != 1:
+            raise InputError(f"rows with audio need one common 'sample_rate', got {sorted(rates)}")
+        return {"audio_latents": self.encode_audio([r["audio"] for r in rows], rates.pop())}
 
     @torch.no_grad()
     def encode_audio(self, waveforms: list[torch.Tensor], sample_rate: int) -> torch.Tensor:

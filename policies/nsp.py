@@ -1,4 +1,4 @@
-"""The NSP unified policy: Qwen-VL reads the context, learnable queries carry it to LTX-Video.
+"""The NSP unified policy: Qwen-VL reads the context, learnable queries carry it to the video generator.
 
 Next Scene Prediction (arXiv 2512.13015) couples understanding and generation: a vision-language
 model (Qwen2.5-VL by default; Qwen2-VL and Qwen3-VL by config) receives a chat -- the context video
@@ -18,8 +18,26 @@ therefore trains the connector and LTX but not the queries (their gradient would
 backward per update). The supervised stages backpropagate through the frozen VLM into the queries
 (``train_queries``), as MetaQuery does.
 
-Rollout, log-prob recomputation, reference model, LoRA and decoding are `LTXPolicy`'s own: only
-the conditioning differs (`prepare_condition`, `text_inputs`).
+Rollout, log-prob recomputation, reference model, LoRA and decoding are the generator policy's own:
+only the conditioning differs (`prepare_condition`, `text_inputs`).
+
+**Generators.** The checkpoint picks the generator, by the ``_class_name`` of its generator
+directory's ``model_index.json`` (as ``nextscene rollout`` does): LTX-Video 0.9 (``LTXPipeline``:
+`NSPPolicy`, on `LTXPolicy`) or LTX-2 (``LTX2Pipeline``: `NSPLTX2Policy`, on `LTX2Policy`, audio +
+video). `NSPPolicy.from_pretrained` returns the one the directory holds. The NSP part (VLM, queries,
+connector, their saving and loading, the chat, continuity) is `NSPPolicy`'s, and `NSPLTX2Policy`
+inherits it with LTX-2's sampler behind it (``NSPLTX2Policy(NSPPolicy, LTX2Policy)``: NSP methods
+first, then LTX-2's, then LTX-Video's). On LTX-2 the connector's output is the text conditioning of
+*both* streams, video and audio: LTX-2.0's transformer projects each stream with its own learned
+caption projection (``caption_projection``, ``audio_caption_projection``, both from
+``caption_channels``), as LTX-2's Gemma connectors also start from one shared projection of the
+text states, so one connector (one set of trained weights, one 7B-width encoder rather than two)
+gives the scene to both. LTX-2.3 has no caption projections of its own and takes the streams at
+their cross-attention widths: there the connector's last layer is the two streams' output
+projections side by side (width video + audio), split per stream. Continuity is LTX-2's
+image-to-video path (the first latent frame clean at timestep 0, out of the log-prob). The Gemma
+text connectors of the LTX-2 directory are loaded and saved with it (the saved generator stays a
+complete LTX-2 checkpoint) but are not used.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ import contextlib
 import copy
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +57,7 @@ from torch import nn
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
 from policies.ltx import LTXPolicy, check_ltx_dir
+from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, check_ltx2_dir
 from policies.qwen_vl_inputs import (
     QwenVLInputsConfig,
     expand_vision_placeholders,
@@ -51,6 +70,7 @@ TRAINED_FILE = "nsp_trainable.safetensors"
 VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEFAULT_INSTRUCTION = "What happens next? Continue the scene."
 CONNECTORS = ("transformer", "paper")
+LTX_PIPELINES = ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")  # LTX-Video 0.9
 PAPER_OUTPUT_SCALE = 0.01  # the NSP paper's initial output scale of its connector
 
 
@@ -61,7 +81,13 @@ class NSPConfig:
     vlm: str = field(
         default="vlm", metadata={"help": "Qwen-VL directory (relative to the NSP directory or absolute)."}
     )
-    ltx: str = field(default="ltx", metadata={"help": "LTX-Video directory (relative or absolute)."})
+    ltx: str = field(
+        default="ltx",
+        metadata={
+            "help": "Generator directory, relative or absolute: LTX-Video 0.9 or LTX-2 (its "
+            "model_index.json _class_name picks the family)."
+        },
+    )
     num_queries: int = field(
         default=64, metadata={"help": "Learnable query embeddings appended to the chat."}
     )
@@ -228,6 +254,53 @@ def _vlm_type(path: Path) -> str:
     return model_type
 
 
+def generator_family(path: Path) -> str:
+    """``ltx`` (LTX-Video 0.9) or ``ltx2`` (LTX-2): the family an NSP generator directory's
+    ``model_index.json`` ``_class_name`` names, or a one-line `InputError` for anything else."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise InputError(
+            f"NSP generator directory {str(path)!r} is not a diffusers LTX-Video or LTX-2 checkpoint "
+            "(no model_index.json)"
+        )
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(
+            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
+        ) from None
+    if name in LTX2_PIPELINES:
+        return "ltx2"
+    if name in LTX_PIPELINES:
+        return "ltx"
+    raise InputError(
+        f"NSP generator directory {str(path)!r} holds a {name!r} checkpoint (model_index.json _class_name); "
+        f"the NSP policy generates with LTX-Video 0.9 ({', '.join(LTX_PIPELINES)}) or LTX-2 "
+        f"({', '.join(LTX2_PIPELINES)}): point the NSP config's ltx entry at one"
+    )
+
+
+def ltx2_text_widths(transformer_config: Mapping[str, Any]) -> tuple[int, int]:
+    """Widths of the (video, audio) text conditioning an LTX-2 transformer attends to, from its config.
+
+    LTX-2.0 (``use_prompt_embeddings``) projects both streams from ``caption_channels`` itself; LTX-2.3
+    takes them already at its text cross-attention widths (``cross_attention_dim``,
+    ``audio_cross_attention_dim``)."""
+    config = transformer_config
+    if config.get("use_prompt_embeddings", True):
+        return config["caption_channels"], config["caption_channels"]
+    return config["cross_attention_dim"], config["audio_cross_attention_dim"]
+
+
+def _vlm_positions(vlm_path: Path) -> int | None:
+    """The VLM language model's ``max_position_embeddings`` (its longest input), from config.json."""
+    config = json.loads((vlm_path / "config.json").read_text())
+    value = config.get("text_config", {}).get(
+        "max_position_embeddings", config.get("max_position_embeddings")
+    )
+    return int(value) if value is not None else None
+
+
 def check_nsp_dir(path: Path, **overrides: Any) -> NSPConfig:
     """The `NSPConfig` of an NSP directory after checking its layout and weight files (safetensors only,
     headers readable) without loading anything; ``overrides`` as in `NSPPolicy.from_pretrained`."""
@@ -247,12 +320,17 @@ def check_nsp_dir(path: Path, **overrides: Any) -> NSPConfig:
     vlm_path, ltx_path = path / config.vlm, path / config.ltx
     _vlm_type(vlm_path)
     check_model_weights(vlm_path)
-    if not (ltx_path / "model_index.json").is_file():
+    positions = _vlm_positions(vlm_path)
+    if positions is not None and config.num_queries >= positions:
         raise InputError(
-            f"NSP LTX directory {str(ltx_path)!r} is not a diffusers LTX-Video checkpoint "
-            "(no model_index.json)"
+            f"num_queries={config.num_queries} does not fit the VLM's context of {positions} positions "
+            f"(max_position_embeddings of {str(vlm_path)!r}) with any chat before them: use fewer queries "
+            "or a VLM with a longer context"
         )
-    check_ltx_dir(ltx_path)
+    if generator_family(ltx_path) == "ltx2":
+        check_ltx2_dir(ltx_path)
+    else:
+        check_ltx_dir(ltx_path)
     if (path / TRAINED_FILE).exists():
         from safetensors import safe_open
 
@@ -268,12 +346,15 @@ def _vlm_width(vlm: nn.Module) -> int:
 
 
 class NSPPolicy(LTXPolicy):
-    """Qwen-VL + learnable queries + connector + LTX-Video, with `LTXPolicy`'s rollout / log-prob contract.
+    """Qwen-VL + learnable queries + connector + LTX-Video, with `LTXPolicy`'s rollout / log-prob contract;
+    the NSP part of every generator family (`NSPLTX2Policy` for LTX-2).
 
     Rows for `prepare_condition`: ``context`` ``[F, H, W, 3]`` in [0, 1] with an optional
     ``instruction`` (next-scene prediction), or only a ``prompt`` (stage-1 text-to-video: a
     text-only chat).
     """
+
+    generator_class: type[LTXPolicy] = LTXPolicy  # the generator policy this class conditions
 
     def __init__(
         self,
@@ -284,8 +365,11 @@ class NSPPolicy(LTXPolicy):
         vlm_tokenizer: Any,
         inputs_config: QwenVLInputsConfig,
         config: NSPConfig,
+        **generator_parts: Any,
     ) -> None:
-        super().__init__(transformer, vae, scheduler)
+        """``generator_parts``: the generator policy's components beyond the transformer, VAE and
+        scheduler (LTX-2: ``connectors``, ``audio_vae``, ``vocoder``)."""
+        super().__init__(transformer, vae, scheduler, **generator_parts)
         self.config = config
         self.vlm = vlm.requires_grad_(False).eval()
         self.vlm_tokenizer = vlm_tokenizer
@@ -295,10 +379,19 @@ class NSPPolicy(LTXPolicy):
         width = _vlm_width(vlm)
         embed = vlm.get_input_embeddings().weight
         self.queries = nn.Parameter(torch.randn(config.num_queries, width) * float(embed.float().std()))
-        self.connector = build_connector(config, width, transformer.config.caption_channels)
+        self.connector = build_connector(config, width, self.connector_width())
         self._reference_connector: nn.Module | None = None
         self._query_token = vlm_tokenizer.pad_token or "<|endoftext|>"
         self._query_token_id = vlm_tokenizer.convert_tokens_to_ids(self._query_token)
+
+    def connector_width(self) -> int:
+        """Width of the connector's output: the caption width the generator's transformer attends to."""
+        return self.transformer.config.caption_channels
+
+    @staticmethod
+    def generator_parts(generator: LTXPolicy) -> dict[str, Any]:
+        """The loaded generator's components this class takes beyond transformer, VAE and scheduler."""
+        return {}
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -310,22 +403,32 @@ class NSPPolicy(LTXPolicy):
         device: str | torch.device = "cpu",
         **overrides: Any,
     ) -> NSPPolicy:
-        """Load an NSP directory: ``nsp_config.json`` naming (or holding) the VLM and LTX checkpoints,
-        plus the trained queries and connector in ``nsp_trainable.safetensors``.
+        """Load an NSP directory: ``nsp_config.json`` naming (or holding) the VLM and generator
+        checkpoints, plus the trained queries and connector in ``nsp_trainable.safetensors``.
 
-        ``overrides`` replace fields of the stored `NSPConfig` (e.g. ``num_queries`` for a new model).
+        The generator directory's family picks the class returned: `NSPPolicy` on LTX-Video 0.9,
+        `NSPLTX2Policy` on LTX-2. ``overrides`` replace fields of the stored `NSPConfig` (e.g.
+        ``num_queries`` for a new model).
         """
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         path = Path(path)
         config = check_nsp_dir(path, **overrides)
         vlm_path, ltx_path = path / config.vlm, path / config.ltx
-        ltx = LTXPolicy.from_pretrained(ltx_path, torch_dtype=torch_dtype, load_text_encoder=False)
+        policy_class = NSPLTX2Policy if generator_family(ltx_path) == "ltx2" else NSPPolicy
+        if not issubclass(policy_class, cls):
+            raise InputError(
+                f"{str(path)!r} holds an NSP policy on {policy_class.generator_class.__name__}'s family, "
+                f"not {cls.__name__}'s: load it with NSPPolicy.from_pretrained"
+            )
+        ltx = policy_class.generator_class.from_pretrained(
+            ltx_path, torch_dtype=torch_dtype, load_text_encoder=False
+        )
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(vlm_path)
         if getattr(tokenizer, "chat_template", None) is None:
             raise InputError(f"the VLM tokenizer in {str(vlm_path)!r} has no chat template")
-        policy = cls(
+        policy = policy_class(
             ltx.transformer,
             ltx.vae,
             ltx.scheduler,
@@ -333,6 +436,7 @@ class NSPPolicy(LTXPolicy):
             tokenizer,
             QwenVLInputsConfig.from_pretrained(vlm_path),
             config,
+            **policy_class.generator_parts(ltx),
         )
         policy.vlm_path = vlm_path.resolve()
         if (path / TRAINED_FILE).is_file():
@@ -364,7 +468,7 @@ class NSPPolicy(LTXPolicy):
             if found[key] != shape:
                 raise InputError(
                     f"{file}: {key} has shape {found[key]} but this VLM/LTX pair needs {shape} (VLM width "
-                    f"{_vlm_width(self.vlm)}, LTX caption width {self.transformer.config.caption_channels}, "
+                    f"{_vlm_width(self.vlm)}, LTX caption width {self.connector_width()}, "
                     f"{self.config.num_queries} queries): pair the weights with the models they were "
                     "trained on"
                 )
@@ -493,9 +597,14 @@ class NSPPolicy(LTXPolicy):
         device = self.queries.device
         dtype = next(self.vlm.parameters()).dtype
         n = self.config.num_queries
+        tokens = [
+            self.vlm_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            for text, _ in chats
+        ]
+        self._check_chat_lengths(tokens)  # every row, before the first VLM forward
         states = []
-        for text, vision in chats:
-            ids = self.vlm_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        for ids, (_, vision) in zip(tokens, chats, strict=True):
+            ids = ids.to(device)
             if not bool((ids[0, -n:] == self._query_token_id).all()):
                 raise InputError(
                     f"the VLM tokenizer does not keep {self._query_token!r} as one token; give it a pad token"
@@ -516,6 +625,21 @@ class NSPPolicy(LTXPolicy):
             self.vlm_forwards += 1
             states.append(out.hidden_states[self.config.vlm_layer][:, -n:].float())
         return torch.cat(states)
+
+    def _check_chat_lengths(self, tokens: list[torch.Tensor]) -> None:
+        """A one-line `InputError` when a row's chat (context vision tokens, instruction and template)
+        plus the queries is longer than the VLM's ``max_position_embeddings``."""
+        config = self.vlm.config
+        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        longest = max(int(ids.shape[1]) for ids in tokens)
+        n = self.config.num_queries
+        if limit is not None and longest > limit:
+            raise InputError(
+                f"the VLM chat needs {longest - n} tokens (vision, instruction, template) + {n} queries = "
+                f"{longest} positions, but the VLM holds {limit} (max_position_embeddings): use at most "
+                f"{limit - (longest - n)} queries, or fewer / smaller context frames (context_frames, "
+                "the video pixel budget)"
+            )
 
     @contextlib.contextmanager
     def _queries_in_embeddings(self, n: int) -> Iterator[None]:
@@ -559,18 +683,86 @@ class NSPPolicy(LTXPolicy):
             )
         return states.shape[0]
 
-    def text_inputs(
+    def connector_embeddings(
         self, condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Connector output per sample as LTX's caption embeddings (``[null; cond]`` stacked for CFG).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Connector output per sample ``[b, N, D]`` and, with CFG, the unconditional embeddings (the
+        connector applied to zero query states) at the same shape, else None; in the transformer's dtype.
 
         The connector runs once per conditioning row, with gradients when training.
         """
         states = condition["vlm_states"]
         dtype = self.transformer.dtype
         embeds = self.connector(states.to(self.queries.dtype))[condition_index].to(dtype)
-        if guidance_scale > 1.0:
-            null = self.connector(torch.zeros_like(states[:1]).to(self.queries.dtype)).to(dtype)
-            embeds = torch.cat([null.expand_as(embeds), embeds])
+        if guidance_scale <= 1.0:
+            return embeds, None
+        null = self.connector(torch.zeros_like(states[:1]).to(self.queries.dtype)).to(dtype)
+        return embeds, null.expand_as(embeds)
+
+    def text_inputs(
+        self, condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Connector output per sample as LTX's caption embeddings (``[null; cond]`` stacked for CFG)."""
+        embeds, null = self.connector_embeddings(condition, condition_index, guidance_scale)
+        if null is not None:
+            embeds = torch.cat([null, embeds])
         mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         return embeds, mask
+
+
+class NSPLTX2Policy(NSPPolicy, LTX2Policy):
+    """The NSP policy on an LTX-2 generator: `NSPPolicy`'s VLM, queries, connector and continuity,
+    `LTX2Policy`'s sampler (audio + video state, guidance, ``modalities``), decoding and saving.
+
+    The connector's output is both text streams LTX-2's transformer attends to (see the module
+    docstring); with CFG the unconditional branch of both is the connector applied to zero states.
+    """
+
+    generator_class = LTX2Policy
+
+    def connector_width(self) -> int:
+        """LTX-2.0: the one width of both text streams (``caption_channels``); LTX-2.3: the video and
+        the audio width side by side (the connector's last layer is then the two streams' output
+        projections), from the transformer's config."""
+        video, audio = ltx2_text_widths(self.transformer.config)
+        return video if video == audio else video + audio
+
+    def _streams(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (video, audio) text streams of connector output ``embeds``: the same tensor for
+        LTX-2.0, whose transformer projects each stream itself; split by width for LTX-2.3."""
+        video, audio = ltx2_text_widths(self.transformer.config)
+        if video == audio:
+            return embeds, embeds
+        return tuple(embeds.split([video, audio], dim=-1))
+
+    @staticmethod
+    def generator_parts(generator: LTXPolicy) -> dict[str, Any]:
+        return {
+            "connectors": generator.connectors,
+            "audio_vae": generator.audio_vae,
+            "vocoder": generator.vocoder,
+        }
+
+    def prepare_condition(
+        self, rows: list[dict], *, guidance_scale: float = 1.0, max_sequence_length: int = 128
+    ) -> dict[str, torch.Tensor]:
+        """`NSPPolicy.prepare_condition`, plus ``audio_latents`` for rows carrying a target waveform
+        (``audio`` and ``sample_rate``: the audio half of a supervised target, as for `LTX2Policy`)."""
+        condition = super().prepare_condition(
+            rows, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length
+        )
+        condition.update(self.audio_condition(rows))
+        return condition
+
+    def text_inputs(
+        self, condition: dict[str, torch.Tensor], condition_index: torch.Tensor, guidance_scale: float
+    ) -> dict[str, torch.Tensor]:
+        """The connector output as LTX-2's video and audio text streams (``video``, ``audio``, ``mask``
+        and, with CFG, their ``negative_`` twins), as `LTX2Policy.text_inputs` gives them."""
+        embeds, null = self.connector_embeddings(condition, condition_index, guidance_scale)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+        text = dict(zip(("video", "audio"), self._streams(embeds), strict=True), mask=mask)
+        if null is not None:
+            negative = self._streams(null)
+            text.update(negative_video=negative[0], negative_audio=negative[1], negative_mask=mask)
+        return text

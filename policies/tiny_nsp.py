@@ -1,8 +1,8 @@
-"""Tiny random NSP policies: a tiny Qwen-VL and a tiny LTX-Video inside one NSP directory.
+"""Tiny random NSP policies: a tiny Qwen-VL and a tiny LTX-Video or LTX-2 inside one NSP directory.
 
 The directory has the layout a real one has (``nsp_config.json``, ``vlm/``, ``ltx/``,
 ``nsp_trainable.safetensors``) and loads through `NSPPolicy.from_pretrained`, the code path of a
-real Qwen2.5-VL-7B + LTX-Video-2B pair.
+real Qwen2.5-VL-7B + LTX-Video-2B (or LTX-2) pair; ``generator`` picks the family written to ``ltx/``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from policies.errors import InputError
 from policies.nsp import CONFIG_FILE, NSPConfig
 from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
 
 
@@ -27,14 +30,26 @@ class TinyNSPSpec:
         default_factory=TinyLTXSpec.toy_world,
         metadata={"help": "Tiny LTX-Video sizes (TinyLTXSpec.toy_world: 8x8 latents per frame at 32 px)."},
     )
+    generator: Literal["ltx", "ltx2"] = field(
+        default="ltx", metadata={"help": "Generator family written to ltx/: ltx (LTX-Video 0.9) or ltx2."}
+    )
+    ltx2: TinyLTX2Spec = field(
+        default_factory=TinyLTX2Spec.toy_world,
+        metadata={"help": "Tiny LTX-2 sizes, with generator ltx2 (its own VAE / audio fits included)."},
+    )
     nsp: NSPConfig = field(
         default_factory=lambda: NSPConfig(num_queries=8, connector_layers=1, connector_heads=4),
         metadata={"help": "Queries, connector and conditioning."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the queries and connector."})
     vae_fit_steps: int = field(
-        default=0, metadata={"help": "Fit the VAE to the toy world for this many steps (0: random VAE)."}
+        default=0,
+        metadata={"help": "Fit the generator's video VAE to the toy world for this many steps (0: random)."},
     )
+
+    def __post_init__(self) -> None:
+        if self.generator not in ("ltx", "ltx2"):
+            raise InputError(f"TinyNSPSpec: generator must be 'ltx' or 'ltx2', got {self.generator!r}")
 
 
 def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
@@ -43,7 +58,10 @@ def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
 
     spec = spec or TinyNSPSpec()
     path = Path(path)
-    build_tiny_ltx(path / "ltx", spec.ltx)
+    if spec.generator == "ltx2":
+        build_tiny_ltx2(path / "ltx", spec.ltx2)
+    else:
+        build_tiny_ltx(path / "ltx", spec.ltx)
     build_tiny_qwen_vl(path / "vlm", spec.vlm)
     (path / CONFIG_FILE).write_text(json.dumps({**asdict(spec.nsp), "vlm": "vlm", "ltx": "ltx"}, indent=2))
     torch.manual_seed(spec.seed)
