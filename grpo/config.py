@@ -294,6 +294,13 @@ class GRPOConfig(VideoTrainerConfig):
             "help": "Samples per micro-batch in the update; null = all of this rank's samples at once."
         },
     )
+    steps_per_forward: int | None = field(
+        default=1,
+        metadata={
+            "help": "Trained steps of every sample per update forward: 1 = least memory; null = all in one "
+            "forward."
+        },
+    )
     rollout_batch_size: int | None = field(
         default=None,
         metadata={
@@ -424,6 +431,11 @@ class GRPOConfig(VideoTrainerConfig):
             self.max_reward_outage_iterations >= 1,
             "max_reward_outage_iterations",
             f"must be >= 1, got {self.max_reward_outage_iterations}",
+        )
+        _require(
+            self.steps_per_forward is None or self.steps_per_forward >= 1,
+            "steps_per_forward",
+            f"must be >= 1 or null (all), got {self.steps_per_forward}",
         )
         size, group = self.rollout_batch_size, self.num_generations
         _require(

@@ -443,8 +443,8 @@ class GRPOTrainer:
         """``num_iterations`` epochs of PPO over the rollout: micro-batches x trained steps, accumulated.
 
         Each micro-batch's loss is the ``loss_type`` average of its (sample, trained step) entries
-        (`grpo.loss.loss_weights`), computed one trained step of every sample per forward; an
-        optimizer step averages the losses of the micro-batches it accumulates (as TRL does).
+        (`grpo.loss.loss_weights`), computed ``steps_per_forward`` trained steps of every sample per
+        forward; an optimizer step averages the losses of the micro-batches it accumulates (as TRL does).
         """
         args = self.args
         positions, mask, max_steps = self._trained_positions(rollout, iteration)
@@ -456,6 +456,7 @@ class GRPOTrainer:
         else:
             advantages = advantages[:, None].expand(-1, num_steps)
         size = args.per_device_train_batch_size or rollout.num_samples
+        per_forward = args.steps_per_forward or num_steps
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(args.num_iterations):
             order = torch.randperm(
@@ -472,21 +473,22 @@ class GRPOTrainer:
                     weights = loss_weights(trains, args.loss_type, max_steps) / len(group)
                     # every column on every sample, trained or not (weight 0): every rank runs the same
                     # forwards, as DDP's gradient sync and FSDP's collective forwards need
-                    for k in range(num_steps):
+                    for k in range(0, num_steps, per_forward):
+                        cols = slice(k, k + per_forward)
                         with (
-                            self.state.no_sync(m == len(group) - 1 and k == num_steps - 1),
+                            self.state.no_sync(m == len(group) - 1 and k + per_forward >= num_steps),
                             self.state.autocast,
                         ):
                             loss, step_stats = self._step_loss(
                                 sub,
-                                adv[:, k],
-                                pos[:, k],
+                                adv[:, cols],
+                                pos[:, cols],
                                 on_policy=on_policy,
-                                weights=weights[:, k],
-                                mask=trains[:, k],
+                                weights=weights[:, cols],
+                                mask=trains[:, cols],
                             )
                             self.accelerator.backward(loss)
-                        if trains[:, k].any():  # statistics of no trained entry are undefined
+                        if trains[:, cols].any():  # statistics of no trained entry are undefined
                             for key, value in step_stats.items():
                                 stats[key].append(float(value))
                 stats["grad_norm"].append(self.state.optimizer_step())
@@ -507,10 +509,11 @@ class GRPOTrainer:
         weights: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped surrogate + KL of one recorded step per sample (``steps`` [b]) under current weights.
+        """Clipped surrogate + KL of recorded steps ``steps [b, n]`` (n trained steps of every sample,
+        in one forward of ``n * b`` entries) under current weights.
 
-        ``weights`` [b]: each entry's weight in the micro-batch's ``loss_type`` average (`_update`);
-        None averages this call's entries. ``mask`` [b]: which samples train this step (None: all).
+        ``weights [b, n]``: each entry's weight in the micro-batch's ``loss_type`` average (`_update`);
+        None averages this call's entries. ``mask [b, n]``: which entries train (None: all).
 
         ``on_policy`` (the weights are still the rollout's): the old log-prob is this forward's own,
         detached, as in TRL with one update per generation. The log-prob recorded during the rollout
@@ -519,27 +522,36 @@ class GRPOTrainer:
         """
         args = self.args
         guidance = None if args.cfg_in_training else 1.0
-        out = self.policy.log_prob(sub, steps, guidance_scale=guidance)
+        b, n = steps.shape
+        # step-major: every sample at its first trained step, then every sample at its second, ...
+        entries = sub if n == 1 else sub.select(torch.arange(b, device=steps.device).repeat(n))
+        flat = steps.T.reshape(-1)
+
+        def per_entry(values: torch.Tensor) -> torch.Tensor:  # [n * b] -> [b, n]
+            return values.view(n, b).T
+
+        out = self.policy.log_prob(entries, flat, guidance_scale=guidance)
+        log_prob = per_entry(out.log_prob)
         kl = None
         if args.beta > 0:
             with torch.no_grad(), self.policy.reference():
-                ref = self.policy.log_prob(sub, steps, guidance_scale=guidance)
-            kl = kl_divergence(out.mean, ref.mean, out.std, args.logprob_reduction)[:, None]
-        recorded = sub.log_probs[torch.arange(sub.num_samples, device=steps.device), steps]
-        old = out.log_prob.detach() if on_policy else recorded
+                ref = self.policy.log_prob(entries, flat, guidance_scale=guidance)
+            kl = per_entry(kl_divergence(out.mean, ref.mean, out.std, args.logprob_reduction))
+        recorded = sub.log_probs.gather(1, steps)
+        old = log_prob.detach() if on_policy else recorded
         loss, stats = grpo_loss(
-            out.log_prob[:, None],
-            old[:, None],
+            log_prob,
+            old,
             advantages,
             epsilon=args.epsilon,
             epsilon_high=args.epsilon_high,
             beta=args.beta,
             kl=kl,
             loss_type=args.loss_type,
-            mask=mask[:, None] if mask is not None else None,
-            weights=weights[:, None] if weights is not None else None,
+            mask=mask,
+            weights=weights,
         )
-        stats["logprob_drift"] = (out.log_prob.detach() - recorded).abs().max()
+        stats["logprob_drift"] = (log_prob.detach() - recorded).abs().max()
         return loss, stats
 
     def _split(self, micro_batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:

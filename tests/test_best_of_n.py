@@ -137,7 +137,8 @@ def test_an_iteration_updates_on_exactly_the_kept_samples(tmp_path, tiny_dir):
     seen: list[tuple[int, float]] = []  # (seed, advantage) of every sample of every loss
 
     def loss_spy(sub, adv, steps, **kwargs):
-        seen.extend(zip(sub.seeds.tolist(), adv.tolist(), strict=True))
+        for column in adv.T:  # [b, n]: n trained steps of every sample
+            seen.extend(zip(sub.seeds.tolist(), column.tolist(), strict=True))
         return real_step_loss(sub, adv, steps, **kwargs)
 
     trainer._rollout_and_score, trainer._step_loss = rollout_spy, loss_spy
