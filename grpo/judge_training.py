@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo.config import ConfigError, TrainerConfig, _require
+from grpo.config import TrainerConfig, _require
+from grpo.reward_modeling import all_perturbations, check_toy_data
 from policies.errors import InputError
 from policies.files import check_model_weights
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
 
@@ -108,20 +108,14 @@ class ToyVerdictsSpec:
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
     perturbations: list[str] = field(
-        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "the 'no' continuations, mixed"}
+        default_factory=all_perturbations, metadata={"help": "the 'no' continuations, mixed"}
     )
     num_workers: int = field(
         default=0, metadata={"help": "processes simulating the samples (at most the CPU count; 0: this one)"}
     )
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
-        if not self.perturbations or unknown:
-            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
-        if self.num_train < 2 or self.num_eval < 2:
-            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
-        if not 0 <= self.next_overlap < self.context_frames:
-            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+        check_toy_data(self)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from policies.errors import InputError
 from policies.files import check_model_weights
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
-PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
 
 
 @dataclass
@@ -81,6 +80,28 @@ class RewardModelConfig(TrainerConfig):
 # ------------------------------------------------------------------------------------------- recipe specs
 
 
+def all_perturbations() -> list[str]:
+    """Every toy-world perturbation (`rewards.preferences.PERTURBATIONS`): the default mix."""
+    from rewards.preferences import PERTURBATIONS
+
+    return list(PERTURBATIONS)
+
+
+def check_toy_data(spec: Any) -> None:
+    """The checks shared by the toy-world data specs (preference pairs, judge verdicts): known,
+    non-empty ``perturbations``, ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in
+    ``[0, context_frames)``; a `ConfigError` naming the field otherwise."""
+    from rewards.preferences import PERTURBATIONS
+
+    unknown = sorted(set(spec.perturbations) - set(PERTURBATIONS))
+    if not spec.perturbations or unknown:
+        raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATIONS)}, got {unknown}")
+    if spec.num_train < 2 or spec.num_eval < 2:
+        raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+    if not 0 <= spec.next_overlap < spec.context_frames:
+        raise ConfigError("next_overlap", f"must be in [0, context_frames), got {spec.next_overlap}")
+
+
 @dataclass
 class RewardModelSpec:
     """``policy: {type: video_reward_model, ...}``: the reward model to train."""
@@ -125,7 +146,7 @@ class ToyPreferencesSpec:
     num_train: int = field(default=1024, metadata={"help": "training pairs (train split seeds)"})
     num_eval: int = field(default=256, metadata={"help": "held-out pairs (validation split seeds)"})
     perturbations: list[str] = field(
-        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "rejected continuations, mixed"}
+        default_factory=all_perturbations, metadata={"help": "rejected continuations, mixed"}
     )
     aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
     num_workers: int = field(
@@ -153,13 +174,7 @@ class ToyPreferencesSpec:
     )
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
-        if not self.perturbations or unknown:
-            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
-        if self.num_train < 2 or self.num_eval < 2:
-            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
-        if not 0 <= self.next_overlap < self.context_frames:
-            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+        check_toy_data(self)
         if self.policy is not None:
             if not (Path(self.policy) / "nsp_config.json").is_file():
                 raise ConfigError("policy", f"{self.policy!r} is not an NSP checkpoint (no nsp_config.json)")
