@@ -460,3 +460,103 @@ def save_judge(model: Any, tokenizer: Any, inputs_config: Any, path: Path) -> Pa
     tokenizer.save_pretrained(path)
     inputs_config.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for the binary ``labels``: the chance that a random
+    positive scores above a random negative (ties count one half); NaN without both classes."""
+    import numpy as np
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise InputError(f"auroc needs equally long score and label lists, got {s.shape} and {y.shape}")
+    if y.all() or not y.any():
+        return math.nan
+    gap = s[y][:, None] - s[~y][None, :]
+    return float((gap > 0).mean() + 0.5 * (gap == 0).mean())
+
+
+@dataclass
+class HeldOutCandidates:
+    """Candidate next scenes of held-out toy contexts, each with its verifiable reward."""
+
+    contexts: list[Any]
+    candidates: list[Any]
+    verifiable: list[float]
+    kinds: list[str]
+
+
+def held_out_candidates(
+    num_contexts: int,
+    *,
+    policy: str | None = "checkpoints/toy_nsp",
+    generations: int = 4,
+    split: str = "test",
+    seed: int = 2,
+    perturbations: Sequence[str] | None = None,
+) -> HeldOutCandidates:
+    """The judge's evaluation set: for each of the first ``num_contexts`` toy contexts of ``split``
+    (fresh seeds: judge_sft trains on ``train`` and scores ``validation``), its true continuation,
+    one of each perturbation and ``generations`` samples of the NSP ``policy`` (drawn as its GRPO
+    rollouts are, seeds from ``seed``; None: none), all scored by ``toyworld_verifiable``."""
+    from grpo.data import ToyWorld, ToyWorldConfig
+    from grpo.reward_modeling import ToyPreferencesSpec, policy_samples
+    from rewards.preferences import PERTURBATIONS, perturb
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    config = ToyWorldConfig(size=32, next_overlap=1)  # the shipped NSP policy's data
+    world = ToyWorld(config, split=split, num_samples=max(num_contexts, 2))
+    samples = [world[i] for i in range(num_contexts)]
+    out = HeldOutCandidates([], [], [], [])
+    worlds = []
+    for i, sample in enumerate(samples):
+        other = world[(i + 1) % len(world)]
+        videos = [("true", sample["next"])]
+        videos += [(k, perturb(world, i, sample, k, other)) for k in perturbations or PERTURBATIONS]
+        for kind, video in videos:
+            out.contexts.append(sample["context"])
+            out.candidates.append(video)
+            out.kinds.append(kind)
+            worlds.append(sample["world"])
+    out.verifiable = list(ToyWorldVerifiableReward()(out.candidates, world=worlds).scores)
+    if policy is not None and generations > 0:
+        spec = ToyPreferencesSpec(policy=policy, policy_generations=max(generations, 2))
+        _, candidates, scores = policy_samples(spec, config, split, num_contexts, seed=seed)
+        for sample, group, values in zip(samples, candidates, scores):
+            for video, value in list(zip(group, values))[:generations]:
+                if value is not None:
+                    out.contexts.append(sample["context"])
+                    out.candidates.append(video)
+                    out.kinds.append("policy")
+                    out.verifiable.append(float(value))
+    return out
+
+
+def judge_auroc(judge: Any, held_out: HeldOutCandidates, threshold: float = 0.5) -> dict[str, float]:
+    """How well a judge's P(positive) tells good continuations from bad on `held_out_candidates`:
+    ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
+    the same two over the policy's samples only (``policy/*``), and the mean P per candidate kind."""
+    import numpy as np
+
+    from rewards.reward_model import spearman
+
+    p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
+    p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)
+    verifiable = np.asarray(held_out.verifiable, dtype=np.float64)
+    kinds = np.asarray(held_out.kinds)
+    out = {
+        "auroc": auroc(p, verifiable >= threshold),
+        "spearman": spearman(p, verifiable),
+        "candidates": float(len(p)),
+        "positives": float((verifiable >= threshold).sum()),
+    }
+    policy = kinds == "policy"
+    if policy.sum() >= 2:
+        out["policy/auroc"] = auroc(p[policy], verifiable[policy] >= threshold)
+        out["policy/spearman"] = spearman(p[policy], verifiable[policy])
+    for kind in dict.fromkeys(held_out.kinds):
+        out[f"p_{judge.config.choices[0]}/{kind}"] = float(p[kinds == kind].mean())
+    return out

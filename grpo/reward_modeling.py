@@ -307,19 +307,20 @@ def build_tables(data: Any) -> tuple[Any, Any]:
     return datasets.load_from_disk(data.path), evaluation
 
 
-def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts: int) -> Any:
-    """Pairs (``kind`` "policy") of ``data.policy``'s own samples of the first ``num_contexts`` toy
-    contexts of ``split``, ranked by the verifiable reward: what the policy actually produces during
-    GRPO, which true-vs-perturbed pairs never show the reward model."""
-    import json
-
+def policy_samples(
+    data: Any, config: Any, split: str, num_contexts: int, seed: int | None = None
+) -> tuple[list[dict[str, Any]], list[list[Any]], list[list[float | None]]]:
+    """``data.policy``'s own samples of the first ``num_contexts`` toy contexts of ``split``, drawn as
+    its GRPO rollouts are (``data.policy_*`` settings; seeds from ``seed``, by default 0 for the
+    train split and 1 otherwise), and their verifiable rewards: the toy-world samples, the
+    candidates (``policy_generations`` videos per context) and the scores."""
     import torch
 
     from grpo.data import ToyWorld
     from grpo.train import scene_row
     from policies.ltx import SamplingConfig
     from policies.nsp import NSPPolicy
-    from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates
+    from rewards.preferences import policy_candidates, score_candidates
     from rewards.verifiable import ToyWorldVerifiableReward
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,12 +338,24 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
         noise_level=data.policy_noise_level,
         sde_steps=list(range(data.policy_sde_steps)),
     )
-    seed = 0 if split == "train" else 1
+    seed = (0 if split == "train" else 1) if seed is None else seed
     candidates = policy_candidates(policy, rows, data.policy_generations, sampling, seed=seed)
     worlds = [{"world": sample["world"]} for sample in samples]
     scores = score_candidates(
         ToyWorldVerifiableReward(), [s["context"] for s in samples], candidates, metadata=worlds
     )
+    return samples, candidates, scores
+
+
+def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts: int) -> Any:
+    """Pairs (``kind`` "policy") of ``data.policy``'s own samples of the first ``num_contexts`` toy
+    contexts of ``split``, ranked by the verifiable reward: what the policy actually produces during
+    GRPO, which true-vs-perturbed pairs never show the reward model."""
+    import json
+
+    from rewards.preferences import pairs_from_scores
+
+    samples, candidates, scores = policy_samples(data, config, split, num_contexts)
     table = pairs_from_scores(
         [s["context"] for s in samples],
         candidates,
