@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from grpo.config import TrainerConfig, _require
-from grpo.reward_modeling import all_perturbations, check_toy_data
+from grpo.reward_modeling import PolicySamplesSpec, all_perturbations, check_toy_data
 from policies.errors import InputError
 from policies.files import check_model_weights
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
 
@@ -95,8 +96,9 @@ class JudgeModelSpec:
 
 
 @dataclass
-class ToyVerdictsSpec:
-    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no)."""
+class ToyVerdictsSpec(PolicySamplesSpec):
+    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
+    and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
@@ -218,7 +220,7 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
         next_overlap=data.next_overlap,
     )
     workers = min(data.num_workers, os.cpu_count() or 1)
-    train, held_out = (
+    tables = [
         toyworld_verdicts(
             ToyWorld(config, split=split, num_samples=n),
             data.perturbations,
@@ -226,8 +228,27 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
             num_workers=workers,
         )
         for split, n in (("train", data.num_train), ("validation", data.num_eval))
-    )
-    return train, held_out
+    ]
+    if data.policy is not None:
+        import datasets
+
+        from grpo.data.judge_data import verdict_dataset, verdicts_from_scores
+        from grpo.reward_modeling import policy_samples
+
+        for i, (split, n) in enumerate(
+            (("train", data.policy_contexts), ("validation", data.policy_eval_contexts))
+        ):
+            samples, candidates, scores = policy_samples(data, config, split, n)
+            rows = verdicts_from_scores(
+                [s["context"] for s in samples],
+                candidates,
+                scores,
+                VERIFIABLE_YES,
+                choices=choices,
+                prompts=[s["context_caption"] for s in samples],
+            )
+            tables[i] = datasets.concatenate_datasets([tables[i], verdict_dataset(rows)])
+    return tables[0], tables[1]
 
 
 def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
@@ -535,7 +556,9 @@ def held_out_candidates(
     return out
 
 
-def judge_auroc(judge: Any, held_out: HeldOutCandidates, threshold: float = 0.5) -> dict[str, float]:
+def judge_auroc(
+    judge: Any, held_out: HeldOutCandidates, threshold: float = VERIFIABLE_YES
+) -> dict[str, float]:
     """How well a judge's P(positive) tells good continuations from bad on `held_out_candidates`:
     ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
     the same two over the policy's samples only (``policy/*``), and the mean P per candidate kind."""

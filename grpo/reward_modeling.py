@@ -90,7 +90,8 @@ def all_perturbations() -> list[str]:
 def check_toy_data(spec: Any) -> None:
     """The checks shared by the toy-world data specs (preference pairs, judge verdicts): known,
     non-empty ``perturbations``, ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in
-    ``[0, context_frames)``; a `ConfigError` naming the field otherwise."""
+    ``[0, context_frames)``, and with a ``policy`` (`PolicySamplesSpec`) an NSP checkpoint and
+    sampling settings in range; a `ConfigError` naming the field otherwise."""
     from rewards.preferences import PERTURBATIONS
 
     unknown = sorted(set(spec.perturbations) - set(PERTURBATIONS))
@@ -100,6 +101,15 @@ def check_toy_data(spec: Any) -> None:
         raise ConfigError("num_train", "num_train and num_eval must be >= 2")
     if not 0 <= spec.next_overlap < spec.context_frames:
         raise ConfigError("next_overlap", f"must be in [0, context_frames), got {spec.next_overlap}")
+    if spec.policy is not None:
+        if not (Path(spec.policy) / "nsp_config.json").is_file():
+            raise ConfigError("policy", f"{spec.policy!r} is not an NSP checkpoint (no nsp_config.json)")
+        if not 1 <= spec.policy_sde_steps <= spec.policy_inference_steps:
+            raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
+        if spec.policy_generations < 2 or spec.policy_contexts < 1 or spec.policy_eval_contexts < 1:
+            raise ConfigError(
+                "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
+            )
 
 
 @dataclass
@@ -134,7 +144,28 @@ class RewardModelSpec:
 
 
 @dataclass
-class ToyPreferencesSpec:
+class PolicySamplesSpec:
+    """The ``policy*`` fields of the toy-world data specs: the NSP policy whose own samples, labelled
+    by ``toyworld_verifiable``, join the true-vs-perturbed data (`policy_samples`)."""
+
+    policy: str | None = field(
+        default=None,
+        metadata={"help": "NSP checkpoint whose own samples, scored by toyworld_verifiable, add data"},
+    )
+    policy_contexts: int = field(default=256, metadata={"help": "train contexts the policy continues"})
+    policy_eval_contexts: int = field(default=32, metadata={"help": "held-out contexts the policy continues"})
+    policy_generations: int = field(default=8, metadata={"help": "samples per context"})
+    policy_inference_steps: int = field(default=8, metadata={"help": "denoising steps of each policy sample"})
+    policy_noise_level: float = field(
+        default=0.7, metadata={"help": "SDE noise level of the policy's samples (as in its GRPO rollouts)"}
+    )
+    policy_sde_steps: int = field(
+        default=3, metadata={"help": "first denoising steps sampled stochastically (GRPO's SDE window)"}
+    )
+
+
+@dataclass
+class ToyPreferencesSpec(PolicySamplesSpec):
     """``data: {type: toyworld_preferences, ...}``: true vs perturbed toy-world continuations."""
 
     type: Literal["toyworld_preferences"] = field(
@@ -155,35 +186,12 @@ class ToyPreferencesSpec:
     next_overlap: int = field(
         default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
     )
-    policy: str | None = field(
-        default=None,
-        metadata={"help": "NSP checkpoint whose own samples, ranked by toyworld_verifiable, add pairs"},
-    )
-    policy_contexts: int = field(default=256, metadata={"help": "train contexts the policy continues"})
-    policy_eval_contexts: int = field(default=32, metadata={"help": "held-out contexts the policy continues"})
-    policy_generations: int = field(default=8, metadata={"help": "samples per context; all pairs within one"})
     policy_margin: float = field(
         default=0.05, metadata={"help": "drop policy pairs whose verifiable rewards differ by <= this"}
-    )
-    policy_inference_steps: int = field(default=8, metadata={"help": "denoising steps of each policy sample"})
-    policy_noise_level: float = field(
-        default=0.7, metadata={"help": "SDE noise level of the policy's samples (as in its GRPO rollouts)"}
-    )
-    policy_sde_steps: int = field(
-        default=3, metadata={"help": "first denoising steps sampled stochastically (GRPO's SDE window)"}
     )
 
     def __post_init__(self) -> None:
         check_toy_data(self)
-        if self.policy is not None:
-            if not (Path(self.policy) / "nsp_config.json").is_file():
-                raise ConfigError("policy", f"{self.policy!r} is not an NSP checkpoint (no nsp_config.json)")
-            if not 1 <= self.policy_sde_steps <= self.policy_inference_steps:
-                raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
-            if self.policy_generations < 2 or self.policy_contexts < 1 or self.policy_eval_contexts < 1:
-                raise ConfigError(
-                    "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
-                )
 
 
 @dataclass
