@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo.config import ConfigError, TrainerConfig, _require
+from grpo.config import TrainerConfig, _require
+from grpo.reward_modeling import PolicySamplesSpec, all_perturbations, check_toy_data
 from policies.errors import InputError
 from policies.files import check_model_weights
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
+VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
 
@@ -95,8 +96,9 @@ class JudgeModelSpec:
 
 
 @dataclass
-class ToyVerdictsSpec:
-    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no)."""
+class ToyVerdictsSpec(PolicySamplesSpec):
+    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
+    and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
@@ -108,20 +110,14 @@ class ToyVerdictsSpec:
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
     perturbations: list[str] = field(
-        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "the 'no' continuations, mixed"}
+        default_factory=all_perturbations, metadata={"help": "the 'no' continuations, mixed"}
     )
     num_workers: int = field(
         default=0, metadata={"help": "processes simulating the samples (at most the CPU count; 0: this one)"}
     )
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
-        if not self.perturbations or unknown:
-            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
-        if self.num_train < 2 or self.num_eval < 2:
-            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
-        if not 0 <= self.next_overlap < self.context_frames:
-            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+        check_toy_data(self)
 
 
 @dataclass
@@ -224,7 +220,7 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
         next_overlap=data.next_overlap,
     )
     workers = min(data.num_workers, os.cpu_count() or 1)
-    train, held_out = (
+    tables = [
         toyworld_verdicts(
             ToyWorld(config, split=split, num_samples=n),
             data.perturbations,
@@ -232,8 +228,27 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
             num_workers=workers,
         )
         for split, n in (("train", data.num_train), ("validation", data.num_eval))
-    )
-    return train, held_out
+    ]
+    if data.policy is not None:
+        import datasets
+
+        from grpo.data.judge_data import verdict_dataset, verdicts_from_scores
+        from grpo.reward_modeling import policy_samples
+
+        for i, (split, n) in enumerate(
+            (("train", data.policy_contexts), ("validation", data.policy_eval_contexts))
+        ):
+            samples, candidates, scores = policy_samples(data, config, split, n)
+            rows = verdicts_from_scores(
+                [s["context"] for s in samples],
+                candidates,
+                scores,
+                VERIFIABLE_YES,
+                choices=choices,
+                prompts=[s["context_caption"] for s in samples],
+            )
+            tables[i] = datasets.concatenate_datasets([tables[i], verdict_dataset(rows)])
+    return tables[0], tables[1]
 
 
 def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
@@ -467,3 +482,105 @@ def save_judge(model: Any, tokenizer: Any, inputs_config: Any, path: Path) -> Pa
     tokenizer.save_pretrained(path)
     inputs_config.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for the binary ``labels``: the chance that a random
+    positive scores above a random negative (ties count one half); NaN without both classes."""
+    import numpy as np
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise InputError(f"auroc needs equally long score and label lists, got {s.shape} and {y.shape}")
+    if y.all() or not y.any():
+        return math.nan
+    gap = s[y][:, None] - s[~y][None, :]
+    return float((gap > 0).mean() + 0.5 * (gap == 0).mean())
+
+
+@dataclass
+class HeldOutCandidates:
+    """Candidate next scenes of held-out toy contexts, each with its verifiable reward."""
+
+    contexts: list[Any]
+    candidates: list[Any]
+    verifiable: list[float]
+    kinds: list[str]
+
+
+def held_out_candidates(
+    num_contexts: int,
+    *,
+    policy: str | None = "checkpoints/toy_nsp",
+    generations: int = 4,
+    split: str = "test",
+    seed: int = 2,
+    perturbations: Sequence[str] | None = None,
+) -> HeldOutCandidates:
+    """The judge's evaluation set: for each of the first ``num_contexts`` toy contexts of ``split``
+    (fresh seeds: judge_sft trains on ``train`` and scores ``validation``), its true continuation,
+    one of each perturbation and ``generations`` samples of the NSP ``policy`` (drawn as its GRPO
+    rollouts are, seeds from ``seed``; None: none), all scored by ``toyworld_verifiable``."""
+    from grpo.data import ToyWorld, ToyWorldConfig
+    from grpo.reward_modeling import ToyPreferencesSpec, policy_samples
+    from rewards.preferences import PERTURBATIONS, perturb
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    config = ToyWorldConfig(size=32, next_overlap=1)  # the shipped NSP policy's data
+    world = ToyWorld(config, split=split, num_samples=max(num_contexts, 2))
+    samples = [world[i] for i in range(num_contexts)]
+    out = HeldOutCandidates([], [], [], [])
+    worlds = []
+    for i, sample in enumerate(samples):
+        other = world[(i + 1) % len(world)]
+        videos = [("true", sample["next"])]
+        videos += [(k, perturb(world, i, sample, k, other)) for k in perturbations or PERTURBATIONS]
+        for kind, video in videos:
+            out.contexts.append(sample["context"])
+            out.candidates.append(video)
+            out.kinds.append(kind)
+            worlds.append(sample["world"])
+    out.verifiable = list(ToyWorldVerifiableReward()(out.candidates, world=worlds).scores)
+    if policy is not None and generations > 0:
+        spec = ToyPreferencesSpec(policy=policy, policy_generations=max(generations, 2))
+        _, candidates, scores = policy_samples(spec, config, split, num_contexts, seed=seed)
+        for sample, group, values in zip(samples, candidates, scores):
+            for video, value in list(zip(group, values))[:generations]:
+                if value is not None:
+                    out.contexts.append(sample["context"])
+                    out.candidates.append(video)
+                    out.kinds.append("policy")
+                    out.verifiable.append(float(value))
+    return out
+
+
+def judge_auroc(
+    judge: Any, held_out: HeldOutCandidates, threshold: float = VERIFIABLE_YES
+) -> dict[str, float]:
+    """How well a judge's P(positive) tells good continuations from bad on `held_out_candidates`:
+    ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
+    the same two over the policy's samples only (``policy/*``), and the mean P per candidate kind."""
+    import numpy as np
+
+    from rewards.reward_model import spearman
+
+    p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
+    p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)
+    verifiable = np.asarray(held_out.verifiable, dtype=np.float64)
+    kinds = np.asarray(held_out.kinds)
+    out = {
+        "auroc": auroc(p, verifiable >= threshold),
+        "spearman": spearman(p, verifiable),
+        "candidates": float(len(p)),
+        "positives": float((verifiable >= threshold).sum()),
+    }
+    policy = kinds == "policy"
+    if policy.sum() >= 2:
+        out["policy/auroc"] = auroc(p[policy], verifiable[policy] >= threshold)
+        out["policy/spearman"] = spearman(p[policy], verifiable[policy])
+    for kind in dict.fromkeys(held_out.kinds):
+        out[f"p_{judge.config.choices[0]}/{kind}"] = float(p[kinds == kind].mean())
+    return out

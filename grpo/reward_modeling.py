@@ -30,7 +30,6 @@ from policies.errors import InputError
 from policies.files import check_model_weights
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
-PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
 
 
 @dataclass
@@ -81,6 +80,38 @@ class RewardModelConfig(TrainerConfig):
 # ------------------------------------------------------------------------------------------- recipe specs
 
 
+def all_perturbations() -> list[str]:
+    """Every toy-world perturbation (`rewards.preferences.PERTURBATIONS`): the default mix."""
+    from rewards.preferences import PERTURBATIONS
+
+    return list(PERTURBATIONS)
+
+
+def check_toy_data(spec: Any) -> None:
+    """The checks shared by the toy-world data specs (preference pairs, judge verdicts): known,
+    non-empty ``perturbations``, ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in
+    ``[0, context_frames)``, and with a ``policy`` (`PolicySamplesSpec`) an NSP checkpoint and
+    sampling settings in range; a `ConfigError` naming the field otherwise."""
+    from rewards.preferences import PERTURBATIONS
+
+    unknown = sorted(set(spec.perturbations) - set(PERTURBATIONS))
+    if not spec.perturbations or unknown:
+        raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATIONS)}, got {unknown}")
+    if spec.num_train < 2 or spec.num_eval < 2:
+        raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+    if not 0 <= spec.next_overlap < spec.context_frames:
+        raise ConfigError("next_overlap", f"must be in [0, context_frames), got {spec.next_overlap}")
+    if spec.policy is not None:
+        if not (Path(spec.policy) / "nsp_config.json").is_file():
+            raise ConfigError("policy", f"{spec.policy!r} is not an NSP checkpoint (no nsp_config.json)")
+        if not 1 <= spec.policy_sde_steps <= spec.policy_inference_steps:
+            raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
+        if spec.policy_generations < 2 or spec.policy_contexts < 1 or spec.policy_eval_contexts < 1:
+            raise ConfigError(
+                "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
+            )
+
+
 @dataclass
 class RewardModelSpec:
     """``policy: {type: video_reward_model, ...}``: the reward model to train."""
@@ -113,7 +144,28 @@ class RewardModelSpec:
 
 
 @dataclass
-class ToyPreferencesSpec:
+class PolicySamplesSpec:
+    """The ``policy*`` fields of the toy-world data specs: the NSP policy whose own samples, labelled
+    by ``toyworld_verifiable``, join the true-vs-perturbed data (`policy_samples`)."""
+
+    policy: str | None = field(
+        default=None,
+        metadata={"help": "NSP checkpoint whose own samples, scored by toyworld_verifiable, add data"},
+    )
+    policy_contexts: int = field(default=256, metadata={"help": "train contexts the policy continues"})
+    policy_eval_contexts: int = field(default=32, metadata={"help": "held-out contexts the policy continues"})
+    policy_generations: int = field(default=8, metadata={"help": "samples per context"})
+    policy_inference_steps: int = field(default=8, metadata={"help": "denoising steps of each policy sample"})
+    policy_noise_level: float = field(
+        default=0.7, metadata={"help": "SDE noise level of the policy's samples (as in its GRPO rollouts)"}
+    )
+    policy_sde_steps: int = field(
+        default=3, metadata={"help": "first denoising steps sampled stochastically (GRPO's SDE window)"}
+    )
+
+
+@dataclass
+class ToyPreferencesSpec(PolicySamplesSpec):
     """``data: {type: toyworld_preferences, ...}``: true vs perturbed toy-world continuations."""
 
     type: Literal["toyworld_preferences"] = field(
@@ -125,7 +177,7 @@ class ToyPreferencesSpec:
     num_train: int = field(default=1024, metadata={"help": "training pairs (train split seeds)"})
     num_eval: int = field(default=256, metadata={"help": "held-out pairs (validation split seeds)"})
     perturbations: list[str] = field(
-        default_factory=lambda: list(PERTURBATION_NAMES), metadata={"help": "rejected continuations, mixed"}
+        default_factory=all_perturbations, metadata={"help": "rejected continuations, mixed"}
     )
     aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
     num_workers: int = field(
@@ -134,41 +186,12 @@ class ToyPreferencesSpec:
     next_overlap: int = field(
         default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
     )
-    policy: str | None = field(
-        default=None,
-        metadata={"help": "NSP checkpoint whose own samples, ranked by toyworld_verifiable, add pairs"},
-    )
-    policy_contexts: int = field(default=256, metadata={"help": "train contexts the policy continues"})
-    policy_eval_contexts: int = field(default=32, metadata={"help": "held-out contexts the policy continues"})
-    policy_generations: int = field(default=8, metadata={"help": "samples per context; all pairs within one"})
     policy_margin: float = field(
         default=0.05, metadata={"help": "drop policy pairs whose verifiable rewards differ by <= this"}
     )
-    policy_inference_steps: int = field(default=8, metadata={"help": "denoising steps of each policy sample"})
-    policy_noise_level: float = field(
-        default=0.7, metadata={"help": "SDE noise level of the policy's samples (as in its GRPO rollouts)"}
-    )
-    policy_sde_steps: int = field(
-        default=3, metadata={"help": "first denoising steps sampled stochastically (GRPO's SDE window)"}
-    )
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.perturbations) - set(PERTURBATION_NAMES))
-        if not self.perturbations or unknown:
-            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATION_NAMES)}, got {unknown}")
-        if self.num_train < 2 or self.num_eval < 2:
-            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
-        if not 0 <= self.next_overlap < self.context_frames:
-            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
-        if self.policy is not None:
-            if not (Path(self.policy) / "nsp_config.json").is_file():
-                raise ConfigError("policy", f"{self.policy!r} is not an NSP checkpoint (no nsp_config.json)")
-            if not 1 <= self.policy_sde_steps <= self.policy_inference_steps:
-                raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
-            if self.policy_generations < 2 or self.policy_contexts < 1 or self.policy_eval_contexts < 1:
-                raise ConfigError(
-                    "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
-                )
+        check_toy_data(self)
 
 
 @dataclass
@@ -292,19 +315,20 @@ def build_tables(data: Any) -> tuple[Any, Any]:
     return datasets.load_from_disk(data.path), evaluation
 
 
-def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts: int) -> Any:
-    """Pairs (``kind`` "policy") of ``data.policy``'s own samples of the first ``num_contexts`` toy
-    contexts of ``split``, ranked by the verifiable reward: what the policy actually produces during
-    GRPO, which true-vs-perturbed pairs never show the reward model."""
-    import json
-
+def policy_samples(
+    data: Any, config: Any, split: str, num_contexts: int, seed: int | None = None
+) -> tuple[list[dict[str, Any]], list[list[Any]], list[list[float | None]]]:
+    """``data.policy``'s own samples of the first ``num_contexts`` toy contexts of ``split``, drawn as
+    its GRPO rollouts are (``data.policy_*`` settings; seeds from ``seed``, by default 0 for the
+    train split and 1 otherwise), and their verifiable rewards: the toy-world samples, the
+    candidates (``policy_generations`` videos per context) and the scores."""
     import torch
 
     from grpo.data import ToyWorld
     from grpo.train import scene_row
     from policies.ltx import SamplingConfig
     from policies.nsp import NSPPolicy
-    from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates
+    from rewards.preferences import policy_candidates, score_candidates
     from rewards.verifiable import ToyWorldVerifiableReward
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -322,12 +346,24 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
         noise_level=data.policy_noise_level,
         sde_steps=list(range(data.policy_sde_steps)),
     )
-    seed = 0 if split == "train" else 1
+    seed = (0 if split == "train" else 1) if seed is None else seed
     candidates = policy_candidates(policy, rows, data.policy_generations, sampling, seed=seed)
     worlds = [{"world": sample["world"]} for sample in samples]
     scores = score_candidates(
         ToyWorldVerifiableReward(), [s["context"] for s in samples], candidates, metadata=worlds
     )
+    return samples, candidates, scores
+
+
+def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts: int) -> Any:
+    """Pairs (``kind`` "policy") of ``data.policy``'s own samples of the first ``num_contexts`` toy
+    contexts of ``split``, ranked by the verifiable reward: what the policy actually produces during
+    GRPO, which true-vs-perturbed pairs never show the reward model."""
+    import json
+
+    from rewards.preferences import pairs_from_scores
+
+    samples, candidates, scores = policy_samples(data, config, split, num_contexts)
     table = pairs_from_scores(
         [s["context"] for s in samples],
         candidates,

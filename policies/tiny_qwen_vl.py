@@ -90,6 +90,11 @@ class TinyQwenVLSpec:
     )
     hidden_size: int = field(default=64, metadata={"help": "Language-model width."})
     num_layers: int = field(default=2, metadata={"help": "Language-model layers."})
+    num_heads: int = field(default=2, metadata={"help": "Language-model attention heads."})
+    rope_theta: float = field(
+        default=10000.0,
+        metadata={"help": "Text RoPE base; small values keep the mRoPE height/width sections readable."},
+    )
     vision_width: int = field(default=32, metadata={"help": "Vision-tower width."})
     vision_depth: int = field(default=2, metadata={"help": "Vision-tower blocks."})
     patch_size: int = field(default=8, metadata={"help": "Vision patch side in pixels."})
@@ -116,7 +121,7 @@ def _model(spec: TinyQwenVLSpec, tokenizer):
             ("vision_end", "vision_end"),
         )
     }
-    heads = 2
+    heads = spec.num_heads
     head_dim = spec.hidden_size // heads
     text = dict(
         vocab_size=len(tokenizer),
@@ -131,7 +136,7 @@ def _model(spec: TinyQwenVLSpec, tokenizer):
         bos_token_id=None,
     )
     section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen's 16:24:24 split of head_dim/2
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    rope = {"rope_type": "default", "rope_theta": float(spec.rope_theta), "mrope_section": section}
     vision = dict(
         depth=spec.vision_depth,
         num_heads=2,
@@ -162,7 +167,7 @@ def _model(spec: TinyQwenVLSpec, tokenizer):
         return Qwen2_5_VLForConditionalGeneration(config)
     rope3 = {
         "rope_type": "default",
-        "rope_theta": 10000.0,
+        "rope_theta": float(spec.rope_theta),
         "mrope_section": section,
         "mrope_interleaved": True,
     }

@@ -164,3 +164,41 @@ def test_train_help_lists_the_stage(capsys, stage_listed):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert stage_listed in capsys.readouterr().out
+
+
+def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_path, capsys):
+    """``data.policy``: the shipped NSP policy's own samples become rows of kind 'policy', "yes"
+    exactly when toyworld_verifiable gives them >= 0.5 (rescored here from the stored frames)."""
+    from grpo.config import ConfigError
+    from grpo.data.video import to_uint8
+    from grpo.judge_training import build_rows, validate_recipe
+    from grpo.recipe import load_recipe
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "data.num_train=2",
+        "data.num_eval=2",
+        "data.next_overlap=1",
+    ]
+    overrides += ["data.policy=checkpoints/toy_nsp", "data.policy_contexts=2", "data.policy_eval_contexts=1"]
+    overrides += ["data.policy_generations=3"]
+    _, data = validate_recipe(load_recipe(RECIPE, overrides))
+    train, held_out = build_rows(data, ("yes", "no"))
+    reward = ToyWorldVerifiableReward()
+    config = ToyWorldConfig(next_overlap=1)
+    for table, split, contexts in ((train, "train", 2), (held_out, "validation", 1)):
+        kinds = list(table["kind"])
+        assert kinds[:4] == ["true", "wrong_direction", "true", "frozen"]
+        rows = [table[i] for i in range(len(table)) if kinds[i] == "policy"]
+        assert len(rows) == 3 * contexts
+        world = ToyWorld(config, split=split, num_samples=contexts)
+        for i, row in enumerate(rows):
+            sample = world[i // 3]
+            assert torch.equal(frames(row["context"]), torch.as_tensor(to_uint8(sample["context"])))
+            score = reward([frames(row["candidate"])], world=[sample["world"]]).scores[0]
+            if abs(score - 0.5) > 0.02:  # scored on float videos; uint8 storage moves scores a little
+                assert row["verdict"] == ("yes" if score >= 0.5 else "no")
+    bad = load_recipe(RECIPE, [*overrides, "data.policy=recipes"])
+    with pytest.raises(ConfigError, match="is not an NSP checkpoint"):
+        validate_recipe(bad)

@@ -3,12 +3,14 @@
 A row is ``{context, candidate, verdict, kind, prompt}``: ``context`` and ``candidate`` are uint8
 videos ``[F, H, W, 3]``, ``verdict`` is the judge's positive or negative answer ("yes" / "no"),
 ``kind`` says where the row came from (``true``, a perturbation name, ``manifest``) and ``prompt``
-is the text a judge template may show (``{prompt}``), or None. Two sources:
+is the text a judge template may show (``{prompt}``), or None. Sources:
 
 * `toyworld_verdicts`: the toy world's true continuations -> yes, perturbed ones -> no. The
   perturbations are the reward-model preference data's own (`rewards.preferences.toyworld_pairs`:
   wrong direction, frozen, shuffled, another sample's future): each pair gives one yes row (its
   chosen video) and one no row (its rejected video), so the two kinds of data cannot drift apart.
+* `verdicts_from_scores`: scored candidates (the policy's own samples and their verifiable reward)
+  -> yes at or above a threshold, no below it.
 * `read_verdict_manifest`: a user's JSON Lines file, one ``{"context": PATH, "candidate": PATH,
   "verdict": "yes" | "no"[, "prompt": TEXT]}`` object a line (paths relative to the file). Every
   line is checked before any video is decoded; a problem is a one-line error naming FILE:LINE.
@@ -94,6 +96,33 @@ def verdicts_from_pairs(pairs: Any, choices: Sequence[str] = ("yes", "no")) -> l
         rows.append(verdict_row(context, chosen, choices[0], "true", prompt))
         rows.append(verdict_row(context, rejected, choices[1], kind, prompt))
     return rows
+
+
+def verdicts_from_scores(
+    contexts: Sequence[Any],
+    candidates: Sequence[Sequence[Any]],
+    scores: Sequence[Sequence[float | None]],
+    threshold: float,
+    *,
+    choices: Sequence[str] = ("yes", "no"),
+    prompts: Sequence[str | None] | None = None,
+    kind: str = "policy",
+) -> list[dict[str, Any]]:
+    """Verdict rows of scored candidates (`rewards.preferences.score_candidates`: ``candidates[g]``
+    continue ``contexts[g]``): ``choices[0]`` when the score reaches ``threshold``, else
+    ``choices[1]``; unscored (None) candidates are skipped."""
+    return [
+        verdict_row(
+            contexts[g],
+            video,
+            choices[0] if value >= threshold else choices[1],
+            kind,
+            None if prompts is None else prompts[g],
+        )
+        for g, (group, values) in enumerate(zip(candidates, scores, strict=True))
+        for video, value in zip(group, values, strict=True)
+        if value is not None
+    ]
 
 
 def toyworld_verdicts(

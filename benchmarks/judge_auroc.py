@@ -1,0 +1,68 @@
+"""How well does a causal-consistency judge judge? AUROC and Spearman against the verifiable reward.
+
+For a judge directory (``--judge``; several: one row each, e.g. the untrained ``base`` and the
+trained ``final`` of a ``judge_sft`` run) and the question it is asked (``--recipe``: a
+``judge_sft`` recipe's ``policy.judge``; or ``--judge-kwargs`` JSON), scores held-out toy scenes
+the judge never saw (test-split seeds): each context's true continuation, one of each perturbation
+and ``--generations`` samples of the shipped NSP policy (``--policy``, drawn as its GRPO rollouts
+are), every candidate labelled by ``toyworld_verifiable`` (`grpo.judge_training.held_out_candidates`).
+Reports the AUROC of P(yes) against "verifiable reward >= 0.5", its Spearman correlation with the
+verifiable reward, the same over the policy's samples only, and the mean P(yes) per kind.
+
+    python benchmarks/judge_auroc.py --recipe recipes/toy_judge_sft.yaml \\
+        --judge runs/toy-judge-sft/base runs/toy-judge-sft/final --contexts 64 --generations 4
+
+Prints one JSON object per judge and writes them all to ``--json`` (if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from grpo.judge_training import held_out_candidates, judge_auroc
+    from grpo.recipe import load_recipe
+    from rewards.judge.local import InProcessJudge
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--judge", nargs="+", required=True, help="judge checkpoint directories")
+    parser.add_argument("--recipe", help="judge_sft recipe whose policy.judge is the question asked")
+    parser.add_argument("--judge-kwargs", default="{}", help="JSON of JudgeConfig prompt fields")
+    parser.add_argument("--contexts", type=int, default=64, help="held-out test-split contexts")
+    parser.add_argument("--generations", type=int, default=4, help="policy samples per context (0: none)")
+    parser.add_argument("--policy", default=str(ROOT / "checkpoints" / "toy_nsp"), help="NSP checkpoint")
+    parser.add_argument("--seed", type=int, default=2, help="seed of the policy's samples")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    kwargs = dict(load_recipe(args.recipe).policy.get("judge", {})) if args.recipe else {}
+    kwargs.update(json.loads(args.judge_kwargs))
+    start = time.perf_counter()
+    held_out = held_out_candidates(
+        args.contexts, policy=args.policy if args.generations else None, generations=args.generations,
+        seed=args.seed,
+    )  # fmt: skip
+    built = time.perf_counter() - start
+    results = []
+    for path in args.judge:
+        judge = InProcessJudge(path, dtype="float32", **kwargs)
+        result = {"judge": path, "judge_kwargs": kwargs, **judge_auroc(judge, held_out)}
+        result.update(contexts=args.contexts, generations=args.generations, candidates_s=round(built, 1))
+        print(json.dumps(result))
+        results.append(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

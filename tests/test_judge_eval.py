@@ -1,0 +1,58 @@
+"""Judging the judge: AUROC of P(yes) against "verifiable reward >= 0.5" and Spearman with it, on
+held-out toy candidates (true, perturbed, the shipped policy's own samples)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from grpo.judge_training import auroc, held_out_candidates, judge_auroc
+from policies.tiny_qwen_vl import build_tiny_qwen_vl
+from rewards.judge.config import JudgeConfig
+from rewards.judge.local import InProcessJudge
+from rewards.types import RewardOutput
+
+
+def test_auroc_is_the_chance_a_positive_outscores_a_negative():
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5
+    # positives 0.7, 0.3 vs negatives 0.5, 0.3: pairs (>, >), (<, =) -> (1 + 1 + 0 + 0.5) / 4
+    assert auroc([0.7, 0.3, 0.5, 0.3], [True, True, False, False]) == pytest.approx(0.625)
+    assert math.isnan(auroc([0.1, 0.2], [True, True]))
+
+
+class OracleJudge:
+    """A stand-in judge whose P(yes) is a given function of the candidate index."""
+
+    def __init__(self, values):
+        self.config = JudgeConfig()
+        self.values = values
+
+    def __call__(self, videos, prompts=None, contexts=None, **metadata):
+        assert len(videos) == len(contexts) == len(self.values)
+        return RewardOutput(list(self.values), {self.config.label_column: list(self.values)})
+
+
+def test_held_out_candidates_span_good_and_bad_and_the_metrics_read_them():
+    held_out = held_out_candidates(3, generations=2, seed=5)
+    kinds = held_out.kinds
+    assert kinds.count("true") == 3 and kinds.count("policy") == 6 and kinds.count("frozen") == 3
+    true = [v for v, k in zip(held_out.verifiable, kinds) if k == "true"]
+    assert min(true) > 0.95  # the truth scores ~1; other_sample (another scene's future) ~0
+    assert max(v for v, k in zip(held_out.verifiable, kinds) if k == "other_sample") < 0.5
+    assert all(c.shape[0] == held_out.contexts[0].shape[0] for c in held_out.contexts)
+    oracle = judge_auroc(OracleJudge(held_out.verifiable), held_out)
+    assert oracle["auroc"] == 1.0 and oracle["spearman"] == pytest.approx(1.0)
+    assert oracle["positives"] >= 3 and oracle["candidates"] == len(kinds)
+    anti = judge_auroc(OracleJudge([-v for v in held_out.verifiable]), held_out)
+    assert anti["auroc"] == 0.0 and anti["spearman"] == pytest.approx(-1.0)
+
+
+def test_a_real_tiny_judge_is_scored(tmp_path):
+    held_out = held_out_candidates(2, policy=None)
+    judge = InProcessJudge(str(build_tiny_qwen_vl(tmp_path / "judge")), dtype="float32", num_frames=2)
+    result = judge_auroc(judge, held_out)
+    assert 0.0 <= result["auroc"] <= 1.0 and "policy/auroc" not in result
+    assert all(0 < result[f"p_yes/{k}"] < 1 for k in ("true", "frozen", "other_sample"))
