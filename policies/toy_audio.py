@@ -15,8 +15,11 @@ real classes, to toy-world sounds (``ToyWorldConfig(audio=True)``), in two stage
    statistics, as `LTX2Policy.encode_audio` and `LTX2Pipeline` normalise with them;
 2. the vocoder (`LTX2Vocoder`) on the fitted VAE's decoded mels (what it voices after diffusion), the
    target being the same scene's sound rendered at the vocoder's 24 kHz (the toy world's sound follows
-   from the scene alone), in stereo: L1 between log STFT magnitudes at several resolutions (pitch and
-   timbre) plus L1 between the 10 ms energy levels in dB (the envelope whose rises the reward detects).
+   from the scene alone), in stereo: L1 between the log-mel of its output (resampled to the VAE's rate)
+   and its input mel (HiFi-GAN's reconstruction loss) plus L1 between the 10 ms energy levels in dB
+   (the envelope whose rises the reward detects; tone and silent windows weigh alike). It starts at
+   silence (`silence_in`) and keeps its input convolution and biases there, so silence stays silent:
+   fitted from its random state it collapsed to one steady output for every clip.
 
 `round_trip_reward` scores the pair as the shipped checkpoints are checked: held-out waveforms through
 mel, encode, decode and vocoder, judged by ``toyworld_audio``.
@@ -46,16 +49,19 @@ class ToyAudioFitConfig:
     """How the toy audio VAE and vocoder are fitted."""
 
     vae_steps: int = field(default=300, metadata={"help": "Adam steps of the audio VAE."})
-    vocoder_steps: int = field(default=300, metadata={"help": "Adam steps of the vocoder."})
+    vocoder_steps: int = field(default=150, metadata={"help": "Adam steps of the vocoder."})
     batch_size: int = field(default=4, metadata={"help": "Waveforms per step."})
-    learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate."})
+    learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate of the audio VAE."})
+    vocoder_learning_rate: float = field(
+        default=3e-3, metadata={"help": "Adam learning rate of the vocoder."}
+    )
     latent_weight: float = field(default=1e-4, metadata={"help": "Weight of the audio latents' L2 penalty."})
     envelope_weight: float = field(default=1.0, metadata={"help": "Weight of the vocoder's envelope loss."})
     spectral_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the vocoder's multi-resolution log-STFT loss."}
+        default=0.0, metadata={"help": "Weight of the vocoder's multi-resolution log-STFT loss."}
     )
     mel_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={"help": "Weight of the vocoder's log-mel loss (its output's mel vs its input)."},
     )
     num_train: int = field(default=1024, metadata={"help": "Toy-world training samples drawn from."})
@@ -242,6 +248,10 @@ def fit_toy_vocoder(
     ]
     pools = _sounding(worlds[0])
     silence_in(vocoder, math.log(1e-5))
+    # the input convolution and every bias stay as silence_in set them (zero gradients: Adam leaves them),
+    # so silence stays silent and the fit cannot answer every clip with one steady level
+    frozen = [p for n, p in vocoder.named_parameters() if n.startswith("conv_in.") or n.endswith(".bias")]
+    handles = [p.register_hook(torch.zeros_like) for p in frozen]
 
     def step_loss(generator: torch.Generator) -> torch.Tensor:
         picks, part = _draw(pools, fit.batch_size, generator)
@@ -255,16 +265,19 @@ def fit_toy_vocoder(
         loss = fit.mel_weight * mel_loss(output, rate, mels, audio_vae) if fit.mel_weight else 0.0
         return loss + vocoder_loss(output, targets, rate, fit.envelope_weight, fit.spectral_weight)
 
-    return adam_fit(
+    stats = adam_fit(
         vocoder,
         step_loss,
         fit.vocoder_steps,
-        fit.learning_rate,
+        fit.vocoder_learning_rate,
         fit.seed + 1,
         fit.log_every,
         log,
         "toy vocoder",
     )
+    for handle in handles:
+        handle.remove()
+    return stats
 
 
 def fit_toy_audio(
