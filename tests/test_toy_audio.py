@@ -39,6 +39,10 @@ def test_fit_is_seeded_and_stores_the_packed_latent_statistics():
     assert not torch.equal(audio_vae.latents_std, torch.ones_like(audio_vae.latents_std))
     assert audio_vae.latents_std.shape == (TinyLTX2Spec.toy_world().audio_token_channels,)
     assert any(not torch.equal(v, random_vocoder[k]) for k, v in vocoder.state_dict().items())
+    # the fit keeps the vocoder's silence: its input convolution as drawn, every other bias 0
+    assert torch.equal(vocoder.conv_in.weight, random_vocoder["conv_in.weight"])
+    biases = [v for k, v in vocoder.state_dict().items() if k.endswith(".bias") and k != "conv_in.bias"]
+    assert biases and not any(v.any() for v in biases)
 
 
 def test_vocoder_loss_is_zero_on_the_truth_and_grows_when_the_sound_is_late():
