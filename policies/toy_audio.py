@@ -15,8 +15,11 @@ real classes, to toy-world sounds (``ToyWorldConfig(audio=True)``), in two stage
    statistics, as `LTX2Policy.encode_audio` and `LTX2Pipeline` normalise with them;
 2. the vocoder (`LTX2Vocoder`) on the fitted VAE's decoded mels (what it voices after diffusion), the
    target being the same scene's sound rendered at the vocoder's 24 kHz (the toy world's sound follows
-   from the scene alone), in stereo: L1 between log STFT magnitudes at several resolutions (pitch and
-   timbre) plus L1 between the 10 ms energy levels in dB (the envelope whose rises the reward detects).
+   from the scene alone), in stereo: L1 between the log-mel of its output (resampled to the VAE's rate)
+   and its input mel (HiFi-GAN's reconstruction loss) plus L1 between the 10 ms energy levels in dB
+   (the envelope whose rises the reward detects; tone and silent windows weigh alike). It starts at
+   silence (`silence_in`) and keeps its input convolution and biases there, so silence stays silent:
+   fitted from its random state it collapsed to one steady output for every clip.
 
 `round_trip_reward` scores the pair as the shipped checkpoints are checked: held-out waveforms through
 mel, encode, decode and vocoder, judged by ``toyworld_audio``.
@@ -38,6 +41,7 @@ from policies.toy_vae import adam_fit, store_latent_statistics
 _STFT_SIZES = (128, 512, 1024)
 _SILENT_MEL = math.log(1e-5) + 0.5  # log-mels above this hear a tone (log_mel_spectrogram's floor + 0.5)
 _LEVEL_FLOOR = 1e-5  # energy floor of the envelope loss: -50 dBFS, the audio reward's silence
+_SOUNDING_DB = -40.0  # 10 ms windows above this level ring a tone (10 dB over the floor)
 
 
 @dataclass
@@ -45,11 +49,21 @@ class ToyAudioFitConfig:
     """How the toy audio VAE and vocoder are fitted."""
 
     vae_steps: int = field(default=300, metadata={"help": "Adam steps of the audio VAE."})
-    vocoder_steps: int = field(default=300, metadata={"help": "Adam steps of the vocoder."})
+    vocoder_steps: int = field(default=150, metadata={"help": "Adam steps of the vocoder."})
     batch_size: int = field(default=4, metadata={"help": "Waveforms per step."})
-    learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate."})
+    learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate of the audio VAE."})
+    vocoder_learning_rate: float = field(
+        default=3e-3, metadata={"help": "Adam learning rate of the vocoder."}
+    )
     latent_weight: float = field(default=1e-4, metadata={"help": "Weight of the audio latents' L2 penalty."})
     envelope_weight: float = field(default=1.0, metadata={"help": "Weight of the vocoder's envelope loss."})
+    spectral_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the vocoder's multi-resolution log-STFT loss."}
+    )
+    mel_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the vocoder's log-mel loss (its output's mel vs its input)."},
+    )
     num_train: int = field(default=1024, metadata={"help": "Toy-world training samples drawn from."})
     seed: int = field(default=0, metadata={"help": "Seed of the batches."})
     log_every: int = field(default=100, metadata={"help": "Steps between progress logs."})
@@ -121,10 +135,8 @@ def fit_toy_audio_vae(
         decoded = audio_vae.decode(latents, return_dict=False)[0]
         target = mels[:, :, : decoded.shape[2]]
         sounding = (target > _SILENT_MEL).float()  # the tones' bins: a few % of the spectrogram
-        error = (decoded - target) ** 2
-        tones = (error * sounding).sum() / sounding.sum().clamp_min(1.0)
-        silence = (error * (1 - sounding)).sum() / (1 - sounding).sum().clamp_min(1.0)
-        return tones + silence + fit.latent_weight * latents.pow(2).mean()
+        error = _balanced_mean((decoded - target) ** 2, sounding)
+        return error + fit.latent_weight * latents.pow(2).mean()
 
     with torch.no_grad():  # start the decoded mels at silence (log_mel_spectrogram's floor), not at 0
         audio_vae.decoder.conv_out.conv.bias.fill_(math.log(1e-5))
@@ -139,6 +151,13 @@ def fit_toy_audio_vae(
     return stats
 
 
+def _balanced_mean(error: torch.Tensor, sounding: torch.Tensor) -> torch.Tensor:
+    """Mean of ``error`` over the ``sounding`` entries plus its mean over the others: the tones, a few % of
+    a toy clip, weigh as much as its silence (unweighted, silence everywhere is a good fit)."""
+    tones = (error * sounding).sum() / sounding.sum().clamp_min(1.0)
+    return tones + (error * (1 - sounding)).sum() / (1 - sounding).sum().clamp_min(1.0)
+
+
 def _log_magnitudes(waveforms: torch.Tensor, n_fft: int) -> torch.Tensor:
     window = torch.hann_window(n_fft, device=waveforms.device)
     spectrum = torch.stft(waveforms.flatten(0, 1), n_fft, n_fft // 4, window=window, return_complex=True)
@@ -151,15 +170,61 @@ def _levels(waveforms: torch.Tensor, window: int) -> torch.Tensor:
     return 10 * torch.log10(energy + _LEVEL_FLOOR)
 
 
-def vocoder_loss(output: torch.Tensor, target: torch.Tensor, sample_rate: int, envelope_weight: float = 1.0):
-    """Multi-resolution log-STFT-magnitude L1 plus ``envelope_weight`` x the L1 of 10 ms energy levels (in
-    units of 10 dB) between waveforms ``[B, C, samples]`` at ``sample_rate``."""
+def vocoder_loss(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    sample_rate: int,
+    envelope_weight: float = 1.0,
+    spectral_weight: float = 1.0,
+) -> torch.Tensor:
+    """``spectral_weight`` x the multi-resolution log-STFT-magnitude L1 plus ``envelope_weight`` x the L1 of
+    10 ms energy levels (in units of 10 dB) between waveforms ``[B, C, samples]`` at ``sample_rate``."""
     spectral = sum(
         (_log_magnitudes(output, n) - _log_magnitudes(target, n)).abs().mean() for n in _STFT_SIZES
     )
     window = round(0.01 * sample_rate)
-    envelope = (_levels(output, window) - _levels(target, window)).abs().mean() / 10
-    return spectral / len(_STFT_SIZES) + envelope_weight * envelope
+    levels = _levels(target, window)
+    error = (_levels(output, window) - levels).abs() / 10
+    sounding = (levels > _SOUNDING_DB).float()  # the tones' windows: a few % of a clip
+    envelope = _balanced_mean(error, sounding)
+    return spectral_weight * spectral / len(_STFT_SIZES) + envelope_weight * envelope
+
+
+def resample(waveforms: torch.Tensor, rate: int, new_rate: int) -> torch.Tensor:
+    """Band-limited (FFT) resampling of waveforms ``[..., samples]`` from ``rate`` to ``new_rate`` Hz:
+    differentiable, exact for a periodic signal, content above both Nyquist frequencies dropped."""
+    samples = waveforms.shape[-1]
+    new_samples = round(samples * new_rate / rate)
+    spectrum = torch.fft.rfft(waveforms)[..., : min(samples, new_samples) // 2 + 1]
+    return torch.fft.irfft(spectrum, n=new_samples) * (new_samples / samples)
+
+
+def mel_loss(output: torch.Tensor, rate: int, mels: torch.Tensor, audio_vae: torch.nn.Module) -> torch.Tensor:
+    """L1 between the log-mel spectrogram of waveforms ``output`` ``[B, C, samples]`` at ``rate`` Hz, computed
+    as ``audio_vae`` reads sound (`toy_mels`' transform, after resampling to its rate), and ``mels``
+    ``[B, C, frames, mel_bins]``, over their common frames: HiFi-GAN's reconstruction loss."""
+    from policies.ltx2 import log_mel_spectrogram
+
+    config = audio_vae.config
+    voiced = resample(output, rate, config.sample_rate)
+    voiced_mels = log_mel_spectrogram(voiced, config.sample_rate, config.mel_bins, config.mel_hop_length)
+    frames = min(voiced_mels.shape[2], mels.shape[2])
+    return (voiced_mels[:, :, :frames] - mels[:, :, :frames]).abs().mean()
+
+
+@torch.no_grad()
+def silence_in(vocoder: torch.nn.Module, silent_mel: float) -> None:
+    """Make ``vocoder`` (an `LTX2Vocoder`) voice a spectrogram of ``silent_mel`` everywhere as silence
+    (but near its zero-padded ends): every convolution's bias 0, except the input convolution's, which
+    cancels that level. At random initialisation the silent level (log_mel_spectrogram's floor, -11.5,
+    on almost every bin of a toy clip) drives the hidden states far more than the tones do, so the output
+    is one loud steady pattern; fitting it away shrinks the whole network and the tones with it (the
+    collapse to a steady output). Started here, the hidden states carry only the input's departures from
+    silence: the tones."""
+    for module in vocoder.modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d) and module.bias is not None:
+            module.bias.zero_()
+    vocoder.conv_in.bias.copy_(-silent_mel * vocoder.conv_in.weight.sum((1, 2)))
 
 
 def fit_toy_vocoder(
@@ -182,6 +247,11 @@ def fit_toy_vocoder(
         for r in (audio_vae.config.sample_rate, rate)
     ]
     pools = _sounding(worlds[0])
+    silence_in(vocoder, math.log(1e-5))
+    # the input convolution and every bias stay as silence_in set them (zero gradients: Adam leaves them),
+    # so silence stays silent and the fit cannot answer every clip with one steady level
+    frozen = [p for n, p in vocoder.named_parameters() if n.startswith("conv_in.") or n.endswith(".bias")]
+    handles = [p.register_hook(torch.zeros_like) for p in frozen]
 
     def step_loss(generator: torch.Generator) -> torch.Tensor:
         picks, part = _draw(pools, fit.batch_size, generator)
@@ -192,18 +262,22 @@ def fit_toy_vocoder(
         output = vocoder(mels)
         targets = torch.nn.functional.pad(targets, (0, max(0, output.shape[-1] - targets.shape[-1])))
         targets = targets[..., : output.shape[-1]].expand_as(output)
-        return vocoder_loss(output, targets, rate, fit.envelope_weight)
+        loss = fit.mel_weight * mel_loss(output, rate, mels, audio_vae) if fit.mel_weight else 0.0
+        return loss + vocoder_loss(output, targets, rate, fit.envelope_weight, fit.spectral_weight)
 
-    return adam_fit(
+    stats = adam_fit(
         vocoder,
         step_loss,
         fit.vocoder_steps,
-        fit.learning_rate,
+        fit.vocoder_learning_rate,
         fit.seed + 1,
         fit.log_every,
         log,
         "toy vocoder",
     )
+    for handle in handles:
+        handle.remove()
+    return stats
 
 
 def fit_toy_audio(

@@ -6,7 +6,14 @@ import torch
 
 from grpo.data.toyworld import ToyWorldConfig
 from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
-from policies.toy_audio import ToyAudioFitConfig, fit_toy_audio, round_trip_reward, vocoder_loss
+from policies.toy_audio import (
+    ToyAudioFitConfig,
+    fit_toy_audio,
+    resample,
+    round_trip_reward,
+    silence_in,
+    vocoder_loss,
+)
 
 
 def _random_pair(seed: int = 0):
@@ -32,6 +39,10 @@ def test_fit_is_seeded_and_stores_the_packed_latent_statistics():
     assert not torch.equal(audio_vae.latents_std, torch.ones_like(audio_vae.latents_std))
     assert audio_vae.latents_std.shape == (TinyLTX2Spec.toy_world().audio_token_channels,)
     assert any(not torch.equal(v, random_vocoder[k]) for k, v in vocoder.state_dict().items())
+    # the fit keeps the vocoder's silence: its input convolution as drawn, every other bias 0
+    assert torch.equal(vocoder.conv_in.weight, random_vocoder["conv_in.weight"])
+    biases = [v for k, v in vocoder.state_dict().items() if k.endswith(".bias") and k != "conv_in.bias"]
+    assert biases and not any(v.any() for v in biases)
 
 
 def test_vocoder_loss_is_zero_on_the_truth_and_grows_when_the_sound_is_late():
@@ -49,3 +60,28 @@ def test_random_audio_vae_and_vocoder_lose_the_onsets():
     """The round trip's bar: random weights voice no onset at the right frames (score ~0)."""
     audio_vae, vocoder = _random_pair()
     assert round_trip_reward(audio_vae, vocoder, ToyWorldConfig(), num_samples=4)["score"] < 0.2
+
+
+def test_a_vocoder_started_at_silence_voices_silence_as_zero_and_a_tone_as_sound():
+    """The collapse's cause: a random vocoder voices the silent level (-11.5 on every bin) as a loud
+    steady pattern; `silence_in` makes it silence (away from the zero-padded ends), and a tone's
+    mel bins still sound, where they are."""
+    _, vocoder = _random_pair()
+    floor = float(torch.log(torch.tensor(1e-5)))
+    silent = torch.full((1, 2, 60, TinyLTX2Spec.toy_world().mel_bins), floor)
+    hop = 240  # output samples per mel frame
+    with torch.no_grad():
+        assert vocoder(silent)[..., 10 * hop : 50 * hop].abs().mean() > 1e-2
+        silence_in(vocoder, floor)
+        assert vocoder(silent)[..., 10 * hop : 50 * hop].abs().max() < 1e-6  # float rounding
+        tone = silent.clone()
+        tone[:, :, 20:25, 30:33] = 0.0
+        voiced = vocoder(tone)
+    assert voiced[..., 20 * hop : 25 * hop].abs().mean() > 10 * voiced[..., 35 * hop : 50 * hop].abs().mean()
+
+
+def test_resample_matches_a_sine_sampled_at_the_new_rate():
+    t24, t16 = torch.arange(24000) / 24000, torch.arange(16000) / 16000
+    resampled = resample(torch.sin(2 * torch.pi * 440 * t24), 24000, 16000)
+    assert resampled.shape == (16000,)
+    assert torch.allclose(resampled, torch.sin(2 * torch.pi * 440 * t16), atol=1e-3)
