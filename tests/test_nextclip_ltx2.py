@@ -232,3 +232,22 @@ def test_ltx2_3_prompt_modulation_is_refused(tiny_dir):
 def test_grpo_trainer_takes_the_ltx2_policy(tiny_dir, tmp_path):
     trainer = _trainer(tiny_dir, tmp_path, "test_clip2_redness")
     assert type(trainer.policy) is NextClipLTX2Policy
+
+
+def test_a_recipe_picks_next_clip_on_ltx2_from_the_directory_or_tiny_generator(tiny_dir, tmp_path):
+    import shutil
+
+    from grpo.train import NextClipPolicySpec, build_policy, check_policy_dir
+
+    spec = NextClipPolicySpec(path=str(tiny_dir))
+    check_policy_dir(spec)  # an LTX-2 directory is a valid next-clip checkpoint
+    assert type(build_policy(spec, tmp_path)) is NextClipLTX2Policy
+    tiny = build_policy(NextClipPolicySpec(tiny=True, tiny_generator="ltx2"), tmp_path)
+    assert type(tiny) is NextClipLTX2Policy
+    assert tiny.latent_shape(27, 32, 32) == (27, 8, 8)  # TinyLTX2Spec.toy_world: 4x4 patches, 1x in time
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / "connectors")
+    with pytest.raises(InputError, match="no connectors/ subfolder") as info:
+        check_policy_dir(NextClipPolicySpec(path=str(broken)))
+    assert "\n" not in str(info.value)
