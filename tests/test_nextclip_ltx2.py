@@ -166,7 +166,10 @@ def test_cached_rollout_equals_uncached_and_is_cheaper(policy):
     )
     diff = (cached.latents - plain.latents).abs().max().item()
     final = (cached.final_latents - plain.final_latents).abs().max().item()
-    print(f"next-clip LTX-2: max |latents cached - no cache| = {diff:.3g} (final {final:.3g})")
+    print(
+        f"next-clip LTX-2: max |latents cached - no cache| = {diff:.3g} (final {final:.3g}); "
+        f"FLOPs cached / no cache = {flops_c / flops_u:.3f}"
+    )
     assert diff <= 1e-5 and final <= 1e-5
     assert (cached.log_probs - plain.log_probs).abs().max() <= 1e-5
     # cached: 4 clips x 3 steps of 32 tokens + prefill (context) + 3 extensions
