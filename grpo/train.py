@@ -85,13 +85,21 @@ def check_ltx2_sampling_keys(sampling: dict[str, Any]) -> None:
 
 @dataclass
 class NextClipPolicySpec:
-    """``policy: {type: nextclip, ...}``: an LTX-Video directory run as a next-clip (clip-causal) model."""
+    """``policy: {type: nextclip, ...}``: an LTX-Video or LTX-2 directory (its ``model_index.json``
+    picks which) run as a next-clip (clip-causal) model."""
 
     type: Literal["nextclip"] = field(default="nextclip", metadata={"help": "policy kind"})
-    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video directory"})
+    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video or LTX-2 directory"})
     tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    tiny_generator: Literal["ltx", "ltx2"] = field(
+        default="ltx",
+        metadata={
+            "help": "with tiny: the generator of the tiny next-clip model, ltx (LTX-Video 0.9) or ltx2 "
+            "(LTX-2, video stream); a directory's own generator is read from it"
+        },
+    )
     clip_frames: int | None = field(
         default=None, metadata={"help": "frames per clip (8k+1); null: the checkpoint's nextclip.json or 9"}
     )
@@ -238,17 +246,20 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
         from policies.nextclip import NextClipConfig, NextClipPolicy
         from policies.nextclip_tiny import build_tiny_nextclip
         from policies.tiny import TinyLTXSpec
+        from policies.tiny_ltx2 import TinyLTX2Spec
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
         changes = {
             k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
         }
         if spec.path is None and not (path / "model_index.json").is_file():
+            toy = TinyLTX2Spec.toy_world() if spec.tiny_generator == "ltx2" else TinyLTXSpec.toy_world()
             build_tiny_nextclip(
                 path,
-                TinyLTXSpec.toy_world(),
+                toy,
                 config=NextClipConfig(**changes),
                 vae_fit_steps=spec.tiny_vae_fit_steps,
+                generator=spec.tiny_generator,
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):

@@ -1,4 +1,4 @@
-"""Clip-causal self-attention for diffusers' `LTXVideoTransformer3DModel`, with a key/value cache.
+"""Clip-causal self-attention for diffusers' LTX-Video and LTX-2 transformers, with a key/value cache.
 
 A next-clip model (Video-GPT, arXiv 2505.12489) sees a token sequence made of *clean* clips (the
 history) and *noisy* clips (being denoised). Who may attend to whom is a rule on each token's clip
@@ -14,12 +14,16 @@ depend on the clip being denoised: they are computed once (`KVCache`), reused by
 step of the next clip, and extended clip after clip.
 
 How the mask reaches the blocks: `install_clip_attention` sets the ``attn1`` processor of every
-block to `ClipCausalAttnProcessor` and puts a forward hook on the transformer's rotary embedding
-(no weights change, so checkpoints are unchanged). The hook reads the `AttentionPlan` of the current
-forward (set with `attention_plan`) and hands it to every block together with the rotary tables
-(`PlannedRotaryEmbedding`), so a block recomputed by gradient checkpointing during backward gets the
-same plan as in its forward. Outside `attention_plan` the processor is plain full attention, exactly
-the stock `LTXVideoAttnProcessor`. Nothing here imports diffusers at module import time.
+block to `ClipCausalAttnProcessor` (LTX-Video) or `ClipCausalLTX2AttnProcessor` (LTX-2's
+`LTX2VideoTransformer3DModel`: the video stream's self-attention; its audio self-attention and the
+audio <-> video cross-attentions keep diffusers' processors, and next-clip policies switch the
+cross-modal ones off, see `policies.nextclip`) and puts a forward hook on the transformer's (video)
+rotary embedding (no weights change, so checkpoints are unchanged). The hook reads the
+`AttentionPlan` of the current forward (set with `attention_plan`) and hands it to every block
+together with the rotary tables (`PlannedRotaryEmbedding`), so a block recomputed by gradient
+checkpointing during backward gets the same plan as in its forward. Outside `attention_plan` the
+processor is plain full attention, exactly the stock `LTXVideoAttnProcessor`
+(`LTX2AudioVideoAttnProcessor`). Nothing here imports diffusers at module import time.
 
 The mask is materialised as a boolean SDPA mask (fine on CPU and at toy sizes). The rule is written
 elementwise on broadcastable tensors so that a flex-attention ``mask_mod`` can call it unchanged
@@ -121,6 +125,30 @@ def _pass_plan(module: torch.nn.Module, args: tuple, output: tuple) -> PlannedRo
     return PlannedRotaryEmbedding(cos, sin, _PLAN.get())
 
 
+def _planned_attention(
+    layer: int,
+    plan: AttentionPlan | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """SDPA of ``query/key/value [B, S, heads, dim]`` under ``plan`` (cached history keys/values put
+    in front, the mask applied, the new keys/values cached if asked); returns ``[B, S, heads * dim]``."""
+    mask = None
+    if plan is not None:
+        mask = plan.mask
+        if plan.cache is not None:
+            past_key, past_value = plan.cache.keys.get(layer), plan.cache.values.get(layer)
+            if plan.extend_cache:
+                plan.cache.extend(layer, key, value)
+            if past_key is not None:
+                key, value = torch.cat([past_key, key], dim=1), torch.cat([past_value, value], dim=1)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
 class ClipCausalAttnProcessor:
     """``attn1`` processor: LTX self-attention (RMS-normed q/k, RoPE) under the forward's plan.
 
@@ -148,28 +176,78 @@ class ClipCausalAttnProcessor:
             query = self.rotary(query, image_rotary_emb)
             key = self.rotary(key, image_rotary_emb)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        mask = None
-        if plan is not None:
-            mask = plan.mask
-            if plan.cache is not None:
-                past_key, past_value = plan.cache.keys.get(self.layer), plan.cache.values.get(self.layer)
-                if plan.extend_cache:
-                    plan.cache.extend(self.layer, key, value)
-                if past_key is not None:
-                    key, value = torch.cat([past_key, key], dim=1), torch.cat([past_value, value], dim=1)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+        out = _planned_attention(self.layer, plan, query, key, value)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class ClipCausalLTX2AttnProcessor:
+    """LTX-2 video ``attn1`` processor: RMS-normed q/k, RoPE (interleaved or split, as the layer
+    says), per-head gates when the layer has them (LTX-2.3), under the forward's plan.
+
+    Identical to diffusers' `LTX2AudioVideoAttnProcessor` for self-attention when there is no plan.
+    Spatio-temporal guidance (a perturbed ``attn1``) and an external video self-attention mask are
+    not available under clip-causal attention.
+    """
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        perturbation_mask: torch.Tensor | None = None,
+        all_perturbed: bool | None = None,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_ltx2 import (
+            apply_interleaved_rotary_emb,
+            apply_split_rotary_emb,
         )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None or key_rotary_emb is not None:
+            raise NotImplementedError("ClipCausalLTX2AttnProcessor is a self-attention processor (attn1)")
+        if attention_mask is not None or perturbation_mask is not None:
+            raise NotImplementedError(
+                "clip-causal LTX-2 attention sets its own mask: video_self_attention_mask and "
+                "spatio-temporal guidance (stg_scale) are not available on a next-clip model"
+            )
+        plan = getattr(query_rotary_emb, "plan", None)
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if query_rotary_emb is not None:
+            rotate = (
+                apply_interleaved_rotary_emb if attn.rope_type == "interleaved" else apply_split_rotary_emb
+            )
+            query, key = rotate(query, query_rotary_emb), rotate(key, query_rotary_emb)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        out = _planned_attention(self.layer, plan, query, key, value)
+        if attn.to_gate_logits is not None:
+            gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden_states))  # [B, S, heads]
+            out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
 
 
 def install_clip_attention(transformer: torch.nn.Module) -> None:
-    """Give an `LTXVideoTransformer3DModel` clip-causal self-attention (no weights change; idempotent)."""
-    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+    """Give an `LTXVideoTransformer3DModel` or an `LTX2VideoTransformer3DModel` (its video stream)
+    clip-causal self-attention (no weights change; idempotent)."""
+    if type(transformer).__name__ == "LTX2VideoTransformer3DModel":
+
+        def processor(layer: int) -> ClipCausalLTX2AttnProcessor:
+            return ClipCausalLTX2AttnProcessor(layer)
+
+    else:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        def processor(layer: int) -> ClipCausalAttnProcessor:
+            return ClipCausalAttnProcessor(layer, apply_rotary_emb)
 
     if not getattr(transformer.rope, "_passes_attention_plan", False):
         transformer.rope.register_forward_hook(_pass_plan)
         transformer.rope._passes_attention_plan = True
     for layer, block in enumerate(transformer.transformer_blocks):
-        block.attn1.set_processor(ClipCausalAttnProcessor(layer, apply_rotary_emb))
+        block.attn1.set_processor(processor(layer))

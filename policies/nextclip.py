@@ -37,6 +37,22 @@ clip ``j // S`` (``S`` stochastic steps per clip); ``extras["step_clips"][j]`` n
 the GRPO trainer uses for per-clip advantages. `log_prob` recomputes any (clip, step) from the record
 (the history is the context plus the record's earlier generated clips) with the full clip-causal
 mask, no cache, so gradients reach the history's keys and values too.
+
+**LTX-2.** The checkpoint picks the generator (its ``model_index.json`` ``_class_name``):
+`NextClipPolicy.from_pretrained` on an LTX-2 directory returns `NextClipLTX2Policy`, the same next-clip
+policy over diffusers' `LTX2VideoTransformer3DModel` (`LTX2Policy`'s loading, saving, text connectors
+and VAE). What differs is kept in small hooks: the transformer call (`_denoise`), the RoPE coordinates
+(LTX-2's rope takes each token's ``[start, end)`` bounds in pixel frames / rows / columns, time divided
+by ``rope_frame_rate``: the same places as LTX-Video's), the schedule's shift defaults and the empty text's
+width. Clip-causal attention and the cache are on the video stream's self-attention (``attn1``). The
+audio stream is not generated (``modalities: video`` only; ``audio_video`` would need clip-causal audio and
+is a `NotImplementedError`): every forward runs with the audio <-> video cross-attentions off
+(``isolate_modalities``, as LTX-2's modality-isolation branch) and one silent audio token the video
+never sees, so the video velocities depend on the video tokens, their timesteps and the text only.
+(`LTX2Policy`'s ``video`` modality instead denoises a whole-video audio track by ODE alongside; that
+track would let every clip see later clips through the cross-attentions.) Per-token timesteps reach
+LTX-2's per-token AdaLN as in its image-to-video pipeline. LTX-2.3's prompt modulation takes one sigma
+per sample, which would make the history depend on the clip being denoised: refused.
 """
 
 from __future__ import annotations
@@ -59,9 +75,10 @@ from policies.clip_attention import (
 )
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig, check_ltx_dir
+from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, LTX2SamplingConfig, check_ltx2_dir
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, draw_noise, recorded_steps, rescore, run_chain, sample_plan
-from policies.schedules import ltx_sigmas
+from policies.schedules import LTX2_SHIFT_DEFAULTS, LTX_SHIFT_DEFAULTS, ltx_sigmas
 
 CONFIG_NAME = "nextclip.json"
 
@@ -94,10 +111,26 @@ def _mix_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"history:{int(seed)}".encode()).digest()[:8], "little") >> 1
 
 
+def generator_family(path: Path) -> str:
+    """``ltx2`` when a checkpoint directory's ``model_index.json`` ``_class_name`` is an LTX-2 pipeline,
+    else ``ltx`` (LTX-Video 0.9; its own checks then judge the directory)."""
+    index = path / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(
+            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
+        ) from None
+    return "ltx2" if name in LTX2_PIPELINES else "ltx"
+
+
 def check_nextclip_dir(path: Path) -> NextClipConfig:
     """The clip config of a next-clip directory (its ``nextclip.json``, or the defaults for a plain
-    LTX-Video checkpoint) after checking its layout and weight files, without loading anything."""
-    check_ltx_dir(path)
+    LTX-Video or LTX-2 checkpoint) after checking its layout and weight files, without loading anything."""
+    if path.is_dir() and generator_family(path) == "ltx2":
+        check_ltx2_dir(path)
+    else:
+        check_ltx_dir(path)
     file = path / CONFIG_NAME
     if not file.is_file():
         return NextClipConfig()
@@ -118,19 +151,17 @@ class NextClipPolicy(LTXPolicy):
 
     Honours the policy contract of `LTXPolicy` (``rollout``, ``log_prob``, ``reference``, ``decode``,
     ``from_pretrained`` / ``save_pretrained``, ``flow_matching_loss``, ``prepare_condition``); the
-    rollout's steps are (clip, step) pairs.
+    rollout's steps are (clip, step) pairs. `NextClipLTX2Policy` is the same on LTX-2.
     """
 
+    shift_defaults: tuple[int, int, float, float] = LTX_SHIFT_DEFAULTS  # the schedule's (`ltx_sigmas`)
+
     def __init__(
-        self,
-        transformer,
-        vae,
-        scheduler,
-        text_encoder=None,
-        tokenizer=None,
-        config: NextClipConfig | None = None,
+        self, transformer, vae, scheduler, *generator_parts: Any, config: NextClipConfig | None = None
     ) -> None:
-        super().__init__(transformer, vae, scheduler, text_encoder, tokenizer)
+        """``generator_parts``: the generator policy's own further arguments (LTX-Video: text encoder
+        and tokenizer; LTX-2: connectors, audio VAE, vocoder, text encoder, tokenizer)."""
+        super().__init__(transformer, vae, scheduler, *generator_parts)
         self.use_config(config or NextClipConfig())
         install_clip_attention(self.transformer)
 
@@ -157,17 +188,25 @@ class NextClipPolicy(LTXPolicy):
         config: NextClipConfig | None = None,
         **changes: Any,
     ) -> NextClipPolicy:
-        """Load a diffusers-format LTX-Video directory; its ``nextclip.json`` (if any) sets the clip
-        config unless ``config`` is given (a plain LTX-Video checkpoint starts with the defaults);
+        """Load a diffusers-format LTX-Video or LTX-2 directory (its ``model_index.json`` picks the
+        class returned: `NextClipPolicy` or `NextClipLTX2Policy`); its ``nextclip.json`` (if any) sets
+        the clip config unless ``config`` is given (a plain checkpoint starts with the defaults);
         ``changes`` override single `NextClipConfig` fields (e.g. ``history_sigma=0.05``)."""
         path = Path(path)
         stored = check_nextclip_dir(path)
+        policy_class = NextClipLTX2Policy if generator_family(path) == "ltx2" else NextClipPolicy
+        if not issubclass(policy_class, cls):
+            raise InputError(
+                f"{str(path)!r} is a next-clip checkpoint of {policy_class.__name__}, not {cls.__name__}: "
+                "load it with NextClipPolicy.from_pretrained"
+            )
         config = config or stored
         unknown = sorted(set(changes) - {f.name for f in fields(NextClipConfig)})
         if unknown:
             raise InputError(f"unknown NextClipConfig fields {unknown}; use clip_frames, history_sigma, ...")
         config = replace(config, **changes)
-        policy = super().from_pretrained(
+        generator = super(NextClipPolicy, policy_class)  # LTXPolicy's or LTX2Policy's loader
+        policy = generator.from_pretrained(
             path, torch_dtype=torch_dtype, device=device, load_text_encoder=load_text_encoder
         )
         policy.use_config(config)
@@ -222,22 +261,32 @@ class NextClipPolicy(LTXPolicy):
             )
         return per_clip * h * w, frames // per_clip
 
-    def positions(self, first_clip: int, num_clips: int, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """RoPE coordinates ``[3, num_clips * T]`` (time, row, column) of clips ``first_clip ..``."""
+    def pixel_grid(
+        self, first_clip: int, num_clips: int, latent_hw: tuple[int, int], shift: int = 0
+    ) -> torch.Tensor:
+        """Pixel (frame, row, column) ``[3, num_clips * T]`` at which each token of clips
+        ``first_clip ..`` starts (``shift=1``: where the next latent cell starts, i.e. its end)."""
         per_clip = self.latent_clip_frames
         r_t, r_s = self.temporal_compression, self.spatial_compression
         h, w = latent_hw
-        i = torch.arange(per_clip, dtype=torch.float32)
+        i = torch.arange(per_clip, dtype=torch.float32) + shift
         start = (i * r_t + 1 - r_t).clamp(min=0)  # pixel frame each latent frame of a clip starts at
         clips = torch.arange(first_clip, first_clip + num_clips, dtype=torch.float32)
         frames = (clips[:, None] * self.clip_config.clip_frames + start[None, :]).flatten()
         t, y, x = torch.meshgrid(
-            frames / self.clip_config.rope_frame_rate,
-            torch.arange(h, dtype=torch.float32) * r_s,
-            torch.arange(w, dtype=torch.float32) * r_s,
+            frames,
+            (torch.arange(h, dtype=torch.float32) + shift) * r_s,
+            (torch.arange(w, dtype=torch.float32) + shift) * r_s,
             indexing="ij",
         )
-        return torch.stack([t.flatten(), y.flatten(), x.flatten()]).to(self.device)
+        return torch.stack([t.flatten(), y.flatten(), x.flatten()])
+
+    def positions(self, first_clip: int, num_clips: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """RoPE coordinates ``[3, num_clips * T]`` (time in seconds, row, column) of clips
+        ``first_clip ..``: where each token starts (`pixel_grid`), time over ``rope_frame_rate``."""
+        grid = self.pixel_grid(first_clip, num_clips, latent_hw)
+        grid[0] /= self.clip_config.rope_frame_rate
+        return grid.to(self.device)
 
     # ------------------------------------------------------------------ VAE
     @torch.no_grad()
@@ -259,7 +308,7 @@ class NextClipPolicy(LTXPolicy):
         tokens, num_clips = self._clip_tokens(latent_shape)
         clip_shape = (latent_shape[0] // num_clips, *latent_shape[1:])
         clips = latents.reshape(-1, tokens, latents.shape[-1])
-        videos = super().decode(clips, clip_shape, batch_size)
+        videos = LTXPolicy.decode(self, clips, clip_shape, batch_size)  # token latents, either family
         return videos.reshape(latents.shape[0], -1, *videos.shape[2:])
 
     # ------------------------------------------------------------------ conditioning
@@ -275,7 +324,7 @@ class NextClipPolicy(LTXPolicy):
         elif self.text_encoder is not None:
             condition = self.encode_prompt([""] * len(rows), max_sequence_length=max_sequence_length)
         else:
-            width = self.transformer.config.caption_channels
+            width = self._text_width()
             condition = {
                 "prompt_embeds": torch.zeros(
                     len(rows), 1, width, device=self.device, dtype=self.transformer.dtype
@@ -288,6 +337,10 @@ class NextClipPolicy(LTXPolicy):
                 raise InputError("context videos of one batch must have the same shape")
             condition["context_latents"] = self.encode_video(torch.stack(contexts))
         return condition
+
+    def _text_width(self) -> int:
+        """Width of the ``prompt_embeds`` this checkpoint takes (the empty text's, without an encoder)."""
+        return self.transformer.config.caption_channels
 
     def _check_next_clip_condition(self, condition: dict[str, torch.Tensor], tokens: int) -> tuple[int, int]:
         """(rows, context clips) of a conditioning dict, or an `InputError`."""
@@ -313,24 +366,36 @@ class NextClipPolicy(LTXPolicy):
         tokens: torch.Tensor,
         timestep: torch.Tensor,
         coords: torch.Tensor,
-        text: tuple[torch.Tensor, torch.Tensor],
+        text: Any,
         plan: AttentionPlan,
     ) -> torch.Tensor:
         """Velocity ``[B, S, C]`` (fp32) of ``tokens`` with per-token ``timestep [B, S]`` and RoPE
-        ``coords [3, S]`` under the attention ``plan``."""
-        embeds, mask = text
+        ``coords [3, S, ...]`` (`positions`) under the attention ``plan``; ``text`` is `text_inputs`'."""
         use_wrapper = self._wrapped_transformer is not None and not self._in_reference
         transformer = self._wrapped_transformer if use_wrapper else self.transformer
+        coords = coords.expand(tokens.shape[0], *coords.shape)
         with attention_plan(plan):
-            out = transformer(
-                hidden_states=tokens.to(self.transformer.dtype),
-                encoder_hidden_states=embeds,
-                timestep=timestep,
-                encoder_attention_mask=mask,
-                video_coords=coords.unsqueeze(0).expand(tokens.shape[0], -1, -1),
-                return_dict=False,
-            )[0]
+            out = self._denoise(transformer, tokens.to(self.transformer.dtype), timestep, coords, text)
         return out.float()
+
+    def _denoise(
+        self,
+        transformer: torch.nn.Module,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        coords: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """One call of LTX-Video's transformer (``coords [B, 3, S]``)."""
+        embeds, mask = text
+        return transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=embeds,
+            timestep=timestep,
+            encoder_attention_mask=mask,
+            video_coords=coords,
+            return_dict=False,
+        )[0]
 
     def _history_input(self, history: torch.Tensor, history_noise: torch.Tensor | None) -> torch.Tensor:
         """Clean history latents as the denoiser sees them (noised to ``history_sigma``)."""
@@ -348,7 +413,7 @@ class NextClipPolicy(LTXPolicy):
         timestep: torch.Tensor,
         clip: int,
         history: torch.Tensor,
-        text: tuple[torch.Tensor, torch.Tensor],
+        text: Any,
         latent_hw: tuple[int, int],
         cache: KVCache | None = None,
     ) -> torch.Tensor:
@@ -383,7 +448,7 @@ class NextClipPolicy(LTXPolicy):
         cache: KVCache,
         clips: torch.Tensor,
         first_clip: int,
-        text: tuple[torch.Tensor, torch.Tensor],
+        text: Any,
         latent_hw: tuple[int, int],
         tokens: int,
     ) -> None:
@@ -432,7 +497,9 @@ class NextClipPolicy(LTXPolicy):
         batch = len(seeds)
         condition = {k: v.to(device) for k, v in condition.items()}
         history_noise = self._history_noise(seeds, (num_context + num_clips) * tokens)
-        sigmas, timesteps = ltx_sigmas(self.scheduler, sampling.num_inference_steps, tokens)
+        sigmas, timesteps = ltx_sigmas(
+            self.scheduler, sampling.num_inference_steps, tokens, self.shift_defaults
+        )
         sigmas, timesteps = sigmas.to(device), timesteps.to(device)
         stochastic = sampling.stochastic_steps()
         text = self.text_inputs(condition, condition_index, 1.0)
@@ -555,7 +622,7 @@ class NextClipPolicy(LTXPolicy):
                     rollout.timesteps[schedule],
                     num_context + g,
                     history[idx],
-                    (text[0][idx], text[1][idx]),
+                    _rows(text, idx),
                     latent_hw,
                 )
 
@@ -648,8 +715,106 @@ class NextClipPolicy(LTXPolicy):
         return ((velocity - (noise[:, first * tokens :] - clean)) ** 2).mean(dim=(1, 2))
 
 
+def _rows(text: Any, index: torch.Tensor) -> Any:
+    """Rows ``index`` of `text_inputs`' output (a tuple of tensors, or a dict of them for LTX-2)."""
+    if isinstance(text, dict):
+        return {k: v[index] for k, v in text.items()}
+    return tuple(t[index] for t in text)
+
+
 def _no_cfg(guidance_scale: float) -> None:
     if guidance_scale > 1.0:
         raise InputError(
             f"guidance_scale={guidance_scale}: next-clip policies sample without CFG; use guidance_scale 1"
         )
+
+
+class NextClipLTX2Policy(NextClipPolicy, LTX2Policy):
+    """`NextClipPolicy` on an LTX-2 checkpoint: its clips, cache, rollout, recompute and teacher forcing
+    over diffusers' `LTX2VideoTransformer3DModel` (video stream; module docstring), with `LTX2Policy`'s
+    loading, saving, text connectors and VAE."""
+
+    shift_defaults = LTX2_SHIFT_DEFAULTS
+
+    def __init__(
+        self, transformer, vae, scheduler, *generator_parts: Any, config: NextClipConfig | None = None
+    ):
+        if getattr(transformer, "prompt_modulation", False) and transformer.config.use_prompt_adaln_single:
+            raise NotImplementedError(
+                "next-clip on LTX-2.3 (prompt modulation by one sigma per sample) is not available: its "
+                "history would depend on the clip being denoised; use an LTX-2.0 checkpoint"
+            )
+        super().__init__(transformer, vae, scheduler, *generator_parts, config=config)
+
+    def _text_width(self) -> int:
+        config = self.connectors.config
+        return config.caption_channels * config.text_proj_in_factor
+
+    def positions(self, first_clip: int, num_clips: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """LTX-2 RoPE coordinates ``[3, num_clips * T, 2]``: each token's ``[start, end)`` pixel frame
+        (over ``rope_frame_rate``), row and column, as `LTX2AudioVideoRotaryPosEmbed.prepare_video_coords`
+        lays out one video."""
+        grid = torch.stack(
+            [self.pixel_grid(first_clip, num_clips, latent_hw, shift) for shift in (0, 1)], dim=-1
+        )
+        grid[0] /= self.clip_config.rope_frame_rate
+        return grid.to(self.device)
+
+    def _denoise(
+        self,
+        transformer: torch.nn.Module,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        coords: torch.Tensor,
+        text: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """One call of LTX-2's transformer on the video tokens, audio <-> video cross-attention off and
+        one silent audio token (module docstring); returns the video velocity."""
+        batch = tokens.shape[0]
+        audio = tokens.new_zeros(batch, 1, self.transformer.config.audio_in_channels)
+        silent = timestep.new_zeros(batch)
+        return transformer(
+            hidden_states=tokens,
+            audio_hidden_states=audio,
+            encoder_hidden_states=text["video"],
+            audio_encoder_hidden_states=text["audio"],
+            timestep=timestep,
+            audio_timestep=silent,
+            sigma=silent,
+            encoder_attention_mask=text["mask"],
+            audio_encoder_attention_mask=text["mask"],
+            video_coords=coords,
+            audio_num_frames=1,
+            isolate_modalities=True,
+            use_cross_timestep=True,
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        condition: dict[str, torch.Tensor],
+        *,
+        num_generations: int = 1,
+        sampling: SamplingConfig | None = None,
+        seeds: list[int] | None = None,
+        use_cache: bool = True,
+    ) -> Rollout:
+        """`NextClipPolicy.rollout` (video only: ``modalities: video``, no STG or modality guidance)."""
+        settings = dict(self.sampling_overrides)
+        if isinstance(sampling, LTX2SamplingConfig):
+            settings.update(asdict(sampling))
+        if settings.get("modalities", "video") != "video":
+            raise NotImplementedError(
+                "next-clip on LTX-2 generates the video stream only: audio_video would need clip-causal "
+                "audio, which is not implemented; use modalities: video"
+            )
+        if settings.get("stg_scale", 0.0) or settings.get("modality_scale", 1.0) > 1.0:
+            raise InputError(
+                "next-clip policies sample without guidance: set stg_scale 0 and modality_scale 1"
+            )
+        rollout = super().rollout(
+            condition, num_generations=num_generations, sampling=sampling, seeds=seeds, use_cache=use_cache
+        )
+        rollout.extras["modalities"] = "video"
+        return rollout

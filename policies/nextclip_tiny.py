@@ -1,9 +1,10 @@
 """Tiny next-clip checkpoints for tests, benchmarks and the toy-world recipes.
 
-`build_tiny_nextclip` writes a random tiny LTX-Video checkpoint (`policies.tiny.build_tiny_ltx`: the
-real diffusers classes and directory layout) plus ``nextclip.json``, loadable by
-`NextClipPolicy.from_pretrained` exactly like a real one. A random VAE decodes any latent into
-nearly grey frames, so rewards that look for the toy world's coloured balls in decoded frames (the
+`build_tiny_nextclip` writes a random tiny LTX-Video checkpoint (`policies.tiny.build_tiny_ltx`) or,
+with ``generator="ltx2"``, a tiny LTX-2 one (`policies.tiny_ltx2.build_tiny_ltx2`): the real diffusers
+classes and directory layouts, plus ``nextclip.json``, loadable by `NextClipPolicy.from_pretrained`
+exactly like a real one (which returns `NextClipLTX2Policy` for LTX-2). A random VAE decodes any latent
+into nearly grey frames, so rewards that look for the toy world's coloured balls in decoded frames (the
 verifiable reward) cannot tell predictions apart; ``vae_fit_steps`` first fits the VAE to the toy
 world's clips (`policies.toy_vae`), as the toy-world recipes do.
 """
@@ -13,31 +14,48 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
+from policies.errors import InputError
 from policies.nextclip import CONFIG_NAME, NextClipConfig
 from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 
 
 def build_tiny_nextclip(
     path: str | Path,
-    spec: TinyLTXSpec | None = None,
+    spec: TinyLTXSpec | TinyLTX2Spec | None = None,
     config: NextClipConfig | None = None,
     *,
     vae_fit_steps: int = 0,
+    generator: Literal["ltx", "ltx2"] = "ltx",
 ) -> Path:
-    """A tiny next-clip checkpoint at ``path``: `build_tiny_ltx` with ``spec`` (default: no text
-    encoder, i.e. video-only conditioning) plus ``nextclip.json`` from ``config``; with
-    ``vae_fit_steps`` its VAE is fitted to toy-world clips of ``config.clip_frames`` frames."""
-    spec = spec or TinyLTXSpec(text_layers=0)
+    """A tiny next-clip checkpoint at ``path`` of the ``generator`` family: `build_tiny_ltx` with
+    ``spec`` (default: no text encoder, i.e. video-only conditioning) or `build_tiny_ltx2` with
+    ``spec`` (default: the toy-world layout; LTX-2 rows without a prompt get the empty prompt), plus
+    ``nextclip.json`` from ``config``; with ``vae_fit_steps`` its video VAE is fitted to toy-world
+    clips of ``config.clip_frames`` frames."""
     config = config or NextClipConfig()
-    path = build_tiny_ltx(path, spec)
+    if generator == "ltx2":
+        if spec is not None and not isinstance(spec, TinyLTX2Spec):
+            raise InputError("a tiny LTX-2 next-clip checkpoint takes a TinyLTX2Spec")
+        spec = spec or TinyLTX2Spec.toy_world()
+        path = build_tiny_ltx2(path, spec)
+    elif generator == "ltx":
+        if spec is not None and not isinstance(spec, TinyLTXSpec):
+            raise InputError("a tiny LTX-Video next-clip checkpoint takes a TinyLTXSpec")
+        spec = spec or TinyLTXSpec(text_layers=0)
+        path = build_tiny_ltx(path, spec)
+    else:
+        raise InputError(f"generator must be ltx or ltx2, got {generator!r}")
     if vae_fit_steps:
-        from diffusers import AutoencoderKLLTXVideo
+        from diffusers import AutoencoderKLLTX2Video, AutoencoderKLLTXVideo
 
         from grpo.data.toyworld import ToyWorldConfig
         from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
 
-        vae = AutoencoderKLLTXVideo.from_pretrained(path / "vae", use_safetensors=True)
+        vae_class = AutoencoderKLLTX2Video if generator == "ltx2" else AutoencoderKLLTXVideo
+        vae = vae_class.from_pretrained(path / "vae", use_safetensors=True)
         world = ToyWorldConfig(context_frames=config.clip_frames, next_frames=config.clip_frames)
         fit_toy_vae(vae, world, ToyVAEFitConfig(steps=vae_fit_steps, seed=spec.seed))
         vae.save_pretrained(path / "vae")

@@ -64,7 +64,7 @@ def _teacher_forcing_forward(policy, tokens, num_clips=3):
     coords = torch.cat(
         [policy.positions(0, num_clips - 1, (4, 4)), policy.positions(0, num_clips, (4, 4))], 1
     )
-    text = (torch.zeros(1, 1, 32), torch.ones(1, 1, dtype=torch.bool))
+    text = policy.text_inputs(policy.prepare_condition([{}]), torch.arange(1), 1.0)  # the empty text
     with torch.no_grad():
         return policy._forward(
             tokens, timestep, coords, text, AttentionPlan(mask=clip_causal_mask(ids, clean))
