@@ -296,7 +296,7 @@ def write_evaluation(
 ) -> Path:
     """Write ``results.json`` and the kept videos (with each of those rows' context, true next scene
     and prompt, read from ``dataset``)."""
-    from grpo.data.video import default_mp4_codec, write_video
+    from policies.video_io import default_mp4_codec, write_video
 
     folder = Path(folder)
     results = evaluation.results

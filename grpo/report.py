@@ -326,7 +326,7 @@ def training_charts(metrics: Sequence[dict[str, Any]]) -> list[str]:
 def _fit(video: np.ndarray, size: int = 160, max_frames: int = 48) -> tuple[np.ndarray, int]:
     """uint8 frames resized so the longer side is about ``size`` (small videos: integer nearest
     upscaling, so pixels stay sharp), at most ``max_frames`` frames; returns the frame stride too."""
-    from grpo.data.video import resize_frame
+    from policies.video_io import resize_frame
 
     stride = max(1, math.ceil(len(video) / max_frames))
     video = video[::stride]
@@ -364,7 +364,7 @@ def sample_gif(
     the row has, with a label band), the panel labels and the GIF's (height, width)."""
     import tempfile
 
-    from grpo.data.video import read_video, side_by_side, to_uint8, write_video
+    from policies.video_io import read_video, side_by_side, to_uint8, write_video
 
     videos, labels = [], []
     for key, label in PANELS:

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import numpy as np
 
 from grpo.config import ConfigError, TrainerConfig, _require
-from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from policies.errors import InputError
 from policies.files import check_model_weights
+from policies.seeding import INIT_STREAM, derived_seed, seeded
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
 PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")

@@ -574,7 +574,7 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
                 func.check_health()
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
-    from grpo.seeding import INIT_STREAM, derived_seed, seeded
+    from policies.seeding import INIT_STREAM, derived_seed, seeded
 
     # weights a checkpoint may lack (an NSP connector not trained yet) are drawn from the recipe's seed
     with seeded(derived_seed(recipe.args.seed, INIT_STREAM, 1)):

@@ -36,13 +36,13 @@ from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_te
 from grpo.config import GRPOConfig
 from grpo.loss import grpo_loss, loss_weights
 from grpo.preemption import PreemptionHandler
-from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
+from policies.seeding import INIT_STREAM, derived_seed, seeded
 from rewards.composite import CompositeOutput, CompositeReward
 
 # dataset columns that condition the policy rather than being passed to rewards as metadata
@@ -542,7 +542,7 @@ class GRPOTrainer:
     def _save_samples(self, rollout: Rollout, scores: CompositeOutput, iteration: int) -> None:
         if not self.accelerator.is_main_process or not self.args.save_samples:
             return
-        from grpo.data.video import write_video
+        from policies.video_io import write_video
 
         folder = self.output_dir / "samples" / f"iter_{iteration:06d}"
         for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.data.video import to_uint8
 from policies.errors import InputError
+from policies.seeding import derived_seed
+from policies.video_io import to_uint8
 
 PAIR_VIDEOS = ("context", "chosen", "rejected")
 SCORE_VIDEOS = ("context", "video")
@@ -371,8 +372,6 @@ def policy_candidates(
     ``policy`` honours the rollout contract (`policies.LTXPolicy`): ``prepare_condition``,
     ``rollout`` and ``decode``; ``sampling`` is its `SamplingConfig`. Seeds derive from ``seed``.
     """
-    from grpo.trainer import derived_seed
-
     out = []
     for r, row in enumerate(rows):
         condition = policy.prepare_condition([row], guidance_scale=sampling.guidance_scale)

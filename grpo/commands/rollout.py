@@ -150,11 +150,11 @@ def _check_ltx2_checkpoint(path: Path, sampling: LTX2SamplingConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.data.video import write_video
     from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
     from policies import SamplingConfig
     from policies.ltx import latent_shape, vae_compression
     from policies.tiny import TinyLTXSpec
+    from policies.video_io import write_video
 
     # every cheap check first: nothing is loaded or written before the arguments are known to work
     if args.checkpoint is not None and not args.checkpoint.is_dir():

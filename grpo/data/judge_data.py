@@ -33,7 +33,7 @@ def verdict_row(
     context: Any, candidate: Any, verdict: str, kind: str, prompt: str | None = None
 ) -> dict[str, Any]:
     """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors."""
-    from grpo.data.video import to_uint8
+    from policies.video_io import to_uint8
 
     return {
         "context": torch.from_numpy(np.ascontiguousarray(to_uint8(context))),
@@ -115,7 +115,7 @@ def read_verdict_manifest(path: str | Path, choices: Sequence[str] = ("yes", "no
     """The rows of a verdict manifest (JSON Lines) as a `verdict_dataset`. Every line is validated
     first -- JSON object, the keys, a verdict that is one of ``choices``, both video files present --
     so a bad line fails in milliseconds with ``FILE:LINE: problem; fix``; then the videos are decoded."""
-    from grpo.data.video import read_video
+    from policies.video_io import read_video
 
     path = Path(path)
     if not path.is_file():

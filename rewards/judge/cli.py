@@ -134,7 +134,7 @@ def _read_manifest(path: Path, mode: str) -> list[dict[str, Any]]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from grpo.data.video import read_video
+    from policies.video_io import read_video
     from rewards.judge.client import CausalConsistencyJudge
 
     names = ["model", "scoring", "num_frames", "top_logprobs", "max_concurrency", "timeout_s", "max_retries",
