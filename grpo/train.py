@@ -90,7 +90,7 @@ class LTX2PolicySpec:
         default=0,
         metadata={
             "help": "with tiny: the toy-world layout, its audio VAE and then its vocoder fitted to the toy "
-            "world's sound for this many steps each first (policies.toy_audio; 0 = random)"
+            "world's sound for this many steps each first (grpo.toy_audio; 0 = random)"
         },
     )
     sampling: dict[str, Any] = field(
@@ -173,19 +173,20 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     if isinstance(spec, NSPPolicySpec):
         from dataclasses import asdict
 
+        from grpo.toy_checkpoints import build_fitted_tiny_nsp
         from policies.nsp import NSPConfig, NSPPolicy
-        from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
+        from policies.tiny_nsp import TinyNSPSpec
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
         if spec.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
             tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps)
             tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **spec.overrides}, "policy.overrides")
-            build_tiny_nsp(path, tiny)
+            build_fitted_tiny_nsp(path, tiny)
         return NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
     if isinstance(spec, NextClipPolicySpec):
+        from grpo.toy_checkpoints import build_fitted_tiny_nextclip
         from policies.nextclip import NextClipConfig, NextClipPolicy
-        from policies.nextclip_tiny import build_tiny_nextclip
         from policies.tiny import TinyLTXSpec
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
@@ -193,7 +194,7 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
             k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
         }
         if spec.path is None and not (path / "model_index.json").is_file():
-            build_tiny_nextclip(
+            build_fitted_tiny_nextclip(
                 path,
                 TinyLTXSpec.toy_world(),
                 config=NextClipConfig(**changes),
@@ -201,13 +202,14 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):
+        from grpo.toy_checkpoints import build_fitted_tiny_ltx2
         from policies.ltx2 import LTX2Policy
-        from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
+        from policies.tiny_ltx2 import TinyLTX2Spec
 
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
             fits = dict(vae_fit_steps=spec.tiny_vae_fit_steps, audio_fit_steps=spec.tiny_audio_fit_steps)
-            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
+            build_fitted_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy

@@ -1,12 +1,12 @@
-"""Fitting the tiny LTX-2 audio VAE and vocoder to the toy world's sound (`policies.toy_audio`)."""
+"""Fitting the tiny LTX-2 audio VAE and vocoder to the toy world's sound (`grpo.toy_audio`)."""
 
 from __future__ import annotations
 
 import torch
 
 from grpo.data.toyworld import ToyWorldConfig
+from grpo.toy_audio import ToyAudioFitConfig, fit_toy_audio, round_trip_reward, vocoder_loss
 from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
-from policies.toy_audio import ToyAudioFitConfig, fit_toy_audio, round_trip_reward, vocoder_loss
 
 
 def _random_pair(seed: int = 0):
