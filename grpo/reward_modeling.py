@@ -301,7 +301,7 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
     import torch
 
     from grpo.data import ToyWorld
-    from grpo.train import scene_row
+    from grpo.data.rows import scene_row
     from policies.ltx import SamplingConfig
     from policies.nsp import NSPPolicy
     from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates

@@ -34,6 +34,7 @@ import torch
 
 from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
+from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, reward_metadata, write_evaluation
 from grpo.loss import grpo_loss, loss_weights
 from grpo.preemption import PreemptionHandler
 from grpo.tracking import MetricsLogger
@@ -44,33 +45,6 @@ from policies.rollout import Rollout
 from policies.sde import kl_divergence
 from policies.seeding import INIT_STREAM, derived_seed, seeded
 from rewards.composite import CompositeOutput, CompositeReward
-
-# dataset columns that condition the policy rather than being passed to rewards as metadata
-CONDITION_COLUMNS = (
-    "prompt",
-    "negative_prompt",
-    "prompt_embeds",
-    "prompt_attention_mask",
-    "image",
-    "context",
-)
-# a row's target sound (supervised data): never a reward input, rewards get the generated sound instead
-TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
-
-
-def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
-    """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
-    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
-    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
-    n = rollout.num_samples
-    skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
-    metadata = {k: [v] * n for k, v in row.items() if k not in skip}
-    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
-    sound = decode_audio(rollout) if decode_audio is not None else None
-    if sound is not None:
-        waveforms, sample_rate = sound
-        metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)
-    return metadata
 
 
 class GRPOTrainer:
@@ -222,8 +196,6 @@ class GRPOTrainer:
     def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
         args = self.args
         steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
-        from grpo.evaluation import eval_sampling  # grpo.evaluation imports this module
-
         # the held-out sampler's geometry, schedule and CFG, with this iteration's stochastic steps
         return replace(eval_sampling(args), kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
 
@@ -518,8 +490,6 @@ class GRPOTrainer:
         videos to ``output_dir/eval/step_<iteration>/`` (`grpo.evaluation`): the run report compares
         the first and the last of these.
         """
-        from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, write_evaluation
-
         dataset = self.eval_dataset if dataset is None else dataset
         ema = self.state.ema
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():

@@ -28,6 +28,7 @@ import torch
 from policies.errors import InputError
 from policies.seeding import derived_seed
 from policies.video_io import to_uint8
+from rewards.composite import CompositeReward
 
 PAIR_VIDEOS = ("context", "chosen", "rejected")
 SCORE_VIDEOS = ("context", "video")
@@ -268,8 +269,6 @@ def score_candidates(
     is repeated for each candidate of the group. Rewards run through `rewards.CompositeReward`,
     so their output is checked (one finite score or None per video).
     """
-    from rewards.composite import CompositeReward
-
     if len(candidates) != len(contexts):
         raise InputError(f"{len(contexts)} contexts but {len(candidates)} candidate groups; give one each")
     scorer = CompositeReward([reward], names=["teacher"])
