@@ -37,6 +37,7 @@ from policies.errors import InputError
 from policies.ltx import SamplingConfig
 from policies.rollout import Rollout
 from policies.seeding import derived_seed
+from policies.video_io import default_mp4_codec, write_video
 from rewards.composite import CompositeOutput, CompositeReward
 
 # dataset columns that condition the policy rather than being passed to rewards as metadata
@@ -325,8 +326,6 @@ def write_evaluation(
 ) -> Path:
     """Write ``results.json`` and the kept videos (with each of those rows' context, true next scene
     and prompt, read from ``dataset``)."""
-    from policies.video_io import default_mp4_codec, write_video
-
     folder = Path(folder)
     results = evaluation.results
     results.step = step

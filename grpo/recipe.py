@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from grpo import judge_training, reward_modeling
 from grpo.config import (
     ConfigError,
     FlowMatchingConfig,
@@ -43,8 +44,6 @@ from grpo.config import (
     VideoTrainerConfig,
     check_choice,
 )
-from grpo.judge_training import JudgeSFTConfig
-from grpo.reward_modeling import RewardModelConfig
 from policies.errors import InputError
 
 RESOLVED_RECIPE_FILE = "resolved_recipe.yaml"
@@ -55,8 +54,8 @@ TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {
     "pretrain": FlowMatchingConfig,
     "sft": FlowMatchingConfig,
     "grpo": GRPOConfig,
-    "reward_model": RewardModelConfig,
-    "judge_sft": JudgeSFTConfig,
+    "reward_model": reward_modeling.RewardModelConfig,
+    "judge_sft": judge_training.JudgeSFTConfig,
 }
 
 T = TypeVar("T")
@@ -393,13 +392,9 @@ def _check_reward_names(recipe: Recipe) -> None:
 def _section_specs(stage: str) -> tuple[dict[str, type], dict[str, type]]:
     """The policy and data spec classes of a stage, by ``type``."""
     if stage == "reward_model":
-        from grpo.reward_modeling import DATA_SPECS, RewardModelSpec
-
-        return {"video_reward_model": RewardModelSpec}, DATA_SPECS
+        return {"video_reward_model": reward_modeling.RewardModelSpec}, reward_modeling.DATA_SPECS
     if stage == "judge_sft":
-        from grpo.judge_training import DATA_SPECS, JudgeModelSpec
-
-        return {"qwen_vl_judge": JudgeModelSpec}, DATA_SPECS
+        return {"qwen_vl_judge": judge_training.JudgeModelSpec}, judge_training.DATA_SPECS
     from grpo.train import DATA_SPECS, POLICY_SPECS  # grpo.train imports this module
 
     return POLICY_SPECS, DATA_SPECS

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
-
-from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, AutoencoderKLLTXVideo
-from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from typing import Any
 
 from grpo.data.toyworld import ToyWorldConfig
 from grpo.toy_audio import ToyAudioFitConfig, fit_toy_audio
@@ -28,7 +26,7 @@ from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
 
 
-def _fit_video_vae(vae_dir: Path, vae_class: type, world: ToyWorldConfig, steps: int, seed: int) -> None:
+def _fit_video_vae(vae_dir: Path, vae_class: Any, world: ToyWorldConfig, steps: int, seed: int) -> None:
     """Fit the video VAE saved in ``vae_dir`` to ``world``'s clips for ``steps`` steps and save it back."""
     vae = vae_class.from_pretrained(vae_dir, use_safetensors=True)
     fit_toy_vae(vae, world, ToyVAEFitConfig(steps=steps, seed=seed))
@@ -43,6 +41,9 @@ def build_fitted_tiny_ltx2(
     spec = spec or TinyLTX2Spec()
     if seed is not None:
         spec = replace(spec, seed=seed)
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
     path = build_tiny_ltx2(directory, replace(spec, vae_fit_steps=0, audio_fit_steps=0))
     if spec.vae_fit_steps:
         _fit_video_vae(path / "vae", AutoencoderKLLTX2Video, ToyWorldConfig(), spec.vae_fit_steps, spec.seed)
@@ -60,6 +61,8 @@ def build_fitted_tiny_ltx2(
 
 def build_fitted_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
     """`policies.tiny_nsp.build_tiny_nsp`, then its LTX VAE fitted for ``spec.vae_fit_steps`` steps."""
+    from diffusers import AutoencoderKLLTXVideo
+
     spec = spec or TinyNSPSpec()
     path = build_tiny_nsp(path, replace(spec, vae_fit_steps=0))
     if spec.vae_fit_steps:
@@ -79,6 +82,8 @@ def build_fitted_tiny_nextclip(
 ) -> Path:
     """`policies.nextclip_tiny.build_tiny_nextclip`, then its VAE fitted for ``vae_fit_steps`` steps to
     toy-world clips of ``config.clip_frames`` frames."""
+    from diffusers import AutoencoderKLLTXVideo
+
     spec = spec or TinyLTXSpec(text_layers=0)
     config = config or NextClipConfig()
     path = build_tiny_nextclip(path, spec, config)

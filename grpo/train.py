@@ -14,11 +14,28 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from grpo import judge_training, reward_modeling
+from grpo.checkpoint import check_resume
 from grpo.config import ConfigError, trained_frame_rate
+from grpo.data import NSPDataConfig, NSPVideoDataset, ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
-from grpo.recipe import Recipe, from_dict
+from grpo.recipe import Recipe, from_dict, save_resolved
+from grpo.report import write_report
+from grpo.sft import FlowMatchingTrainer
+from grpo.toy_checkpoints import build_fitted_tiny_ltx2, build_fitted_tiny_nextclip, build_fitted_tiny_nsp
+from grpo.trainer import GRPOTrainer
+from policies import LTXPolicy
 from policies.errors import InputError
 from policies.files import check_output_dir
+from policies.ltx import check_ltx_dir
+from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2Policy, LTX2SamplingConfig, check_ltx2_dir
+from policies.nextclip import NextClipConfig, NextClipPolicy, check_nextclip_dir
+from policies.nsp import NSPConfig, NSPPolicy, check_nsp_dir
+from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import TinyLTX2Spec
+from policies.tiny_nsp import TinyNSPSpec
+from rewards.composite import CompositeReward
 
 # ----------------------------------------------------------------------------------------- policies
 
@@ -104,8 +121,6 @@ class LTX2PolicySpec:
     )
 
     def __post_init__(self) -> None:
-        from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2SamplingConfig
-
         unknown = sorted(set(self.sampling) - set(LTX2_ONLY_FIELDS))
         if unknown:
             raise InputError(
@@ -148,20 +163,12 @@ def _policy_spec(recipe: Recipe) -> Any:
 def check_policy_dir(spec: Any) -> None:
     """Layout and weight files of the checkpoint a spec names (safetensors headers only: cheap)."""
     if isinstance(spec, NSPPolicySpec):
-        from policies.nsp import check_nsp_dir
-
         check_nsp_dir(Path(spec.path), **spec.overrides)
     elif isinstance(spec, NextClipPolicySpec):
-        from policies.nextclip import check_nextclip_dir
-
         check_nextclip_dir(Path(spec.path))
     elif isinstance(spec, LTX2PolicySpec):
-        from policies.ltx2 import check_ltx2_dir
-
         check_ltx2_dir(Path(spec.path))
     else:
-        from policies.ltx import check_ltx_dir
-
         check_ltx_dir(Path(spec.path))
 
 
@@ -174,10 +181,6 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     if isinstance(spec, NSPPolicySpec):
         from dataclasses import asdict
 
-        from grpo.toy_checkpoints import build_fitted_tiny_nsp
-        from policies.nsp import NSPConfig, NSPPolicy
-        from policies.tiny_nsp import TinyNSPSpec
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
         if spec.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
@@ -186,10 +189,6 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
             build_fitted_tiny_nsp(path, tiny)
         return NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
     if isinstance(spec, NextClipPolicySpec):
-        from grpo.toy_checkpoints import build_fitted_tiny_nextclip
-        from policies.nextclip import NextClipConfig, NextClipPolicy
-        from policies.tiny import TinyLTXSpec
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
         changes = {
             k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
@@ -203,10 +202,6 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):
-        from grpo.toy_checkpoints import build_fitted_tiny_ltx2
-        from policies.ltx2 import LTX2Policy
-        from policies.tiny_ltx2 import TinyLTX2Spec
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
             fits = dict(vae_fit_steps=spec.tiny_vae_fit_steps, audio_fit_steps=spec.tiny_audio_fit_steps)
@@ -214,9 +209,6 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy
-    from policies import LTXPolicy
-    from policies.tiny import build_tiny_ltx
-
     path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx"
     if spec.path is None and not (path / "model_index.json").is_file():
         build_tiny_ltx(path)
@@ -456,8 +448,6 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
 def build_datasets(spec: Any) -> tuple[Any, Any]:
     """Training and held-out rows for a data spec."""
     if isinstance(spec, ToyWorldClipsDataSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-
         config = ToyWorldConfig.for_clips(
             spec.num_clips,
             clip_frames=spec.clip_frames,
@@ -471,8 +461,6 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
         )
     if isinstance(spec, ToyWorldDataSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-
         config = ToyWorldConfig(
             size=spec.size,
             context_frames=spec.context_frames,
@@ -487,8 +475,6 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
         )
     if isinstance(spec, ManifestDataSpec):
-        from grpo.data import NSPDataConfig, NSPVideoDataset
-
         config = NSPDataConfig(
             context_frames=spec.context_frames,
             next_frames=spec.next_frames,
@@ -515,17 +501,11 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
 
 def validate(recipe: Recipe) -> tuple[Any, Any]:
     """Every check that needs no model; returns the policy and data specs."""
-    from grpo.checkpoint import check_resume
-
     check_output_dir(recipe.args.output_dir, "output_dir")
     if recipe.stage == "reward_model":
-        from grpo.reward_modeling import validate_recipe
-
-        specs = validate_recipe(recipe)
+        specs = reward_modeling.validate_recipe(recipe)
     elif recipe.stage == "judge_sft":
-        from grpo.judge_training import validate_recipe
-
-        specs = validate_recipe(recipe)
+        specs = judge_training.validate_recipe(recipe)
     else:
         specs = _policy_spec(recipe), _data_spec(recipe)
     check_resume(recipe.args.resume_from_checkpoint, recipe.args.output_dir)
@@ -534,18 +514,10 @@ def validate(recipe: Recipe) -> tuple[Any, Any]:
 
 def run(recipe: Recipe) -> list[dict[str, Any]]:
     """Train as the recipe says; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-    from grpo.trainer import GRPOTrainer
-    from rewards.composite import CompositeReward
-
     if recipe.stage == "reward_model":
-        from grpo.reward_modeling import run_recipe
-
-        return run_recipe(recipe)
+        return reward_modeling.run_recipe(recipe)
     if recipe.stage == "judge_sft":
-        from grpo.judge_training import run_recipe
-
-        return run_recipe(recipe)
+        return judge_training.run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)
     train, evaluation = build_datasets(data_spec)
     flow_matching = recipe.stage in ("pretrain", "sft")
@@ -558,19 +530,13 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
                 func.check_health()
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
-    from policies.seeding import INIT_STREAM, derived_seed, seeded
-
     # weights a checkpoint may lack (an NSP connector not trained yet) are drawn from the recipe's seed
     with seeded(derived_seed(recipe.args.seed, INIT_STREAM, 1)):
         policy = build_policy(policy_spec, output_dir)
     if flow_matching:
-        from grpo.sft import FlowMatchingTrainer
-
         return FlowMatchingTrainer(policy, recipe.args, train, eval_dataset=evaluation).train()
     trainer = GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation)
     history = trainer.train()
     if trainer.accelerator.is_main_process:  # curves, before/after table and videos in one page
-        from grpo.report import write_report
-
         print(f"report: {write_report(output_dir)}")
     return history

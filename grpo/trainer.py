@@ -44,6 +44,7 @@ from policies.ltx import SamplingConfig
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
 from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.video_io import write_video
 from rewards.composite import CompositeOutput, CompositeReward
 
 
@@ -512,8 +513,6 @@ class GRPOTrainer:
     def _save_samples(self, rollout: Rollout, scores: CompositeOutput, iteration: int) -> None:
         if not self.accelerator.is_main_process or not self.args.save_samples:
             return
-        from policies.video_io import write_video
-
         folder = self.output_dir / "samples" / f"iter_{iteration:06d}"
         for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):
             reward = sum((scores.weights[n] * (scores.columns[n][b] or 0.0)) for n in scores.columns)

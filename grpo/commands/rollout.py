@@ -17,9 +17,21 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
+from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
+from policies import SamplingConfig
 from policies.errors import InputError
 from policies.files import check_output_dir
-from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2_PIPELINES, MODALITIES, LTX2SamplingConfig
+from policies.ltx import latent_shape, vae_compression
+from policies.ltx2 import (
+    LTX2_ONLY_FIELDS,
+    LTX2_PIPELINES,
+    MODALITIES,
+    LTX2SamplingConfig,
+    check_ltx2_dir,
+    check_ltx2_sampling,
+)
+from policies.tiny import TinyLTXSpec
+from policies.video_io import write_video
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,9 +133,6 @@ def checkpoint_family(path: Path) -> str:
 
 def _check_ltx2_checkpoint(path: Path, sampling: LTX2SamplingConfig) -> None:
     """Everything about an LTX-2 checkpoint that can refuse these settings, from its configs alone."""
-    from policies.ltx import latent_shape
-    from policies.ltx2 import check_ltx2_dir, check_ltx2_sampling
-
     check_ltx2_dir(path)
     vae = json.loads((path / "vae" / "config.json").read_text())
     spatial, temporal = vae.get("spatial_compression_ratio", 32), vae.get("temporal_compression_ratio", 8)
@@ -150,12 +159,6 @@ def _check_ltx2_checkpoint(path: Path, sampling: LTX2SamplingConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
-    from policies import SamplingConfig
-    from policies.ltx import latent_shape, vae_compression
-    from policies.tiny import TinyLTXSpec
-    from policies.video_io import write_video
-
     # every cheap check first: nothing is loaded or written before the arguments are known to work
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         raise InputError(f"--checkpoint: checkpoint directory {str(args.checkpoint)!r} does not exist")
