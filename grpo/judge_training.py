@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from grpo.config import ConfigError, TrainerConfig, _require
+from grpo.data import ToyWorld, ToyWorldConfig
+from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
+from grpo.tracking import MetricsLogger
 from policies.errors import InputError
 from policies.files import check_model_weights
+from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+from rewards.judge.config import JudgeConfig
+from rewards.judge.local import InProcessJudge, encode_request
+from rewards.judge.prompts import build_requests
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
@@ -139,7 +146,6 @@ DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_ma
 def judge_config(spec: JudgeModelSpec) -> Any:
     """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
     from grpo.recipe import from_dict
-    from rewards.judge.config import JudgeConfig
 
     unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
     if unknown:
@@ -185,8 +191,6 @@ def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
     if spec.tiny:
-        from policies.tiny_qwen_vl import TinyQwenVLSpec
-
         tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
         if tiny.architecture not in VL_MODEL_TYPES:
             raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
@@ -210,13 +214,9 @@ def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
 def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
     manifest: None)."""
-    from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
-
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
-    from grpo.data import ToyWorld, ToyWorldConfig
-
     config = ToyWorldConfig(
         size=data.size,
         context_frames=data.context_frames,
@@ -239,12 +239,9 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
 def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
     """Model, tokenizer and pre-processing config of the judge to train (a tiny one is written to
     ``output_dir/base`` first, so it loads through exactly the code a real checkpoint takes)."""
-    from rewards.judge.local import InProcessJudge
-
     path = spec.path
     if spec.tiny:
         from grpo.recipe import from_dict
-        from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
 
         tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
         path = build_tiny_qwen_vl(output_dir / "base", tiny)
@@ -306,9 +303,6 @@ class JudgeCollator:
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         """The prompt inputs (CPU) and labels of one row."""
         import torch
-
-        from rewards.judge.local import encode_request
-        from rewards.judge.prompts import build_requests
 
         prompts = None if row.get("prompt") is None else [row["prompt"]]
         request = build_requests(
@@ -413,9 +407,6 @@ def train_judge(
     ``args.output_dir/final``; returns the log."""
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTTrainer
-
-    from grpo.tracking import MetricsLogger
-    from rewards.judge.local import InProcessJudge
 
     def scored(prefix: str) -> dict[str, float]:
         return evaluate_judge(InProcessJudge(model, tokenizer, config, inputs_config), eval_rows, prefix)

@@ -25,9 +25,36 @@ from typing import Any, Literal
 import numpy as np
 
 from grpo.config import ConfigError, TrainerConfig, _require
+from grpo.data import ToyWorld, ToyWorldConfig
+from grpo.data.rows import scene_row
+from grpo.preemption import PreemptionHandler
+from grpo.tracking import MetricsLogger
+from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.files import check_model_weights
+from policies.ltx import SamplingConfig
+from policies.nsp import NSPPolicy
 from policies.seeding import INIT_STREAM, derived_seed, seeded
+from rewards.preferences import (
+    check_preferences,
+    pairs_from_scores,
+    policy_candidates,
+    score_candidates,
+    toyworld_pairs,
+)
+from rewards.reward_model import (
+    DEFAULT_QUESTION,
+    RewardModelArgs,
+    TinyRewardModelSpec,
+    VideoRewardModel,
+    bradley_terry_loss,
+    bradley_terry_ties_loss,
+    build_tiny_reward_model,
+    check_reward_model_dir,
+    regression_loss,
+    spearman,
+)
+from rewards.verifiable import ToyWorldVerifiableReward
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
 PERTURBATION_NAMES = ("wrong_direction", "frozen", "shuffled", "other_sample")
@@ -197,8 +224,6 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
         raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
-    from rewards.reward_model import check_reward_model_dir
-
     for name in ("path", "backbone"):
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
@@ -228,13 +253,6 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
 def build_model(spec: RewardModelSpec) -> Any:
     """The reward model a spec names: a trained one, a new one on a Qwen-VL backbone, or a tiny one."""
     from grpo.recipe import from_dict
-    from rewards.reward_model import (
-        DEFAULT_QUESTION,
-        RewardModelArgs,
-        TinyRewardModelSpec,
-        VideoRewardModel,
-        build_tiny_reward_model,
-    )
 
     if spec.path:
         return VideoRewardModel.from_pretrained(spec.path, dtype=spec.torch_dtype)
@@ -258,9 +276,6 @@ def build_model(spec: RewardModelSpec) -> Any:
 def build_tables(data: Any) -> tuple[Any, Any]:
     """Training and held-out tables of a data spec."""
     if isinstance(data, ToyPreferencesSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-        from rewards.preferences import toyworld_pairs
-
         config = ToyWorldConfig(
             size=data.size,
             context_frames=data.context_frames,
@@ -299,13 +314,6 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
     import json
 
     import torch
-
-    from grpo.data import ToyWorld
-    from grpo.data.rows import scene_row
-    from policies.ltx import SamplingConfig
-    from policies.nsp import NSPPolicy
-    from rewards.preferences import pairs_from_scores, policy_candidates, score_candidates
-    from rewards.verifiable import ToyWorldVerifiableReward
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = NSPPolicy.from_pretrained(data.policy, device=device)
@@ -391,9 +399,6 @@ class RewardModelTrainer:
         import torch
         from accelerate import Accelerator
 
-        from grpo.training_state import TrainingState
-        from rewards.preferences import check_preferences
-
         self.pairs = args.loss_type != "regression"
         aspects = model.args.aspects
         check_preferences(train_dataset, aspects, pairs=self.pairs, name="train_dataset")
@@ -411,9 +416,6 @@ class RewardModelTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
         """Run optimizer steps up to ``max_steps`` (resuming if asked), calibrate, save ``final``."""
-        from grpo.preemption import PreemptionHandler
-        from grpo.tracking import MetricsLogger
-
         args = self.args
         start = self.state.resume()
         history: list[dict[str, Any]] = []
@@ -503,8 +505,6 @@ class RewardModelTrainer:
 
     def _pair_loss(self, chosen: Any, rejected: Any, tie: Any) -> Any:
         """Mean Bradley-Terry (ties skipped) or Bradley-Terry-with-ties loss, plus TRL's centring term."""
-        from rewards.reward_model import bradley_terry_loss, bradley_terry_ties_loss
-
         args = self.args
         if args.loss_type == "bradley_terry_ties":
             loss = bradley_terry_ties_loss(chosen, rejected, tie, args.tie_theta).mean()
@@ -519,8 +519,6 @@ class RewardModelTrainer:
         """Mean loss of a micro-batch and its pairwise accuracy (non-tied pairs; NaN for scores)."""
         import torch
 
-        from rewards.reward_model import regression_loss
-
         if not self.pairs:
             predicted = self._scores(forward, rows, "video")
             target = torch.as_tensor(np.asarray(rows["score"], dtype=np.float32), device=predicted.device)
@@ -534,8 +532,6 @@ class RewardModelTrainer:
         """Held-out loss and, for pairs, pairwise accuracy (overall and per ``kind``); with a ``world``
         column also the Spearman correlation of the model's scores with the verifiable reward."""
         import torch
-
-        from rewards.reward_model import spearman
 
         dataset = self.eval_dataset if dataset is None else dataset.with_format("numpy")
         size = self.args.per_device_eval_batch_size
@@ -579,9 +575,6 @@ class RewardModelTrainer:
 
     def _spearman_verifiable(self, dataset: Any, scores: list[float]) -> float:
         """Spearman of the model's scores of every candidate with the toy world's verifiable reward."""
-        from rewards.reward_model import spearman
-        from rewards.verifiable import ToyWorldVerifiableReward
-
         reward = ToyWorldVerifiableReward()
         worlds = list(dataset["world"]) * 2
         videos = _videos(dataset["chosen"]) + _videos(dataset["rejected"])
