@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+import rewards
 from grpo import judge_training, reward_modeling
 from grpo.config import (
     ConfigError,
@@ -380,8 +381,6 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def _check_reward_names(recipe: Recipe) -> None:
-    import rewards  # the registry; imported here so that loading a recipe without rewards stays light
-
     for i, spec in enumerate(recipe.rewards):
         try:
             rewards.resolve(spec.name)
