@@ -30,6 +30,7 @@ from typing import Any, Literal
 from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
+from grpo.schema import from_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from policies.errors import InputError
 from policies.files import check_model_weights
@@ -145,8 +146,6 @@ DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_ma
 
 def judge_config(spec: JudgeModelSpec) -> Any:
     """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
-    from grpo.recipe import from_dict
-
     unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
     if unknown:
         raise InputError(
@@ -179,8 +178,6 @@ def check_vl_checkpoint(path: str) -> None:
 
 def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
     """Every check of a ``judge_sft`` recipe that needs no model; returns the model and data specs."""
-    from grpo.recipe import from_dict
-
     if recipe.policy["type"] != "qwen_vl_judge":
         raise InputError(
             f"policy.type: stage 'judge_sft' trains a 'qwen_vl_judge', got {recipe.policy['type']!r}"
@@ -241,8 +238,6 @@ def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
     ``output_dir/base`` first, so it loads through exactly the code a real checkpoint takes)."""
     path = spec.path
     if spec.tiny:
-        from grpo.recipe import from_dict
-
         tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
         path = build_tiny_qwen_vl(output_dir / "base", tiny)
     return InProcessJudge.load_checkpoint(Path(path), "cpu", spec.torch_dtype, None)
@@ -250,8 +245,6 @@ def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
 
 def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     """Fine-tune the judge a recipe describes; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-
     spec, data = validate_recipe(recipe)
     config = judge_config(spec)
     train, held_out = build_rows(data, config.choices)

@@ -28,6 +28,7 @@ from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
 from grpo.preemption import PreemptionHandler
+from grpo.schema import from_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -212,8 +213,6 @@ DATA_SPECS: dict[str, type] = {"toyworld_preferences": ToyPreferencesSpec, "pref
 
 def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
     """Every check of a ``reward_model`` recipe that needs no model; returns the model and data specs."""
-    from grpo.recipe import from_dict
-
     if recipe.policy["type"] != "video_reward_model":
         raise InputError(
             f"policy.type: stage 'reward_model' trains a 'video_reward_model', got {recipe.policy['type']!r}"
@@ -252,8 +251,6 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
 
 def build_model(spec: RewardModelSpec) -> Any:
     """The reward model a spec names: a trained one, a new one on a Qwen-VL backbone, or a tiny one."""
-    from grpo.recipe import from_dict
-
     if spec.path:
         return VideoRewardModel.from_pretrained(spec.path, dtype=spec.torch_dtype)
     args = RewardModelArgs(
@@ -350,8 +347,6 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
 
 def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     """Train the reward model a recipe describes; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-
     spec, data = validate_recipe(recipe)
     save_resolved(recipe, recipe.args.output_dir)
     train, evaluation = build_tables(data)

@@ -12,15 +12,15 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from grpo import judge_training, reward_modeling
 from grpo.checkpoint import check_resume
 from grpo.config import ConfigError, trained_frame_rate
 from grpo.data import NSPDataConfig, NSPVideoDataset, ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
-from grpo.recipe import Recipe, from_dict, save_resolved
 from grpo.report import write_report
+from grpo.schema import from_dict, save_resolved
 from grpo.sft import FlowMatchingTrainer
 from grpo.toy_checkpoints import build_fitted_tiny_ltx2, build_fitted_tiny_nextclip, build_fitted_tiny_nsp
 from grpo.trainer import GRPOTrainer
@@ -38,6 +38,9 @@ from policies.tiny_nsp import TinyNSPSpec
 from rewards.composite import CompositeReward
 
 # ----------------------------------------------------------------------------------------- policies
+
+if TYPE_CHECKING:
+    from grpo.recipe import Recipe
 
 
 @dataclass
