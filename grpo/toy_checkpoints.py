@@ -38,12 +38,12 @@ def build_fitted_tiny_ltx2(
 ) -> Path:
     """`policies.tiny_ltx2.build_tiny_ltx2`, then its video VAE fitted for ``spec.vae_fit_steps`` steps and
     its audio VAE and vocoder for ``spec.audio_fit_steps`` each; ``seed`` overrides ``spec.seed``."""
-    spec = spec or TinyLTX2Spec()
-    if seed is not None:
-        spec = replace(spec, seed=seed)
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
+    spec = spec or TinyLTX2Spec()
+    if seed is not None:
+        spec = replace(spec, seed=seed)
     path = build_tiny_ltx2(directory, replace(spec, vae_fit_steps=0, audio_fit_steps=0))
     if spec.vae_fit_steps:
         _fit_video_vae(path / "vae", AutoencoderKLLTX2Video, ToyWorldConfig(), spec.vae_fit_steps, spec.seed)

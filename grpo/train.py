@@ -37,10 +37,10 @@ from policies.tiny_ltx2 import TinyLTX2Spec
 from policies.tiny_nsp import TinyNSPSpec
 from rewards.composite import CompositeReward
 
-# ----------------------------------------------------------------------------------------- policies
-
 if TYPE_CHECKING:
     from grpo.recipe import Recipe
+
+# ----------------------------------------------------------------------------------------- policies
 
 
 @dataclass
