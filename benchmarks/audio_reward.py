@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from grpo.data.toyworld import EXPORT_MP4, ToyWorld, ToyWorldConfig
-from grpo.data.video import read_audio, write_video
+from policies.video_io import read_audio, write_video
 from rewards.verifiable_audio import ToyWorldAudioReward, detect_onsets
 
 

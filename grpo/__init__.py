@@ -1,7 +1,7 @@
 """Trainers for video diffusion policies: group-relative PPO and the supervised stages before it.
 
-Exports are resolved lazily so that importing a submodule (``grpo.data``) does not pull in the
-trainers, and so that ``rewards`` can use ``grpo.data`` without an import cycle.
+Exports are resolved lazily so that importing a submodule (``grpo.cli``, ``grpo.data``) does not pull in
+the trainers and torch: ``nextscene --help`` and a bad recipe fail in milliseconds.
 """
 
 from __future__ import annotations

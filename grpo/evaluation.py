@@ -33,10 +33,40 @@ from typing import Any
 import torch
 
 from grpo.config import GRPOConfig
-from grpo.trainer import derived_seed, reward_metadata
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.rollout import Rollout
+from policies.seeding import derived_seed
+from policies.video_io import default_mp4_codec, write_video
 from rewards.composite import CompositeOutput, CompositeReward
+
+# dataset columns that condition the policy rather than being passed to rewards as metadata
+CONDITION_COLUMNS = (
+    "prompt",
+    "negative_prompt",
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "image",
+    "context",
+)
+# a row's target sound (supervised data): never a reward input, rewards get the generated sound instead
+TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
+
+
+def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
+    """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
+    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
+    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
+    n = rollout.num_samples
+    skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
+    metadata = {k: [v] * n for k, v in row.items() if k not in skip}
+    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
+    sound = decode_audio(rollout) if decode_audio is not None else None
+    if sound is not None:
+        waveforms, sample_rate = sound
+        metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)
+    return metadata
+
 
 EVAL_DIR = "eval"
 RESULTS_FILE = "results.json"
@@ -301,8 +331,6 @@ def write_evaluation(
 ) -> Path:
     """Write ``results.json`` and the kept videos (with each of those rows' context, true next scene
     and prompt, read from ``dataset``)."""
-    from grpo.data.video import default_mp4_codec, write_video
-
     folder = Path(folder)
     results = evaluation.results
     results.step = step

@@ -28,9 +28,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 from grpo.config import TrainerConfig, _require
-from grpo.reward_modeling import PolicySamplesSpec, all_perturbations, check_toy_data
+from grpo.data import ToyWorld, ToyWorldConfig
+from grpo.data.judge_data import (
+    read_verdict_manifest,
+    toyworld_verdicts,
+    verdict_dataset,
+    verdicts_from_scores,
+)
+from grpo.reward_modeling import (
+    PolicySamplesSpec,
+    ToyPreferencesSpec,
+    all_perturbations,
+    check_toy_data,
+    policy_samples,
+)
+from grpo.schema import from_dict, save_resolved
+from grpo.tracking import MetricsLogger
 from policies.errors import InputError
 from policies.files import check_model_weights
+from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+from rewards.judge.config import JudgeConfig
+from rewards.judge.local import InProcessJudge, encode_request
+from rewards.judge.prompts import build_requests
+from rewards.preferences import PERTURBATIONS, perturb
+from rewards.reward_model import spearman
+from rewards.verifiable import ToyWorldVerifiableReward
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
@@ -134,9 +156,6 @@ DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_ma
 
 def judge_config(spec: JudgeModelSpec) -> Any:
     """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
-    from grpo.recipe import from_dict
-    from rewards.judge.config import JudgeConfig
-
     unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
     if unknown:
         raise InputError(
@@ -169,8 +188,6 @@ def check_vl_checkpoint(path: str) -> None:
 
 def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
     """Every check of a ``judge_sft`` recipe that needs no model; returns the model and data specs."""
-    from grpo.recipe import from_dict
-
     if recipe.policy["type"] != "qwen_vl_judge":
         raise InputError(
             f"policy.type: stage 'judge_sft' trains a 'qwen_vl_judge', got {recipe.policy['type']!r}"
@@ -181,8 +198,6 @@ def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
     if spec.tiny:
-        from policies.tiny_qwen_vl import TinyQwenVLSpec
-
         tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
         if tiny.architecture not in VL_MODEL_TYPES:
             raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
@@ -206,13 +221,9 @@ def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
 def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
     manifest: None)."""
-    from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
-
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
-    from grpo.data import ToyWorld, ToyWorldConfig
-
     config = ToyWorldConfig(
         size=data.size,
         context_frames=data.context_frames,
@@ -231,9 +242,6 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
     ]
     if data.policy is not None:
         import datasets
-
-        from grpo.data.judge_data import verdict_dataset, verdicts_from_scores
-        from grpo.reward_modeling import policy_samples
 
         for i, (split, n) in enumerate(
             (("train", data.policy_contexts), ("validation", data.policy_eval_contexts))
@@ -254,13 +262,8 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
 def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
     """Model, tokenizer and pre-processing config of the judge to train (a tiny one is written to
     ``output_dir/base`` first, so it loads through exactly the code a real checkpoint takes)."""
-    from rewards.judge.local import InProcessJudge
-
     path = spec.path
     if spec.tiny:
-        from grpo.recipe import from_dict
-        from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
-
         tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
         path = build_tiny_qwen_vl(output_dir / "base", tiny)
     return InProcessJudge.load_checkpoint(Path(path), "cpu", spec.torch_dtype, None)
@@ -268,8 +271,6 @@ def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
 
 def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     """Fine-tune the judge a recipe describes; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-
     spec, data = validate_recipe(recipe)
     config = judge_config(spec)
     train, held_out = build_rows(data, config.choices)
@@ -321,9 +322,6 @@ class JudgeCollator:
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         """The prompt inputs (CPU) and labels of one row."""
         import torch
-
-        from rewards.judge.local import encode_request
-        from rewards.judge.prompts import build_requests
 
         prompts = None if row.get("prompt") is None else [row["prompt"]]
         request = build_requests(
@@ -430,9 +428,6 @@ def train_judge(
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTTrainer
 
-    from grpo.tracking import MetricsLogger
-    from rewards.judge.local import InProcessJudge
-
     def scored(prefix: str) -> dict[str, float]:
         return evaluate_judge(InProcessJudge(model, tokenizer, config, inputs_config), eval_rows, prefix)
 
@@ -524,10 +519,6 @@ def held_out_candidates(
     (fresh seeds: judge_sft trains on ``train`` and scores ``validation``), its true continuation,
     one of each perturbation and ``generations`` samples of the NSP ``policy`` (drawn as its GRPO
     rollouts are, seeds from ``seed``; None: none), all scored by ``toyworld_verifiable``."""
-    from grpo.data import ToyWorld, ToyWorldConfig
-    from grpo.reward_modeling import ToyPreferencesSpec, policy_samples
-    from rewards.preferences import PERTURBATIONS, perturb
-    from rewards.verifiable import ToyWorldVerifiableReward
 
     config = ToyWorldConfig(size=32, next_overlap=1)  # the shipped NSP policy's data
     world = ToyWorld(config, split=split, num_samples=max(num_contexts, 2))
@@ -564,8 +555,6 @@ def judge_auroc(
     ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
     the same two over the policy's samples only (``policy/*``), and the mean P per candidate kind."""
     import numpy as np
-
-    from rewards.reward_model import spearman
 
     p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
     p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)

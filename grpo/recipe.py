@@ -16,38 +16,47 @@ number, not a string, and ``no`` / ``off`` are strings, not booleans), applies c
 overrides ``key.sub=value`` (the value is parsed as YAML; list entries are addressed by index,
 ``rewards.0.weight=2``), and validates everything strictly: an unknown key names the closest valid
 one, a wrong type names the field and the expected and given types, an impossible value names the
-field and the fix. All of it happens in milliseconds, before any model is loaded: neither this module
-nor `grpo.config` imports torch.
+field and the fix. All of it happens before any model is loaded. The strict checks themselves
+(`from_dict`) and the resolved recipe a run writes (`save_resolved`) live in `grpo.schema`, which the
+stages use too.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import os
 import re
-import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
+import rewards
+from grpo import judge_training, reward_modeling
 from grpo.config import (
     ConfigError,
     FlowMatchingConfig,
     GRPOConfig,
     TrainerConfig,
     VideoTrainerConfig,
-    check_choice,
 )
-from grpo.judge_training import JudgeSFTConfig
-from grpo.reward_modeling import RewardModelConfig
+from grpo.schema import RESOLVED_RECIPE_FILE, describe_value, from_dict, recipe_to_dict, save_resolved
+from grpo.train import DATA_SPECS, POLICY_SPECS, data_frame_rate
 from policies.errors import InputError
 
-RESOLVED_RECIPE_FILE = "resolved_recipe.yaml"
+__all__ = [
+    "RESOLVED_RECIPE_FILE",
+    "TRAINER_CONFIGS",
+    "Recipe",
+    "RewardSpec",
+    "apply_overrides",
+    "from_dict",
+    "load_recipe",
+    "recipe_to_dict",
+    "save_resolved",
+]
 
 # stage -> config class its `trainer` section is validated against; a stage missing here (a trainer
 # that validates its own section) keeps `trainer` as a plain dict and `Recipe.args` is None
@@ -55,11 +64,9 @@ TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {
     "pretrain": FlowMatchingConfig,
     "sft": FlowMatchingConfig,
     "grpo": GRPOConfig,
-    "reward_model": RewardModelConfig,
-    "judge_sft": JudgeSFTConfig,
+    "reward_model": reward_modeling.RewardModelConfig,
+    "judge_sft": judge_training.JudgeSFTConfig,
 }
-
-T = TypeVar("T")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -84,126 +91,6 @@ _RecipeLoader.add_implicit_resolver(
 
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-# --- generic strict dataclass construction ---------------------------------------------------------
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _describe_type(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return "any value"
-    if hint is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in args)
-    if origin is list:
-        return f"list[{_describe_type(args[0])}]" if args else "list"
-    if origin is dict:
-        return f"dict[{_describe_type(args[0])}, {_describe_type(args[1])}]" if args else "mapping"
-    if dataclasses.is_dataclass(hint):
-        return f"mapping ({hint.__name__})"
-    if hint is dict:
-        return "mapping"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _describe_value(value: Any) -> str:
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"{type(value).__name__} {shown}"
-
-
-def _check(value: Any, hint: Any, path: str) -> Any:
-    """``value`` if it has type ``hint`` (ints are accepted and converted for floats, mappings are
-    built into dataclasses); otherwise a `ConfigError` naming ``path``, the expected and given type."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        check_choice(path, value, args)
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        if len(arms) == 1:  # Optional[X]: X's own (more precise) error
-            return _check(value, arms[0], path)
-        for arm in arms:
-            try:
-                return _check(value, arm, path)
-            except ConfigError:
-                continue
-        raise ConfigError(path, f"expected {_describe_type(hint)}, got {_describe_value(value)}")
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else from_dict(hint, value, where=path)
-    expected_ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }
-    if hint in expected_ok:
-        if not expected_ok[hint]:
-            raise ConfigError(path, f"expected {_describe_type(hint)}, got {_describe_value(value)}")
-        return float(value) if hint is float else value
-    if hint is list or origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(path, f"expected {_describe_type(hint)}, got {_describe_value(value)}")
-        return [_check(v, args[0], _join(path, i)) for i, v in enumerate(value)] if args else value
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"expected {_describe_type(hint)}, got {_describe_value(value)}")
-        if not args:
-            return value
-        return {
-            _check(k, args[0], _join(path, k)): _check(v, args[1], _join(path, k)) for k, v in value.items()
-        }
-    raise TypeError(f"from_dict cannot check the type {hint!r} of {path}")
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "trainer") -> T:
-    """Build the dataclass ``cls`` from ``data``, strictly.
-
-    Unknown keys, missing required keys, wrong types and values its ``__post_init__`` rejects all
-    raise a one-line `ConfigError` whose ``field`` is the full dotted path under ``where``
-    (``trainer.learning_rate``). Supported field types: bool, int, float (ints accepted), str,
-    Literal, Optional / unions, list[...], dict[...], nested dataclasses and Any.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(where, f"expected a mapping of keys to values, got {_describe_value(data)}")
-    hints = get_type_hints(cls)
-    init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = _join(where, key)
-        if key not in init_fields:
-            close = difflib.get_close_matches(str(key), list(init_fields), n=1)
-            hint = (
-                f"did you mean {_join(where, close[0])!r}?"
-                if close
-                else f"valid keys: {', '.join(init_fields)}"
-            )
-            raise ConfigError(path, f"unknown key; {hint}")
-        kwargs[key] = _check(value, hints[key], path)
-    for name, f in init_fields.items():
-        if (
-            name not in kwargs
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ):
-            help_text = f" ({f.metadata['help']})" if "help" in f.metadata else ""
-            raise ConfigError(_join(where, name), f"required key is missing{help_text}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(_join(where, err.field), err.problem) from None
 
 
 # --- the recipe schema -----------------------------------------------------------------------------
@@ -248,6 +135,13 @@ class Recipe:
     args: TrainerConfig | None = field(
         default=None, init=False, metadata={"help": "validated trainer config"}
     )
+    section_specs: tuple[dict[str, type], dict[str, type]] = field(
+        default=({}, {}),
+        init=False,
+        repr=False,
+        compare=False,
+        metadata={"help": "the stage's policy and data spec classes by type (`save_resolved` fills them in)"},
+    )
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -284,10 +178,9 @@ class Recipe:
                     f"{trainer['reward_weights']} disagrees with the rewards' weights {weights}; "
                     "set each weight once, in rewards.N.weight",
                 )
+        self.section_specs = _section_specs(self.stage)
         config_cls = TRAINER_CONFIGS.get(self.stage)
         if config_cls is not None and issubclass(config_cls, VideoTrainerConfig):
-            from grpo.train import data_frame_rate  # grpo.train imports this module
-
             fps = data_frame_rate(self.data)
             if fps is not None and trainer.setdefault("frame_rate", fps) != fps:
                 raise ConfigError(
@@ -370,7 +263,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise InputError(f"{path}: invalid YAML at {_one_line(err)}") from None
     if not isinstance(data, dict):
         raise InputError(
-            f"{path}: a recipe is a mapping (name, stage, policy, data, ...), got {_describe_value(data)}"
+            f"{path}: a recipe is a mapping (name, stage, policy, data, ...), got {describe_value(data)}"
         )
     try:
         recipe = from_dict(Recipe, apply_overrides(data, overrides), where="")
@@ -381,8 +274,6 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def _check_reward_names(recipe: Recipe) -> None:
-    import rewards  # the registry; imported here so that loading a recipe without rewards stays light
-
     for i, spec in enumerate(recipe.rewards):
         try:
             rewards.resolve(spec.name)
@@ -393,47 +284,7 @@ def _check_reward_names(recipe: Recipe) -> None:
 def _section_specs(stage: str) -> tuple[dict[str, type], dict[str, type]]:
     """The policy and data spec classes of a stage, by ``type``."""
     if stage == "reward_model":
-        from grpo.reward_modeling import DATA_SPECS, RewardModelSpec
-
-        return {"video_reward_model": RewardModelSpec}, DATA_SPECS
+        return {"video_reward_model": reward_modeling.RewardModelSpec}, reward_modeling.DATA_SPECS
     if stage == "judge_sft":
-        from grpo.judge_training import DATA_SPECS, JudgeModelSpec
-
-        return {"qwen_vl_judge": JudgeModelSpec}, DATA_SPECS
-    from grpo.train import DATA_SPECS, POLICY_SPECS  # grpo.train imports this module
-
+        return {"qwen_vl_judge": judge_training.JudgeModelSpec}, judge_training.DATA_SPECS
     return POLICY_SPECS, DATA_SPECS
-
-
-def _resolved_section(section: dict[str, Any], specs: dict[str, type], where: str) -> dict[str, Any]:
-    """A policy / data section with every default of its spec filled in; a section of a kind no spec
-    knows is kept as given (validation rejects it before a run writes anything)."""
-    spec = specs.get(section["type"])
-    return dict(section) if spec is None else dataclasses.asdict(from_dict(spec, section, where=where))
-
-
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe as plain YAML-able data: the policy, data, rewards and trainer
-    sections with every default of their specs filled in, so the run is reproduced from it even
-    after a default changes."""
-    policies, datas = _section_specs(recipe.stage)
-    return {
-        "name": recipe.name,
-        "stage": recipe.stage,
-        "output_dir": recipe.output_dir,
-        "policy": _resolved_section(recipe.policy, policies, "policy"),
-        "data": _resolved_section(recipe.data, datas, "data"),
-        "rewards": [dataclasses.asdict(spec) for spec in recipe.rewards],
-        "trainer": dataclasses.asdict(recipe.args) if recipe.args is not None else recipe.trainer,
-    }
-
-
-def save_resolved(recipe: Recipe, run_dir: str | os.PathLike[str]) -> Path:
-    """Write ``run_dir/resolved_recipe.yaml`` atomically; `load_recipe` reads it back to the same recipe."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / RESOLVED_RECIPE_FILE
-    staging = run_dir / f".{RESOLVED_RECIPE_FILE}.tmp-{os.getpid()}"
-    staging.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
-    os.replace(staging, target)
-    return target

@@ -35,6 +35,7 @@ import numpy as np
 from grpo.evaluation import EvalResults, RewardSummary, eval_steps
 from grpo.tracking import METRICS_FILE, read_metrics
 from policies.errors import InputError
+from policies.video_io import read_video, resize_frame, side_by_side, to_uint8, write_video
 
 REPORT_FILE = "report.html"
 REPORT_VIDEOS_DIR = "report_videos"
@@ -326,8 +327,6 @@ def training_charts(metrics: Sequence[dict[str, Any]]) -> list[str]:
 def _fit(video: np.ndarray, size: int = 160, max_frames: int = 48) -> tuple[np.ndarray, int]:
     """uint8 frames resized so the longer side is about ``size`` (small videos: integer nearest
     upscaling, so pixels stay sharp), at most ``max_frames`` frames; returns the frame stride too."""
-    from grpo.data.video import resize_frame
-
     stride = max(1, math.ceil(len(video) / max_frames))
     video = video[::stride]
     longest = max(video.shape[1:3])
@@ -363,8 +362,6 @@ def sample_gif(
     """GIF bytes of one held-out row (context | true next scene | before RL | after RL, the panels
     the row has, with a label band), the panel labels and the GIF's (height, width)."""
     import tempfile
-
-    from grpo.data.video import read_video, side_by_side, to_uint8, write_video
 
     videos, labels = [], []
     for key, label in PANELS:

@@ -25,9 +25,38 @@ from typing import Any, Literal
 import numpy as np
 
 from grpo.config import ConfigError, TrainerConfig, _require
-from grpo.seeding import INIT_STREAM, derived_seed, seeded
+from grpo.data import ToyWorld, ToyWorldConfig
+from grpo.data.rows import scene_row
+from grpo.preemption import PreemptionHandler
+from grpo.schema import from_dict, save_resolved
+from grpo.tracking import MetricsLogger
+from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.files import check_model_weights
+from policies.ltx import SamplingConfig
+from policies.nsp import NSPPolicy
+from policies.seeding import INIT_STREAM, derived_seed, seeded
+from rewards.preferences import (
+    PERTURBATIONS,
+    check_preferences,
+    pairs_from_scores,
+    policy_candidates,
+    score_candidates,
+    toyworld_pairs,
+)
+from rewards.reward_model import (
+    DEFAULT_QUESTION,
+    RewardModelArgs,
+    TinyRewardModelSpec,
+    VideoRewardModel,
+    bradley_terry_loss,
+    bradley_terry_ties_loss,
+    build_tiny_reward_model,
+    check_reward_model_dir,
+    regression_loss,
+    spearman,
+)
+from rewards.verifiable import ToyWorldVerifiableReward
 
 LOSS_TYPES = ("bradley_terry", "bradley_terry_ties", "regression")
 
@@ -82,8 +111,6 @@ class RewardModelConfig(TrainerConfig):
 
 def all_perturbations() -> list[str]:
     """Every toy-world perturbation (`rewards.preferences.PERTURBATIONS`): the default mix."""
-    from rewards.preferences import PERTURBATIONS
-
     return list(PERTURBATIONS)
 
 
@@ -92,8 +119,6 @@ def check_toy_data(spec: Any) -> None:
     non-empty ``perturbations``, ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in
     ``[0, context_frames)``, and with a ``policy`` (`PolicySamplesSpec`) an NSP checkpoint and
     sampling settings in range; a `ConfigError` naming the field otherwise."""
-    from rewards.preferences import PERTURBATIONS
-
     unknown = sorted(set(spec.perturbations) - set(PERTURBATIONS))
     if not spec.perturbations or unknown:
         raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATIONS)}, got {unknown}")
@@ -208,8 +233,6 @@ DATA_SPECS: dict[str, type] = {"toyworld_preferences": ToyPreferencesSpec, "pref
 
 def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
     """Every check of a ``reward_model`` recipe that needs no model; returns the model and data specs."""
-    from grpo.recipe import from_dict
-
     if recipe.policy["type"] != "video_reward_model":
         raise InputError(
             f"policy.type: stage 'reward_model' trains a 'video_reward_model', got {recipe.policy['type']!r}"
@@ -220,8 +243,6 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
         raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
     if spec.tiny_spec and not spec.tiny:
         raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
-    from rewards.reward_model import check_reward_model_dir
-
     for name in ("path", "backbone"):
         value = getattr(spec, name)
         if value is not None and not Path(value).is_dir():
@@ -250,15 +271,6 @@ def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
 
 def build_model(spec: RewardModelSpec) -> Any:
     """The reward model a spec names: a trained one, a new one on a Qwen-VL backbone, or a tiny one."""
-    from grpo.recipe import from_dict
-    from rewards.reward_model import (
-        DEFAULT_QUESTION,
-        RewardModelArgs,
-        TinyRewardModelSpec,
-        VideoRewardModel,
-        build_tiny_reward_model,
-    )
-
     if spec.path:
         return VideoRewardModel.from_pretrained(spec.path, dtype=spec.torch_dtype)
     args = RewardModelArgs(
@@ -281,9 +293,6 @@ def build_model(spec: RewardModelSpec) -> Any:
 def build_tables(data: Any) -> tuple[Any, Any]:
     """Training and held-out tables of a data spec."""
     if isinstance(data, ToyPreferencesSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-        from rewards.preferences import toyworld_pairs
-
         config = ToyWorldConfig(
             size=data.size,
             context_frames=data.context_frames,
@@ -324,13 +333,6 @@ def policy_samples(
     candidates (``policy_generations`` videos per context) and the scores."""
     import torch
 
-    from grpo.data import ToyWorld
-    from grpo.train import scene_row
-    from policies.ltx import SamplingConfig
-    from policies.nsp import NSPPolicy
-    from rewards.preferences import policy_candidates, score_candidates
-    from rewards.verifiable import ToyWorldVerifiableReward
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = NSPPolicy.from_pretrained(data.policy, device=device)
     world = ToyWorld(config, split=split, num_samples=num_contexts)
@@ -361,8 +363,6 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
     GRPO, which true-vs-perturbed pairs never show the reward model."""
     import json
 
-    from rewards.preferences import pairs_from_scores
-
     samples, candidates, scores = policy_samples(data, config, split, num_contexts)
     table = pairs_from_scores(
         [s["context"] for s in samples],
@@ -378,8 +378,6 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
 
 def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     """Train the reward model a recipe describes; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-
     spec, data = validate_recipe(recipe)
     save_resolved(recipe, recipe.args.output_dir)
     train, evaluation = build_tables(data)
@@ -427,9 +425,6 @@ class RewardModelTrainer:
         import torch
         from accelerate import Accelerator
 
-        from grpo.training_state import TrainingState
-        from rewards.preferences import check_preferences
-
         self.pairs = args.loss_type != "regression"
         aspects = model.args.aspects
         check_preferences(train_dataset, aspects, pairs=self.pairs, name="train_dataset")
@@ -447,9 +442,6 @@ class RewardModelTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
         """Run optimizer steps up to ``max_steps`` (resuming if asked), calibrate, save ``final``."""
-        from grpo.preemption import PreemptionHandler
-        from grpo.tracking import MetricsLogger
-
         args = self.args
         start = self.state.resume()
         history: list[dict[str, Any]] = []
@@ -539,8 +531,6 @@ class RewardModelTrainer:
 
     def _pair_loss(self, chosen: Any, rejected: Any, tie: Any) -> Any:
         """Mean Bradley-Terry (ties skipped) or Bradley-Terry-with-ties loss, plus TRL's centring term."""
-        from rewards.reward_model import bradley_terry_loss, bradley_terry_ties_loss
-
         args = self.args
         if args.loss_type == "bradley_terry_ties":
             loss = bradley_terry_ties_loss(chosen, rejected, tie, args.tie_theta).mean()
@@ -555,8 +545,6 @@ class RewardModelTrainer:
         """Mean loss of a micro-batch and its pairwise accuracy (non-tied pairs; NaN for scores)."""
         import torch
 
-        from rewards.reward_model import regression_loss
-
         if not self.pairs:
             predicted = self._scores(forward, rows, "video")
             target = torch.as_tensor(np.asarray(rows["score"], dtype=np.float32), device=predicted.device)
@@ -570,8 +558,6 @@ class RewardModelTrainer:
         """Held-out loss and, for pairs, pairwise accuracy (overall and per ``kind``); with a ``world``
         column also the Spearman correlation of the model's scores with the verifiable reward."""
         import torch
-
-        from rewards.reward_model import spearman
 
         dataset = self.eval_dataset if dataset is None else dataset.with_format("numpy")
         size = self.args.per_device_eval_batch_size
@@ -615,9 +601,6 @@ class RewardModelTrainer:
 
     def _spearman_verifiable(self, dataset: Any, scores: list[float]) -> float:
         """Spearman of the model's scores of every candidate with the toy world's verifiable reward."""
-        from rewards.reward_model import spearman
-        from rewards.verifiable import ToyWorldVerifiableReward
-
         reward = ToyWorldVerifiableReward()
         worlds = list(dataset["world"]) * 2
         videos = _videos(dataset["chosen"]) + _videos(dataset["rejected"])

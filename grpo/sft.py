@@ -17,10 +17,10 @@ import torch
 
 from grpo.config import FlowMatchingConfig
 from grpo.preemption import PreemptionHandler
-from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
+from policies.seeding import INIT_STREAM, derived_seed, seeded
 
 EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # held-out loss is averaged over these noise levels
 

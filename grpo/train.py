@@ -10,14 +10,41 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from grpo import judge_training, reward_modeling
+from grpo.checkpoint import check_resume
 from grpo.config import ConfigError, trained_frame_rate
-from grpo.recipe import Recipe, from_dict
+from grpo.data import NSPDataConfig, NSPVideoDataset, ToyWorld, ToyWorldConfig
+from grpo.data.rows import scene_row
+from grpo.report import write_report
+from grpo.schema import from_dict, save_resolved
+from grpo.sft import FlowMatchingTrainer
+from grpo.toy_checkpoints import build_fitted_tiny_ltx2, build_fitted_tiny_nextclip, build_fitted_tiny_nsp
+from grpo.trainer import GRPOTrainer
+from policies import LTXPolicy
 from policies.errors import InputError
 from policies.files import check_output_dir
+from policies.ltx import check_ltx_dir
+from policies.ltx2 import (
+    LTX2_ONLY_FIELDS,
+    LTX2Policy,
+    LTX2SamplingConfig,
+    check_ltx2_checkpoint,
+    check_ltx2_dir,
+)
+from policies.nextclip import NextClipConfig, NextClipPolicy, check_nextclip_dir
+from policies.nsp import NSPConfig, NSPLTX2Policy, NSPPolicy, check_nsp_dir, generator_family
+from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import TinyLTX2Spec
+from policies.tiny_nsp import TinyNSPSpec
+from rewards.composite import CompositeReward
+
+if TYPE_CHECKING:
+    from grpo.recipe import Recipe
 
 # ----------------------------------------------------------------------------------------- policies
 
@@ -72,8 +99,6 @@ class NSPPolicySpec:
 
 def check_ltx2_sampling_keys(sampling: dict[str, Any]) -> None:
     """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance): known keys with valid values."""
-    from policies.ltx2 import LTX2_ONLY_FIELDS, LTX2SamplingConfig
-
     unknown = sorted(set(sampling) - set(LTX2_ONLY_FIELDS))
     if unknown:
         raise InputError(
@@ -131,7 +156,7 @@ class LTX2PolicySpec:
         default=0,
         metadata={
             "help": "with tiny: the toy-world layout, its audio VAE and then its vocoder fitted to the toy "
-            "world's sound for this many steps each first (policies.toy_audio; 0 = random)"
+            "world's sound for this many steps each first (grpo.toy_audio; 0 = random)"
         },
     )
     sampling: dict[str, Any] = field(
@@ -182,8 +207,6 @@ def _policy_spec(recipe: Recipe) -> Any:
 def check_ltx2_recipe(spec: LTX2PolicySpec, args: Any) -> None:
     """What the LTX-2 directory cannot sample at the GRPO config's geometry, modalities and guidance,
     from its configs alone: a one-line error at recipe time, not after the first rollout."""
-    from policies.ltx2 import LTX2SamplingConfig, check_ltx2_checkpoint
-
     sampling = LTX2SamplingConfig(
         num_frames=args.num_frames,
         height=args.height,
@@ -198,8 +221,6 @@ def check_ltx2_recipe(spec: LTX2PolicySpec, args: Any) -> None:
 def check_policy_dir(spec: Any) -> None:
     """Layout and weight files of the checkpoint a spec names (safetensors headers only: cheap)."""
     if isinstance(spec, NSPPolicySpec):
-        from policies.nsp import check_nsp_dir, generator_family
-
         config = check_nsp_dir(Path(spec.path), **spec.overrides)
         if spec.sampling and generator_family(Path(spec.path) / config.ltx) != "ltx2":
             raise InputError(
@@ -207,16 +228,10 @@ def check_policy_dir(spec: Any) -> None:
                 "settings: remove policy.sampling (or give an NSP directory on LTX-2)"
             )
     elif isinstance(spec, NextClipPolicySpec):
-        from policies.nextclip import check_nextclip_dir
-
         check_nextclip_dir(Path(spec.path))
     elif isinstance(spec, LTX2PolicySpec):
-        from policies.ltx2 import check_ltx2_dir
-
         check_ltx2_dir(Path(spec.path))
     else:
-        from policies.ltx import check_ltx_dir
-
         check_ltx_dir(Path(spec.path))
 
 
@@ -227,34 +242,24 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, spec.torch_dtype)
     if isinstance(spec, NSPPolicySpec):
-        from dataclasses import asdict
-
-        from policies.nsp import NSPConfig, NSPLTX2Policy, NSPPolicy
-        from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
         if spec.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
             tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps, generator=spec.tiny_generator)
             tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **spec.overrides}, "policy.overrides")
-            build_tiny_nsp(path, tiny)
+            build_fitted_tiny_nsp(path, tiny)
         policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
         if isinstance(policy, NSPLTX2Policy):
             policy.sampling_overrides = dict(spec.sampling)
         return policy
     if isinstance(spec, NextClipPolicySpec):
-        from policies.nextclip import NextClipConfig, NextClipPolicy
-        from policies.nextclip_tiny import build_tiny_nextclip
-        from policies.tiny import TinyLTXSpec
-        from policies.tiny_ltx2 import TinyLTX2Spec
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
         changes = {
             k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
         }
         if spec.path is None and not (path / "model_index.json").is_file():
             toy = TinyLTX2Spec.toy_world() if spec.tiny_generator == "ltx2" else TinyLTXSpec.toy_world()
-            build_tiny_nextclip(
+            build_fitted_tiny_nextclip(
                 path,
                 toy,
                 config=NextClipConfig(**changes),
@@ -263,19 +268,13 @@ def build_policy(spec: Any, output_dir: Path) -> Any:
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
     if isinstance(spec, LTX2PolicySpec):
-        from policies.ltx2 import LTX2Policy
-        from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
-
         path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
         if spec.path is None and not (path / "model_index.json").is_file():
             fits = dict(vae_fit_steps=spec.tiny_vae_fit_steps, audio_fit_steps=spec.tiny_audio_fit_steps)
-            build_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
+            build_fitted_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
         policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
         policy.sampling_overrides = dict(spec.sampling)
         return policy
-    from policies import LTXPolicy
-    from policies.tiny import build_tiny_ltx
-
     path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx"
     if spec.path is None and not (path / "model_index.json").is_file():
         build_tiny_ltx(path)
@@ -470,25 +469,6 @@ class _Rows:
         raise InputError(f"none of the {n} rows of the dataset could be decoded; check its video files")
 
 
-def scene_row(prompt_column: str, context: bool = False, first_frame: bool = False):
-    """Dataset sample -> row: the prompt text (or, with ``context``, the context clip, instruction and
-    frame rate), the target next scene, and the rest as reward metadata. ``first_frame``: the next
-    scene's first frame as ``image`` too (image-to-video conditioning)."""
-
-    def convert(sample: dict[str, Any]) -> dict[str, Any]:
-        row = {"prompt": sample[prompt_column], "video": sample["next"]}
-        if first_frame:
-            row["image"] = sample["next"][0]
-        if "next_audio" in sample:  # the target's sound (toy world with audio)
-            row.update(audio=sample["next_audio"], sample_rate=sample["sample_rate"])
-        if context:
-            row.update({k: sample[k] for k in ("context", "instruction", "fps") if sample.get(k) is not None})
-        row.update({k: v for k, v in sample.items() if k in ("world", "next_caption", "context_caption")})
-        return row
-
-    return convert
-
-
 def _clip_row(prompt_column: str):
     """Clip-sequence sample -> row: every clip as ``video``, the ``context`` clips, the truth."""
 
@@ -534,8 +514,6 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
 def build_datasets(spec: Any) -> tuple[Any, Any]:
     """Training and held-out rows for a data spec."""
     if isinstance(spec, ToyWorldClipsDataSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-
         config = ToyWorldConfig.for_clips(
             spec.num_clips,
             clip_frames=spec.clip_frames,
@@ -549,8 +527,6 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
         )
     if isinstance(spec, ToyWorldDataSpec):
-        from grpo.data import ToyWorld, ToyWorldConfig
-
         config = ToyWorldConfig(
             size=spec.size,
             context_frames=spec.context_frames,
@@ -565,8 +541,6 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
             _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
         )
     if isinstance(spec, ManifestDataSpec):
-        from grpo.data import NSPDataConfig, NSPVideoDataset
-
         config = NSPDataConfig(
             context_frames=spec.context_frames,
             next_frames=spec.next_frames,
@@ -593,17 +567,11 @@ def build_datasets(spec: Any) -> tuple[Any, Any]:
 
 def validate(recipe: Recipe) -> tuple[Any, Any]:
     """Every check that needs no model; returns the policy and data specs."""
-    from grpo.checkpoint import check_resume
-
     check_output_dir(recipe.args.output_dir, "output_dir")
     if recipe.stage == "reward_model":
-        from grpo.reward_modeling import validate_recipe
-
-        specs = validate_recipe(recipe)
+        specs = reward_modeling.validate_recipe(recipe)
     elif recipe.stage == "judge_sft":
-        from grpo.judge_training import validate_recipe
-
-        specs = validate_recipe(recipe)
+        specs = judge_training.validate_recipe(recipe)
     else:
         specs = _policy_spec(recipe), _data_spec(recipe)
     check_resume(recipe.args.resume_from_checkpoint, recipe.args.output_dir)
@@ -612,18 +580,10 @@ def validate(recipe: Recipe) -> tuple[Any, Any]:
 
 def run(recipe: Recipe) -> list[dict[str, Any]]:
     """Train as the recipe says; returns the logged metrics."""
-    from grpo.recipe import save_resolved
-    from grpo.trainer import GRPOTrainer
-    from rewards.composite import CompositeReward
-
     if recipe.stage == "reward_model":
-        from grpo.reward_modeling import run_recipe
-
-        return run_recipe(recipe)
+        return reward_modeling.run_recipe(recipe)
     if recipe.stage == "judge_sft":
-        from grpo.judge_training import run_recipe
-
-        return run_recipe(recipe)
+        return judge_training.run_recipe(recipe)
     policy_spec, data_spec = validate(recipe)
     train, evaluation = build_datasets(data_spec)
     flow_matching = recipe.stage in ("pretrain", "sft")
@@ -636,19 +596,13 @@ def run(recipe: Recipe) -> list[dict[str, Any]]:
                 func.check_health()
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
-    from grpo.seeding import INIT_STREAM, derived_seed, seeded
-
     # weights a checkpoint may lack (an NSP connector not trained yet) are drawn from the recipe's seed
     with seeded(derived_seed(recipe.args.seed, INIT_STREAM, 1)):
         policy = build_policy(policy_spec, output_dir)
     if flow_matching:
-        from grpo.sft import FlowMatchingTrainer
-
         return FlowMatchingTrainer(policy, recipe.args, train, eval_dataset=evaluation).train()
     trainer = GRPOTrainer(policy, rewards, recipe.args, train, eval_dataset=evaluation)
     history = trainer.train()
     if trainer.accelerator.is_main_process:  # curves, before/after table and videos in one page
-        from grpo.report import write_report
-
         print(f"report: {write_report(output_dir)}")
     return history

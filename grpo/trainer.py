@@ -34,44 +34,19 @@ import torch
 
 from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
+from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, reward_metadata, write_evaluation
 from grpo.loss import grpo_loss, loss_weights
 from grpo.preemption import PreemptionHandler
-from grpo.seeding import INIT_STREAM, derived_seed, seeded
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
+from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.video_io import write_video
 from rewards.composite import CompositeOutput, CompositeReward
 from rewards.types import RewardUnavailableError
-
-# dataset columns that condition the policy rather than being passed to rewards as metadata
-CONDITION_COLUMNS = (
-    "prompt",
-    "negative_prompt",
-    "prompt_embeds",
-    "prompt_attention_mask",
-    "image",
-    "context",
-)
-# a row's target sound (supervised data): never a reward input, rewards get the generated sound instead
-TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
-
-
-def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
-    """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
-    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
-    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
-    n = rollout.num_samples
-    skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
-    metadata = {k: [v] * n for k, v in row.items() if k not in skip}
-    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
-    sound = decode_audio(rollout) if decode_audio is not None else None
-    if sound is not None:
-        waveforms, sample_rate = sound
-        metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)
-    return metadata
 
 
 class GRPOTrainer:
@@ -232,8 +207,6 @@ class GRPOTrainer:
     def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
         args = self.args
         steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
-        from grpo.evaluation import eval_sampling  # grpo.evaluation imports this module
-
         # the held-out sampler's geometry, schedule and CFG, with this iteration's stochastic steps
         return replace(eval_sampling(args), kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
 
@@ -572,8 +545,6 @@ class GRPOTrainer:
         videos to ``output_dir/eval/step_<iteration>/`` (`grpo.evaluation`): the run report compares
         the first and the last of these.
         """
-        from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, write_evaluation
-
         dataset = self.eval_dataset if dataset is None else dataset
         ema = self.state.ema
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
@@ -597,8 +568,6 @@ class GRPOTrainer:
     def _save_samples(self, rollout: Rollout, scores: CompositeOutput, iteration: int) -> None:
         if not self.accelerator.is_main_process or not self.args.save_samples:
             return
-        from grpo.data.video import write_video
-
         folder = self.output_dir / "samples" / f"iter_{iteration:06d}"
         for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):
             reward = sum((scores.weights[n] * (scores.columns[n][b] or 0.0)) for n in scores.columns)

@@ -12,8 +12,8 @@ import torch
 from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
-from grpo.seeding import seed_process, use_deterministic_algorithms
 from policies.errors import InputError
+from policies.seeding import seed_process, use_deterministic_algorithms
 
 
 class TrainingState:

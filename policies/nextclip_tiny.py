@@ -5,8 +5,8 @@ with ``generator="ltx2"``, a tiny LTX-2 one (`policies.tiny_ltx2.build_tiny_ltx2
 classes and directory layouts, plus ``nextclip.json``, loadable by `NextClipPolicy.from_pretrained`
 exactly like a real one (which returns `NextClipLTX2Policy` for LTX-2). A random VAE decodes any latent
 into nearly grey frames, so rewards that look for the toy world's coloured balls in decoded frames (the
-verifiable reward) cannot tell predictions apart; ``vae_fit_steps`` first fits the VAE to the toy
-world's clips (`policies.toy_vae`), as the toy-world recipes do.
+verifiable reward) cannot tell predictions apart; `grpo.toy_checkpoints.build_fitted_tiny_nextclip`
+first fits the VAE to the toy world's clips (`grpo.toy_vae`), as the toy-world recipes do.
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ def build_tiny_nextclip(
     spec: TinyLTXSpec | TinyLTX2Spec | None = None,
     config: NextClipConfig | None = None,
     *,
-    vae_fit_steps: int = 0,
     generator: Literal["ltx", "ltx2"] = "ltx",
 ) -> Path:
-    """A tiny next-clip checkpoint at ``path`` of the ``generator`` family: `build_tiny_ltx` with
+    """A tiny random next-clip checkpoint at ``path`` of the ``generator`` family: `build_tiny_ltx` with
     ``spec`` (default: no text encoder, i.e. video-only conditioning) or `build_tiny_ltx2` with
     ``spec`` (default: the toy-world layout; LTX-2 rows without a prompt get the empty prompt), plus
-    ``nextclip.json`` from ``config``; with ``vae_fit_steps`` its video VAE is fitted to toy-world
-    clips of ``config.clip_frames`` frames."""
+    ``nextclip.json`` from ``config``."""
     config = config or NextClipConfig()
     if generator == "ltx2":
         if spec is not None and not isinstance(spec, TinyLTX2Spec):
@@ -48,16 +46,5 @@ def build_tiny_nextclip(
         path = build_tiny_ltx(path, spec)
     else:
         raise InputError(f"generator must be ltx or ltx2, got {generator!r}")
-    if vae_fit_steps:
-        from diffusers import AutoencoderKLLTX2Video, AutoencoderKLLTXVideo
-
-        from grpo.data.toyworld import ToyWorldConfig
-        from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
-
-        vae_class = AutoencoderKLLTX2Video if generator == "ltx2" else AutoencoderKLLTXVideo
-        vae = vae_class.from_pretrained(path / "vae", use_safetensors=True)
-        world = ToyWorldConfig(context_frames=config.clip_frames, next_frames=config.clip_frames)
-        fit_toy_vae(vae, world, ToyVAEFitConfig(steps=vae_fit_steps, seed=spec.seed))
-        vae.save_pretrained(path / "vae")
     (path / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
     return path

@@ -43,7 +43,7 @@ class TinyLTXSpec:
     def toy_world(cls, **overrides) -> TinyLTXSpec:
         """The layout of the toy-world checkpoints: VAE 4x4 pixel patches, no temporal compression.
 
-        Fitted to the toy world (`policies.toy_vae`, 1,500 steps, ~1.5 min on 2 CPU cores), this VAE
+        Fitted to the toy world (`grpo.toy_vae`, 1,500 steps, ~1.5 min on 2 CPU cores), this VAE
         reconstructs held-out clips to a verifiable reward of 0.94; the 4x and 8x space-time layouts
         stayed below 0.15 in the same budget (they must learn to move balls between frames).
         """

@@ -14,7 +14,7 @@ Sizes are tiny; the *ratios* that code around a checkpoint relies on are the rea
 compresses 32x in space and 8x in time (4x4 pixel patches, then the real four down-sampling stages), the
 audio VAE takes 64-bin mel spectrograms of 16 kHz audio at hop 160 and compresses them 4x in time and in
 mel bins, and the vocoder upsamples 240x to 24 kHz stereo. `TinyLTX2Spec.toy_world` is the layout whose
-video VAE `policies.toy_vae` fits to the 32x32 toy world.
+video VAE `grpo.toy_vae` fits to the 32x32 toy world.
 """
 
 from __future__ import annotations
@@ -129,13 +129,13 @@ class TinyLTX2Spec:
     )
     vae_fit_steps: int = field(
         default=0,
-        metadata={"help": "Steps fitting the video VAE to toy-world clips (policies.toy_vae; 0: random)."},
+        metadata={"help": "Steps fitting the video VAE to toy-world clips (grpo.toy_vae; 0: random)."},
     )
     audio_fit_steps: int = field(
         default=0,
         metadata={
             "help": "Steps fitting the audio VAE, then as many the vocoder, to toy-world sounds "
-            "(policies.toy_audio; 0: random)."
+            "(grpo.toy_audio; 0: random)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random weights (and the fits' batches)."})
@@ -145,10 +145,10 @@ class TinyLTX2Spec:
         """The toy-world layout of `TinyLTXSpec.toy_world`: 4x4 pixel patches and no temporal
         compression (8x8 latents of 16 channels per 32x32 frame), through one LTX-2 stage that keeps the
         resolution; the 8x space-time layouts could not learn to move the balls between frames in a CPU
-        fitting budget. Fitted by `policies.toy_vae` for 1,500 steps (~200 s on 2 shared CPU cores) it
+        fitting budget. Fitted by `grpo.toy_vae` for 1,500 steps (~200 s on 2 shared CPU cores) it
         reconstructs held-out clips to a verifiable reward of 0.93 (0.44 after 500 steps, 0.88 after
         1,000; LTX-Video's layout, whose encoder is twice as wide, had 0.83 after 500 and 0.97 at
-        1,500): ``python -m policies.toy_vae --layout ltx2``."""
+        1,500): ``python -m grpo.toy_vae --layout ltx2``."""
         toy = dict(latent_channels=16, vae_channels=(16,), vae_downsample=("none",), vae_patch_size=4)
         return cls(**{**toy, **overrides})
 
@@ -300,7 +300,8 @@ def _text_encoder(spec: TinyLTX2Spec, tokenizer):
 def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, seed: int | None = None) -> Path:
     """Write a random tiny LTX-2 checkpoint (diffusers layout, safetensors) to ``directory``; return it.
 
-    ``seed`` overrides ``spec.seed``; the same spec and seed write bitwise-identical weights."""
+    ``seed`` overrides ``spec.seed``; the same spec and seed write bitwise-identical weights. A spec asking
+    for fits (``vae_fit_steps``, ``audio_fit_steps``) is built by `grpo.toy_checkpoints`."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         LTX2Pipeline,
@@ -311,6 +312,11 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
     spec = spec or TinyLTX2Spec()
     if seed is not None:
         spec = TinyLTX2Spec(**{**asdict(spec), "seed": seed})
+    if spec.vae_fit_steps or spec.audio_fit_steps:
+        raise NotImplementedError(
+            "build_tiny_ltx2 writes random weights; fitting them to the toy world trains: build with "
+            "grpo.toy_checkpoints.build_fitted_tiny_ltx2"
+        )
     path = Path(directory)
     tokenizer = build_tiny_gemma_tokenizer()
     inner = spec.num_attention_heads * spec.attention_head_dim
@@ -355,24 +361,10 @@ def build_tiny_ltx2(directory: str | Path, spec: TinyLTX2Spec | None = None, see
     )
     torch.manual_seed(spec.seed + 3)
     components["vae"] = build_video_vae(spec)
-    if spec.vae_fit_steps:
-        from grpo.data.toyworld import ToyWorldConfig
-        from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
-
-        fit_toy_vae(
-            components["vae"], ToyWorldConfig(), ToyVAEFitConfig(steps=spec.vae_fit_steps, seed=spec.seed)
-        )
     torch.manual_seed(spec.seed + 4)
     components["audio_vae"] = build_audio_vae(spec)
     torch.manual_seed(spec.seed + 5)
     components["vocoder"] = build_vocoder(spec)
-    if spec.audio_fit_steps:
-        from grpo.data.toyworld import ToyWorldConfig
-        from policies.toy_audio import ToyAudioFitConfig, fit_toy_audio
-
-        steps = spec.audio_fit_steps
-        fit = ToyAudioFitConfig(vae_steps=steps, vocoder_steps=steps, seed=spec.seed)
-        fit_toy_audio(components["audio_vae"], components["vocoder"], ToyWorldConfig(), fit)
     components["tokenizer"] = tokenizer
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(**_scheduler_config())
     # The pipeline writes each component's folder and the model_index.json a real checkpoint has.

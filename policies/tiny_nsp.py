@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from policies.errors import InputError
-from policies.nsp import CONFIG_FILE, NSPConfig
+from policies.nsp import CONFIG_FILE, NSPConfig, NSPPolicy
 from policies.tiny import TinyLTXSpec, build_tiny_ltx
 from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
@@ -53,10 +53,14 @@ class TinyNSPSpec:
 
 
 def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
-    """Write a random tiny NSP policy directory to ``path`` and return it."""
-    from policies.nsp import NSPPolicy
-
+    """Write a random tiny NSP policy directory to ``path`` and return it (a spec asking for a VAE fit,
+    ``vae_fit_steps``, is built by `grpo.toy_checkpoints`)."""
     spec = spec or TinyNSPSpec()
+    if spec.vae_fit_steps:
+        raise NotImplementedError(
+            "build_tiny_nsp writes random weights; fitting its VAE to the toy world trains: build with "
+            "grpo.toy_checkpoints.build_fitted_tiny_nsp"
+        )
     path = Path(path)
     if spec.generator == "ltx2":
         build_tiny_ltx2(path / "ltx", spec.ltx2)
@@ -66,11 +70,6 @@ def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
     (path / CONFIG_FILE).write_text(json.dumps({**asdict(spec.nsp), "vlm": "vlm", "ltx": "ltx"}, indent=2))
     torch.manual_seed(spec.seed)
     policy = NSPPolicy.from_pretrained(path)
-    if spec.vae_fit_steps:
-        from grpo.data.toyworld import ToyWorldConfig
-        from policies.toy_vae import ToyVAEFitConfig, fit_toy_vae
-
-        fit_toy_vae(policy.vae, ToyWorldConfig(), ToyVAEFitConfig(steps=spec.vae_fit_steps, seed=spec.seed))
     policy.save_pretrained(path)  # writes the seeded queries and connector
     (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return path

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.data.video import to_uint8
 from policies.errors import InputError
+from policies.seeding import derived_seed
+from policies.video_io import to_uint8
+from rewards.composite import CompositeReward
 
 PAIR_VIDEOS = ("context", "chosen", "rejected")
 SCORE_VIDEOS = ("context", "video")
@@ -267,8 +269,6 @@ def score_candidates(
     is repeated for each candidate of the group. Rewards run through `rewards.CompositeReward`,
     so their output is checked (one finite score or None per video).
     """
-    from rewards.composite import CompositeReward
-
     if len(candidates) != len(contexts):
         raise InputError(f"{len(contexts)} contexts but {len(candidates)} candidate groups; give one each")
     scorer = CompositeReward([reward], names=["teacher"])
@@ -371,8 +371,6 @@ def policy_candidates(
     ``policy`` honours the rollout contract (`policies.LTXPolicy`): ``prepare_condition``,
     ``rollout`` and ``decode``; ``sampling`` is its `SamplingConfig`. Seeds derive from ``seed``.
     """
-    from grpo.trainer import derived_seed
-
     out = []
     for r, row in enumerate(rows):
         condition = policy.prepare_condition([row], guidance_scale=sampling.guidance_scale)

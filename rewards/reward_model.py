@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from grpo.data.video import as_video
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
 from policies.qwen_vl_inputs import QwenVLInputsConfig, to_uint8, video_inputs
+from policies.video_io import as_video
 from rewards.registry import register
 from rewards.types import RewardOutput
 

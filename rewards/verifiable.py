@@ -17,7 +17,7 @@ How a video is scored (all per frame ``f`` and true ball ``k``):
   wins). Its weight is ``chroma / chroma_k``, the fraction of the pixel the ball covers on a grey
   background, so blur (VAE, codec) moves weight around but keeps the *sum* (area) and the
   *centroid*. The expected area and centroid come from rendering the true disc with the same
-  anti-aliased coverage as the toy world (`grpo.data.toyworld.disc_coverage`), which also handles
+  anti-aliased coverage as the toy world (`policies.toy_geometry.disc_coverage`), which also handles
   balls partly out of the frame.
 * ``tracking``: the mean over (f, k) of a cell score -- ``exp(-err^2 / (2 position_sigma^2))`` when
   the ball is detected (mass >= ``detect_fraction`` of its full area) where it should be seen, with
@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.data.toyworld import disc_coverage
-from grpo.data.video import as_video
 from policies.errors import InputError
+from policies.toy_geometry import disc_coverage
+from policies.video_io import as_video
 from rewards.registry import register
 from rewards.types import RewardOutput
 

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.data.video import as_audio
 from policies.errors import InputError
+from policies.video_io import as_audio
 from rewards.registry import register
 from rewards.types import RewardOutput
 from rewards.verifiable import world_metadata

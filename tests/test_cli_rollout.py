@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from grpo.cli import main
-from grpo.data.video import read_video
 from policies import LTX2Policy, LTX2SamplingConfig, LTXPolicy, Rollout
 from policies.errors import InputError
 from policies.ltx import latent_shape, vae_compression
 from policies.tiny import TinyLTXSpec
 from policies.tiny_ltx2 import build_tiny_ltx2
+from policies.video_io import read_video
 
 
 def test_rollout_command_writes_videos_and_recomputable_log_probs(tmp_path):

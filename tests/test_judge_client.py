@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo.data.video import write_video
 from policies.errors import InputError
+from policies.video_io import write_video
 from rewards import CompositeReward
 from rewards.judge import CausalConsistencyJudge, JudgeUnavailableError, ServeConfig, build_command
 from rewards.judge import cli as judge_cli

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from grpo.cli import main
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
-from grpo.data.video import write_video
 from grpo.judge_training import JudgeCollator, frames
 from policies.tiny_qwen_vl import build_tiny_qwen_vl
+from policies.video_io import write_video
 from rewards.judge.local import InProcessJudge
 from rewards.judge.prompts import build_requests
 

@@ -408,7 +408,9 @@ def test_clip_frames_must_fit_the_vae(tiny_dir):
 
 
 def test_tiny_builder_can_fit_its_vae_to_the_toy_world(tmp_path):
-    path = build_tiny_nextclip(tmp_path / "fitted", vae_fit_steps=2)
+    from grpo.toy_checkpoints import build_fitted_tiny_nextclip
+
+    path = build_fitted_tiny_nextclip(tmp_path / "fitted", vae_fit_steps=2)
     fitted = NextClipPolicy.from_pretrained(path)
     assert not torch.equal(fitted.vae.latents_std, torch.ones_like(fitted.vae.latents_std))
     latents = fitted.encode_video(torch.rand(1, CLIP, 32, 32, 3, generator=torch.Generator().manual_seed(0)))

@@ -16,8 +16,8 @@ import torch
 from grpo.data import toyworld_cli
 from grpo.data.nsp_dataset import NSPDataConfig, NSPVideoDataset, collate_nsp, load_manifest, select_frames
 from grpo.data.toyworld import ToyWorld, ToyWorldConfig, export_toyworld
-from grpo.data.video import write_video
 from policies.errors import InputError
+from policies.video_io import write_video
 
 NUM = 6
 # float render -> uint8 rounding (0.5/255) -> H.264 4:4:4 crf 0 (RGB<->YUV rounding, 1/255 measured)

@@ -219,7 +219,7 @@ def test_curves_have_every_logged_point(fake_run):
 
 
 def _gifs(page: str, tmp_path: Path) -> list[tuple[str, torch.Tensor]]:
-    from grpo.data.video import read_video
+    from policies.video_io import read_video
 
     out = []
     for i, (panels, data) in enumerate(
@@ -441,7 +441,7 @@ def _distributed_case(out: Path, accelerator=None) -> None:
 
 @pytest.mark.slow
 def test_two_processes_evaluate_like_one(tmp_path):
-    from grpo.data.video import read_video
+    from policies.video_io import read_video
 
     _distributed_case(tmp_path / "single")
     result = subprocess.run(

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.checkpoint import checkpoint_name, is_complete
-from grpo.seeding import seed_process, seeded
+from policies.seeding import seed_process, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "nextscene_process.py"

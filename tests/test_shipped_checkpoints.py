@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from grpo.data.toyworld import ToyWorldConfig
-from policies.toy_vae import reconstruction_reward
+from grpo.toy_vae import reconstruction_reward
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = {"toy_nsp": "nsp_config.json", "toy_nextclip": "nextclip.json"}  # dir -> its policy's config

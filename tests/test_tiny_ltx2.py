@@ -179,24 +179,28 @@ class _IdentityVAE(torch.nn.Module):
 
 def test_reconstruction_reward_scores_the_truth_high_and_a_blank_decoder_low():
     from grpo.data.toyworld import ToyWorldConfig
-    from policies.toy_vae import reconstruction_reward
+    from grpo.toy_vae import reconstruction_reward
 
     assert reconstruction_reward(_IdentityVAE(), ToyWorldConfig(), num_samples=4) > 0.9
     assert reconstruction_reward(_IdentityVAE(blank=True), ToyWorldConfig(), num_samples=4) < 0.2
 
 
 def test_toy_world_layout_fits_and_runs_through_the_pipeline_at_toy_size(tmp_path):
-    """The toy layout (4x space, no temporal compression) is fitted by `policies.toy_vae` and
-    `policies.toy_audio` during the build (latent statistics written) and the pipeline draws 32x32
+    """The toy layout (4x space, no temporal compression) is fitted by `grpo.toy_vae` and
+    `grpo.toy_audio` during the build (latent statistics written) and the pipeline draws 32x32
     toy-size clips with it."""
     from diffusers import LTX2Pipeline
 
+    from grpo.toy_checkpoints import build_fitted_tiny_ltx2
+
     spec = TinyLTX2Spec.toy_world(vae_fit_steps=2, audio_fit_steps=2)
     assert spec.vae_compression == (4, 1)
-    pipe = LTX2Pipeline.from_pretrained(build_tiny_ltx2(tmp_path / "toy", spec))
+    with pytest.raises(NotImplementedError, match="build_fitted_tiny_ltx2"):
+        build_tiny_ltx2(tmp_path / "random", spec)  # policies builds random weights only: fits train
+    pipe = LTX2Pipeline.from_pretrained(build_fitted_tiny_ltx2(tmp_path / "toy", spec))
     assert (pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio) == (4, 1)
     assert not torch.equal(pipe.vae.latents_std, torch.ones_like(pipe.vae.latents_std))
-    # the audio VAE is fitted too (policies.toy_audio): its packed latents' statistics are written
+    # the audio VAE is fitted too (grpo.toy_audio): its packed latents' statistics are written
     assert not torch.equal(pipe.audio_vae.latents_std, torch.ones_like(pipe.audio_vae.latents_std))
     call = {**CALL, "height": 32, "width": 32}
     out = pipe(prompt="a red ball", generator=torch.Generator().manual_seed(0), output_type="latent", **call)

@@ -1,12 +1,11 @@
-"""Fitting the tiny LTX-2 audio VAE and vocoder to the toy world's sound (`policies.toy_audio`)."""
+"""Fitting the tiny LTX-2 audio VAE and vocoder to the toy world's sound (`grpo.toy_audio`)."""
 
 from __future__ import annotations
 
 import torch
 
 from grpo.data.toyworld import ToyWorldConfig
-from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
-from policies.toy_audio import (
+from grpo.toy_audio import (
     ToyAudioFitConfig,
     fit_toy_audio,
     resample,
@@ -14,6 +13,7 @@ from policies.toy_audio import (
     silence_in,
     vocoder_loss,
 )
+from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
 
 
 def _random_pair(seed: int = 0):

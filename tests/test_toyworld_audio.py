@@ -19,8 +19,8 @@ from grpo.data.toyworld import (
     export_toyworld,
     generate_sample,
 )
-from grpo.data.video import read_audio, read_video, write_video
 from policies.errors import InputError
+from policies.video_io import read_audio, read_video, write_video
 from rewards.registry import resolve
 from rewards.verifiable_audio import (
     ToyWorldAudioReward,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from grpo.data.toyworld import PALETTE, ToyWorld, ToyWorldConfig, disc_coverage, render
-from grpo.data.video import read_video, write_video
 from policies.errors import InputError
+from policies.video_io import read_video, write_video
 from rewards.registry import resolve
 from rewards.types import RewardOutput
 from rewards.verifiable import ToyWorldVerifiableReward, VerifiableRewardConfig, detect_balls

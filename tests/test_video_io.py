@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from grpo.data.toyworld import ToyWorld
-from grpo.data.video import (
+from policies.errors import InputError
+from policies.video_io import (
     as_video,
     frame_grid,
     from_uint8,
@@ -21,7 +22,6 @@ from grpo.data.video import (
     write_video,
     write_video_strip,
 )
-from policies.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,13 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from grpo.evaluation import eval_sampling, evaluate, write_evaluation
+from grpo.recipe import load_recipe
+from grpo.report import compare, format_table
+from grpo.train import build_datasets, build_policy, validate
 from policies.errors import InputError
 from policies.files import check_output_dir
+from rewards.composite import CompositeReward
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,12 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.evaluation import eval_sampling, evaluate, write_evaluation
-    from grpo.recipe import load_recipe
-    from grpo.report import compare, format_table
-    from grpo.train import build_datasets, build_policy, validate
-    from rewards.composite import CompositeReward
-
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage != "grpo":
         raise InputError(

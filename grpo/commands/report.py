@@ -12,6 +12,8 @@ import argparse
 import math
 from pathlib import Path
 
+from grpo.evaluation import EvalResults, eval_steps
+from grpo.report import compare, format_table, write_report
 from policies.errors import InputError
 
 
@@ -36,9 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.evaluation import EvalResults, eval_steps
-    from grpo.report import compare, format_table, write_report
-
     if not math.isfinite(args.threshold):
         raise InputError(f"--threshold must be a finite number, got {args.threshold}")
     if args.videos < 0:

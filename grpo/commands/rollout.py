@@ -17,8 +17,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
+from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
+from policies import SamplingConfig
 from policies.errors import InputError
 from policies.files import check_output_dir
+from policies.ltx import latent_shape, vae_compression
 from policies.ltx2 import (
     LTX2_ONLY_FIELDS,
     LTX2_PIPELINES,
@@ -26,6 +29,8 @@ from policies.ltx2 import (
     LTX2SamplingConfig,
     check_ltx2_checkpoint,
 )
+from policies.tiny import TinyLTXSpec
+from policies.video_io import write_video
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -126,12 +131,6 @@ def checkpoint_family(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.data.video import write_video
-    from grpo.train import LTX2PolicySpec, LTXPolicySpec, build_policy
-    from policies import SamplingConfig
-    from policies.ltx import latent_shape, vae_compression
-    from policies.tiny import TinyLTXSpec
-
     # every cheap check first: nothing is loaded or written before the arguments are known to work
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         raise InputError(f"--checkpoint: checkpoint directory {str(args.checkpoint)!r} does not exist")

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from grpo.recipe import TRAINER_CONFIGS, load_recipe
+from grpo.train import run as run_recipe
+from grpo.train import validate
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from grpo.recipe import TRAINER_CONFIGS
-
     stages = ", ".join(TRAINER_CONFIGS)
     parser = subparsers.add_parser(
         "train",
@@ -33,10 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.recipe import load_recipe
-    from grpo.train import run as run_recipe
-    from grpo.train import validate
-
     recipe = load_recipe(args.recipe, args.overrides)
     validate(recipe)
     history = run_recipe(recipe)

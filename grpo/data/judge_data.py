@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from policies.errors import InputError
+from policies.video_io import read_video, to_uint8
+from rewards.preferences import PAIR_VIDEOS, toyworld_pairs
 
 VERDICT_KEYS = ("context", "candidate", "verdict")
 
@@ -35,8 +37,6 @@ def verdict_row(
     context: Any, candidate: Any, verdict: str, kind: str, prompt: str | None = None
 ) -> dict[str, Any]:
     """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors."""
-    from grpo.data.video import to_uint8
-
     return {
         "context": torch.from_numpy(np.ascontiguousarray(to_uint8(context))),
         "candidate": torch.from_numpy(np.ascontiguousarray(to_uint8(candidate))),
@@ -81,8 +81,6 @@ def verdicts_from_pairs(pairs: Any, choices: Sequence[str] = ("yes", "no")) -> l
     """Verdict rows of a preference table (`rewards.preferences`): chosen -> ``choices[0]`` (kind
     ``true``), rejected -> ``choices[1]`` (kind: the pair's ``kind`` column, else ``rejected``).
     Tied pairs say neither is better, so they carry no verdict and are skipped."""
-    from rewards.preferences import PAIR_VIDEOS
-
     table = pairs.with_format("numpy")
     rows = []
     for i in range(len(table)):
@@ -134,8 +132,6 @@ def toyworld_verdicts(
 ) -> Any:
     """Two rows per toy-world sample: its true future (yes) and a perturbed one (no; sample ``i``
     gets ``perturbations[i % len]``), with the context caption as the prompt; a `verdict_dataset`."""
-    from rewards.preferences import toyworld_pairs
-
     pairs = toyworld_pairs(world, perturbations, num_workers=num_workers)
     return verdict_dataset(verdicts_from_pairs(pairs, choices))
 
@@ -144,8 +140,6 @@ def read_verdict_manifest(path: str | Path, choices: Sequence[str] = ("yes", "no
     """The rows of a verdict manifest (JSON Lines) as a `verdict_dataset`. Every line is validated
     first -- JSON object, the keys, a verdict that is one of ``choices``, both video files present --
     so a bad line fails in milliseconds with ``FILE:LINE: problem; fix``; then the videos are decoded."""
-    from grpo.data.video import read_video
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"verdict manifest {path} does not exist; give a .jsonl file of {VERDICT_KEYS} rows")

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo.data.video import from_uint8, iter_frames, probe_video, split_clips
 from policies.errors import InputError
+from policies.video_io import from_uint8, iter_frames, probe_video, split_clips
 
 DEFAULT_INSTRUCTION = "What happens next?"
 VIDEO_COLUMNS = ("context_video", "next_video")

@@ -42,8 +42,9 @@ from numpy.random import PCG64, Generator
 from tqdm.auto import tqdm
 
 from grpo.data.nsp_dataset import DEFAULT_INSTRUCTION, write_manifest
-from grpo.data.video import split_clips, write_video
 from policies.errors import InputError
+from policies.toy_geometry import disc_coverage
+from policies.video_io import split_clips, write_video
 
 # name -> RGB (0..255): HSV hues 0, 60, ..., 300 at saturation 0.85, value 0.9
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -426,23 +427,6 @@ def _make_scene(seed: int, config: ToyWorldConfig) -> _Scene:
 # ---------------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------------
-
-
-def disc_coverage(centres: np.ndarray, radii: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Anti-aliased coverage of discs on a pixel grid.
-
-    ``centres [..., 2]`` (x, y) and ``radii [...]`` in pixels; returns ``[..., height, width]`` in
-    [0, 1]: ``clip(radius + 0.5 - distance_to_pixel_centre, 0, 1)``. The renderer and the
-    verifiable reward share this function, so expected and rendered balls agree exactly.
-    """
-    centres = np.asarray(centres, dtype=np.float64)
-    radii = np.broadcast_to(np.asarray(radii, dtype=np.float64), centres.shape[:-1])
-    ys = np.arange(height, dtype=np.float64) + 0.5
-    xs = np.arange(width, dtype=np.float64) + 0.5
-    dx = xs - centres[..., 0, None]
-    dy = ys - centres[..., 1, None]
-    dist = np.sqrt(dy[..., :, None] ** 2 + dx[..., None, :] ** 2)
-    return np.clip(radii[..., None, None] + 0.5 - dist, 0.0, 1.0)
 
 
 def render(

@@ -13,6 +13,8 @@ from typing import Any
 
 from policies.errors import InputError
 from policies.files import check_output_dir
+from policies.video_io import read_video
+from rewards.judge.client import CausalConsistencyJudge
 from rewards.judge.config import JudgeConfig
 from rewards.judge.prompts import ASPECTS, MODES
 from rewards.judge.serve import ServeConfig, format_command, start_server
@@ -134,9 +136,6 @@ def _read_manifest(path: Path, mode: str) -> list[dict[str, Any]]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from grpo.data.video import read_video
-    from rewards.judge.client import CausalConsistencyJudge
-
     names = ["model", "scoring", "num_frames", "top_logprobs", "max_concurrency", "timeout_s", "max_retries",
              "health_timeout_s", "api_key_env", "failure_policy", "abort_threshold",
              "binary_threshold"]  # fmt: skip

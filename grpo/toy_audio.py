@@ -24,7 +24,7 @@ real classes, to toy-world sounds (``ToyWorldConfig(audio=True)``), in two stage
 `round_trip_reward` scores the pair as the shipped checkpoints are checked: held-out waveforms through
 mel, encode, decode and vocoder, judged by ``toyworld_audio``.
 
-``python -m policies.toy_audio`` fits the toy-world layout's audio VAE and vocoder from their seeded
+``python -m grpo.toy_audio`` fits the toy-world layout's audio VAE and vocoder from their seeded
 random initialisation and prints the held-out reward (before and after) and the time taken, as JSON.
 """
 
@@ -35,7 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policies.toy_vae import adam_fit, store_latent_statistics
+from grpo.data.toyworld import ToyWorld, ToyWorldConfig
+from grpo.toy_vae import adam_fit, store_latent_statistics
+from policies.ltx2 import log_mel_spectrogram
+from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
+from rewards.verifiable_audio import ToyWorldAudioReward
 
 # STFT sizes (samples at 24 kHz) of the vocoder's multi-resolution spectral loss: ~5, 21 and 43 ms windows.
 _STFT_SIZES = (128, 512, 1024)
@@ -79,8 +83,6 @@ def _with_sound(world_config, sample_rate: int):
 def toy_mels(audio_vae: torch.nn.Module, waveforms: torch.Tensor) -> torch.Tensor:
     """Log-mel spectrograms ``[B, C, frames, mel_bins]`` of mono waveforms ``[B, 1, samples]`` at the audio
     VAE's rate, duplicated to its input channels, as `LTX2Policy.encode_audio` computes them."""
-    from policies.ltx2 import log_mel_spectrogram
-
     config = audio_vae.config
     stereo = waveforms.expand(-1, config.in_channels, -1)
     return log_mel_spectrogram(stereo, config.sample_rate, config.mel_bins, config.mel_hop_length)
@@ -118,8 +120,6 @@ def fit_toy_audio_vae(
     """Train ``audio_vae`` (an `AutoencoderKLLTX2Audio`, on any device) in place as an autoencoder of the
     log-mels of toy-world context and next sounds, then store its packed latents' statistics; returns fit
     statistics. Batches are drawn on the CPU from ``fit.seed``."""
-    from grpo.data.toyworld import ToyWorld
-
     fit = fit or ToyAudioFitConfig()
     device = audio_vae.latents_mean.device
     world = ToyWorld(
@@ -203,8 +203,6 @@ def mel_loss(output: torch.Tensor, rate: int, mels: torch.Tensor, audio_vae: tor
     """L1 between the log-mel spectrogram of waveforms ``output`` ``[B, C, samples]`` at ``rate`` Hz, computed
     as ``audio_vae`` reads sound (`toy_mels`' transform, after resampling to its rate), and ``mels``
     ``[B, C, frames, mel_bins]``, over their common frames: HiFi-GAN's reconstruction loss."""
-    from policies.ltx2 import log_mel_spectrogram
-
     config = audio_vae.config
     voiced = resample(output, rate, config.sample_rate)
     voiced_mels = log_mel_spectrogram(voiced, config.sample_rate, config.mel_bins, config.mel_hop_length)
@@ -237,8 +235,6 @@ def fit_toy_vocoder(
     """Train ``vocoder`` (an `LTX2Vocoder`, on ``audio_vae``'s device) in place to voice ``audio_vae``'s
     decoded log-mels of toy-world sounds as the same sounds at the vocoder's rate (`vocoder_loss`);
     returns fit statistics. Batches are drawn on the CPU from ``fit.seed``."""
-    from grpo.data.toyworld import ToyWorld
-
     fit = fit or ToyAudioFitConfig()
     device = audio_vae.latents_mean.device
     rate = int(vocoder.config.output_sampling_rate)
@@ -302,9 +298,6 @@ def round_trip_reward(
     """Mean ``toyworld_audio`` score (onset F1) and pitch accuracy of the first ``num_samples`` held-out
     next sounds that ring at least one tone, passed through mel, the audio VAE's encode and decode, and
     the vocoder (the truth scores 1; silent clips are left out, as a silent output would score them 1)."""
-    from grpo.data.toyworld import ToyWorld
-    from rewards.verifiable_audio import ToyWorldAudioReward
-
     world = ToyWorld(_with_sound(world_config, audio_vae.config.sample_rate), "test")
     rows = []
     for row in world:
@@ -329,10 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
     import json
 
-    from grpo.data.toyworld import ToyWorldConfig
-    from policies.tiny_ltx2 import TinyLTX2Spec, build_audio_vae, build_vocoder
-
-    parser = argparse.ArgumentParser(prog="python -m policies.toy_audio", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m grpo.toy_audio", description=main.__doc__)
     parser.add_argument("--vae-steps", type=int, default=ToyAudioFitConfig.vae_steps)
     parser.add_argument("--vocoder-steps", type=int, default=ToyAudioFitConfig.vocoder_steps)
     parser.add_argument("--seed", type=int, default=0)

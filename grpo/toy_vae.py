@@ -10,7 +10,7 @@ written to the ``latents_mean`` / ``latents_std`` buffers, as both pipelines' no
 `reconstruction_reward` scores a VAE the way the shipped checkpoints are checked: held-out clips through
 encode and decode, judged by the toy world's verifiable reward.
 
-``python -m policies.toy_vae --layout ltx2 --steps 1500`` fits a toy-world layout from scratch and prints
+``python -m grpo.toy_vae --layout ltx2 --steps 1500`` fits a toy-world layout from scratch and prints
 the held-out reward and the time taken, as JSON.
 """
 
@@ -20,6 +20,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from grpo.data.toyworld import BACKGROUND, ToyWorld, ToyWorldConfig
+from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import TinyLTX2Spec, build_video_vae
+from rewards.verifiable import ToyWorldVerifiableReward
 
 
 @dataclass
@@ -68,8 +73,6 @@ def adam_fit(
 def fit_toy_vae(vae: torch.nn.Module, world_config, fit: ToyVAEFitConfig | None = None, log=print) -> dict:
     """Train ``vae`` (an LTX-Video or LTX-2 video VAE, on any device) in place on context and next clips
     of the toy world; returns fit statistics. Batches are drawn on the CPU from ``fit.seed``."""
-    from grpo.data.toyworld import BACKGROUND, ToyWorld
-
     fit = fit or ToyVAEFitConfig()
     device = vae.latents_mean.device
     world = ToyWorld(world_config, split="train", num_samples=fit.num_train)
@@ -104,9 +107,6 @@ def store_latent_statistics(vae: torch.nn.Module, latents: torch.Tensor, dims: t
 def reconstruction_reward(vae: torch.nn.Module, world_config, num_samples: int = 12) -> float:
     """Mean toy-world verifiable reward of ``num_samples`` held-out next clips passed through ``vae``'s
     encode and decode (the truth scores ~1; a random VAE ~0.05)."""
-    from grpo.data.toyworld import ToyWorld
-    from rewards.verifiable import ToyWorldVerifiableReward
-
     world = ToyWorld(world_config, split="test", num_samples=num_samples)
     rows = [world[i] for i in range(len(world))]
     clips = torch.stack([r["next"] for r in rows]).to(vae.latents_mean.device)  # [B, F, H, W, 3]
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     import tempfile
 
-    from grpo.data.toyworld import ToyWorldConfig
-
-    parser = argparse.ArgumentParser(prog="python -m policies.toy_vae", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m grpo.toy_vae", description=main.__doc__)
     parser.add_argument(
         "--layout", choices=("ltx", "ltx2"), default="ltx2", help="TinyLTXSpec or TinyLTX2Spec"
     )
@@ -139,15 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.spec).items()}
     if args.layout == "ltx2":
-        from policies.tiny_ltx2 import TinyLTX2Spec, build_video_vae
-
         spec = TinyLTX2Spec.toy_world(seed=args.seed, **overrides)
         torch.manual_seed(spec.seed)
         vae = build_video_vae(spec)
     else:
         from diffusers import AutoencoderKLLTXVideo
-
-        from policies.tiny import TinyLTXSpec, build_tiny_ltx
 
         spec = TinyLTXSpec.toy_world(seed=args.seed, **overrides)
         with tempfile.TemporaryDirectory() as tmp:
