@@ -166,11 +166,24 @@ class Geometry:
         return torch.cat([video.flatten(1), audio.flatten(1)], dim=1)
 
 
-def _read_index(path: Path) -> dict:
+def read_model_index(path: Path) -> dict:
+    """A diffusers directory's ``model_index.json`` ({} without one), or a one-line error if unreadable."""
     index = path / "model_index.json"
     if not index.is_file():
         return {}
-    return json.loads(index.read_text())
+    try:
+        values = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{index} is not valid JSON ({err}): re-download or regenerate it") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{index} is not a JSON object: re-download or regenerate it")
+    return values
+
+
+def checkpoint_family(path: Path) -> str:
+    """``ltx2`` when a checkpoint directory's ``model_index.json`` ``_class_name`` is an LTX-2 pipeline,
+    else ``ltx`` (LTX-Video 0.9: its own checks then judge the directory)."""
+    return "ltx2" if read_model_index(path).get("_class_name") in LTX2_PIPELINES else "ltx"
 
 
 def check_ltx2_dir(path: Path, weights: bool = True) -> None:
@@ -178,7 +191,7 @@ def check_ltx2_dir(path: Path, weights: bool = True) -> None:
     weight files too (safetensors only, headers readable); loads nothing."""
     if not path.is_dir():
         raise InputError(f"LTX-2 checkpoint directory {str(path)!r} does not exist")
-    name = _read_index(path).get("_class_name")
+    name = read_model_index(path).get("_class_name")
     if name is not None and name not in LTX2_PIPELINES:
         fix = (
             "load it with LTXPolicy (policy type ltx)"
@@ -352,7 +365,7 @@ class LTX2Policy(LTXPolicy):
             import transformers
 
             encoder_class = getattr(
-                transformers, _read_index(path).get("text_encoder", [None, "AutoModel"])[1]
+                transformers, read_model_index(path).get("text_encoder", [None, "AutoModel"])[1]
             )
             text_encoder = encoder_class.from_pretrained(
                 path / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True

@@ -75,7 +75,7 @@ from policies.clip_attention import (
 )
 from policies.errors import InputError
 from policies.ltx import LTXPolicy, SamplingConfig, check_ltx_dir
-from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, LTX2SamplingConfig, check_ltx2_dir
+from policies.ltx2 import LTX2Policy, LTX2SamplingConfig, check_ltx2_dir, checkpoint_family
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, draw_noise, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import LTX2_SHIFT_DEFAULTS, LTX_SHIFT_DEFAULTS, ltx_sigmas
@@ -111,23 +111,10 @@ def _mix_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"history:{int(seed)}".encode()).digest()[:8], "little") >> 1
 
 
-def generator_family(path: Path) -> str:
-    """``ltx2`` when a checkpoint directory's ``model_index.json`` ``_class_name`` is an LTX-2 pipeline,
-    else ``ltx`` (LTX-Video 0.9; its own checks then judge the directory)."""
-    index = path / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise InputError(
-            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
-        ) from None
-    return "ltx2" if name in LTX2_PIPELINES else "ltx"
-
-
 def check_nextclip_dir(path: Path) -> NextClipConfig:
     """The clip config of a next-clip directory (its ``nextclip.json``, or the defaults for a plain
     LTX-Video or LTX-2 checkpoint) after checking its layout and weight files, without loading anything."""
-    if path.is_dir() and generator_family(path) == "ltx2":
+    if path.is_dir() and checkpoint_family(path) == "ltx2":
         check_ltx2_dir(path)
     else:
         check_ltx_dir(path)
@@ -194,7 +181,7 @@ class NextClipPolicy(LTXPolicy):
         ``changes`` override single `NextClipConfig` fields (e.g. ``history_sigma=0.05``)."""
         path = Path(path)
         stored = check_nextclip_dir(path)
-        policy_class = NextClipLTX2Policy if generator_family(path) == "ltx2" else NextClipPolicy
+        policy_class = NextClipLTX2Policy if checkpoint_family(path) == "ltx2" else NextClipPolicy
         if not issubclass(policy_class, cls):
             raise InputError(
                 f"{str(path)!r} is a next-clip checkpoint of {policy_class.__name__}, not {cls.__name__}: "

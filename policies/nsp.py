@@ -57,7 +57,7 @@ from torch import nn
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
 from policies.ltx import LTXPolicy, check_ltx_dir
-from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, check_ltx2_dir
+from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, check_ltx2_dir, read_model_index
 from policies.qwen_vl_inputs import (
     QwenVLInputsConfig,
     expand_vision_placeholders,
@@ -257,18 +257,12 @@ def _vlm_type(path: Path) -> str:
 def generator_family(path: Path) -> str:
     """``ltx`` (LTX-Video 0.9) or ``ltx2`` (LTX-2): the family an NSP generator directory's
     ``model_index.json`` ``_class_name`` names, or a one-line `InputError` for anything else."""
-    index = path / "model_index.json"
-    if not index.is_file():
+    if not (path / "model_index.json").is_file():
         raise InputError(
             f"NSP generator directory {str(path)!r} is not a diffusers LTX-Video or LTX-2 checkpoint "
             "(no model_index.json)"
         )
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise InputError(
-            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
-        ) from None
+    name = read_model_index(path).get("_class_name")
     if name in LTX2_PIPELINES:
         return "ltx2"
     if name in LTX_PIPELINES:

@@ -24,10 +24,10 @@ from policies.files import check_output_dir
 from policies.ltx import latent_shape, vae_compression
 from policies.ltx2 import (
     LTX2_ONLY_FIELDS,
-    LTX2_PIPELINES,
     MODALITIES,
     LTX2SamplingConfig,
     check_ltx2_checkpoint,
+    checkpoint_family,
 )
 from policies.tiny import TinyLTXSpec
 from policies.video_io import write_video
@@ -113,21 +113,6 @@ def _add_ltx2_options(parser: argparse.ArgumentParser) -> None:
             help=f"{f.metadata['help'].rstrip('.')} (default: {default})",
             **kwargs,
         )
-
-
-def checkpoint_family(path: Path) -> str:
-    """``ltx2`` when the directory's ``model_index.json`` names an LTX-2 pipeline, else ``ltx``
-    (LTX-Video: its own checks then say what is missing)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        return "ltx"
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise InputError(
-            f"{index} is not a valid JSON object ({err}): re-download or regenerate it"
-        ) from None
-    return "ltx2" if name in LTX2_PIPELINES else "ltx"
 
 
 def run(args: argparse.Namespace) -> int:
