@@ -269,7 +269,11 @@ def evaluate(
                     seeds=[s for index in chunk for s in eval_seeds(seed, index, num_generations)],
                 )
             for j, (index, row) in enumerate(zip(chunk, rows, strict=True)):
-                rollout = batch.select(list(range(j * num_generations, (j + 1) * num_generations)))
+                rollout = (
+                    batch
+                    if len(chunk) == 1
+                    else batch.select(list(range(j * num_generations, (j + 1) * num_generations)))
+                )
                 with torch.no_grad():
                     videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
                     metadata = reward_metadata(policy, rollout, row)

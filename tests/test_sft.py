@@ -150,6 +150,8 @@ def _standalone(recipe: Path, overrides: list[str], manifest: Path | None = None
         extra += ["policy.path=null", "policy.tiny=true"]
         if loaded.policy["type"] == "ltx2" and loaded.data["type"] == "toyworld":
             extra.append("policy.tiny_vae_fit_steps=2")  # the toy-world layout its pretrain stage builds
+        if loaded.policy["type"] == "nsp" and loaded.policy.get("sampling"):
+            extra.append("policy.tiny_generator=ltx2")  # LTX-2 sampling settings: an NSP on LTX-2
     if loaded.data["type"] == "nsp_manifest" and not Path(loaded.data["path"]).exists():
         extra += [f"data.path={manifest}", f"data.eval_path={manifest}"]
     return load_recipe(recipe, [*overrides, *extra]) if extra else loaded
