@@ -5,11 +5,14 @@ Weights are loaded from safetensors only (never unpickled): a model folder with 
 header is read first (``safe_open`` parses the header and checks that the data covers the file, without
 reading the tensors), so a truncated or corrupt download is named before anything is loaded or written.
 An output folder that cannot be one (a file stands there or above it) is refused the same way.
+Frozen model folders are hard-linked into saved policies (`link_tree`) rather than copied.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from policies.errors import InputError
@@ -94,3 +97,27 @@ def check_output_dir(path: str | Path, what: str) -> None:
                 where = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
                 raise InputError(f"{what}: {path} {where}; choose another folder or move the file away")
             return
+
+
+def link_tree(source: str | Path, target: str | Path) -> int:
+    """Mirror the folder ``source`` at ``target`` with a hard link per file, so a frozen model saved
+    again (a 7B VLM in every saved policy) costs no disk: the bytes are stored once and stay valid
+    when either folder is deleted. A file that cannot be linked (``target`` on another filesystem, or
+    one without hard links) is copied instead. Returns the bytes copied (0 when all were linked).
+    """
+    source, target = Path(source), Path(target)
+    copied = 0
+    for folder, _, names in os.walk(source):
+        into = target / Path(folder).relative_to(source)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            src, dst = Path(folder) / name, into / name
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # another filesystem, or links unsupported: the one case that copies
+                shutil.copy2(src, dst)
+                copied += dst.stat().st_size
+    return copied

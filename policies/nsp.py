@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from policies.errors import InputError
-from policies.files import check_model_weights, check_safetensors
+from policies.files import check_model_weights, check_safetensors, link_tree
 from policies.ltx import LTXPolicy, check_ltx_dir
 from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, check_ltx2_dir, read_model_index
 from policies.qwen_vl_inputs import (
@@ -476,8 +475,11 @@ class NSPPolicy(LTXPolicy):
         self, path: str | Path, transformer_state_dict: dict[str, torch.Tensor] | None = None
     ) -> None:
         """Write an NSP directory: ``ltx/`` (the trained LTX, full or base + LoRA), the trained queries
-        and connector, ``nsp_config.json``, and the VLM -- copied into ``vlm/`` when it came from inside
-        an NSP directory (or from memory), referred to by absolute path otherwise (a 7B VLM is not copied).
+        and connector, ``nsp_config.json``, and the frozen VLM, never copied when avoidable: referred to
+        by absolute path when it came from its own checkpoint directory, hard-linked file by file into
+        ``vlm/`` when it came from inside an NSP directory (which a later save may delete: checkpoint
+        rotation), copied only where links cannot be made (another filesystem), and written from
+        memory when it was never loaded from disk.
         """
         from safetensors.torch import save_file
 
@@ -491,7 +493,7 @@ class NSPPolicy(LTXPolicy):
             self.inputs_config.save_pretrained(path / "vlm")
         elif self.vlm_path.parent.joinpath(CONFIG_FILE).is_file() and self.vlm_path.name == "vlm":
             if self.vlm_path != (path / "vlm").resolve():
-                shutil.copytree(self.vlm_path, path / "vlm", dirs_exist_ok=True)
+                link_tree(self.vlm_path, path / "vlm")
         else:
             vlm_entry = str(self.vlm_path)
         save_file(

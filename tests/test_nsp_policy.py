@@ -2,7 +2,9 @@
 forward per context, a frozen VLM, checkpoints, and one-line errors for bad input."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from grpo.data import ToyWorld, ToyWorldConfig
 from policies import SamplingConfig
 from policies.errors import InputError
+from policies.files import link_tree
 from policies.nsp import NSPConfig, NSPPolicy
 from policies.qwen_vl_inputs import num_vision_tokens, video_inputs
 from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
@@ -168,6 +171,11 @@ def test_save_load_round_trip_keeps_the_vlm_inside(tmp_path, policy, samples):
         loaded = NSPPolicy.from_pretrained(tmp_path / "copy")
         config = json.loads((tmp_path / "copy" / "nsp_config.json").read_text())
         assert config["vlm"] == "vlm" and (tmp_path / "copy" / "vlm" / "config.json").is_file()
+        # the frozen VLM is hard-linked, not copied: every file is the source's own bytes
+        source_files = sorted(f for f in policy.vlm_path.rglob("*") if f.is_file())
+        assert source_files and any(f.suffix == ".safetensors" for f in source_files)
+        for f in source_files:
+            assert os.path.samefile(f, tmp_path / "copy" / "vlm" / f.relative_to(policy.vlm_path))
         with torch.no_grad():
             a = policy.text_inputs(policy.prepare_condition(_rows(samples, 1)), torch.tensor([0]), 1.0)[0]
             b = loaded.text_inputs(loaded.prepare_condition(_rows(samples, 1)), torch.tensor([0]), 1.0)[0]
@@ -176,6 +184,34 @@ def test_save_load_round_trip_keeps_the_vlm_inside(tmp_path, policy, samples):
         with torch.no_grad():
             policy.connector.proj[0].bias.sub_(0.1)
             policy.queries.sub_(0.05)
+
+
+def test_saving_again_after_the_source_is_deleted_keeps_a_loadable_vlm(tmp_path, nsp_dir):
+    """Checkpoint rotation deletes the directory a policy was loaded from: the linked VLM survives it."""
+    source = Path(shutil.copytree(nsp_dir, tmp_path / "first"))
+    policy = NSPPolicy.from_pretrained(source)
+    policy.save_pretrained(tmp_path / "second")
+    shutil.rmtree(source)
+    reloaded = NSPPolicy.from_pretrained(tmp_path / "second")
+    reloaded.save_pretrained(tmp_path / "third")
+    for a, b in zip(policy.vlm.parameters(), NSPPolicy.from_pretrained(tmp_path / "third").vlm.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_link_tree_copies_only_what_cannot_be_linked(tmp_path, nsp_dir, monkeypatch):
+    vlm = nsp_dir / "vlm"
+    total = sum(f.stat().st_size for f in vlm.rglob("*") if f.is_file())
+    assert link_tree(vlm, tmp_path / "linked") == 0
+    assert link_tree(vlm, tmp_path / "linked") == 0  # again over itself: nothing to do
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    assert link_tree(vlm, tmp_path / "copied") == total
+    for f in (f for f in vlm.rglob("*") if f.is_file()):
+        copy = tmp_path / "copied" / f.relative_to(vlm)
+        assert copy.read_bytes() == f.read_bytes() and not os.path.samefile(f, copy)
 
 
 def test_a_vlm_outside_the_directory_is_referred_to(tmp_path, nsp_dir):
