@@ -741,11 +741,15 @@ class Bench:
         self.info["nsp_vlm_forward_ms"] = ms_vlm
 
 
-def build_nsp(policy: LTXPolicy, tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
-    """An `NSPPolicy` over ``policy``'s LTX modules with a random Qwen2.5-VL (7B config, or tiny)."""
+def build_qwen_vl(
+    tiny: bool, device: torch.device, dtype: torch.dtype, layers: int | None = None
+) -> tuple[Any, Any, Any]:
+    """A random Qwen2.5-VL (7B config, or tiny; ``layers`` language-model layers instead of the
+    config's) built on ``device``, with Qwen's chat tokenizer (the project's small BPE: Qwen's special
+    tokens and template, its own ids) and the video pre-processing config of 16-frame 448x448
+    contexts: ``(model, tokenizer, inputs_config)``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from policies.nsp import NSPConfig, NSPPolicy
     from policies.qwen_vl_inputs import QwenVLInputsConfig
     from policies.tiny_qwen_vl import build_tiny_qwen_tokenizer
 
@@ -760,6 +764,7 @@ def build_nsp(policy: LTXPolicy, tiny: bool, device: torch.device, dtype: torch.
         )
     }
     text, vision = (QWEN_TINY_TEXT, QWEN_TINY_VISION) if tiny else (QWEN_7B_TEXT, QWEN_7B_VISION)
+    text = {**text, "num_hidden_layers": layers or text["num_hidden_layers"]}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen's 16:24:24 M-RoPE split
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
@@ -774,6 +779,14 @@ def build_nsp(policy: LTXPolicy, tiny: bool, device: torch.device, dtype: torch.
         vlm = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     pixels = 56 * 56 if tiny else 448 * 448  # 16 frames of 448x448: 2048 video tokens
     inputs_config = QwenVLInputsConfig(video_min_pixels=min(pixels, 128 * 28 * 28), video_max_pixels=pixels)
+    return vlm, tokenizer, inputs_config
+
+
+def build_nsp(policy: LTXPolicy, tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """An `NSPPolicy` over ``policy``'s LTX modules with a random Qwen2.5-VL (7B config, or tiny)."""
+    from policies.nsp import NSPConfig, NSPPolicy
+
+    vlm, tokenizer, inputs_config = build_qwen_vl(tiny, device, dtype)
     nsp_config = NSPConfig(
         num_queries=8 if tiny else 64, context_frames=4 if tiny else 16, connector_heads=4 if tiny else 8
     )
