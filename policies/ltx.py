@@ -21,7 +21,7 @@ from torch import nn
 
 from policies import sde as sde_lib
 from policies.errors import InputError
-from policies.files import check_model_weights, check_safetensors
+from policies.files import check_model_weights, check_safetensors, link_tree
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, cfg_batch, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import ltx_sigmas
@@ -151,8 +151,25 @@ def check_ltx_dir(path: Path, weights: bool = True) -> None:
         check_safetensors(path / "transformer_lora" / LORA_WEIGHTS)
 
 
+def weights_identity(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Which tensors a module holds and how often each was changed in place: ``(id, version)`` per
+    weight, LoRA adapters left out and LoRA-wrapped names as unwrapped. Equal before and after means
+    no weight was replaced or written (optimizer steps, ``copy_``, ``load_state_dict`` all count);
+    moving or casting the module keeps it."""
+    return {
+        name.replace(".base_layer", ""): (id(tensor), tensor._version)
+        for name, tensor in module.state_dict(keep_vars=True).items()
+        if "lora_" not in name
+    }
+
+
 class LTXPolicy(nn.Module):
-    """LTX-Video (text-to-video and image-to-video) wrapped as a policy with per-step log-probs."""
+    """LTX-Video (text-to-video and image-to-video) wrapped as a policy with per-step log-probs.
+
+    Saving writes only what changed: a component still holding the weights it was loaded with (the
+    VAE, the text encoder, the base transformer under LoRA) is hard-linked from the directory it was
+    loaded from (`remember_source`) instead of written again (copied where links cannot be made).
+    """
 
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None) -> None:
         super().__init__()
@@ -172,6 +189,7 @@ class LTXPolicy(nn.Module):
         self._wrapped_transformer: nn.Module | None = None
         self._in_reference = False
         self._compile_options: dict | None = None
+        self._source: tuple[Path, dict[str, dict[str, tuple[int, int]]]] | None = None
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -209,7 +227,42 @@ class LTXPolicy(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         policy = cls(transformer, vae, scheduler, text_encoder, tokenizer)
         policy._load_lora(path)
+        policy.remember_source(path)
         return policy.to(device)
+
+    def saved_components(self) -> dict[str, nn.Module]:
+        """The components saved as model folders of their own (name = folder), when present."""
+        parts = {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {name: module for name, module in parts.items() if module is not None}
+
+    def remember_source(self, path: str | Path, source: LTXPolicy | None = None) -> None:
+        """Record that the components now in memory are those saved under ``path`` (or, with
+        ``source``, take over what ``source`` recorded for the same modules), so that saving can link
+        the ones still unchanged."""
+        if source is not None:
+            self._source = source._source
+            return
+        self._source = (
+            Path(path).resolve(),
+            {name: weights_identity(module) for name, module in self.saved_components().items()},
+        )
+
+    def _linkable(self, name: str) -> Path | None:
+        """The folder component ``name`` was loaded from, if it still holds exactly those weights."""
+        if self._source is None or name not in self.saved_components():
+            return None
+        root, identities = self._source
+        unchanged = identities.get(name) == weights_identity(self.saved_components()[name])
+        return root / name if unchanged and (root / name / "config.json").is_file() else None
+
+    def _save_component(self, name: str, path: Path) -> None:
+        """``path/name``: hard links to the folder it was loaded from when the component is unchanged
+        since loading, else the module's own ``save_pretrained``."""
+        source = self._linkable(name)
+        if source is None:
+            self.saved_components()[name].save_pretrained(path / name)
+        elif source.resolve() != (path / name).resolve():
+            link_tree(source, path / name)
 
     def _load_lora(self, path: Path) -> None:
         """Attach the LoRA adapter saved in ``path/transformer_lora``, if there is one."""
@@ -252,6 +305,7 @@ class LTXPolicy(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         if self.has_lora:
             self.transformer.save_lora_adapter(str(path / "transformer_lora"), adapter_name=LORA_ADAPTER)
+        if transformer_state_dict is None and self.has_lora and self._linkable("transformer") is None:
             base = {k: v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
             transformer_state_dict = {k.replace(".base_layer", ""): v for k, v in base.items()}
         if transformer_state_dict is not None:
@@ -261,12 +315,12 @@ class LTXPolicy(nn.Module):
                 {k: v.detach().cpu().contiguous() for k, v in transformer_state_dict.items()},
                 str(path / "transformer" / "diffusion_pytorch_model.safetensors"),
             )
-        else:
-            self.transformer.save_pretrained(path / "transformer")
-        self.vae.save_pretrained(path / "vae")
+        else:  # the base under LoRA, or the whole transformer: linked when unchanged since loading
+            self._save_component("transformer", path)
+        self._save_component("vae", path)
         self.scheduler.save_pretrained(path / "scheduler")
         if self.text_encoder is not None:
-            self.text_encoder.save_pretrained(path / "text_encoder")
+            self._save_component("text_encoder", path)
             self.tokenizer.save_pretrained(path / "tokenizer")
 
     # ------------------------------------------------------------------ geometry

@@ -373,7 +373,13 @@ class LTX2Policy(LTXPolicy):
             tokenizer = transformers.AutoTokenizer.from_pretrained(path / "tokenizer")
         policy = cls(transformer, vae, scheduler, connectors, audio_vae, vocoder, text_encoder, tokenizer)
         policy._load_lora(path)
+        policy.remember_source(path)
         return policy.to(device)
+
+    def saved_components(self) -> dict[str, torch.nn.Module]:
+        """LTX-Video's, plus the text connectors, the audio VAE and the vocoder."""
+        parts = {"connectors": self.connectors, "audio_vae": self.audio_vae, "vocoder": self.vocoder}
+        return {**super().saved_components(), **{k: v for k, v in parts.items() if v is not None}}
 
     def save_pretrained(
         self, path: str | Path, transformer_state_dict: dict[str, torch.Tensor] | None = None
@@ -393,12 +399,12 @@ class LTX2Policy(LTXPolicy):
             audio_vae=[None, None],
             vocoder=[None, None],
         )
-        self.connectors.save_pretrained(path / "connectors")
+        self._save_component("connectors", path)
         if self.audio_vae is not None:
-            self.audio_vae.save_pretrained(path / "audio_vae")
+            self._save_component("audio_vae", path)
             index["audio_vae"] = ["diffusers", type(self.audio_vae).__name__]
         if self.vocoder is not None:
-            self.vocoder.save_pretrained(path / "vocoder")
+            self._save_component("vocoder", path)
             index["vocoder"] = ["ltx2", type(self.vocoder).__name__]
         if self.text_encoder is not None:
             index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]

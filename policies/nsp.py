@@ -432,6 +432,7 @@ class NSPPolicy(LTXPolicy):
             **policy_class.generator_parts(ltx),
         )
         policy.vlm_path = vlm_path.resolve()
+        policy.remember_source(ltx_path, source=ltx)  # saving links the generator's unchanged parts
         if (path / TRAINED_FILE).is_file():
             policy.load_trained(path / TRAINED_FILE)
         return policy.to(device)

@@ -3,6 +3,7 @@ and audio, all guidance on), recomputed log-probs equal the rollout's, checkpoin
 round-trip bitwise, and bad input fails early with one line."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,11 @@ def test_save_load_lora_round_trip_is_bitwise(tmp_path, tiny_dir):
 
     loaded.save_pretrained(tmp_path / "lora")
     assert (tmp_path / "lora" / "transformer_lora").is_dir()
+    for name in ("transformer", "vae", "connectors", "audio_vae", "vocoder", "text_encoder"):
+        files = [f.relative_to(tmp_path / "base" / name) for f in (tmp_path / "base" / name).rglob("*.*")]
+        assert files and all(  # frozen parts (the base under LoRA too) are the loaded files, hard-linked
+            os.path.samefile(tmp_path / "base" / name / f, tmp_path / "lora" / name / f) for f in files
+        ), name
     again = LTX2Policy.from_pretrained(tmp_path / "lora")
     second = again.rollout(cond, num_generations=2, sampling=sampling, seeds=[8, 9])
     for name in ("final_latents", "latents", "next_latents", "log_probs"):

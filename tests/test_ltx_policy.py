@@ -1,6 +1,8 @@
 """LTXPolicy's contract: recomputed log-probs equal the rollout's, the ODE path equals diffusers'
 LTXPipeline, checkpoints round-trip, and bad input fails early with one line."""
 
+import os
+
 import pytest
 import torch
 
@@ -194,6 +196,40 @@ def test_lora_reference_and_round_trip(tmp_path, tiny_dir):
             ref_again = reloaded.log_prob(rollout, 0)
     torch.testing.assert_close(again.log_prob, tuned.log_prob, rtol=0, atol=1e-6)
     torch.testing.assert_close(ref_again.log_prob, ref.log_prob, rtol=0, atol=1e-6)
+
+
+def _same_files(a, b):
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    return bool(files) and all(os.path.samefile(a / f, b / f) for f in files)
+
+
+def test_saving_links_the_unchanged_components_and_writes_the_changed_ones(tmp_path, tiny_dir):
+    """A frozen component (VAE, text encoder, the base under LoRA) is the loaded folder's own files,
+    hard-linked; one changed since loading (in place, as an optimizer does) is written anew."""
+    policy = LTXPolicy.from_pretrained(tiny_dir)
+    policy.add_lora(rank=4)
+    with torch.no_grad():
+        next(p for n, p in policy.transformer.named_parameters() if "lora_B" in n).add_(0.5)
+        policy.vae.decoder.conv_out.conv.bias.add_(0.25)
+    policy.save_pretrained(tmp_path / "saved")
+    for name in ("transformer", "text_encoder"):
+        assert _same_files(tiny_dir / name, tmp_path / "saved" / name), name
+    assert not _same_files(tiny_dir / "vae", tmp_path / "saved" / "vae")
+    loaded = LTXPolicy.from_pretrained(tmp_path / "saved")
+    for ours, theirs in ((policy.vae, loaded.vae), (policy.transformer, loaded.transformer)):
+        mine, saved = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in mine)
+
+    full = LTXPolicy.from_pretrained(tiny_dir)  # full fine-tuning: the transformer is written
+    with torch.no_grad():
+        next(full.transformer.parameters()).add_(0.1)
+    full.save_pretrained(tmp_path / "full")
+    assert not _same_files(tiny_dir / "transformer", tmp_path / "full" / "transformer")
+    assert _same_files(tiny_dir / "vae", tmp_path / "full" / "vae")
+    assert torch.equal(
+        next(full.transformer.parameters()),
+        next(LTXPolicy.from_pretrained(tmp_path / "full").transformer.parameters()),
+    )
 
 
 def test_full_finetune_reference_copy(policy):
