@@ -121,3 +121,13 @@ def link_tree(source: str | Path, target: str | Path) -> int:
                 shutil.copy2(src, dst)
                 copied += dst.stat().st_size
     return copied
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty folder at ``path``, removing what was there first: a file there may be a hard link
+    (`link_tree`) whose bytes another checkpoint shares, and writing over it in place would change
+    that checkpoint too."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path

@@ -21,7 +21,7 @@ from torch import nn
 
 from policies import sde as sde_lib
 from policies.errors import InputError
-from policies.files import check_model_weights, check_safetensors, link_tree
+from policies.files import check_model_weights, check_safetensors, fresh_dir, link_tree
 from policies.rollout import Rollout
 from policies.sampler import ChainRecord, cfg_batch, recorded_steps, rescore, run_chain, sample_plan
 from policies.schedules import ltx_sigmas
@@ -260,7 +260,7 @@ class LTXPolicy(nn.Module):
         since loading, else the module's own ``save_pretrained``."""
         source = self._linkable(name)
         if source is None:
-            self.saved_components()[name].save_pretrained(path / name)
+            self.saved_components()[name].save_pretrained(fresh_dir(path / name))
         elif source.resolve() != (path / name).resolve():
             link_tree(source, path / name)
 
@@ -309,8 +309,7 @@ class LTXPolicy(nn.Module):
             base = {k: v for k, v in self.transformer.state_dict().items() if "lora_" not in k}
             transformer_state_dict = {k.replace(".base_layer", ""): v for k, v in base.items()}
         if transformer_state_dict is not None:
-            (path / "transformer").mkdir(exist_ok=True)
-            self.transformer.save_config(path / "transformer")
+            self.transformer.save_config(fresh_dir(path / "transformer"))
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in transformer_state_dict.items()},
                 str(path / "transformer" / "diffusion_pytorch_model.safetensors"),

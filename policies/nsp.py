@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from policies.errors import InputError
-from policies.files import check_model_weights, check_safetensors, link_tree
+from policies.files import check_model_weights, check_safetensors, fresh_dir, link_tree
 from policies.ltx import LTXPolicy, check_ltx_dir
 from policies.ltx2 import LTX2_PIPELINES, LTX2Policy, check_ltx2_dir, read_model_index
 from policies.qwen_vl_inputs import (
@@ -489,7 +489,7 @@ class NSPPolicy(LTXPolicy):
         super().save_pretrained(path / "ltx", transformer_state_dict)
         vlm_entry = "vlm"
         if self.vlm_path is None:
-            self.vlm.save_pretrained(path / "vlm")
+            self.vlm.save_pretrained(fresh_dir(path / "vlm"))
             self.vlm_tokenizer.save_pretrained(path / "vlm")
             self.inputs_config.save_pretrained(path / "vlm")
         elif self.vlm_path.parent.joinpath(CONFIG_FILE).is_file() and self.vlm_path.name == "vlm":

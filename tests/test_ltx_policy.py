@@ -220,6 +220,12 @@ def test_saving_links_the_unchanged_components_and_writes_the_changed_ones(tmp_p
         mine, saved = ours.state_dict(), theirs.state_dict()
         assert mine.keys() == saved.keys() and all(torch.equal(mine[k], saved[k]) for k in mine)
 
+    with torch.no_grad():  # the base changed under LoRA: saved over the linked folder, not into it
+        next(p for n, p in policy.transformer.named_parameters() if "base_layer" in n).add_(0.5)
+    policy.save_pretrained(tmp_path / "saved")
+    for f in (tiny_dir / "transformer").iterdir():
+        assert not os.path.samefile(f, tmp_path / "saved" / "transformer" / f.name), f.name
+
     full = LTXPolicy.from_pretrained(tiny_dir)  # full fine-tuning: the transformer is written
     with torch.no_grad():
         next(full.transformer.parameters()).add_(0.1)
@@ -230,6 +236,13 @@ def test_saving_links_the_unchanged_components_and_writes_the_changed_ones(tmp_p
         next(full.transformer.parameters()),
         next(LTXPolicy.from_pretrained(tmp_path / "full").transformer.parameters()),
     )
+    # saving a changed VAE over the linked one replaces the link: the loaded checkpoint stays as it was
+    before = (tiny_dir / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with torch.no_grad():
+        full.vae.decoder.conv_out.conv.bias.add_(1.0)
+    full.save_pretrained(tmp_path / "full")
+    assert (tiny_dir / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert not _same_files(tiny_dir / "vae", tmp_path / "full" / "vae")
 
 
 def test_full_finetune_reference_copy(policy):
