@@ -42,6 +42,7 @@ overrides, listed per recipe in ``TINY_OVERRIDES``) on the CPU, so the script ca
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.gpu_rollout import build_ltx2_policy, build_policy, build_qwen_vl  # noqa: E402
 from grpo.data.nsp_dataset import write_manifest  # noqa: E402
+from policies.tiny import build_tiny_ltx  # noqa: E402
 from policies.tiny_ltx2 import build_tiny_ltx2  # noqa: E402
 from policies.video_io import write_video  # noqa: E402
 
@@ -89,6 +91,7 @@ JOBS: dict[str, Job] = {
     "nsp_qwen25vl7b_ltx2b_grpo": Job("nsp_ltx2b", after="nsp_qwen25vl7b_ltx2b_sft", needs=("vlm",)),
     "ltx2_grpo": Job("ltx2_text", needs=("reward_model",)),
     "nsp_qwen25vl7b_ltx2_grpo": Job("nsp_ltx2", needs=("vlm",)),
+    "nextclip_ltx2b_grpo": Job("nextclip_ltx2b", needs=("vlm",)),
 }
 STEPS = {"pretrain": 2, "sft": 2, "grpo": 2}  # optimizer steps / GRPO iterations per recipe
 
@@ -126,6 +129,13 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "trainer.num_generations": 4,  # the recipe keeps best-of-N: 4 drawn, [1, 1] kept
         "trainer.best_of_n_keep": [1, 1],
     },
+    "nextclip_ltx2b_grpo": {  # clips of 9 frames (the tiny checkpoint's), 1 context + 2 generated
+        **_TINY_VIDEO,
+        **_TINY_GRPO,
+        "data.context_frames": 9,
+        "data.next_frames": 18,
+        "trainer.num_frames": 18,
+    },
 }
 
 
@@ -152,6 +162,7 @@ class Checkpoints:
             "reward_model": (self._reward_model, ()),
             "nsp_ltx2b": (self._nsp_ltx2b, ("vlm", "ltx2b")),
             "nsp_ltx2": (self._nsp_ltx2, ("vlm", "ltx2")),
+            "nextclip_ltx2b": (self._nextclip_ltx2b, ()),
         }
 
     def path(self, name: str) -> Path:
@@ -179,7 +190,8 @@ class Checkpoints:
             log(f"writing checkpoint {name} -> {path}")
             self.builders[name][0](path)
             (path / ".complete").write_text("")
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # the runs get the GPU: only this process's context stays
+                gc.collect()
                 torch.cuda.empty_cache()
             log(f"wrote {name}: {tree_bytes(path) / 1e9:.2f} GB in {time.perf_counter() - tick:.0f} s")
         return path
@@ -210,6 +222,22 @@ class Checkpoints:
         policy = build_policy(self.tiny, self.device, self.dtype)
         self._save(policy.transformer, path, "the LTX-Video-2B checkpoint")
         policy.save_pretrained(path)
+
+    def _nextclip_ltx2b(self, path: Path) -> None:
+        """LTX-Video-2B with its T5-XXL text encoder (next-clip encodes the rows' prompts) and the
+        ``nextclip.json`` of recipes/nextclip_ltx2b_grpo.yaml (17-frame clips; tiny: 9)."""
+        from policies.nextclip import CONFIG_NAME, NextClipConfig
+
+        if self.tiny:  # the tiny LTX-Video checkpoint, tiny T5 included
+            build_tiny_ltx(path)
+        else:
+            policy = build_policy(self.tiny, self.device, self.dtype)
+            policy.text_encoder, policy.tokenizer = build_t5_xxl(self.device, self.dtype)
+            self._save(policy.transformer, path, "the LTX-Video-2B checkpoint")
+            self._save(policy.text_encoder, path, "LTX-Video's T5-XXL text encoder")
+            policy.save_pretrained(path)
+        config = NextClipConfig(clip_frames=9 if self.tiny else 17)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
 
     def _ltx2_policy(self) -> Any:
         return build_ltx2_policy(self.tiny, self.device, self.dtype, perturbed_attn=False)
@@ -264,6 +292,29 @@ class Checkpoints:
     def _nsp_ltx2(self, path: Path) -> None:
         # recipes/nsp_qwen25vl7b_ltx2_grpo.yaml's header: the NSP paper's connector and 256 queries
         self._nsp(path, "ltx2", num_queries=256, connector="paper", context_frames=16)
+
+
+def build_t5_xxl(device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """LTX-Video's text encoder: the T5 v1.1 XXL encoder at its released config, with the project's
+    small T5 tokenizer (the ids are its own)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from policies.tiny import _character_tokenizer
+
+    tokenizer = _character_tokenizer()
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return T5EncoderModel(config).to(dtype), tokenizer
 
 
 def build_gemma3_12b(layers: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
@@ -460,14 +511,14 @@ class Result:
 
 
 def recipe_overrides(
-    name: str, raw: dict[str, Any], paths: dict[str, Path], tiny: bool, device: str
+    name: str, raw: dict[str, Any], paths: dict[str, Path], tiny: bool, device: str, steps: int | None = None
 ) -> list[str]:
     """The ``key=value`` overrides of one run: paths, step count, the in-process judge, tiny sizes."""
     out = [f"policy.path={paths['policy']}", f"output_dir={paths['run']}", f"data.path={paths['manifest']}"]
     if "eval_path" in raw.get("data", {}):
         out.append(f"data.eval_path={paths['eval_manifest']}")
     steps_key = "max_iterations" if raw["stage"] == "grpo" else "max_steps"
-    out.append(f"trainer.{steps_key}={STEPS[raw['stage']]}")
+    out.append(f"trainer.{steps_key}={steps or STEPS[raw['stage']]}")
     for i, reward in enumerate(raw.get("rewards", [])):
         if reward["name"] == JUDGE_REWARD:
             out += [
@@ -527,7 +578,7 @@ def run_recipe(
         if job.after and policy is None:
             result.reductions.append(f"starts from the base checkpoint ({job.after} did not run before it)")
         shutil.rmtree(paths["run"], ignore_errors=True)
-        overrides = recipe_overrides(name, raw, paths, args.tiny, device)
+        overrides = recipe_overrides(name, raw, paths, args.tiny, device, args.steps)
         overrides += list(args.extra.get(name, []))
         command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{name}.yaml"), *overrides]
         result.command = command
@@ -632,8 +683,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints after the last recipe")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per recipe run")
-    parser.add_argument("--gemma-layers", type=int, default=GEMMA_12B_LAYERS)
-    parser.add_argument("--reward-model-layers", type=int, default=QWEN_7B_LAYERS)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps / GRPO iterations per recipe (default {STEPS})",
+    )
+    parser.add_argument(
+        "--gemma-layers", type=int, default=GEMMA_12B_LAYERS, help="LTX-2's Gemma-3-12B layers (disk)"
+    )
+    parser.add_argument(
+        "--reward-model-layers", type=int, default=QWEN_7B_LAYERS, help="reward model's Qwen layers (disk)"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="RECIPE:key=value",
         help="an extra override of one recipe (a stated reduction), repeatable",
@@ -663,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "tiny": args.tiny,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "steps": STEPS,
+        "steps": {stage: args.steps or n for stage, n in STEPS.items()},
         "wall_s": time.perf_counter() - tick,
         "results": [asdict(r) for r in results],
     }
