@@ -30,9 +30,9 @@ text encoder and the reward model's backbone (the real widths, fewer layers) whe
 not fit; ``--set RECIPE:key=value`` adds a recipe override (e.g. fewer generations to fit a call's
 time limit). Every such reduction is written in the table and the JSON.
 
-    # one H200, each call < 9 minutes (see README "Real-scale rehearsal")
-    python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_pretrain,nsp_qwen25vl7b_ltx2b_sft,\
-nsp_qwen25vl7b_ltx2b_grpo --work /tmp/rs --out $OUT/rs --json $OUT/real_scale_ltx2b.json
+    # one H200, one call per group of recipes (README "Real-scale rehearsal" lists the five calls)
+    python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_pretrain,nsp_qwen25vl7b_ltx2b_sft \
+        --out $OUT/rs --json $OUT/real_scale_nsp2b_a.json --timeout 240
     python benchmarks/real_scale.py --tiny --out /tmp/rs_tiny        # every recipe, tiny, on CPU
 
 ``--tiny`` runs the same pipeline with tiny configs of the same classes (and tiny geometry
