@@ -476,7 +476,13 @@ def summarise_metrics(records: list[dict[str, Any]], stage: str) -> dict[str, An
         keys = ("iteration_s", "rollout_s", "decode_reward_s", "hidden_frac", "update_s")
         median = {k: statistics.median(i[k] for i in steady) for k in keys} if steady else {}
         peaks = [i["peak_gb"] for i in iterations if i["peak_gb"] is not None]
-        return {"iterations": iterations, "median": median, "trainer_peak_gb": max(peaks, default=None)}
+        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
+        return {
+            "iterations": iterations,
+            "median": median,
+            "median_over": over,
+            "trainer_peak_gb": max(peaks, default=None),
+        }
     steps = [r["time/step_s"] for r in records if "time/step_s" in r]
     steady = steps[1:] or steps
     return {"step_s": steps, "median": {"step_s": statistics.median(steady)} if steady else {}}
@@ -631,6 +637,8 @@ def format_table(results: list[Result]) -> str:
         m = r.metrics.get("median", {})
         per = m.get("iteration_s", m.get("step_s"))
         status = "ok" if r.ok else f"failed: {r.error}"
+        if r.ok and r.metrics.get("median_over", "").startswith("iteration 0"):
+            status += ", " + r.metrics["median_over"]
         if r.reductions:
             status += " (" + "; ".join(r.reductions) + ")"
         written = None if r.disk_written_bytes is None else r.disk_written_bytes / 1e9
