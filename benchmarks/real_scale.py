@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.gpu_rollout import build_ltx2_policy, build_policy, build_qwen_vl  # noqa: E402
 from grpo.data.nsp_dataset import write_manifest  # noqa: E402
+from grpo.recipe import load_recipe  # noqa: E402
 from policies.tiny import build_tiny_ltx  # noqa: E402
 from policies.tiny_ltx2 import build_tiny_ltx2  # noqa: E402
 from policies.video_io import write_video  # noqa: E402
@@ -566,12 +567,6 @@ def run_recipe(
         raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
         frames, context, height, width, fps = geometry(raw, args.tiny, name)
         data_dir = args.work / "data" / f"{frames}x{context}x{height}x{width}"
-        if not (data_dir / "eval" / "manifest.jsonl").is_file():
-            log(f"{name}: synthetic manifests, {frames}+{context} frames {height}x{width} at {fps:g} fps")
-            write_synthetic_manifest(data_dir / "train", frames, context, height, width, fps, 2, seed=0)
-            write_synthetic_manifest(data_dir / "eval", frames, context, height, width, fps, 1, seed=1)
-        for need in (job.policy, *job.needs):
-            store.ensure(need)
         policy = finals.get(job.after) if job.after else None
         paths = {
             "policy": policy if policy is not None else store.path(job.policy),
@@ -583,9 +578,16 @@ def run_recipe(
         }
         if job.after and policy is None:
             result.reductions.append(f"starts from the base checkpoint ({job.after} did not run before it)")
-        shutil.rmtree(paths["run"], ignore_errors=True)
         overrides = recipe_overrides(name, raw, paths, args.tiny, device, args.steps)
         overrides += list(args.extra.get(name, []))
+        load_recipe(RECIPES_DIR / f"{name}.yaml", overrides)  # a bad override fails before any writing
+        if not (data_dir / "eval" / "manifest.jsonl").is_file():
+            log(f"{name}: synthetic manifests, {frames}+{context} frames {height}x{width} at {fps:g} fps")
+            write_synthetic_manifest(data_dir / "train", frames, context, height, width, fps, 2, seed=0)
+            write_synthetic_manifest(data_dir / "eval", frames, context, height, width, fps, 1, seed=1)
+        for need in (job.policy, *job.needs):
+            store.ensure(need)
+        shutil.rmtree(paths["run"], ignore_errors=True)
         command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{name}.yaml"), *overrides]
         result.command = command
         log(f"{name}: nextscene train {' '.join(command[5:])}")

@@ -48,9 +48,9 @@ def test_disk_written_counts_each_file_once_and_not_links_from_outside(tmp_path)
 
 def test_tiny_rehearsal_runs_a_recipe_and_reports_a_failing_one(tmp_path):
     """The whole pipeline on CPU: tiny checkpoints in their layouts, synthetic MP4 manifests,
-    ``nextscene train`` in a subprocess. A recipe that fails (a bad override) is reported with its
-    one-line error and does not stop the next; the NSP GRPO recipe on LTX-2 (judge in-process,
-    best-of-N) runs and its saved policy links what it did not train."""
+    ``nextscene train`` in a subprocess. A recipe that fails (a bad override: refused before anything
+    is written) is reported with its one-line error and does not stop the next; the NSP GRPO recipe
+    on LTX-2 (judge in-process, best-of-N) runs and its saved policy links what it did not train."""
     out = tmp_path / "out"
     code = real_scale.main(
         [
@@ -71,7 +71,8 @@ def test_tiny_rehearsal_runs_a_recipe_and_reports_a_failing_one(tmp_path):
     assert report == json.loads((out / "real_scale.json").read_text())
     failed, ran = report["results"]
     assert not failed["ok"] and "lerning_rate" in failed["error"] and "\n" not in failed["error"]
-    assert "override trainer.lerning_rate=1" in failed["reductions"]
+    assert "override trainer.lerning_rate=1" in failed["reductions"] and failed["command"] == []
+    assert not (out / "runs" / "nsp_qwen25vl7b_ltx2b_grpo").exists()
     assert ran["ok"], ran["error"]
     iterations = ran["metrics"]["iterations"]
     assert len(iterations) == real_scale.STEPS["grpo"]
