@@ -187,6 +187,7 @@ class Checkpoints:
         path = self.path(name)
         if not (path / ".complete").is_file():
             shutil.rmtree(path, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             tick = time.perf_counter()
             log(f"writing checkpoint {name} -> {path}")
             self.builders[name][0](path)
@@ -197,31 +198,28 @@ class Checkpoints:
             log(f"wrote {name}: {tree_bytes(path) / 1e9:.2f} GB in {time.perf_counter() - tick:.0f} s")
         return path
 
-    def check_space(self, bytes_needed: int, what: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def _check_fits(self, what: str, *modules: torch.nn.Module) -> None:
+        """Refuse to write ``modules`` (their weights' bytes) where the disk has less room free."""
+        needed = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
         free = shutil.disk_usage(self.root).free
-        if bytes_needed > free:
+        if needed > free:
             raise RuntimeError(
-                f"{what} needs ~{bytes_needed / 1e9:.1f} GB but {free / 1e9:.1f} GB are free under "
+                f"{what} needs ~{needed / 1e9:.1f} GB but {free / 1e9:.1f} GB are free under "
                 f"{self.root}: run fewer recipes per call, or shrink with --gemma-layers / "
                 "--reward-model-layers"
             )
 
-    def _save(self, module: torch.nn.Module, path: Path, what: str) -> None:
-        size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        self.check_space(size, what)
-
     # each builder writes one checkpoint directory
     def _vlm(self, path: Path) -> None:
         vlm, tokenizer, inputs_config = build_qwen_vl(self.tiny, self.device, self.dtype)
-        self._save(vlm, path, "the Qwen2.5-VL checkpoint")
+        self._check_fits("the Qwen2.5-VL checkpoint", vlm)
         vlm.save_pretrained(path)
         tokenizer.save_pretrained(path)
         inputs_config.save_pretrained(path)
 
     def _ltx2b(self, path: Path) -> None:
         policy = build_policy(self.tiny, self.device, self.dtype)
-        self._save(policy.transformer, path, "the LTX-Video-2B checkpoint")
+        self._check_fits("the LTX-Video-2B checkpoint", policy.transformer, policy.vae)
         policy.save_pretrained(path)
 
     def _nextclip_ltx2b(self, path: Path) -> None:
@@ -234,8 +232,7 @@ class Checkpoints:
         else:
             policy = build_policy(self.tiny, self.device, self.dtype)
             policy.text_encoder, policy.tokenizer = build_t5_xxl(self.device, self.dtype)
-            self._save(policy.transformer, path, "the LTX-Video-2B checkpoint")
-            self._save(policy.text_encoder, path, "LTX-Video's T5-XXL text encoder")
+            self._check_fits("LTX-Video-2B with T5-XXL", policy.transformer, policy.vae, policy.text_encoder)
             policy.save_pretrained(path)
         config = NextClipConfig(clip_frames=9 if self.tiny else 17)
         (path / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2))
@@ -246,7 +243,7 @@ class Checkpoints:
     def _ltx2(self, path: Path) -> None:
         policy = self._ltx2_policy()
         policy.text_encoder = policy.tokenizer = None  # NSP conditions LTX-2 itself: no Gemma
-        self._save(policy.transformer, path, "the LTX-2 checkpoint")
+        self._check_fits("the LTX-2 checkpoint", policy.transformer, policy.vae)
         policy.save_pretrained(path)
 
     def _ltx2_text(self, path: Path) -> None:
@@ -258,8 +255,7 @@ class Checkpoints:
         policy.text_encoder, policy.tokenizer, policy.connectors = build_gemma3_12b(
             self.gemma_layers, self.device, self.dtype
         )
-        self._save(policy.transformer, path, "the LTX-2 checkpoint")
-        self._save(policy.text_encoder, path, "LTX-2's Gemma-3 text encoder")
+        self._check_fits("LTX-2 with Gemma-3", policy.transformer, policy.vae, policy.text_encoder)
         policy.save_pretrained(path)
 
     def _reward_model(self, path: Path) -> None:
@@ -276,7 +272,7 @@ class Checkpoints:
             calibration={"causal": [0.0, 1.0]},
         )
         model = VideoRewardModel.from_backbone(vlm.model, tokenizer, args)
-        self._save(model, path, "the reward model")
+        self._check_fits("the reward model", model)
         model.save_pretrained(path)
 
     def _nsp(self, path: Path, ltx: str, **config: Any) -> None:

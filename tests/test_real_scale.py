@@ -89,3 +89,18 @@ def test_tiny_rehearsal_runs_a_recipe_and_reports_a_failing_one(tmp_path):
     assert os.path.samefile(base, final / "ltx" / "transformer" / "diffusion_pytorch_model.safetensors")
     table = real_scale.format_table([real_scale.Result(**r) for r in report["results"]])
     assert "failed: " in table and "| nsp_qwen25vl7b_ltx2_grpo | ok |" in table
+
+
+def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import collections
+
+    import torch
+
+    store = real_scale.Checkpoints(tmp_path, tiny=True, gemma_layers=48, reward_model_layers=28)
+    module = torch.nn.Linear(100, 100)  # 40 400 bytes of float32 weights
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(real_scale.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 40_000, 40_000))
+    with pytest.raises(RuntimeError, match="needs ~0.0 GB but 0.0 GB are free.*--gemma-layers"):
+        store._check_fits("the test model", module)
+    monkeypatch.setattr(real_scale.shutil, "disk_usage", lambda path: usage(10**6, 0, 40_400))
+    store._check_fits("the test model", module)
