@@ -35,13 +35,7 @@ from grpo.data.judge_data import (
     verdict_dataset,
     verdicts_from_scores,
 )
-from grpo.reward_modeling import (
-    PolicySamplesSpec,
-    ToyPreferencesSpec,
-    all_perturbations,
-    check_toy_data,
-    policy_samples,
-)
+from grpo.reward_modeling import ToyCandidatesSpec, ToyPreferencesSpec, policy_samples
 from grpo.schema import from_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from policies.errors import InputError
@@ -116,30 +110,34 @@ class JudgeModelSpec:
         },
     )
 
+    def check(self, recipe: Any) -> None:
+        """One source (a checkpoint or tiny) of a vision-language judge, and the question it is asked."""
+        if (self.path is None) == (not self.tiny):
+            raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
+        if self.tiny_spec and not self.tiny:
+            raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
+        if self.tiny:
+            tiny = from_dict(TinyQwenVLSpec, self.tiny_spec, where="policy.tiny_spec")
+            if tiny.architecture not in VL_MODEL_TYPES:
+                raise InputError(
+                    f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}"
+                )
+        else:
+            check_vl_checkpoint(self.path)
+        judge_config(self)
+
 
 @dataclass
-class ToyVerdictsSpec(PolicySamplesSpec):
+class ToyVerdictsSpec(ToyCandidatesSpec):
     """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
     and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
-    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
-    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
-    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
-    next_overlap: int = field(
-        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
-    )
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
-    perturbations: list[str] = field(
-        default_factory=all_perturbations, metadata={"help": "the 'no' continuations, mixed"}
-    )
-    num_workers: int = field(
-        default=0, metadata={"help": "processes simulating the samples (at most the CPU count; 0: this one)"}
-    )
 
-    def __post_init__(self) -> None:
-        check_toy_data(self)
+    def check(self, recipe: Any, model: JudgeModelSpec) -> None:
+        """Nothing beyond its fields (``__post_init__``)."""
 
 
 @dataclass
@@ -150,8 +148,14 @@ class VerdictManifestSpec:
     path: str = field(default="", metadata={"help": "training manifest (.jsonl; video paths relative to it)"})
     eval_path: str | None = field(default=None, metadata={"help": "held-out manifest (.jsonl)"})
 
-
-DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_manifest": VerdictManifestSpec}
+    def check(self, recipe: Any, model: JudgeModelSpec) -> None:
+        """The manifests exist."""
+        for name in ("path", "eval_path"):
+            value = getattr(self, name)
+            if (name == "path" or value is not None) and not Path(value or "").is_file():
+                raise InputError(
+                    f"data.{name}: verdict manifest {value!r} does not exist; give a .jsonl file"
+                )
 
 
 def judge_config(spec: JudgeModelSpec) -> Any:
@@ -186,50 +190,13 @@ def check_vl_checkpoint(path: str) -> None:
     check_model_weights(folder)
 
 
-def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
-    """Every check of a ``judge_sft`` recipe that needs no model; returns the model and data specs."""
-    if recipe.policy["type"] != "qwen_vl_judge":
-        raise InputError(
-            f"policy.type: stage 'judge_sft' trains a 'qwen_vl_judge', got {recipe.policy['type']!r}"
-        )
-    spec = from_dict(JudgeModelSpec, recipe.policy, where="policy")
-    if (spec.path is None) == (not spec.tiny):
-        raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
-    if spec.tiny_spec and not spec.tiny:
-        raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
-    if spec.tiny:
-        tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
-        if tiny.architecture not in VL_MODEL_TYPES:
-            raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
-    else:
-        check_vl_checkpoint(spec.path)
-    judge_config(spec)
-    kind = recipe.data["type"]
-    if kind not in DATA_SPECS:
-        raise InputError(f"data.type: stage 'judge_sft' reads {', '.join(DATA_SPECS)}, got {kind!r}")
-    data = from_dict(DATA_SPECS[kind], recipe.data, where="data")
-    if isinstance(data, VerdictManifestSpec):
-        for name in ("path", "eval_path"):
-            value = getattr(data, name)
-            if (name == "path" or value is not None) and not Path(value or "").is_file():
-                raise InputError(
-                    f"data.{name}: verdict manifest {value!r} does not exist; give a .jsonl file"
-                )
-    return spec, data
-
-
 def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
     manifest: None)."""
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
-    config = ToyWorldConfig(
-        size=data.size,
-        context_frames=data.context_frames,
-        next_frames=data.next_frames,
-        next_overlap=data.next_overlap,
-    )
+    config = data.toy_config()
     workers = min(data.num_workers, os.cpu_count() or 1)
     tables = [
         toyworld_verdicts(
@@ -269,9 +236,9 @@ def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
     return InProcessJudge.load_checkpoint(Path(path), "cpu", spec.torch_dtype, None)
 
 
-def run_recipe(recipe: Any) -> list[dict[str, Any]]:
-    """Fine-tune the judge a recipe describes; returns the logged metrics."""
-    spec, data = validate_recipe(recipe)
+def run_recipe(recipe: Any, spec: JudgeModelSpec, data: Any) -> list[dict[str, Any]]:
+    """Fine-tune the judge a recipe describes (its validated model and data specs); returns the
+    logged metrics."""
     config = judge_config(spec)
     train, held_out = build_rows(data, config.choices)
     output_dir = Path(recipe.args.output_dir)
