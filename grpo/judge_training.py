@@ -110,8 +110,18 @@ class JudgeModelSpec:
         },
     )
 
+    def __post_init__(self) -> None:
+        # every size and prompt setting written out, so resolved_recipe.yaml pins the judge and its question
+        if self.tiny:
+            self.tiny_spec = asdict(from_dict(TinyQwenVLSpec, self.tiny_spec, where="tiny_spec"))
+        config = judge_config(self, where="judge")
+        self.judge = {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in ((name, getattr(config, name)) for name in PROMPT_FIELDS)
+        }
+
     def check(self, recipe: Any) -> None:
-        """One source (a checkpoint or tiny) of a vision-language judge, and the question it is asked."""
+        """One source (a checkpoint or tiny) of a vision-language judge."""
         if (self.path is None) == (not self.tiny):
             raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
         if self.tiny_spec and not self.tiny:
@@ -124,7 +134,6 @@ class JudgeModelSpec:
                 )
         else:
             check_vl_checkpoint(self.path)
-        judge_config(self)
 
 
 @dataclass
@@ -158,15 +167,16 @@ class VerdictManifestSpec:
                 )
 
 
-def judge_config(spec: JudgeModelSpec) -> Any:
-    """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
+def judge_config(spec: JudgeModelSpec, where: str = "policy.judge") -> Any:
+    """The `JudgeConfig` of the question the judge is trained (and later asked) with (key errors name
+    ``where``)."""
     unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
     if unknown:
         raise InputError(
             f"policy.judge: {unknown} do not change what the judge is shown; "
             f"give only {', '.join(PROMPT_FIELDS)}"
         )
-    config = from_dict(JudgeConfig, spec.judge, where="policy.judge")
+    config = from_dict(JudgeConfig, spec.judge, where=where)
     if config.mode == "text":
         raise InputError("policy.judge.mode: judge_sft trains on frames; use 'images' or 'video'")
     return config

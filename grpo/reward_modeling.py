@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,6 +143,10 @@ class RewardModelSpec:
     question: str | None = field(default=None, metadata={"help": "text shown after the clip (null: default)"})
     use_prompt: bool = field(default=False, metadata={"help": "also show each sample's prompt"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+
+    def __post_init__(self) -> None:
+        if self.tiny:  # every size written out, so resolved_recipe.yaml pins the backbone
+            self.tiny_spec = asdict(from_dict(TinyRewardModelSpec, self.tiny_spec, where="tiny_spec"))
 
     def check(self, recipe: Any) -> None:
         """One source (a trained model, a backbone or tiny), and its directory's files."""

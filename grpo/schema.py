@@ -54,6 +54,11 @@ def _describe_type(hint: Any) -> str:
         return " or ".join(_describe_type(a) for a in args)
     if origin is list:
         return f"list[{_describe_type(args[0])}]" if args else "list"
+    if origin is tuple:
+        shown = [_describe_type(a) for a in args if a is not Ellipsis]
+        return (
+            f"list[{shown[0]}]" if args[-1:] == (Ellipsis,) else f"list of {len(args)} ({', '.join(shown)})"
+        )
     if origin is dict:
         return f"dict[{_describe_type(args[0])}, {_describe_type(args[1])}]" if args else "mapping"
     if dataclasses.is_dataclass(hint):
@@ -106,6 +111,12 @@ def _check(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(path, f"expected {_describe_type(hint)}, got {describe_value(value)}")
         return [_check(v, args[0], _join(path, i)) for i, v in enumerate(value)] if args else value
+    if origin is tuple:  # a YAML list, of any length (tuple[X, ...]) or of one length
+        variadic = args[-1:] == (Ellipsis,)
+        if not isinstance(value, list | tuple) or not (variadic or len(value) == len(args)):
+            raise ConfigError(path, f"expected {_describe_type(hint)}, got {describe_value(value)}")
+        kinds = [args[0]] * len(value) if variadic else args
+        return tuple(_check(v, kind, _join(path, i)) for i, (v, kind) in enumerate(zip(value, kinds)))
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected {_describe_type(hint)}, got {describe_value(value)}")
@@ -123,7 +134,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "trainer") -> 
     Unknown keys, missing required keys, wrong types and values its ``__post_init__`` rejects all
     raise a one-line `ConfigError` whose ``field`` is the full dotted path under ``where``
     (``trainer.learning_rate``). Supported field types: bool, int, float (ints accepted), str,
-    Literal, Optional / unions, list[...], dict[...], nested dataclasses and Any.
+    Literal, Optional / unions, list[...], tuple[...] (given as a list), dict[...], nested dataclasses
+    and Any.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(where, f"expected a mapping of keys to values, got {describe_value(data)}")

@@ -129,7 +129,8 @@ class NSPPolicySpec(VideoPolicySpec):
     )
 
     def __post_init__(self) -> None:
-        check_ltx2_sampling_keys(self.sampling)
+        if self.sampling:  # (empty: an NSP on LTX-Video, which has no LTX-2 settings)
+            self.sampling = resolved_ltx2_sampling(self.sampling)
         if self.tiny_generator not in ("ltx", "ltx2"):
             raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
         if self.path is None and self.sampling and self.tiny_generator != "ltx2":
@@ -158,15 +159,18 @@ class NSPPolicySpec(VideoPolicySpec):
         return policy
 
 
-def check_ltx2_sampling_keys(sampling: dict[str, Any]) -> None:
-    """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance): known keys with valid values."""
+def resolved_ltx2_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance) with every LTX-2-only setting
+    filled in (what `LTX2Policy.ltx2_sampling` adds to the trainer's `SamplingConfig`), after checking
+    its keys and values: the same sampling, pinned in ``resolved_recipe.yaml``."""
     unknown = sorted(set(sampling) - set(LTX2_ONLY_FIELDS))
     if unknown:
         raise InputError(
             f"policy.sampling: unknown key(s) {unknown}; choose from {', '.join(LTX2_ONLY_FIELDS)} "
             "(geometry, steps and CFG scale are trainer settings)"
         )
-    LTX2SamplingConfig(**sampling)  # bad values fail here, before any model is loaded
+    config = LTX2SamplingConfig(**sampling)  # bad values fail here, before any model is loaded
+    return {name: getattr(config, name) for name in LTX2_ONLY_FIELDS}
 
 
 @dataclass
@@ -243,7 +247,7 @@ class LTX2PolicySpec(VideoPolicySpec):
     )
 
     def __post_init__(self) -> None:
-        check_ltx2_sampling_keys(self.sampling)
+        self.sampling = resolved_ltx2_sampling(self.sampling)
 
     def check(self, recipe: Recipe) -> None:
         """Also, for GRPO, what the directory cannot sample at the trainer's geometry, modalities and

@@ -486,3 +486,19 @@ def test_recipe_dataclass_validates_when_built_directly():
         name="r", stage="pretrain", policy={"type": "ltx"}, data={"type": "d"}, trainer={"max_steps": 5}
     )
     assert isinstance(recipe.args, FlowMatchingConfig) and recipe.args.output_dir == "runs/r"
+
+
+def test_tuple_fields_are_read_from_yaml_lists():
+    """Tuple fields (the judge's choices and aspects) come from YAML lists; a wrong length or element
+    is a one-line error naming the key (they were a TypeError, so a resolved judge recipe could not
+    load back)."""
+    from rewards.judge.config import JudgeConfig
+
+    config = from_dict(JudgeConfig, {"choices": ["good", "bad"], "aspects": ["physics"]}, where="judge")
+    assert config.choices == ("good", "bad") and config.aspects == ("physics",)
+    assert "judge.choices: expected list of 2 (str, str), got list ['a']" in error_of(
+        from_dict, JudgeConfig, {"choices": ["a"]}, where="judge"
+    )
+    assert "judge.aspects.1: expected str, got int 3" in error_of(
+        from_dict, JudgeConfig, {"aspects": ["physics", 3]}, where="judge"
+    )
