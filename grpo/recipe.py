@@ -149,7 +149,8 @@ def _parse_yaml(text: str) -> Any:
 
 @dataclass
 class Recipe:
-    """A validated recipe. ``args`` is the trainer config built from ``trainer`` (see `TRAINER_CONFIGS`)."""
+    """A validated recipe. ``schema`` is its stage's entry of `STAGES`; ``args`` the trainer config built
+    from ``trainer``."""
 
     name: str = field(metadata={"help": "name of the job; the default output_dir is runs/<name>"})
     stage: StageName = field(metadata={"help": f"which trainer runs: {' | '.join(STAGES)}"})
@@ -162,9 +163,7 @@ class Recipe:
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards (stage grpo only)"})
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"help": "trainer config fields"})
     output_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<name>)"})
-    args: TrainerConfig | None = field(
-        default=None, init=False, metadata={"help": "validated trainer config"}
-    )
+    args: TrainerConfig = field(init=False, metadata={"help": "validated trainer config"})
     schema: Stage = field(
         init=False,
         repr=False,
