@@ -36,7 +36,7 @@ from grpo.data.judge_data import (
     verdicts_from_scores,
 )
 from grpo.reward_modeling import ToyCandidatesSpec, ToyPreferencesSpec, policy_samples
-from grpo.schema import from_dict, save_resolved
+from grpo.schema import from_dict, from_nested_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from policies.errors import InputError
 from policies.files import check_model_weights
@@ -113,8 +113,8 @@ class JudgeModelSpec:
     def __post_init__(self) -> None:
         # every size and prompt setting written out, so resolved_recipe.yaml pins the judge and its question
         if self.tiny:
-            self.tiny_spec = asdict(from_dict(TinyQwenVLSpec, self.tiny_spec, where="tiny_spec"))
-        config = judge_config(self, where="judge")
+            self.tiny_spec = asdict(from_nested_dict(TinyQwenVLSpec, self.tiny_spec, "policy.tiny_spec"))
+        config = judge_config(self)
         self.judge = {
             name: list(value) if isinstance(value, tuple) else value
             for name, value in ((name, getattr(config, name)) for name in PROMPT_FIELDS)
@@ -126,14 +126,10 @@ class JudgeModelSpec:
             raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
         if self.tiny_spec and not self.tiny:
             raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
-        if self.tiny:
-            tiny = from_dict(TinyQwenVLSpec, self.tiny_spec, where="policy.tiny_spec")
-            if tiny.architecture not in VL_MODEL_TYPES:
-                raise InputError(
-                    f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}"
-                )
-        else:
+        if not self.tiny:
             check_vl_checkpoint(self.path)
+        elif self.tiny_spec["architecture"] not in VL_MODEL_TYPES:
+            raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
 
 
 @dataclass
@@ -167,16 +163,15 @@ class VerdictManifestSpec:
                 )
 
 
-def judge_config(spec: JudgeModelSpec, where: str = "policy.judge") -> Any:
-    """The `JudgeConfig` of the question the judge is trained (and later asked) with (key errors name
-    ``where``)."""
+def judge_config(spec: JudgeModelSpec) -> Any:
+    """The `JudgeConfig` of the question the judge is trained (and later asked) with."""
     unknown = sorted(set(spec.judge) - set(PROMPT_FIELDS))
     if unknown:
         raise InputError(
             f"policy.judge: {unknown} do not change what the judge is shown; "
             f"give only {', '.join(PROMPT_FIELDS)}"
         )
-    config = from_dict(JudgeConfig, spec.judge, where=where)
+    config = from_nested_dict(JudgeConfig, spec.judge, "policy.judge")
     if config.mode == "text":
         raise InputError("policy.judge.mode: judge_sft trains on frames; use 'images' or 'video'")
     return config

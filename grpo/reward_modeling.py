@@ -28,7 +28,7 @@ from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
 from grpo.preemption import PreemptionHandler
-from grpo.schema import from_dict, save_resolved
+from grpo.schema import from_dict, from_nested_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -146,7 +146,7 @@ class RewardModelSpec:
 
     def __post_init__(self) -> None:
         if self.tiny:  # every size written out, so resolved_recipe.yaml pins the backbone
-            self.tiny_spec = asdict(from_dict(TinyRewardModelSpec, self.tiny_spec, where="tiny_spec"))
+            self.tiny_spec = asdict(from_nested_dict(TinyRewardModelSpec, self.tiny_spec, "policy.tiny_spec"))
 
     def check(self, recipe: Any) -> None:
         """One source (a trained model, a backbone or tiny), and its directory's files."""
@@ -202,8 +202,8 @@ class ToyCandidatesSpec(PolicySamplesSpec):
     next_overlap: int = field(
         default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
     )
-    num_train: int = field(default=1024, metadata={"help": "training contexts (train split seeds)"})
-    num_eval: int = field(default=256, metadata={"help": "held-out contexts (validation split seeds)"})
+    num_train: int = field(default=1024, metadata={"help": "training samples (train split seeds)"})
+    num_eval: int = field(default=256, metadata={"help": "held-out samples (validation split seeds)"})
     perturbations: list[str] = field(
         default_factory=all_perturbations, metadata={"help": "the perturbed continuations, mixed"}
     )
@@ -246,8 +246,6 @@ class ToyPreferencesSpec(ToyCandidatesSpec):
     type: Literal["toyworld_preferences"] = field(
         default="toyworld_preferences", metadata={"help": "data kind"}
     )
-    num_train: int = field(default=1024, metadata={"help": "training pairs (train split seeds)"})
-    num_eval: int = field(default=256, metadata={"help": "held-out pairs (validation split seeds)"})
     aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
     policy_margin: float = field(
         default=0.05, metadata={"help": "drop policy pairs whose verifiable rewards differ by <= this"}

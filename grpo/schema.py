@@ -167,6 +167,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "trainer") -> 
         raise ConfigError(_join(where, err.field), err.problem) from None
 
 
+def from_nested_dict(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    """`from_dict` for a mapping held in a field of a spec, called by the spec's ``__post_init__``
+    (``where`` is its full path, ``policy.tiny_spec``): its errors are final, not prefixed again by
+    the `from_dict` building the spec."""
+    try:
+        return from_dict(cls, data, where=where)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+
+
 @dataclass
 class RewardSpec:
     """One reward of a recipe (``rewards: [{name, weight, kwargs}]``)."""
