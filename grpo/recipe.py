@@ -45,6 +45,7 @@ from grpo.config import (
     GRPOConfig,
     TrainerConfig,
     VideoTrainerConfig,
+    check_choice,
 )
 from grpo.schema import (
     RESOLVED_RECIPE_FILE,
@@ -182,6 +183,7 @@ class Recipe:
                 raise ConfigError(
                     f"{section}.type", f"required key is missing; name the {section} kind (a string)"
                 )
+        check_choice("stage", self.stage, tuple(STAGES))  # also when built directly, not by from_dict
         self.schema = STAGES[self.stage]
         if self.schema.rewards and not self.rewards:
             raise ConfigError(
