@@ -35,14 +35,8 @@ from grpo.data.judge_data import (
     verdict_dataset,
     verdicts_from_scores,
 )
-from grpo.reward_modeling import (
-    PolicySamplesSpec,
-    ToyPreferencesSpec,
-    all_perturbations,
-    check_toy_data,
-    policy_samples,
-)
-from grpo.schema import from_dict, save_resolved
+from grpo.reward_modeling import ToyCandidatesSpec, ToyPreferencesSpec, policy_samples
+from grpo.schema import from_dict, from_nested_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from policies.errors import InputError
 from policies.files import check_model_weights
@@ -116,30 +110,39 @@ class JudgeModelSpec:
         },
     )
 
+    def __post_init__(self) -> None:
+        # every size and prompt setting written out, so resolved_recipe.yaml pins the judge and its question
+        if self.tiny:
+            self.tiny_spec = asdict(from_nested_dict(TinyQwenVLSpec, self.tiny_spec, "policy.tiny_spec"))
+        config = judge_config(self)
+        self.judge = {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in ((name, getattr(config, name)) for name in PROMPT_FIELDS)
+        }
+
+    def check(self, recipe: Any) -> None:
+        """One source (a checkpoint or tiny) of a vision-language judge."""
+        if (self.path is None) == (not self.tiny):
+            raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
+        if self.tiny_spec and not self.tiny:
+            raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
+        if not self.tiny:
+            check_vl_checkpoint(self.path)
+        elif self.tiny_spec["architecture"] not in VL_MODEL_TYPES:
+            raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
+
 
 @dataclass
-class ToyVerdictsSpec(PolicySamplesSpec):
+class ToyVerdictsSpec(ToyCandidatesSpec):
     """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
     and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
-    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
-    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
-    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
-    next_overlap: int = field(
-        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
-    )
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
-    perturbations: list[str] = field(
-        default_factory=all_perturbations, metadata={"help": "the 'no' continuations, mixed"}
-    )
-    num_workers: int = field(
-        default=0, metadata={"help": "processes simulating the samples (at most the CPU count; 0: this one)"}
-    )
 
-    def __post_init__(self) -> None:
-        check_toy_data(self)
+    def check(self, recipe: Any, model: JudgeModelSpec) -> None:
+        """Nothing beyond its fields (``__post_init__``)."""
 
 
 @dataclass
@@ -150,8 +153,14 @@ class VerdictManifestSpec:
     path: str = field(default="", metadata={"help": "training manifest (.jsonl; video paths relative to it)"})
     eval_path: str | None = field(default=None, metadata={"help": "held-out manifest (.jsonl)"})
 
-
-DATA_SPECS: dict[str, type] = {"toyworld_verdicts": ToyVerdictsSpec, "verdict_manifest": VerdictManifestSpec}
+    def check(self, recipe: Any, model: JudgeModelSpec) -> None:
+        """The manifests exist."""
+        for name in ("path", "eval_path"):
+            value = getattr(self, name)
+            if (name == "path" or value is not None) and not Path(value or "").is_file():
+                raise InputError(
+                    f"data.{name}: verdict manifest {value!r} does not exist; give a .jsonl file"
+                )
 
 
 def judge_config(spec: JudgeModelSpec) -> Any:
@@ -162,7 +171,7 @@ def judge_config(spec: JudgeModelSpec) -> Any:
             f"policy.judge: {unknown} do not change what the judge is shown; "
             f"give only {', '.join(PROMPT_FIELDS)}"
         )
-    config = from_dict(JudgeConfig, spec.judge, where="policy.judge")
+    config = from_nested_dict(JudgeConfig, spec.judge, "policy.judge")
     if config.mode == "text":
         raise InputError("policy.judge.mode: judge_sft trains on frames; use 'images' or 'video'")
     return config
@@ -186,50 +195,13 @@ def check_vl_checkpoint(path: str) -> None:
     check_model_weights(folder)
 
 
-def validate_recipe(recipe: Any) -> tuple[JudgeModelSpec, Any]:
-    """Every check of a ``judge_sft`` recipe that needs no model; returns the model and data specs."""
-    if recipe.policy["type"] != "qwen_vl_judge":
-        raise InputError(
-            f"policy.type: stage 'judge_sft' trains a 'qwen_vl_judge', got {recipe.policy['type']!r}"
-        )
-    spec = from_dict(JudgeModelSpec, recipe.policy, where="policy")
-    if (spec.path is None) == (not spec.tiny):
-        raise InputError("policy: give exactly one of policy.path or policy.tiny: true")
-    if spec.tiny_spec and not spec.tiny:
-        raise InputError("policy.tiny_spec: sizes a tiny judge; set policy.tiny: true or drop it")
-    if spec.tiny:
-        tiny = from_dict(TinyQwenVLSpec, spec.tiny_spec, where="policy.tiny_spec")
-        if tiny.architecture not in VL_MODEL_TYPES:
-            raise InputError(f"policy.tiny_spec.architecture: judge_sft trains {' or '.join(VL_MODEL_TYPES)}")
-    else:
-        check_vl_checkpoint(spec.path)
-    judge_config(spec)
-    kind = recipe.data["type"]
-    if kind not in DATA_SPECS:
-        raise InputError(f"data.type: stage 'judge_sft' reads {', '.join(DATA_SPECS)}, got {kind!r}")
-    data = from_dict(DATA_SPECS[kind], recipe.data, where="data")
-    if isinstance(data, VerdictManifestSpec):
-        for name in ("path", "eval_path"):
-            value = getattr(data, name)
-            if (name == "path" or value is not None) and not Path(value or "").is_file():
-                raise InputError(
-                    f"data.{name}: verdict manifest {value!r} does not exist; give a .jsonl file"
-                )
-    return spec, data
-
-
 def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
     manifest: None)."""
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
-    config = ToyWorldConfig(
-        size=data.size,
-        context_frames=data.context_frames,
-        next_frames=data.next_frames,
-        next_overlap=data.next_overlap,
-    )
+    config = data.toy_config()
     workers = min(data.num_workers, os.cpu_count() or 1)
     tables = [
         toyworld_verdicts(
@@ -269,9 +241,9 @@ def load_judge(spec: JudgeModelSpec, output_dir: Path) -> tuple[Any, Any, Any]:
     return InProcessJudge.load_checkpoint(Path(path), "cpu", spec.torch_dtype, None)
 
 
-def run_recipe(recipe: Any) -> list[dict[str, Any]]:
-    """Fine-tune the judge a recipe describes; returns the logged metrics."""
-    spec, data = validate_recipe(recipe)
+def run_recipe(recipe: Any, spec: JudgeModelSpec, data: Any) -> list[dict[str, Any]]:
+    """Fine-tune the judge a recipe describes (its validated model and data specs); returns the
+    logged metrics."""
     config = judge_config(spec)
     train, held_out = build_rows(data, config.choices)
     output_dir = Path(recipe.args.output_dir)

@@ -16,40 +16,53 @@ number, not a string, and ``no`` / ``off`` are strings, not booleans), applies c
 overrides ``key.sub=value`` (the value is parsed as YAML; list entries are addressed by index,
 ``rewards.0.weight=2``), and validates everything strictly: an unknown key names the closest valid
 one, a wrong type names the field and the expected and given types, an impossible value names the
-field and the fix. All of it happens before any model is loaded. The strict checks themselves
-(`from_dict`) and the resolved recipe a run writes (`save_resolved`) live in `grpo.schema`, which the
-stages use too.
+field and the fix. All of it happens before any model is loaded.
+
+`STAGES` is the one table of the schema: each stage's trainer config, the spec class (with its check
+and builder) of every policy and data ``type`` it accepts, whether it takes rewards, and its runner.
+The strict checks themselves (`from_dict`, `section_spec`) and the resolved recipe a run writes
+(`save_resolved`) live in `grpo.schema`, which the stages use too.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 import rewards
-from grpo import judge_training, reward_modeling
+from grpo import judge_training, reward_modeling, train
 from grpo.config import (
     ConfigError,
     FlowMatchingConfig,
     GRPOConfig,
     TrainerConfig,
     VideoTrainerConfig,
+    check_choice,
 )
-from grpo.schema import RESOLVED_RECIPE_FILE, describe_value, from_dict, recipe_to_dict, save_resolved
-from grpo.train import DATA_SPECS, POLICY_SPECS, data_frame_rate
+from grpo.schema import (
+    RESOLVED_RECIPE_FILE,
+    RewardSpec,
+    Stage,
+    describe_value,
+    from_dict,
+    recipe_to_dict,
+    save_resolved,
+)
 from policies.errors import InputError
 
 __all__ = [
     "RESOLVED_RECIPE_FILE",
     "TRAINER_CONFIGS",
     "Recipe",
+    "STAGES",
     "RewardSpec",
     "apply_overrides",
     "from_dict",
@@ -58,15 +71,54 @@ __all__ = [
     "save_resolved",
 ]
 
-# stage -> config class its `trainer` section is validated against; a stage missing here (a trainer
-# that validates its own section) keeps `trainer` as a plain dict and `Recipe.args` is None
-TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {
-    "pretrain": FlowMatchingConfig,
-    "sft": FlowMatchingConfig,
-    "grpo": GRPOConfig,
-    "reward_model": reward_modeling.RewardModelConfig,
-    "judge_sft": judge_training.JudgeSFTConfig,
+# ------------------------------------------------------------------------------------------- the stages
+
+# policy and data kinds of the stages that train a video policy (pretrain and sft need target videos)
+VIDEO_POLICIES: dict[str, type] = {
+    "ltx": train.LTXPolicySpec,
+    "ltx2": train.LTX2PolicySpec,
+    "nsp": train.NSPPolicySpec,
+    "nextclip": train.NextClipPolicySpec,
 }
+VIDEO_DATA: dict[str, type] = {
+    "toyworld": train.ToyWorldDataSpec,
+    "toyworld_clips": train.ToyWorldClipsDataSpec,
+    "nsp_manifest": train.ManifestDataSpec,
+}
+
+# stage -> its Stage entry: a new stage, policy kind or data kind is one entry here (and its module)
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage(FlowMatchingConfig, VIDEO_POLICIES, VIDEO_DATA, train.train_policy),
+    "sft": Stage(FlowMatchingConfig, VIDEO_POLICIES, VIDEO_DATA, train.train_policy),
+    "grpo": Stage(
+        GRPOConfig,
+        VIDEO_POLICIES,
+        {"prompts": train.PromptDataSpec, **VIDEO_DATA},
+        train.train_policy,
+        rewards=True,
+    ),
+    "reward_model": Stage(
+        reward_modeling.RewardModelConfig,
+        {"video_reward_model": reward_modeling.RewardModelSpec},
+        {
+            "toyworld_preferences": reward_modeling.ToyPreferencesSpec,
+            "preferences": reward_modeling.PreferencesSpec,
+        },
+        reward_modeling.run_recipe,
+    ),
+    "judge_sft": Stage(
+        judge_training.JudgeSFTConfig,
+        {"qwen_vl_judge": judge_training.JudgeModelSpec},
+        {
+            "toyworld_verdicts": judge_training.ToyVerdictsSpec,
+            "verdict_manifest": judge_training.VerdictManifestSpec,
+        },
+        judge_training.run_recipe,
+    ),
+}
+# stage -> config class its `trainer` section is validated against
+TRAINER_CONFIGS: dict[str, type[TrainerConfig]] = {name: stage.config for name, stage in STAGES.items()}
+StageName = Literal[tuple(STAGES)]
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -97,32 +149,12 @@ def _parse_yaml(text: str) -> Any:
 
 
 @dataclass
-class RewardSpec:
-    """One reward of a GRPO recipe."""
-
-    name: str = field(metadata={"help": "registered reward name, or module:function"})
-    weight: float = field(default=1.0, metadata={"help": "weight of this reward in the advantage"})
-    kwargs: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "keyword arguments for the reward"}
-    )
-
-    def __post_init__(self) -> None:
-        if ":" in self.name:
-            module, _, attr = self.name.partition(":")
-            if not (re.fullmatch(r"[A-Za-z_][\w.]*", module) and attr.isidentifier()):
-                raise ConfigError("name", f"{self.name!r} is not a registry name or module.path:function")
-        elif not self.name:
-            raise ConfigError("name", "must not be empty; give a registered reward name or module:function")
-
-
-@dataclass
 class Recipe:
-    """A validated recipe. ``args`` is the trainer config built from ``trainer`` (see `TRAINER_CONFIGS`)."""
+    """A validated recipe. ``schema`` is its stage's entry of `STAGES`; ``args`` the trainer config built
+    from ``trainer``."""
 
     name: str = field(metadata={"help": "name of the job; the default output_dir is runs/<name>"})
-    stage: Literal["pretrain", "sft", "grpo", "reward_model", "judge_sft"] = field(
-        metadata={"help": "which trainer runs: pretrain | sft | grpo | reward_model | judge_sft"}
-    )
+    stage: StageName = field(metadata={"help": f"which trainer runs: {' | '.join(STAGES)}"})
     policy: dict[str, Any] = field(
         metadata={"help": "the policy: a mapping with a 'type' key and its options"}
     )
@@ -132,15 +164,12 @@ class Recipe:
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards (stage grpo only)"})
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"help": "trainer config fields"})
     output_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<name>)"})
-    args: TrainerConfig | None = field(
-        default=None, init=False, metadata={"help": "validated trainer config"}
-    )
-    section_specs: tuple[dict[str, type], dict[str, type]] = field(
-        default=({}, {}),
+    args: TrainerConfig = field(init=False, metadata={"help": "validated trainer config"})
+    schema: Stage = field(
         init=False,
         repr=False,
         compare=False,
-        metadata={"help": "the stage's policy and data spec classes by type (`save_resolved` fills them in)"},
+        metadata={"help": "the stage's entry of STAGES: what the sections are checked against and run by"},
     )
 
     def __post_init__(self) -> None:
@@ -154,11 +183,16 @@ class Recipe:
                 raise ConfigError(
                     f"{section}.type", f"required key is missing; name the {section} kind (a string)"
                 )
-        if self.stage == "grpo" and not self.rewards:
-            raise ConfigError("rewards", "stage 'grpo' needs at least one reward ({name: ..., weight: ...})")
-        if self.stage != "grpo" and self.rewards:
+        check_choice("stage", self.stage, tuple(STAGES))  # also when built directly, not by from_dict
+        self.schema = STAGES[self.stage]
+        if self.schema.rewards and not self.rewards:
             raise ConfigError(
-                "rewards", f"only stage 'grpo' uses rewards; remove them from this {self.stage!r} recipe"
+                "rewards", f"stage {self.stage!r} needs at least one reward ({{name: ..., weight: ...}})"
+            )
+        if not self.schema.rewards and self.rewards:
+            users = " / ".join(repr(name) for name, stage in STAGES.items() if stage.rewards)
+            raise ConfigError(
+                "rewards", f"only stage {users} uses rewards; remove them from this {self.stage!r} recipe"
             )
         trainer = dict(self.trainer)
         if (
@@ -170,7 +204,7 @@ class Recipe:
                 f"{trainer['output_dir']!r} disagrees with output_dir {self.output_dir!r}; set it once",
             )
         trainer.setdefault("output_dir", f"runs/{self.name}")
-        if self.stage == "grpo":
+        if self.schema.rewards:
             weights = [reward.weight for reward in self.rewards]
             if trainer.setdefault("reward_weights", weights) != weights:
                 raise ConfigError(
@@ -178,21 +212,39 @@ class Recipe:
                     f"{trainer['reward_weights']} disagrees with the rewards' weights {weights}; "
                     "set each weight once, in rewards.N.weight",
                 )
-        self.section_specs = _section_specs(self.stage)
-        config_cls = TRAINER_CONFIGS.get(self.stage)
-        if config_cls is not None and issubclass(config_cls, VideoTrainerConfig):
-            fps = data_frame_rate(self.data)
+        if issubclass(self.schema.config, VideoTrainerConfig):
+            fps = data_frame_rate(self.data, self.schema.data)
             if fps is not None and trainer.setdefault("frame_rate", fps) != fps:
                 raise ConfigError(
                     "trainer.frame_rate",
                     f"{trainer['frame_rate']} disagrees with data.fps {fps:g}; set the frame rate once, "
                     "in data.fps",
                 )
-        if config_cls is not None:
-            self.args = from_dict(config_cls, trainer, where="trainer")
-            self.output_dir = self.args.output_dir
-        else:
-            self.output_dir = str(trainer["output_dir"])
+        self.args = from_dict(self.schema.config, trainer, where="trainer")
+        self.output_dir = self.args.output_dir
+
+
+def data_frame_rate(data: dict[str, Any], kinds: dict[str, type]) -> float | None:
+    """The frame rate of a recipe's data section: its ``fps``, or the default of its kind (a spec of
+    ``kinds``); None for a kind the stage does not read (`grpo.train.validate` names the problem).
+
+    This is the recipe's one frame rate: `Recipe` copies it into ``trainer.frame_rate``, so
+    pretraining, SFT, GRPO rollouts, evaluation and written videos all use the rate of the videos
+    the policy learns from. A manifest's videos have their own native rates, so it must name one.
+    """
+    kind = kinds.get(data.get("type"))
+    if kind is None:
+        return None
+    fps = data.get("fps", next(f.default for f in fields(kind) if f.name == "fps"))
+    if fps is None:
+        raise ConfigError(
+            "data.fps",
+            "required: the frame rate the videos are resampled to and the policy trains and generates "
+            "at (e.g. 24)",
+        )
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not (fps > 0 and math.isfinite(fps)):
+        raise ConfigError("data.fps", f"must be a positive number, got {fps!r}")
+    return float(fps)
 
 
 # --- loading, overrides, saving --------------------------------------------------------------------
@@ -279,12 +331,3 @@ def _check_reward_names(recipe: Recipe) -> None:
             rewards.resolve(spec.name)
         except InputError as err:
             raise ConfigError(f"rewards.{i}.name", str(err)) from None
-
-
-def _section_specs(stage: str) -> tuple[dict[str, type], dict[str, type]]:
-    """The policy and data spec classes of a stage, by ``type``."""
-    if stage == "reward_model":
-        return {"video_reward_model": reward_modeling.RewardModelSpec}, reward_modeling.DATA_SPECS
-    if stage == "judge_sft":
-        return {"qwen_vl_judge": judge_training.JudgeModelSpec}, judge_training.DATA_SPECS
-    return POLICY_SPECS, DATA_SPECS

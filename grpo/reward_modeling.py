@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
 from grpo.preemption import PreemptionHandler
-from grpo.schema import from_dict, save_resolved
+from grpo.schema import from_dict, from_nested_dict, save_resolved
 from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -114,29 +114,6 @@ def all_perturbations() -> list[str]:
     return list(PERTURBATIONS)
 
 
-def check_toy_data(spec: Any) -> None:
-    """The checks shared by the toy-world data specs (preference pairs, judge verdicts): known,
-    non-empty ``perturbations``, ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in
-    ``[0, context_frames)``, and with a ``policy`` (`PolicySamplesSpec`) an NSP checkpoint and
-    sampling settings in range; a `ConfigError` naming the field otherwise."""
-    unknown = sorted(set(spec.perturbations) - set(PERTURBATIONS))
-    if not spec.perturbations or unknown:
-        raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATIONS)}, got {unknown}")
-    if spec.num_train < 2 or spec.num_eval < 2:
-        raise ConfigError("num_train", "num_train and num_eval must be >= 2")
-    if not 0 <= spec.next_overlap < spec.context_frames:
-        raise ConfigError("next_overlap", f"must be in [0, context_frames), got {spec.next_overlap}")
-    if spec.policy is not None:
-        if not (Path(spec.policy) / "nsp_config.json").is_file():
-            raise ConfigError("policy", f"{spec.policy!r} is not an NSP checkpoint (no nsp_config.json)")
-        if not 1 <= spec.policy_sde_steps <= spec.policy_inference_steps:
-            raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
-        if spec.policy_generations < 2 or spec.policy_contexts < 1 or spec.policy_eval_contexts < 1:
-            raise ConfigError(
-                "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
-            )
-
-
 @dataclass
 class RewardModelSpec:
     """``policy: {type: video_reward_model, ...}``: the reward model to train."""
@@ -167,6 +144,28 @@ class RewardModelSpec:
     use_prompt: bool = field(default=False, metadata={"help": "also show each sample's prompt"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
 
+    def __post_init__(self) -> None:
+        if self.tiny:  # every size written out, so resolved_recipe.yaml pins the backbone
+            self.tiny_spec = asdict(from_nested_dict(TinyRewardModelSpec, self.tiny_spec, "policy.tiny_spec"))
+
+    def check(self, recipe: Any) -> None:
+        """One source (a trained model, a backbone or tiny), and its directory's files."""
+        sources = [name for name in ("path", "backbone") if getattr(self, name)] + (
+            ["tiny"] if self.tiny else []
+        )
+        if len(sources) != 1:
+            raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
+        if self.tiny_spec and not self.tiny:
+            raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
+        for name in ("path", "backbone"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
+        if self.path is not None:
+            check_reward_model_dir(Path(self.path))
+        if self.backbone is not None:
+            check_model_weights(self.backbone)
+
 
 @dataclass
 class PolicySamplesSpec:
@@ -190,33 +189,74 @@ class PolicySamplesSpec:
 
 
 @dataclass
-class ToyPreferencesSpec(PolicySamplesSpec):
+class ToyCandidatesSpec(PolicySamplesSpec):
+    """What the toy-world data specs of the reward-model and judge stages share: true continuations
+    of toy contexts against perturbed ones (``perturbations``), and with ``policy`` (`PolicySamplesSpec`)
+    that policy's own samples. ``__post_init__`` checks them: known, non-empty ``perturbations``,
+    ``num_train`` and ``num_eval`` >= 2, ``next_overlap`` in ``[0, context_frames)``, and with a
+    ``policy`` an NSP checkpoint and sampling settings in range; a `ConfigError` naming the field."""
+
+    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
+    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
+    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
+    next_overlap: int = field(
+        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
+    )
+    num_train: int = field(default=1024, metadata={"help": "training samples (train split seeds)"})
+    num_eval: int = field(default=256, metadata={"help": "held-out samples (validation split seeds)"})
+    perturbations: list[str] = field(
+        default_factory=all_perturbations, metadata={"help": "the perturbed continuations, mixed"}
+    )
+    num_workers: int = field(
+        default=0, metadata={"help": "processes simulating the data (at most the CPU count; 0: this one)"}
+    )
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.perturbations) - set(PERTURBATIONS))
+        if not self.perturbations or unknown:
+            raise ConfigError("perturbations", f"choose from {', '.join(PERTURBATIONS)}, got {unknown}")
+        if self.num_train < 2 or self.num_eval < 2:
+            raise ConfigError("num_train", "num_train and num_eval must be >= 2")
+        if not 0 <= self.next_overlap < self.context_frames:
+            raise ConfigError("next_overlap", f"must be in [0, context_frames), got {self.next_overlap}")
+        if self.policy is not None:
+            if not (Path(self.policy) / "nsp_config.json").is_file():
+                raise ConfigError("policy", f"{self.policy!r} is not an NSP checkpoint (no nsp_config.json)")
+            if not 1 <= self.policy_sde_steps <= self.policy_inference_steps:
+                raise ConfigError("policy_sde_steps", "must be in [1, policy_inference_steps]")
+            if self.policy_generations < 2 or self.policy_contexts < 1 or self.policy_eval_contexts < 1:
+                raise ConfigError(
+                    "policy_generations", "needs policy_generations >= 2 and >= 1 train and held-out context"
+                )
+
+    def toy_config(self) -> ToyWorldConfig:
+        """The toy world the contexts and continuations come from."""
+        return ToyWorldConfig(
+            size=self.size,
+            context_frames=self.context_frames,
+            next_frames=self.next_frames,
+            next_overlap=self.next_overlap,
+        )
+
+
+@dataclass
+class ToyPreferencesSpec(ToyCandidatesSpec):
     """``data: {type: toyworld_preferences, ...}``: true vs perturbed toy-world continuations."""
 
     type: Literal["toyworld_preferences"] = field(
         default="toyworld_preferences", metadata={"help": "data kind"}
     )
-    size: int = field(default=32, metadata={"help": "frame height and width in pixels"})
-    context_frames: int = field(default=9, metadata={"help": "frames of each context clip (8k+1)"})
-    next_frames: int = field(default=9, metadata={"help": "frames of each continuation (8k+1)"})
-    num_train: int = field(default=1024, metadata={"help": "training pairs (train split seeds)"})
-    num_eval: int = field(default=256, metadata={"help": "held-out pairs (validation split seeds)"})
-    perturbations: list[str] = field(
-        default_factory=all_perturbations, metadata={"help": "rejected continuations, mixed"}
-    )
     aspect: str = field(default="causal", metadata={"help": "aspect of every pair"})
-    num_workers: int = field(
-        default=0, metadata={"help": "processes simulating the pairs (at most the CPU count; 0: this one)"}
-    )
-    next_overlap: int = field(
-        default=0, metadata={"help": "context frames repeated at the start of each continuation (NSP: 1)"}
-    )
     policy_margin: float = field(
         default=0.05, metadata={"help": "drop policy pairs whose verifiable rewards differ by <= this"}
     )
 
-    def __post_init__(self) -> None:
-        check_toy_data(self)
+    def check(self, recipe: Any, model: RewardModelSpec) -> None:
+        """Pairs (no regression) of an aspect the model scores."""
+        if recipe.args.loss_type == "regression":
+            raise InputError("trainer.loss_type: toyworld_preferences are pairs; use bradley_terry(_ties)")
+        if self.aspect not in model.aspects:
+            raise InputError(f"data.aspect: {self.aspect!r} is not one of policy.aspects {model.aspects}")
 
 
 @dataclass
@@ -227,46 +267,14 @@ class PreferencesSpec:
     path: str = field(default="", metadata={"help": "training table directory (datasets.save_to_disk)"})
     eval_path: str | None = field(default=None, metadata={"help": "held-out table directory"})
 
-
-DATA_SPECS: dict[str, type] = {"toyworld_preferences": ToyPreferencesSpec, "preferences": PreferencesSpec}
-
-
-def validate_recipe(recipe: Any) -> tuple[RewardModelSpec, Any]:
-    """Every check of a ``reward_model`` recipe that needs no model; returns the model and data specs."""
-    if recipe.policy["type"] != "video_reward_model":
-        raise InputError(
-            f"policy.type: stage 'reward_model' trains a 'video_reward_model', got {recipe.policy['type']!r}"
-        )
-    spec = from_dict(RewardModelSpec, recipe.policy, where="policy")
-    sources = [name for name in ("path", "backbone") if getattr(spec, name)] + (["tiny"] if spec.tiny else [])
-    if len(sources) != 1:
-        raise InputError("policy: give exactly one of policy.path, policy.backbone or policy.tiny: true")
-    if spec.tiny_spec and not spec.tiny:
-        raise InputError("policy.tiny_spec: sizes a tiny backbone; set policy.tiny: true or drop it")
-    for name in ("path", "backbone"):
-        value = getattr(spec, name)
-        if value is not None and not Path(value).is_dir():
-            raise InputError(f"policy.{name}: checkpoint directory {value!r} does not exist")
-    if spec.path is not None:
-        check_reward_model_dir(Path(spec.path))
-    if spec.backbone is not None:
-        check_model_weights(spec.backbone)
-    kind = recipe.data["type"]
-    if kind not in DATA_SPECS:
-        raise InputError(f"data.type: stage 'reward_model' reads {', '.join(DATA_SPECS)}, got {kind!r}")
-    data = from_dict(DATA_SPECS[kind], recipe.data, where="data")
-    if isinstance(data, PreferencesSpec):
+    def check(self, recipe: Any, model: RewardModelSpec) -> None:
+        """The tables are datasets saved to disk."""
         for name in ("path", "eval_path"):
-            value = getattr(data, name)
+            value = getattr(self, name)
             if (name == "path" or value is not None) and not (
                 Path(value or "") / "dataset_info.json"
             ).is_file():
                 raise InputError(f"data.{name}: {value!r} is not a dataset saved with Dataset.save_to_disk")
-    elif recipe.args.loss_type == "regression":
-        raise InputError("trainer.loss_type: toyworld_preferences are pairs; use bradley_terry(_ties)")
-    if isinstance(data, ToyPreferencesSpec) and data.aspect not in spec.aspects:
-        raise InputError(f"data.aspect: {data.aspect!r} is not one of policy.aspects {spec.aspects}")
-    return spec, data
 
 
 def build_model(spec: RewardModelSpec) -> Any:
@@ -293,12 +301,7 @@ def build_model(spec: RewardModelSpec) -> Any:
 def build_tables(data: Any) -> tuple[Any, Any]:
     """Training and held-out tables of a data spec."""
     if isinstance(data, ToyPreferencesSpec):
-        config = ToyWorldConfig(
-            size=data.size,
-            context_frames=data.context_frames,
-            next_frames=data.next_frames,
-            next_overlap=data.next_overlap,
-        )
+        config = data.toy_config()
         workers = min(data.num_workers, os.cpu_count() or 1)
         tables = [
             toyworld_pairs(
@@ -376,9 +379,9 @@ def policy_pairs(data: ToyPreferencesSpec, config: Any, split: str, num_contexts
     return table.remove_columns(["chosen_score", "rejected_score"])
 
 
-def run_recipe(recipe: Any) -> list[dict[str, Any]]:
-    """Train the reward model a recipe describes; returns the logged metrics."""
-    spec, data = validate_recipe(recipe)
+def run_recipe(recipe: Any, spec: RewardModelSpec, data: Any) -> list[dict[str, Any]]:
+    """Train the reward model a recipe describes (its validated model and data specs); returns the
+    logged metrics."""
     save_resolved(recipe, recipe.args.output_dir)
     train, evaluation = build_tables(data)
     with seeded(derived_seed(recipe.args.seed, INIT_STREAM)):  # new heads, resized token embeddings

@@ -1,26 +1,26 @@
-"""Run a recipe: build the policy, the data and the rewards it names, then the trainer of its stage
-(``pretrain`` / ``sft``: `FlowMatchingTrainer`; ``grpo``: `GRPOTrainer`; ``reward_model`` and
-``judge_sft``: `grpo.reward_modeling` and `grpo.judge_training`).
+"""Run a recipe, and the policy and data kinds of the stages that train a video policy.
 
-`validate` does every check that needs no model (keys, types, files, reward names) so a bad
-recipe fails in well under a second; `run` then loads models and trains.
+The specs here (``policy.type`` ltx / ltx2 / nsp / nextclip, ``data.type`` prompts / toyworld /
+toyworld_clips / nsp_manifest) each carry their checks and their builder; `grpo.recipe.STAGES` names
+them. `validate` does every check that needs no model (keys, types, files, reward names) through the
+recipe's stage entry, so a bad recipe fails in well under a second; `run` then hands the validated
+specs to the stage's runner (``pretrain`` / ``sft`` / ``grpo``: `train_policy`; ``reward_model`` and
+``judge_sft``: `grpo.reward_modeling` and `grpo.judge_training`), which loads models and trains.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from grpo import judge_training, reward_modeling
 from grpo.checkpoint import check_resume
-from grpo.config import ConfigError, trained_frame_rate
+from grpo.config import GRPOConfig, trained_frame_rate
 from grpo.data import NSPDataConfig, NSPVideoDataset, ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
 from grpo.report import write_report
-from grpo.schema import from_dict, save_resolved
+from grpo.schema import build_rewards, save_resolved, section_spec
 from grpo.sft import FlowMatchingTrainer
 from grpo.toy_checkpoints import build_fitted_tiny_ltx2, build_fitted_tiny_nextclip, build_fitted_tiny_nsp
 from grpo.trainer import GRPOTrainer
@@ -41,7 +41,6 @@ from policies.seeding import INIT_STREAM, derived_seed, seeded
 from policies.tiny import TinyLTXSpec, build_tiny_ltx
 from policies.tiny_ltx2 import TinyLTX2Spec
 from policies.tiny_nsp import TinyNSPSpec
-from rewards.composite import CompositeReward
 
 if TYPE_CHECKING:
     from grpo.recipe import Recipe
@@ -50,25 +49,67 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LTXPolicySpec:
-    """``policy: {type: ltx, ...}``: an LTX-Video checkpoint directory, or a tiny random one."""
+class VideoPolicySpec:
+    """What every video policy section has: a checkpoint directory, or a tiny random one; the checks
+    of a directory before any model is loaded; the device and dtype it is built on (`build_policy`)."""
 
-    type: Literal["ltx"] = field(default="ltx", metadata={"help": "policy kind"})
-    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video directory"})
+    type: str = field(metadata={"help": "policy kind"})
+    path: str | None = field(default=None, metadata={"help": "checkpoint directory"})
     tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
     torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
 
+    def check(self, recipe: Recipe) -> None:
+        """A checkpoint or tiny, the directory's layout and weight files (safetensors headers only:
+        cheap), and that it was trained at the recipe's frame rate."""
+        if self.path is None and not self.tiny:
+            raise InputError(
+                "policy.path: give a checkpoint directory (or set policy.tiny: true for a random tiny one)"
+            )
+        if self.path is None:
+            return
+        if not Path(self.path).is_dir():
+            raise InputError(f"policy.path: checkpoint directory {self.path!r} does not exist")
+        trained = trained_frame_rate(self.path)
+        if trained is not None and trained != recipe.args.frame_rate:
+            raise InputError(
+                f"policy.path: {self.path!r} was trained at {trained:g} fps but data.fps is "
+                f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
+            )
+        self.check_dir()
+
+    def check_dir(self) -> None:
+        """Layout and weight files of the directory ``path`` names, loading nothing."""
+        raise NotImplementedError(f"{type(self).__name__} names no checkpoint layout")
+
+    def build(self, output_dir: Path, device: str, dtype: Any) -> Any:
+        """The policy: loaded from ``path``, or a tiny random one built in ``output_dir`` first."""
+        raise NotImplementedError(f"{type(self).__name__} has no builder")
+
 
 @dataclass
-class NSPPolicySpec:
+class LTXPolicySpec(VideoPolicySpec):
+    """``policy: {type: ltx, ...}``: an LTX-Video checkpoint directory, or a tiny random one."""
+
+    type: Literal["ltx"] = field(default="ltx", metadata={"help": "policy kind"})
+    path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video directory"})
+
+    def check_dir(self) -> None:
+        check_ltx_dir(Path(self.path))
+
+    def build(self, output_dir: Path, device: str, dtype: Any) -> Any:
+        path = Path(self.path) if self.path else output_dir / "base_tiny_ltx"
+        if self.path is None and not (path / "model_index.json").is_file():
+            build_tiny_ltx(path)
+        return LTXPolicy.from_pretrained(path, torch_dtype=dtype, device=device)
+
+
+@dataclass
+class NSPPolicySpec(VideoPolicySpec):
     """``policy: {type: nsp, ...}``: an NSP directory (Qwen-VL + queries + connector + LTX), or a tiny one."""
 
     type: Literal["nsp"] = field(default="nsp", metadata={"help": "policy kind"})
     path: str | None = field(default=None, metadata={"help": "NSP policy directory (nsp_config.json)"})
-    tiny: bool = field(default=False, metadata={"help": "build a tiny random NSP policy when path is null"})
-    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     overrides: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "NSPConfig fields to change (e.g. {train_queries: false})"}
     )
@@ -88,7 +129,8 @@ class NSPPolicySpec:
     )
 
     def __post_init__(self) -> None:
-        check_ltx2_sampling_keys(self.sampling)
+        if self.sampling:  # (empty: an NSP on LTX-Video, which has no LTX-2 settings)
+            self.sampling = resolved_ltx2_sampling(self.sampling)
         if self.tiny_generator not in ("ltx", "ltx2"):
             raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
         if self.path is None and self.sampling and self.tiny_generator != "ltx2":
@@ -96,28 +138,48 @@ class NSPPolicySpec:
                 "policy.sampling is for NSP on LTX-2: set policy.tiny_generator: ltx2 (or remove it)"
             )
 
+    def check_dir(self) -> None:
+        config = check_nsp_dir(Path(self.path), **self.overrides)
+        if self.sampling and generator_family(Path(self.path) / config.ltx) != "ltx2":
+            raise InputError(
+                f"policy.sampling: {self.path!r} generates with LTX-Video, which has no LTX-2 sampling "
+                "settings: remove policy.sampling (or give an NSP directory on LTX-2)"
+            )
 
-def check_ltx2_sampling_keys(sampling: dict[str, Any]) -> None:
-    """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance): known keys with valid values."""
+    def build(self, output_dir: Path, device: str, dtype: Any) -> Any:
+        path = Path(self.path) if self.path else output_dir / "base_tiny_nsp"
+        if self.path is None and not (path / "nsp_config.json").is_file():
+            # built with the overrides, so its queries and connector are of the kind they ask for
+            tiny = TinyNSPSpec(vae_fit_steps=self.tiny_vae_fit_steps, generator=self.tiny_generator)
+            tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **self.overrides}, "policy.overrides")
+            build_fitted_tiny_nsp(path, tiny)
+        policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **self.overrides)
+        if isinstance(policy, NSPLTX2Policy):
+            policy.sampling_overrides = dict(self.sampling)
+        return policy
+
+
+def resolved_ltx2_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's ``policy.sampling`` (LTX-2 modalities and guidance) with every LTX-2-only setting
+    filled in (what `LTX2Policy.ltx2_sampling` adds to the trainer's `SamplingConfig`), after checking
+    its keys and values: the same sampling, pinned in ``resolved_recipe.yaml``."""
     unknown = sorted(set(sampling) - set(LTX2_ONLY_FIELDS))
     if unknown:
         raise InputError(
             f"policy.sampling: unknown key(s) {unknown}; choose from {', '.join(LTX2_ONLY_FIELDS)} "
             "(geometry, steps and CFG scale are trainer settings)"
         )
-    LTX2SamplingConfig(**sampling)  # bad values fail here, before any model is loaded
+    config = LTX2SamplingConfig(**sampling)  # bad values fail here, before any model is loaded
+    return {name: getattr(config, name) for name in LTX2_ONLY_FIELDS}
 
 
 @dataclass
-class NextClipPolicySpec:
+class NextClipPolicySpec(VideoPolicySpec):
     """``policy: {type: nextclip, ...}``: an LTX-Video or LTX-2 directory (its ``model_index.json``
     picks which) run as a next-clip (clip-causal) model."""
 
     type: Literal["nextclip"] = field(default="nextclip", metadata={"help": "policy kind"})
     path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-Video or LTX-2 directory"})
-    tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
-    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     tiny_generator: Literal["ltx", "ltx2"] = field(
         default="ltx",
         metadata={
@@ -135,16 +197,32 @@ class NextClipPolicySpec:
         default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0 = random VAE)"}
     )
 
+    def check_dir(self) -> None:
+        check_nextclip_dir(Path(self.path))
+
+    def build(self, output_dir: Path, device: str, dtype: Any) -> Any:
+        path = Path(self.path) if self.path else output_dir / "base_tiny_nextclip"
+        changes = {
+            k: getattr(self, k) for k in ("clip_frames", "history_sigma") if getattr(self, k) is not None
+        }
+        if self.path is None and not (path / "model_index.json").is_file():
+            toy = TinyLTX2Spec.toy_world() if self.tiny_generator == "ltx2" else TinyLTXSpec.toy_world()
+            build_fitted_tiny_nextclip(
+                path,
+                toy,
+                config=NextClipConfig(**changes),
+                vae_fit_steps=self.tiny_vae_fit_steps,
+                generator=self.tiny_generator,
+            )
+        return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
+
 
 @dataclass
-class LTX2PolicySpec:
+class LTX2PolicySpec(VideoPolicySpec):
     """``policy: {type: ltx2, ...}``: an LTX-2 (audio + video) directory, or a tiny random one."""
 
     type: Literal["ltx2"] = field(default="ltx2", metadata={"help": "policy kind"})
     path: str | None = field(default=None, metadata={"help": "diffusers-format LTX-2 directory"})
-    tiny: bool = field(default=False, metadata={"help": "build a tiny random checkpoint when path is null"})
-    torch_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     tiny_vae_fit_steps: int = field(
         default=0,
         metadata={
@@ -169,123 +247,65 @@ class LTX2PolicySpec:
     )
 
     def __post_init__(self) -> None:
-        check_ltx2_sampling_keys(self.sampling)
+        self.sampling = resolved_ltx2_sampling(self.sampling)
 
-
-POLICY_SPECS: dict[str, type] = {
-    "ltx": LTXPolicySpec,
-    "ltx2": LTX2PolicySpec,
-    "nsp": NSPPolicySpec,
-    "nextclip": NextClipPolicySpec,
-}
-
-
-def _policy_spec(recipe: Recipe) -> Any:
-    kind = recipe.policy["type"]
-    if kind not in POLICY_SPECS:
-        raise InputError(f"policy.type: unknown policy {kind!r}; choose one of {', '.join(POLICY_SPECS)}")
-    spec = from_dict(POLICY_SPECS[kind], recipe.policy, where="policy")
-    if spec.path is None and not spec.tiny:
-        raise InputError(
-            "policy.path: give a checkpoint directory (or set policy.tiny: true for a random tiny one)"
-        )
-    if spec.path is not None:
-        if not Path(spec.path).is_dir():
-            raise InputError(f"policy.path: checkpoint directory {spec.path!r} does not exist")
-        trained = trained_frame_rate(spec.path)
-        if trained is not None and trained != recipe.args.frame_rate:
-            raise InputError(
-                f"policy.path: {spec.path!r} was trained at {trained:g} fps but data.fps is "
-                f"{recipe.args.frame_rate:g}: set data.fps: {trained:g} (or retrain the policy at this rate)"
+    def check(self, recipe: Recipe) -> None:
+        """Also, for GRPO, what the directory cannot sample at the trainer's geometry, modalities and
+        guidance, from its configs alone: a one-line error at recipe time, not after the first rollout."""
+        super().check(recipe)
+        if self.path is not None and isinstance(recipe.args, GRPOConfig):
+            sampling = LTX2SamplingConfig(
+                num_frames=recipe.args.num_frames,
+                height=recipe.args.height,
+                width=recipe.args.width,
+                frame_rate=recipe.args.frame_rate,
+                guidance_scale=recipe.args.guidance_scale,
+                **self.sampling,
             )
-        check_policy_dir(spec)
-        if isinstance(spec, LTX2PolicySpec) and recipe.stage == "grpo":
-            check_ltx2_recipe(spec, recipe.args)
-    return spec
+            check_ltx2_checkpoint(Path(self.path), sampling, modalities_option="policy.sampling.modalities")
+
+    def check_dir(self) -> None:
+        check_ltx2_dir(Path(self.path))
+
+    def build(self, output_dir: Path, device: str, dtype: Any) -> Any:
+        path = Path(self.path) if self.path else output_dir / "base_tiny_ltx2"
+        if self.path is None and not (path / "model_index.json").is_file():
+            fits = dict(vae_fit_steps=self.tiny_vae_fit_steps, audio_fit_steps=self.tiny_audio_fit_steps)
+            build_fitted_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
+        policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
+        policy.sampling_overrides = dict(self.sampling)
+        return policy
 
 
-def check_ltx2_recipe(spec: LTX2PolicySpec, args: Any) -> None:
-    """What the LTX-2 directory cannot sample at the GRPO config's geometry, modalities and guidance,
-    from its configs alone: a one-line error at recipe time, not after the first rollout."""
-    sampling = LTX2SamplingConfig(
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        frame_rate=args.frame_rate,
-        guidance_scale=args.guidance_scale,
-        **spec.sampling,
-    )
-    check_ltx2_checkpoint(Path(spec.path), sampling, modalities_option="policy.sampling.modalities")
-
-
-def check_policy_dir(spec: Any) -> None:
-    """Layout and weight files of the checkpoint a spec names (safetensors headers only: cheap)."""
-    if isinstance(spec, NSPPolicySpec):
-        config = check_nsp_dir(Path(spec.path), **spec.overrides)
-        if spec.sampling and generator_family(Path(spec.path) / config.ltx) != "ltx2":
-            raise InputError(
-                f"policy.sampling: {spec.path!r} generates with LTX-Video, which has no LTX-2 sampling "
-                "settings: remove policy.sampling (or give an NSP directory on LTX-2)"
-            )
-    elif isinstance(spec, NextClipPolicySpec):
-        check_nextclip_dir(Path(spec.path))
-    elif isinstance(spec, LTX2PolicySpec):
-        check_ltx2_dir(Path(spec.path))
-    else:
-        check_ltx_dir(Path(spec.path))
-
-
-def build_policy(spec: Any, output_dir: Path) -> Any:
+def build_policy(spec: VideoPolicySpec, output_dir: Path) -> Any:
     """The policy a spec names: loaded from its directory, or a tiny random one built in the run dir."""
     import torch
 
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, spec.torch_dtype)
-    if isinstance(spec, NSPPolicySpec):
-        path = Path(spec.path) if spec.path else output_dir / "base_tiny_nsp"
-        if spec.path is None and not (path / "nsp_config.json").is_file():
-            # built with the overrides, so its queries and connector are of the kind they ask for
-            tiny = TinyNSPSpec(vae_fit_steps=spec.tiny_vae_fit_steps, generator=spec.tiny_generator)
-            tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **spec.overrides}, "policy.overrides")
-            build_fitted_tiny_nsp(path, tiny)
-        policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **spec.overrides)
-        if isinstance(policy, NSPLTX2Policy):
-            policy.sampling_overrides = dict(spec.sampling)
-        return policy
-    if isinstance(spec, NextClipPolicySpec):
-        path = Path(spec.path) if spec.path else output_dir / "base_tiny_nextclip"
-        changes = {
-            k: getattr(spec, k) for k in ("clip_frames", "history_sigma") if getattr(spec, k) is not None
-        }
-        if spec.path is None and not (path / "model_index.json").is_file():
-            toy = TinyLTX2Spec.toy_world() if spec.tiny_generator == "ltx2" else TinyLTXSpec.toy_world()
-            build_fitted_tiny_nextclip(
-                path,
-                toy,
-                config=NextClipConfig(**changes),
-                vae_fit_steps=spec.tiny_vae_fit_steps,
-                generator=spec.tiny_generator,
-            )
-        return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
-    if isinstance(spec, LTX2PolicySpec):
-        path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx2"
-        if spec.path is None and not (path / "model_index.json").is_file():
-            fits = dict(vae_fit_steps=spec.tiny_vae_fit_steps, audio_fit_steps=spec.tiny_audio_fit_steps)
-            build_fitted_tiny_ltx2(path, TinyLTX2Spec.toy_world(**fits) if any(fits.values()) else None)
-        policy = LTX2Policy.from_pretrained(path, torch_dtype=dtype, device=device)
-        policy.sampling_overrides = dict(spec.sampling)
-        return policy
-    path = Path(spec.path) if spec.path else output_dir / "base_tiny_ltx"
-    if spec.path is None and not (path / "model_index.json").is_file():
-        build_tiny_ltx(path)
-    return LTXPolicy.from_pretrained(path, torch_dtype=dtype, device=device)
+    return spec.build(output_dir, device, getattr(torch, spec.torch_dtype))
 
 
 # ----------------------------------------------------------------------------------------- data
 
 
+class VideoDataSpec:
+    """What every video data section does beyond its fields: check the files it names, and build its
+    training and held-out rows (`build_datasets`)."""
+
+    def check(self, recipe: Recipe, policy: VideoPolicySpec) -> None:
+        """The dataset files the section names exist."""
+        for key in ("path", "eval_path"):
+            value = getattr(self, key, None)
+            if value is not None and not Path(value).exists():
+                raise InputError(f"data.{key}: dataset file {value!r} does not exist")
+
+    def build(self) -> tuple[Any, Any]:
+        """Training and held-out rows (held-out: None when the section has none)."""
+        raise NotImplementedError(f"{type(self).__name__} has no builder")
+
+
 @dataclass
-class PromptDataSpec:
+class PromptDataSpec(VideoDataSpec):
     """``data: {type: prompts, ...}``: text prompts inline or from a file (one per line, or JSONL rows)."""
 
     type: Literal["prompts"] = field(default="prompts", metadata={"help": "data kind"})
@@ -298,9 +318,25 @@ class PromptDataSpec:
         default=8.0, metadata={"help": "frame rate of the generated videos (temporal RoPE scale, files)"}
     )
 
+    def check(self, recipe: Recipe, policy: VideoPolicySpec) -> None:
+        if (self.prompts is None) == (self.path is None):
+            raise InputError("data: give exactly one of data.prompts (a list) or data.path (a file)")
+        super().check(recipe, policy)
+
+    def build(self) -> tuple[Any, Any]:
+        train = (
+            [{"prompt": p} for p in self.prompts]
+            if self.prompts is not None
+            else _read_prompts(Path(self.path))
+        )
+        if not train:
+            raise InputError("data.prompts: the training set is empty; give at least one prompt")
+        evaluation = [{"prompt": p} for p in self.eval_prompts] if self.eval_prompts else None
+        return train, evaluation
+
 
 @dataclass
-class ToyWorldDataSpec:
+class ToyWorldDataSpec(VideoDataSpec):
     """``data: {type: toyworld, ...}``: the embedded toy causal world, generated in memory from seeds."""
 
     type: Literal["toyworld"] = field(default="toyworld", metadata={"help": "data kind"})
@@ -340,9 +376,20 @@ class ToyWorldDataSpec:
                 f"context showed: set data.next_overlap >= 1 (got {self.next_overlap})"
             )
 
+    def build(self) -> tuple[Any, Any]:
+        config = ToyWorldConfig(
+            size=self.size,
+            context_frames=self.context_frames,
+            next_frames=self.next_frames,
+            next_overlap=self.next_overlap,
+            fps=self.fps,
+            audio=self.audio,
+        )
+        return _toy_rows(config, scene_row(self.prompt, self.context, self.first_frame), self)
+
 
 @dataclass
-class ManifestDataSpec:
+class ManifestDataSpec(VideoDataSpec):
     """``data: {type: nsp_manifest, ...}``: an NSP manifest (JSONL / Parquet) of (context, next) videos."""
 
     type: Literal["nsp_manifest"] = field(default="nsp_manifest", metadata={"help": "data kind"})
@@ -366,9 +413,22 @@ class ManifestDataSpec:
         default=False, metadata={"help": "give the policy the context clip and instruction (NSP)"}
     )
 
+    def build(self) -> tuple[Any, Any]:
+        config = NSPDataConfig(
+            context_frames=self.context_frames,
+            next_frames=self.next_frames,
+            fps=self.fps,
+            height=self.height,
+            width=self.width,
+            on_error=self.on_error,
+        )
+        convert = scene_row(self.prompt, self.context)
+        evaluation = _Rows(NSPVideoDataset(self.eval_path, config), convert) if self.eval_path else None
+        return _Rows(NSPVideoDataset(self.path, config), convert), evaluation
+
 
 @dataclass
-class ToyWorldClipsDataSpec:
+class ToyWorldClipsDataSpec(VideoDataSpec):
     """``data: {type: toyworld_clips, ...}``: the toy world as clip sequences (next-clip models).
 
     Rows: ``video`` (every clip, the teacher-forcing target), ``context`` (the first clips, what a
@@ -389,54 +449,15 @@ class ToyWorldClipsDataSpec:
         default=8.0, metadata={"help": "frame rate of the videos; every stage trains and generates at it"}
     )
 
-
-DATA_SPECS: dict[str, type] = {
-    "prompts": PromptDataSpec,
-    "toyworld": ToyWorldDataSpec,
-    "toyworld_clips": ToyWorldClipsDataSpec,
-    "nsp_manifest": ManifestDataSpec,
-}
-
-
-def data_frame_rate(data: dict[str, Any]) -> float | None:
-    """The frame rate of a recipe's data section: its ``fps``, or the default of its kind; None for a
-    kind this module does not know (`validate` names the problem).
-
-    This is the recipe's one frame rate: `grpo.recipe.Recipe` copies it into ``trainer.frame_rate``,
-    so pretraining, SFT, GRPO rollouts, evaluation and written videos all use the rate of the videos
-    the policy learns from. A manifest's videos have their own native rates, so it must name one.
-    """
-    kind = DATA_SPECS.get(data.get("type"))
-    if kind is None:
-        return None
-    fps = data.get("fps", next(f.default for f in fields(kind) if f.name == "fps"))
-    if fps is None:
-        raise ConfigError(
-            "data.fps",
-            "required: the frame rate the videos are resampled to and the policy trains and generates "
-            "at (e.g. 24)",
+    def build(self) -> tuple[Any, Any]:
+        config = ToyWorldConfig.for_clips(
+            self.num_clips,
+            clip_frames=self.clip_frames,
+            context_clips=self.context_clips,
+            size=self.size,
+            fps=self.fps,
         )
-    if isinstance(fps, bool) or not isinstance(fps, int | float) or not (fps > 0 and math.isfinite(fps)):
-        raise ConfigError("data.fps", f"must be a positive number, got {fps!r}")
-    return float(fps)
-
-
-def _data_spec(recipe: Recipe) -> Any:
-    kind = recipe.data["type"]
-    if kind not in DATA_SPECS:
-        raise InputError(f"data.type: unknown data kind {kind!r}; choose one of {', '.join(DATA_SPECS)}")
-    spec = from_dict(DATA_SPECS[kind], recipe.data, where="data")
-    if kind == "prompts" and (spec.prompts is None) == (spec.path is None):
-        raise InputError("data: give exactly one of data.prompts (a list) or data.path (a file)")
-    for key in ("path", "eval_path"):
-        value = getattr(spec, key, None)
-        if kind != "toyworld" and value is not None and not Path(value).exists():
-            raise InputError(f"data.{key}: dataset file {value!r} does not exist")
-    if recipe.stage in ("pretrain", "sft") and kind == "prompts":
-        raise InputError(
-            f"data.type: stage {recipe.stage!r} needs target videos: use toyworld or nsp_manifest"
-        )
-    return spec
+        return _toy_rows(config, _clip_row(self.prompt), self)
 
 
 class _Rows:
@@ -511,86 +532,48 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def build_datasets(spec: Any) -> tuple[Any, Any]:
-    """Training and held-out rows for a data spec."""
-    if isinstance(spec, ToyWorldClipsDataSpec):
-        config = ToyWorldConfig.for_clips(
-            spec.num_clips,
-            clip_frames=spec.clip_frames,
-            context_clips=spec.context_clips,
-            size=spec.size,
-            fps=spec.fps,
-        )
-        convert = _clip_row(spec.prompt)
-        return (
-            _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
-            _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
-        )
-    if isinstance(spec, ToyWorldDataSpec):
-        config = ToyWorldConfig(
-            size=spec.size,
-            context_frames=spec.context_frames,
-            next_frames=spec.next_frames,
-            next_overlap=spec.next_overlap,
-            fps=spec.fps,
-            audio=spec.audio,
-        )
-        convert = scene_row(spec.prompt, spec.context, spec.first_frame)
-        return (
-            _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
-            _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
-        )
-    if isinstance(spec, ManifestDataSpec):
-        config = NSPDataConfig(
-            context_frames=spec.context_frames,
-            next_frames=spec.next_frames,
-            fps=spec.fps,
-            height=spec.height,
-            width=spec.width,
-            on_error=spec.on_error,
-        )
-        convert = scene_row(spec.prompt, spec.context)
-        evaluation = _Rows(NSPVideoDataset(spec.eval_path, config), convert) if spec.eval_path else None
-        return _Rows(NSPVideoDataset(spec.path, config), convert), evaluation
-    if spec.prompts is not None:
-        train = [{"prompt": p} for p in spec.prompts]
-    else:
-        train = _read_prompts(Path(spec.path))
-    if not train:
-        raise InputError("data.prompts: the training set is empty; give at least one prompt")
-    evaluation = [{"prompt": p} for p in spec.eval_prompts] if spec.eval_prompts else None
-    return train, evaluation
+def _toy_rows(config: ToyWorldConfig, convert: Any, spec: Any) -> tuple[_Rows, _Rows]:
+    """The toy world's training and held-out rows: ``spec.num_train`` / ``spec.num_eval`` samples of
+    its train and validation splits, each turned into a row by ``convert``."""
+    return (
+        _Rows(ToyWorld(config, split="train", num_samples=spec.num_train), convert),
+        _Rows(ToyWorld(config, split="validation", num_samples=spec.num_eval), convert),
+    )
+
+
+def build_datasets(spec: VideoDataSpec) -> tuple[Any, Any]:
+    """Training and held-out rows for a data spec (its kind's ``build``)."""
+    return spec.build()
 
 
 # ----------------------------------------------------------------------------------------- running
 
 
 def validate(recipe: Recipe) -> tuple[Any, Any]:
-    """Every check that needs no model; returns the policy and data specs."""
+    """Every check that needs no model; returns the policy and data specs (`grpo.schema.section_spec`
+    through the recipe's stage entry)."""
     check_output_dir(recipe.args.output_dir, "output_dir")
-    if recipe.stage == "reward_model":
-        specs = reward_modeling.validate_recipe(recipe)
-    elif recipe.stage == "judge_sft":
-        specs = judge_training.validate_recipe(recipe)
-    else:
-        specs = _policy_spec(recipe), _data_spec(recipe)
+    policy = section_spec(recipe, "policy")
+    data = section_spec(recipe, "data", policy)
     check_resume(recipe.args.resume_from_checkpoint, recipe.args.output_dir)
-    return specs
+    return policy, data
 
 
 def run(recipe: Recipe) -> list[dict[str, Any]]:
-    """Train as the recipe says; returns the logged metrics."""
-    if recipe.stage == "reward_model":
-        return reward_modeling.run_recipe(recipe)
-    if recipe.stage == "judge_sft":
-        return judge_training.run_recipe(recipe)
-    policy_spec, data_spec = validate(recipe)
+    """Train as the recipe says (its stage's runner, after `validate`); returns the logged metrics."""
+    return recipe.schema.run(recipe, *validate(recipe))
+
+
+def train_policy(
+    recipe: Recipe, policy_spec: VideoPolicySpec, data_spec: VideoDataSpec
+) -> list[dict[str, Any]]:
+    """The stages that train a video policy: ``pretrain`` / ``sft`` (`FlowMatchingTrainer`) and
+    ``grpo`` (`GRPOTrainer`, then the run's report)."""
     train, evaluation = build_datasets(data_spec)
-    flow_matching = recipe.stage in ("pretrain", "sft")
+    flow_matching = not isinstance(recipe.args, GRPOConfig)
     rewards = None
     if not flow_matching:  # before anything is written: a reward that cannot work leaves no run dir
-        specs = [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
-        rewards = CompositeReward.from_specs(specs)
+        rewards = build_rewards(recipe.rewards)
         for func in rewards.funcs:
             if callable(getattr(func, "check_health", None)):  # a judge server must answer now
                 func.check_health()

@@ -486,3 +486,33 @@ def test_recipe_dataclass_validates_when_built_directly():
         name="r", stage="pretrain", policy={"type": "ltx"}, data={"type": "d"}, trainer={"max_steps": 5}
     )
     assert isinstance(recipe.args, FlowMatchingConfig) and recipe.args.output_dir == "runs/r"
+
+
+def test_tuple_fields_are_read_from_yaml_lists():
+    """Tuple fields (the judge's choices and aspects) come from YAML lists; a wrong length or element
+    is a one-line error naming the key (they were a TypeError, so a resolved judge recipe could not
+    load back)."""
+    from rewards.judge.config import JudgeConfig
+
+    config = from_dict(JudgeConfig, {"choices": ["good", "bad"], "aspects": ["physics"]}, where="judge")
+    assert config.choices == ("good", "bad") and config.aspects == ("physics",)
+    assert "judge.choices: expected list of 2 (str, str), got list ['a']" in error_of(
+        from_dict, JudgeConfig, {"choices": ["a"]}, where="judge"
+    )
+    assert "judge.aspects.1: expected str, got int 3" in error_of(
+        from_dict, JudgeConfig, {"aspects": ["physics", 3]}, where="judge"
+    )
+
+
+def test_a_tiny_models_sizes_are_checked_at_validation_under_their_full_path(tmp_path):
+    """A misspelt ``policy.tiny_spec`` key of a reward model failed only when the model was built,
+    after the run directory was written; now validation names it, with the did-you-mean path."""
+    from grpo.train import validate
+
+    recipe = load_recipe(
+        "recipes/toy_reward_model.yaml", [f"output_dir={tmp_path / 'run'}", "policy.tiny_spec.hiden=3"]
+    )
+    assert error_of(validate, recipe) == (
+        "policy.tiny_spec.hiden: unknown key; did you mean 'policy.tiny_spec.hidden_size'?"
+    )
+    assert not (tmp_path / "run").exists()

@@ -171,8 +171,9 @@ def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_
     exactly when toyworld_verifiable gives them >= 0.5 (rescored here from the stored frames)."""
     from grpo.config import ConfigError
     from grpo.data.video import to_uint8
-    from grpo.judge_training import build_rows, validate_recipe
+    from grpo.judge_training import build_rows
     from grpo.recipe import load_recipe
+    from grpo.train import validate
     from rewards.verifiable import ToyWorldVerifiableReward
 
     overrides = [
@@ -183,7 +184,7 @@ def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_
     ]
     overrides += ["data.policy=checkpoints/toy_nsp", "data.policy_contexts=2", "data.policy_eval_contexts=1"]
     overrides += ["data.policy_generations=3"]
-    _, data = validate_recipe(load_recipe(RECIPE, overrides))
+    _, data = validate(load_recipe(RECIPE, overrides))
     train, held_out = build_rows(data, ("yes", "no"))
     reward = ToyWorldVerifiableReward()
     config = ToyWorldConfig(next_overlap=1)
@@ -201,4 +202,4 @@ def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_
                 assert row["verdict"] == ("yes" if score >= 0.5 else "no")
     bad = load_recipe(RECIPE, [*overrides, "data.policy=recipes"])
     with pytest.raises(ConfigError, match="is not an NSP checkpoint"):
-        validate_recipe(bad)
+        validate(bad)

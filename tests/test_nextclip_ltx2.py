@@ -240,10 +240,10 @@ def test_grpo_trainer_takes_the_ltx2_policy(tiny_dir, tmp_path):
 def test_a_recipe_picks_next_clip_on_ltx2_from_the_directory_or_tiny_generator(tiny_dir, tmp_path):
     import shutil
 
-    from grpo.train import NextClipPolicySpec, build_policy, check_policy_dir
+    from grpo.train import NextClipPolicySpec, build_policy
 
     spec = NextClipPolicySpec(path=str(tiny_dir))
-    check_policy_dir(spec)  # an LTX-2 directory is a valid next-clip checkpoint
+    spec.check_dir()  # an LTX-2 directory is a valid next-clip checkpoint
     assert type(build_policy(spec, tmp_path)) is NextClipLTX2Policy
     tiny = build_policy(NextClipPolicySpec(tiny=True, tiny_generator="ltx2"), tmp_path)
     assert type(tiny) is NextClipLTX2Policy
@@ -252,5 +252,5 @@ def test_a_recipe_picks_next_clip_on_ltx2_from_the_directory_or_tiny_generator(t
     shutil.copytree(tiny_dir, broken)
     shutil.rmtree(broken / "connectors")
     with pytest.raises(InputError, match="no connectors/ subfolder") as info:
-        check_policy_dir(NextClipPolicySpec(path=str(broken)))
+        NextClipPolicySpec(path=str(broken)).check_dir()
     assert "\n" not in str(info.value)

@@ -376,7 +376,7 @@ def test_queries_that_do_not_fit_the_vlm_context_are_one_line(tmp_path, paper_di
 
 
 def test_a_recipe_policy_section_builds_nsp_on_ltx2_with_its_sampling(tmp_path):
-    from grpo.train import NSPPolicySpec, build_policy, check_policy_dir
+    from grpo.train import NSPPolicySpec, build_policy
 
     spec = NSPPolicySpec(tiny=True, tiny_generator="ltx2", sampling={"modalities": "video"})
     policy = build_policy(spec, tmp_path)
@@ -387,7 +387,7 @@ def test_a_recipe_policy_section_builds_nsp_on_ltx2_with_its_sampling(tmp_path):
         NSPPolicySpec(tiny=True, tiny_generator="ltx2", sampling={"modality": "video"})
     ltx_dir = build_tiny_nsp(tmp_path / "ltx")
     with pytest.raises(InputError, match="generates with LTX-Video.*remove policy.sampling"):
-        check_policy_dir(NSPPolicySpec(path=str(ltx_dir), sampling={"modalities": "video"}))
+        NSPPolicySpec(path=str(ltx_dir), sampling={"modalities": "video"}).check_dir()
 
 
 @pytest.mark.parametrize("damage", ["neither_family", "queries_too_many"])

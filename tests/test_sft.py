@@ -172,6 +172,42 @@ def test_every_shipped_recipe_resolves_to_a_file_that_loads_back_the_same(tmp_pa
     assert (tmp_path / RESOLVED_RECIPE_FILE).is_file()
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_shipped_recipe_resolves_every_default_and_validates_back_to_the_same_specs(
+    tmp_path, recipe, toy_manifest
+):
+    """resolved_recipe.yaml holds every field of every section's spec, and of the settings nested in
+    them (tiny backbone sizes, the judge's question, LTX-2 sampling), so a later change of a default
+    cannot change what it reproduces; loading it validates to equal specs and trainer config."""
+    import dataclasses
+
+    import yaml
+
+    from grpo.judge_training import PROMPT_FIELDS
+    from grpo.recipe import save_resolved
+    from policies.ltx2 import LTX2_ONLY_FIELDS
+    from policies.tiny_qwen_vl import TinyQwenVLSpec
+    from rewards.reward_model import TinyRewardModelSpec
+
+    loaded = _standalone(recipe, [], toy_manifest)
+    policy, data = validate(loaded)
+    path = save_resolved(loaded, tmp_path)
+    written = yaml.safe_load(path.read_text())
+    for section, spec in (("policy", policy), ("data", data), ("trainer", loaded.args)):
+        assert set(written[section]) == {f.name for f in dataclasses.fields(spec) if f.init}, section
+    assert all(set(reward) == {"name", "weight", "kwargs"} for reward in written["rewards"])
+    nested = {"sampling": set(LTX2_ONLY_FIELDS), "judge": set(PROMPT_FIELDS)}
+    tiny = {"video_reward_model": TinyRewardModelSpec, "qwen_vl_judge": TinyQwenVLSpec}.get(policy.type)
+    if tiny is not None and policy.tiny:
+        nested["tiny_spec"] = {f.name for f in dataclasses.fields(tiny)}
+    for name, expected in nested.items():
+        if written["policy"].get(name):  # (an NSP on LTX-Video has no LTX-2 sampling settings)
+            assert set(written["policy"][name]) == expected, name
+    assert policy.type != "ltx2" or written["policy"]["sampling"]  # LTX-2 always has them
+    again = load_recipe(path)
+    assert validate(again) == (policy, data) and again.args == loaded.args
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe", [r for r in RECIPES if r.name.startswith(("toy_", "tiny_"))], ids=lambda r: r.name

@@ -19,10 +19,10 @@ from pathlib import Path
 from grpo.evaluation import eval_sampling, evaluate, write_evaluation
 from grpo.recipe import load_recipe
 from grpo.report import compare, format_table
+from grpo.schema import build_rewards
 from grpo.train import build_datasets, build_policy, validate
 from policies.errors import InputError
 from policies.files import check_output_dir
-from rewards.composite import CompositeReward
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
             "or data.eval_path (nsp_manifest)"
         )
     sampling = eval_sampling(recipe.args)
-    rewards = CompositeReward.from_specs(
-        [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
-    )
+    rewards = build_rewards(recipe.rewards)
     output_dir = Path(recipe.args.output_dir)
     out = args.out or output_dir / f"eval_{Path(policy_spec.path).name if policy_spec.path else 'base'}"
     check_output_dir(out, "--out")
