@@ -32,7 +32,7 @@ OUT=${OUT:-runs/quickstart_sweep/out}
 RUNS=${RUNS:-runs/quickstart_sweep}
 SEEDS=${SEEDS:-0 1 2}
 PYTHON=${PYTHON:-python}
-LIMIT_S=${LIMIT_S:-560}  # one run's wall-clock limit: the device allows 10 minutes per call
+LIMIT_S=${LIMIT_S:-540}  # one run's wall-clock limit: 10 minutes per call, less installs and the summary
 EXTRA=${EXTRA:-}  # overrides after the variant's, e.g. a smoke test: "trainer.max_iterations=1 trainer.eval_every=1"
 
 overrides() {
