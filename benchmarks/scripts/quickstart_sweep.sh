@@ -16,16 +16,19 @@
 # held-out gain is there by iteration 60 (benchmarks/results/toy_learning.json: +0.086 / +0.063 /
 # +0.060 at 60, +0.071 / +0.107 / +0.082 at 120) and its training reward plateaus from about
 # iteration 50, the raw policy oscillating around it; a learning rate decayed to 0 is the usual way
-# to settle higher. Variants: recipe overrides on top
-# of the shipped recipe; all but `shipped` drop the KL term (beta 0: no reference forward, a third of
-# the update; it weighs 0.004 x ~0.01 in the loss), evaluate only the base and the final policy and
-# save only `final`:
+# to settle higher. Variants: recipe overrides on top of the shipped recipe; the it60 ones drop the
+# KL term (beta 0: no reference forward, a third of the update; it weighs 0.004 x ~0.01 in the
+# loss), evaluate only the base and the final policy and save only `final`:
 #   shipped             the recipe as it is: 120 iterations (~11 min, over the limit:
 #                       benchmarks/results/toy_learning.json holds its before-number)
 #   it60                60 iterations, the shipped constant learning rate 3e-3
 #   it60_lr6e-3         60 iterations, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations, 6e-3 decayed linearly to 0
 #   it60_lr1e-2_linear  60 iterations, 1e-2 decayed linearly to 0
+# and, for the iteration time alone (30 iterations, one held-out row: their gains mean nothing;
+# ~3 minutes), the shipped settings as they are and without the KL term:
+#   speed_shipped       compare with benchmarks/results/rollout_batching_quickstart.json's base
+#   speed_beta0
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/quickstart_sweep/out}
@@ -37,14 +40,18 @@ EXTRA=${EXTRA:-}  # overrides after the variant's, e.g. a smoke test: "trainer.m
 
 overrides() {
   local fast="trainer.beta=0 trainer.save_steps=0 trainer.max_iterations=60 trainer.eval_every=60"
+  local speed="trainer.save_steps=0 trainer.max_iterations=30 trainer.eval_every=30 data.num_eval=1"
   case "$1" in
     shipped) echo "" ;;
     it60) echo "$fast" ;;
     it60_lr6e-3) echo "$fast trainer.learning_rate=6e-3" ;;
     it60_lr6e-3_linear) echo "$fast trainer.learning_rate=6e-3 trainer.lr_scheduler_type=linear" ;;
     it60_lr1e-2_linear) echo "$fast trainer.learning_rate=1e-2 trainer.lr_scheduler_type=linear" ;;
+    speed_shipped) echo "$speed" ;;
+    speed_beta0) echo "$speed trainer.beta=0" ;;
     *)
-      echo "unknown variant '$1' (shipped it60 it60_lr6e-3 it60_lr6e-3_linear it60_lr1e-2_linear)" >&2
+      echo "unknown variant '$1' (shipped it60 it60_lr6e-3 it60_lr6e-3_linear it60_lr1e-2_linear" \
+        "speed_shipped speed_beta0)" >&2
       return 2
       ;;
   esac
