@@ -177,6 +177,7 @@ class LTXPolicy(nn.Module):
             raise InputError(
                 "only LTX transformers with patch_size 1 and patch_size_t 1 are supported (all releases)"
             )
+        cache_rope(transformer)
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
@@ -780,6 +781,56 @@ class LTXPolicy(nn.Module):
             video = self.vae.decode(unpacked.to(self.vae.dtype), temb, return_dict=False)[0]
             videos.append((video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
         return torch.cat(videos)
+
+
+class CachedRope(nn.Module):
+    """LTX-Video's rotary embedding (``LTXVideoRotaryPosEmbed``), computed once per geometry.
+
+    The transformer recomputes its rotary tables (a coordinate grid, then cos / sin of every token's
+    frequencies) in every forward, though they depend only on the batch size, the latent grid and the
+    frame rate: the same tables for every denoising step, every recomputed step and every iteration.
+    This wrapper returns the tables it computed for the first forward of a geometry: the very same
+    tensors, so every result is bitwise what the uncached transformer gives. On CPU only, where a
+    small model's forward spends ~4 % of its time there (the Quickstart); on a GPU the tables of a
+    real rollout batch are gigabytes ``[B, S, dim]`` in fp32 that cost little to recompute next to
+    the blocks. Explicit ``video_coords`` and inference mode (whose tensors autograd could not reuse)
+    pass through uncached too.
+    """
+
+    def __init__(self, rope: nn.Module, max_entries: int = 4) -> None:
+        super().__init__()
+        self.rope = rope
+        self.max_entries = max_entries
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        rope_interpolation_scale: tuple[float, float, float] | None = None,
+        video_coords: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (hidden_states, num_frames, height, width, rope_interpolation_scale, video_coords)
+        device = hidden_states.device
+        if video_coords is not None or device.type != "cpu" or torch.is_inference_mode_enabled():
+            return self.rope(*args)
+        scale = rope_interpolation_scale and tuple(float(s) for s in rope_interpolation_scale)
+        key = (hidden_states.shape[0], num_frames, height, width, scale)
+        if key not in self._tables:
+            if len(self._tables) >= self.max_entries:
+                self._tables.clear()
+            self._tables[key] = self.rope(*args)
+        return self._tables[key]
+
+
+def cache_rope(transformer: nn.Module) -> None:
+    """Wrap an LTX-Video transformer's rotary embedding in `CachedRope` (once; other models untouched).
+    The wrapper holds no weights, so state dicts, saving and LoRA are unchanged."""
+    rope = getattr(transformer, "rope", None)
+    if type(rope).__name__ == "LTXVideoRotaryPosEmbed":
+        transformer.rope = CachedRope(rope)
 
 
 def _compile_blocks(transformer: nn.Module, options: dict) -> None:

@@ -390,3 +390,35 @@ def test_reference_forwards_bypass_the_training_wrapper(policy):
     assert spy.calls == 1 and not tuned._in_reference
     torch.testing.assert_close(ref.log_prob, rollout.log_probs[:, 1], rtol=0, atol=1e-5)
     assert (moved.log_prob - ref.log_prob).abs().max() > 1e-3
+
+
+def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
+    """The cached rotary embedding (`CachedRope`) gives bitwise the rollout and the recomputed log-prob
+    (with gradients) of the uncached transformer, computing its tables once per batch geometry."""
+    from policies.ltx import CachedRope
+
+    cached = policy.transformer.rope
+    assert isinstance(cached, CachedRope)
+    cond = _condition(policy, ["a red ball", "a green ball"], cfg=False, i2v=True)
+    sampling = SamplingConfig(**FAST, sde_steps=[0, 1])
+
+    def run() -> tuple[torch.Tensor, ...]:
+        rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4, 5, 6])
+        rescored = policy.log_prob(rollout, torch.tensor([0, 1, 1, 0]))
+        (grad,) = torch.autograd.grad(rescored.log_prob.sum(), policy.transformer.proj_out.weight)
+        return rollout.final_latents, rollout.log_probs, rescored.log_prob.detach(), grad
+
+    computed = []
+    hook = cached.rope.register_forward_hook(lambda module, args, out: computed.append(args[0].shape[0]))
+    try:
+        cached._tables.clear()
+        with_cache = run()
+        assert computed == [4]  # 4 denoising steps and the recompute of the same 4 samples: one table
+        policy.transformer.rope = cached.rope
+        without = run()
+    finally:
+        hook.remove()
+        policy.transformer.rope = cached
+    for a, b in zip(with_cache, without, strict=True):
+        assert torch.equal(a, b)
+    assert computed == [4, 4, 4, 4, 4, 4]  # uncached: every one of the 5 forwards computes them
