@@ -594,6 +594,11 @@ class LTXPolicy(nn.Module):
         return rescore(rollout, steps, velocity, sigma_scale=token_scale)[0]
 
     # ------------------------------------------------------------------ reference model and LoRA
+    def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trained weights outside ``transformer``: none (a policy with conditioning weights of its own,
+        e.g. NSP's queries and connector, returns them)."""
+        return {}
+
     def wrap_transformer(self, wrapped: nn.Module | None) -> None:
         """Route training forwards through ``wrapped`` (e.g. accelerate's DDP / FSDP module).
 
