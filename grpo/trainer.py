@@ -253,7 +253,7 @@ class GRPOTrainer(Stage):
         return {"reward/unavailable": float(len(scores.unavailable))}
 
     def _score_group(self, rollout: Rollout, row: dict[str, Any]) -> CompositeOutput:
-        """Decode and score one group. A next-clip rollout (``extras["num_clips"]``) also gets every
+        """Decode and score one group. A next-clip rollout (``num_clips`` > 0) also gets every
         reward's per-clip scores, ``metadata["clip_rewards/<name>"]`` (a list per video): the reward's
         own ``clip_scores`` column if it has one (history -> clip consistency), else its video score
         repeated for every clip."""
@@ -266,7 +266,7 @@ class GRPOTrainer(Stage):
         out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)
-        num_clips = rollout.extras.get("num_clips")
+        num_clips = rollout.num_clips
         if num_clips:
             for name in self.reward.names:
                 own = out.metadata.get(f"{name}/clip_scores")
@@ -395,7 +395,7 @@ class GRPOTrainer(Stage):
         num_steps = positions.shape[1]
         advantages = advantages.to(positions.device)
         if advantages.dim() == 2:  # per-clip advantages [B, num_clips]: a step takes its clip's
-            step_clips = torch.tensor(rollout.extras["step_clips"], dtype=torch.long, device=positions.device)
+            step_clips = torch.tensor(rollout.step_clips, dtype=torch.long, device=positions.device)
             advantages = advantages.gather(1, step_clips[positions])
         else:
             advantages = advantages[:, None].expand(-1, num_steps)
