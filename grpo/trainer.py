@@ -35,7 +35,15 @@ import torch
 from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
 from grpo.engine import Engine, RowSampler, Stage, add_lora, make_accelerator
-from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, reward_metadata, write_evaluation
+from grpo.evaluation import (
+    EVAL_DIR,
+    eval_sampling,
+    evaluate,
+    reward_metadata,
+    rollout_groups,
+    score_videos,
+    write_evaluation,
+)
 from grpo.loss import grpo_loss, loss_weights
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -189,41 +197,28 @@ class GRPOTrainer(Stage):
         Every sample keeps its seed and its place, so the chunking changes no sample's draws."""
         generations = self.args.num_generations
         part_size = min(self.args.rollout_batch_size or generations, generations)
-        rows_per_call = self.args.rollout_rows_per_call
         sampling = self._sampling(self.args.sde_steps(iteration))
         first = self.rank * self.local_prompts * generations
         seeds = [derived_seed(self.args.seed, iteration, first + s) for s in range(len(rows) * generations)]
         parts: list[Rollout] = []
         futures: list[Future] = []
-        rollout_s = 0.0
+        clock = {"rollout_s": 0.0}
+        calls = rollout_groups(  # a context is encoded once per iteration
+            self.policy,
+            rows,
+            sampling,
+            seeds,
+            num_generations=generations,
+            part_size=part_size,
+            rows_per_call=self.args.rollout_rows_per_call,
+            autocast=self.state.autocast,
+            timing=clock,
+        )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            for k in range(0, len(rows), rows_per_call):
-                chunk = rows[k : k + rows_per_call]
-                tick = time.perf_counter()
-                with torch.no_grad(), self.state.autocast:  # a context is encoded once per iteration
-                    condition = self.policy.prepare_condition(chunk, guidance_scale=sampling.guidance_scale)
-                rollout_s += time.perf_counter() - tick
-                for g in range(0, generations, part_size):
-                    tick = time.perf_counter()
-                    picks = [
-                        (k + j) * generations + g + i for j in range(len(chunk)) for i in range(part_size)
-                    ]
-                    with torch.no_grad(), self.state.autocast:
-                        part = self.policy.rollout(
-                            condition,
-                            num_generations=part_size,
-                            sampling=sampling,
-                            seeds=[seeds[i] for i in picks],
-                        )
-                    parts.append(part)
-                    rollout_s += time.perf_counter() - tick
-                    for j, row in enumerate(chunk):
-                        own = (
-                            part
-                            if len(chunk) == 1
-                            else part.select(list(range(j * part_size, (j + 1) * part_size)))
-                        )
-                        futures.append(scorer.submit(self._score_group, own, row))
+            for part, groups in calls:
+                parts.append(part)
+                for _, row, own in groups:
+                    futures.append(scorer.submit(self._score_group, own, row))
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
@@ -235,7 +230,7 @@ class GRPOTrainer(Stage):
         )
         reward_s = sum(g.timings["total"] + g.timings["decode"] for g in groups)
         timing = {
-            "time/rollout_s": rollout_s,
+            "time/rollout_s": clock["rollout_s"],
             "time/reward_s": reward_s,
             "time/reward_wait_s": wait_s,
             "time/reward_hidden_frac": 1.0 - wait_s / reward_s if reward_s > 0 else 1.0,
@@ -263,7 +258,7 @@ class GRPOTrainer(Stage):
             metadata = reward_metadata(self.policy, rollout, row)
         decode_s = time.perf_counter() - tick
         n = rollout.num_samples
-        out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
+        out = score_videos(self.reward, videos, row, metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)
         num_clips = rollout.num_clips
