@@ -36,6 +36,7 @@ import torch
 from grpo.config import GRPOConfig
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.seeding import derived_seed
 from policies.video_io import default_mp4_codec, write_video
@@ -235,7 +236,7 @@ class _HeldOutRows(Sequence):
 
 
 def rollout_groups(
-    policy: Any,
+    policy: Policy,
     rows: Sequence[dict[str, Any]],
     sampling: SamplingConfig,
     seeds: Sequence[int],
@@ -281,7 +282,7 @@ def rollout_groups(
 
 
 def evaluate(
-    policy: Any,
+    policy: Policy,
     reward: CompositeReward,
     dataset: Sequence[dict[str, Any]],
     sampling: SamplingConfig,

@@ -19,6 +19,7 @@ from grpo.config import FlowMatchingConfig
 from grpo.engine import Engine, RowSampler, Stage, add_lora, make_accelerator
 from grpo.training_state import TrainingState
 from policies.errors import InputError
+from policies.protocol import Policy
 from policies.seeding import derived_seed
 
 EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # held-out loss is averaged over these noise levels
@@ -36,7 +37,7 @@ class FlowMatchingTrainer(Stage):
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         args: FlowMatchingConfig,
         train_dataset: Sequence[dict[str, Any]],
         eval_dataset: Sequence[dict[str, Any]] | None = None,

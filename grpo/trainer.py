@@ -10,7 +10,7 @@ One iteration reads like the algorithm:
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
 
-Any policy with the rollout / log-prob contract of `policies.LTXPolicy` can be trained.
+Any policy honouring `policies.protocol.Policy` (every family does; a test checks it) can be trained.
 Everything random in an iteration (data order, sample seeds, trained steps) is derived from
 ``(seed, iteration)``, so a run resumed from a checkpoint continues exactly as the uninterrupted
 run would have.
@@ -48,6 +48,7 @@ from grpo.loss import grpo_loss, loss_weights
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
 from policies.seeding import derived_seed
@@ -60,7 +61,7 @@ class GRPOTrainer(Stage):
     """Trains a diffusion policy with group-relative PPO against one or more reward functions.
 
     Args:
-        policy: a policy honouring the rollout / log-prob contract (e.g. `policies.LTXPolicy`).
+        policy: a `policies.protocol.Policy` (e.g. `policies.LTXPolicy`).
         reward_funcs: a reward callable, registered name or ``module:function``, or a list of them,
             or a ready `rewards.CompositeReward`.
         args: the `GRPOConfig`.
@@ -74,7 +75,7 @@ class GRPOTrainer(Stage):
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         reward_funcs: Any,
         args: GRPOConfig,
         train_dataset: Sequence[dict[str, Any]],
