@@ -118,10 +118,7 @@ class FlowMatchingTrainer(Stage):
             target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
         noise = torch.randn(target.shape, generator=generator).to(target.device)
-        extra = {}
-        if "audio_latents" in condition:  # a joint audio-video target (LTX-2): the audio stream's noise
-            audio = condition["audio_latents"]
-            extra["audio_noise"] = torch.randn(audio.shape, generator=generator).to(audio.device)
+        extra = self.policy.flow_matching_noise(condition, generator)  # e.g. LTX-2's audio stream
         return self.policy.flow_matching_loss(
             condition, target, sigmas, noise, self.latent_shape, frame_rate=self.args.frame_rate, **extra
         )

@@ -93,6 +93,11 @@ class Policy(Trainable, Protocol):
     def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
         """Clean latents of videos ``[B, F, H, W, 3]`` in [0, 1] (the flow-matching target)."""
 
+    def flow_matching_noise(
+        self, condition: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Further noise `flow_matching_loss` takes (keyword arguments), drawn from ``generator``."""
+
     def flow_matching_loss(
         self,
         condition: dict[str, torch.Tensor],
