@@ -55,15 +55,14 @@ CONDITION_COLUMNS = (
 TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
 
 
-def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
+def reward_metadata(policy: Policy, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
     """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
-    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
-    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
+    per sample, and the generated sound when the rollout has one: when the policy's ``rollout_audio``
+    returns ``(waveforms, sample_rate)``, ``audio`` (a waveform per sample) and ``sample_rate``."""
     n = rollout.num_samples
     skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
     metadata = {k: [v] * n for k, v in row.items() if k not in skip}
-    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
-    sound = decode_audio(rollout) if decode_audio is not None else None
+    sound = policy.rollout_audio(rollout)
     if sound is not None:
         waveforms, sample_rate = sound
         metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)

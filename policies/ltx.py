@@ -594,6 +594,11 @@ class LTXPolicy(nn.Module):
         return rescore(rollout, steps, velocity, sigma_scale=token_scale)[0]
 
     # ------------------------------------------------------------------ reference model and LoRA
+    def rollout_audio(self, rollout: Rollout) -> tuple[torch.Tensor, int] | None:
+        """The generated sound of a rollout, ``(waveforms, sample_rate)``, for rewards: None (LTX-Video
+        generates no sound; `LTX2Policy` voices an ``audio_video`` rollout)."""
+        return None
+
     def flow_matching_noise(
         self, condition: dict[str, torch.Tensor], generator: torch.Generator
     ) -> dict[str, torch.Tensor]:

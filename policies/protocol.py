@@ -93,6 +93,9 @@ class Policy(Trainable, Protocol):
     def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
         """Clean latents of videos ``[B, F, H, W, 3]`` in [0, 1] (the flow-matching target)."""
 
+    def rollout_audio(self, rollout: Rollout) -> tuple[torch.Tensor, int] | None:
+        """The generated sound of a rollout for rewards, ``(waveforms, sample_rate)``; None if it has none."""
+
     def flow_matching_noise(
         self, condition: dict[str, torch.Tensor], generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
