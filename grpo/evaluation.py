@@ -24,7 +24,8 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from grpo.config import GRPOConfig
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.seeding import derived_seed
 from policies.video_io import default_mp4_codec, write_video
@@ -53,15 +55,14 @@ CONDITION_COLUMNS = (
 TARGET_AUDIO_COLUMNS = ("audio", "sample_rate")
 
 
-def reward_metadata(policy: Any, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
+def reward_metadata(policy: Policy, rollout: Rollout, row: dict[str, Any]) -> dict[str, list[Any]]:
     """Reward metadata of one group: the row's columns (conditioning and target sound left out), one
-    per sample, and the generated sound when the rollout has one: a policy whose ``rollout_audio``
-    returns ``(waveforms, sample_rate)`` adds ``audio`` (a waveform per sample) and ``sample_rate``."""
+    per sample, and the generated sound when the rollout has one: when the policy's ``rollout_audio``
+    returns ``(waveforms, sample_rate)``, ``audio`` (a waveform per sample) and ``sample_rate``."""
     n = rollout.num_samples
     skip = CONDITION_COLUMNS + TARGET_AUDIO_COLUMNS
     metadata = {k: [v] * n for k, v in row.items() if k not in skip}
-    decode_audio = getattr(policy, "rollout_audio", None)  # optional: audio-video policies have it
-    sound = decode_audio(rollout) if decode_audio is not None else None
+    sound = policy.rollout_audio(rollout)
     if sound is not None:
         waveforms, sample_rate = sound
         metadata.update(audio=list(waveforms), sample_rate=[sample_rate] * n)
@@ -208,15 +209,79 @@ def eval_seeds(seed: int, index: int, num_generations: int) -> list[int]:
     return [derived_seed(seed, 0, index * num_generations + g) for g in range(num_generations)]
 
 
-def _score(
+def score_videos(
     reward: CompositeReward, videos: torch.Tensor, row: dict[str, Any], metadata: dict[str, list[Any]]
 ) -> CompositeOutput:
+    """Every reward of one row's videos (its prompt / context and `reward_metadata` passed along)."""
     n = len(videos)
     return reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
 
 
+class _HeldOutRows(Sequence):
+    """Held-out rows ``indices`` of ``dataset``, read when indexed (a slice: a chunk to roll out);
+    indices past the end are padding rows, which repeat row 0."""
+
+    def __init__(self, dataset: Sequence[dict[str, Any]], indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        index = self.indices[item]
+        return self.dataset[index if index < len(self.dataset) else 0]
+
+
+def rollout_groups(
+    policy: Policy,
+    rows: Sequence[dict[str, Any]],
+    sampling: SamplingConfig,
+    seeds: Sequence[int],
+    *,
+    num_generations: int,
+    part_size: int,
+    rows_per_call: int,
+    autocast: Any,
+    timing: dict[str, float] | None = None,
+) -> Iterator[tuple[Rollout, list[tuple[int, dict[str, Any], Rollout]]]]:
+    """The rollout step GRPO and evaluation share: each row's ``num_generations`` samples (sample
+    ``i * num_generations + g`` of row ``i`` seeded by ``seeds`` at that place), ``rows_per_call`` rows
+    conditioned together (a context is encoded once) and ``part_size`` samples of each row per
+    rollout call; ``rows`` is read a chunk at a time (`_HeldOutRows` reads the dataset then). Yields
+    each call's rollout and its groups, ``(index in rows, row, the row's samples)``, so the caller
+    scores a group while the next call rolls out. ``timing["rollout_s"]``
+    (if given) adds the time spent conditioning and rolling out."""
+    timing = {} if timing is None else timing
+    timing.setdefault("rollout_s", 0.0)
+    for k in range(0, len(rows), rows_per_call):
+        chunk = list(rows[k : k + rows_per_call])
+        tick = time.perf_counter()
+        with torch.no_grad(), autocast:
+            condition = policy.prepare_condition(chunk, guidance_scale=sampling.guidance_scale)
+        timing["rollout_s"] += time.perf_counter() - tick
+        for g in range(0, num_generations, part_size):
+            tick = time.perf_counter()
+            picks = [(k + j) * num_generations + g + i for j in range(len(chunk)) for i in range(part_size)]
+            with torch.no_grad(), autocast:
+                part = policy.rollout(
+                    condition, num_generations=part_size, sampling=sampling, seeds=[seeds[i] for i in picks]
+                )
+            timing["rollout_s"] += time.perf_counter() - tick
+            groups = [
+                (
+                    k + j,
+                    row,
+                    part if len(chunk) == 1 else part.select(list(range(j * part_size, (j + 1) * part_size))),
+                )
+                for j, row in enumerate(chunk)
+            ]
+            yield part, groups
+
+
 def evaluate(
-    policy: Any,
+    policy: Policy,
     reward: CompositeReward,
     dataset: Sequence[dict[str, Any]],
     sampling: SamplingConfig,
@@ -256,30 +321,28 @@ def evaluate(
     indices = [rank + k * world for k in range(per_rank)]
     futures: list[Future] = []
     kept: list[torch.Tensor] = []
+    rows = _HeldOutRows(dataset, indices)
+    seeds = [s for index in indices for s in eval_seeds(seed, index, num_generations)]
+    calls = rollout_groups(
+        policy,
+        rows,
+        sampling,
+        seeds,
+        num_generations=num_generations,
+        part_size=num_generations,
+        rows_per_call=rows_per_call,
+        autocast=autocast,
+    )
     with ThreadPoolExecutor(max_workers=1) as scorer:  # score rows while the next ones roll out
-        for k in range(0, per_rank, rows_per_call):
-            chunk = indices[k : k + rows_per_call]
-            rows = [dataset[index if index < n_rows else 0] for index in chunk]
-            with torch.no_grad(), autocast:
-                condition = policy.prepare_condition(rows, guidance_scale=sampling.guidance_scale)
-                batch = policy.rollout(
-                    condition,
-                    num_generations=num_generations,
-                    sampling=sampling,
-                    seeds=[s for index in chunk for s in eval_seeds(seed, index, num_generations)],
-                )
-            for j, (index, row) in enumerate(zip(chunk, rows, strict=True)):
-                rollout = (
-                    batch
-                    if len(chunk) == 1
-                    else batch.select(list(range(j * num_generations, (j + 1) * num_generations)))
-                )
+        for _, groups in calls:
+            for j, row, rollout in groups:
+                index = indices[j]
                 with torch.no_grad():
                     videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
                     metadata = reward_metadata(policy, rollout, row)
                 if index < min(num_videos, n_rows):
                     kept.append(videos[0])
-                futures.append(scorer.submit(_score, reward, videos, row, metadata))
+                futures.append(scorer.submit(score_videos, reward, videos, row, metadata))
         outputs = [f.result() for f in futures]
 
     # [R, per_rank, G] on this rank (float64: scores as the rewards returned them, NaN where

@@ -1,15 +1,12 @@
 """Training learned video reward models (recipe stage ``reward_model``): config, recipe specs, trainer.
 
 `RewardModelTrainer` is an accelerate loop over preference pairs (Bradley-Terry, or Bradley-Terry
-with ties) or teacher scores (regression, to distil a judge) that shares `TrainingState` with the
-policy trainers -- AdamW, LR schedule, EMA, gradient clipping, DDP, atomic checkpoints and exact
+with ties) or teacher scores (regression, to distil a judge), a stage of `grpo.engine.Engine` like
+the policy trainers -- AdamW, LR schedule, EMA, gradient clipping, DDP, atomic checkpoints and exact
 resume -- so a reward-model run is killed, resumed and logged like any other run. At the end the
 raw scores of the training candidates give the calibration statistics (mean, std per aspect)
 stored with the model, and ``output_dir/final`` is a `rewards.VideoRewardModel` directory, ready
 for ``rewards: [{name: reward_model, kwargs: {model: .../final}}]``.
-
-This module imports no torch at import time (recipes validate in milliseconds); the trainer
-imports it when built.
 """
 
 from __future__ import annotations
@@ -27,9 +24,8 @@ import numpy as np
 from grpo.config import ConfigError, TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.rows import scene_row
-from grpo.preemption import PreemptionHandler
+from grpo.engine import Engine, RowSampler, Stage, make_accelerator
 from grpo.schema import from_dict, from_nested_dict, save_resolved
-from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.files import check_model_weights
@@ -393,10 +389,14 @@ def run_recipe(recipe: Any, spec: RewardModelSpec, data: Any) -> list[dict[str, 
 
 
 class _Trainable:
-    """What `TrainingState` expects of a policy: ``transformer`` (the trained module) and saving."""
+    """The reward model as `TrainingState` takes it (`policies.protocol.Trainable`): the trained module
+    and saving."""
 
-    def __init__(self, model: Any) -> None:
-        self.transformer = model
+    def __init__(self, transformer: Any) -> None:
+        self.transformer = transformer
+
+    def extra_trainable_parameters(self) -> dict[str, Any]:  # the model is the whole trained module
+        return {}
 
     def wrap_transformer(self, wrapped: Any) -> None:  # forwards go through `TrainingState.wrapped`
         pass
@@ -405,7 +405,7 @@ class _Trainable:
         self.transformer.save_pretrained(path)
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(Stage):
     """Trains a `rewards.VideoRewardModel` on preference pairs or teacher scores.
 
     Args:
@@ -425,9 +425,6 @@ class RewardModelTrainer:
         eval_dataset: Any = None,
         callbacks: Sequence[Any] | None = None,
     ) -> None:
-        import torch
-        from accelerate import Accelerator
-
         self.pairs = args.loss_type != "regression"
         aspects = model.args.aspects
         check_preferences(train_dataset, aspects, pairs=self.pairs, name="train_dataset")
@@ -437,76 +434,57 @@ class RewardModelTrainer:
         self.train_dataset = train_dataset.with_format("numpy")
         self.eval_dataset = eval_dataset.with_format("numpy") if eval_dataset is not None else None
         self.callbacks = list(callbacks or [])
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.model = model.to(self.accelerator.device)
         self.model.train()
         self.state = TrainingState(_Trainable(self.model), args, self.accelerator, args.max_steps)
+        self.rows = RowSampler(len(self.train_dataset), args.seed)
+        self.engine = Engine(
+            self,
+            self.state,
+            total=args.max_steps,
+            evaluates=self.eval_dataset is not None,
+            final_eval=self.eval_dataset is not None,
+            progress_keys=("loss", "eval/accuracy"),
+            callbacks=self.callbacks,
+        )
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the stage
     def train(self) -> list[dict[str, Any]]:
         """Run optimizer steps up to ``max_steps`` (resuming if asked), calibrate, save ``final``."""
-        args = self.args
-        start = self.state.resume()
-        history: list[dict[str, Any]] = []
-        logger = MetricsLogger(
-            args.output_dir,
-            report_to=args.report_to,
-            total=args.max_steps,
-            initial=start,
-            resume_step=start,
-            run_name=args.run_name,
-            is_main_process=self.accelerator.is_main_process,
-            progress_keys=("loss", "eval/accuracy"),
-        )
-        with PreemptionHandler() as preemption, logger:
-            for step in range(start, args.max_steps):
-                tick = time.perf_counter()
-                metrics: dict[str, Any] = {}
-                if self.eval_dataset is not None and args.eval_every and step % args.eval_every == 0:
-                    metrics.update(self.evaluate())
-                losses, accuracies = [], []
-                accum = args.gradient_accumulation_steps
-                for micro in range(accum):
-                    rows = self._batch(step, micro)
-                    with self.state.no_sync(micro == accum - 1), self.state.autocast:
-                        loss, accuracy = self._loss(rows, self.state.wrapped)
-                        self.accelerator.backward(loss / accum)
-                    losses.append(loss.item())
-                    accuracies.append(accuracy)
-                metrics["grad_norm"] = self.state.optimizer_step()
-                for callback in self.callbacks:
-                    if hasattr(callback, "on_optimizer_step"):
-                        callback.on_optimizer_step(self, self.state.optimizer_steps)
-                metrics.update(loss=sum(losses) / accum, lr=self.state.learning_rate)
-                if self.pairs:
-                    metrics["accuracy"] = sum(accuracies) / accum
-                metrics["time/step_s"] = time.perf_counter() - tick
-                if step % args.logging_steps == 0 or step == args.max_steps - 1:
-                    logger.log(metrics, step=step)
-                history.append(metrics)
-                stop = self.state.any_rank(preemption.requested)
-                if stop or (args.save_steps and (step + 1) % args.save_steps == 0):
-                    self.state.save(step + 1, {})
-                if stop:
-                    return history
-            if self.eval_dataset is not None:
-                final = self.evaluate()
-                logger.log(final, step=args.max_steps)
-                history.append(final)
+        return self.engine.run()
+
+    def train_step(self, step: int, started: float) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; its metrics."""
+        losses, accuracies = [], []
+        accum = self.args.gradient_accumulation_steps
+        for micro in range(accum):
+            rows = self._batch(step, micro)
+            with self.state.no_sync(micro == accum - 1), self.state.autocast:
+                loss, accuracy = self._loss(rows, self.state.wrapped)
+                self.accelerator.backward(loss / accum)
+            losses.append(loss.item())
+            accuracies.append(accuracy)
+        metrics = {"grad_norm": self.engine.optimizer_step()}
+        metrics.update(loss=sum(losses) / accum, lr=self.state.learning_rate)
+        if self.pairs:
+            metrics["accuracy"] = sum(accuracies) / accum
+        metrics["time/step_s"] = time.perf_counter() - started
+        return metrics
+
+    def eval_metrics(self, step: int) -> dict[str, Any]:
+        return self.evaluate()
+
+    def finish(self) -> None:
         self.calibrate()
-        self.state.save_final()
-        return history
 
     def _batch(self, step: int, micro: int) -> dict[str, Any]:
-        """Columns of one micro-batch: seeded epochs of permutations, this rank's slice."""
-        n, size = len(self.train_dataset), self.args.per_device_train_batch_size
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        first = ((step * self.args.gradient_accumulation_steps + micro) * world + rank) * size
-        indices = []
-        for slot in range(first, first + size):
-            perm = np.random.default_rng(derived_seed(self.args.seed, slot // n)).permutation(n)
-            indices.append(int(perm[slot % n]))
-        return self.train_dataset[indices]
+        """Columns of one micro-batch (`grpo.engine.RowSampler`), this rank's slice."""
+        args = self.args
+        picks = self.rows.micro_batch(
+            step, micro, args.gradient_accumulation_steps, args.per_device_train_batch_size, self.accelerator
+        )
+        return self.train_dataset[picks]
 
     def _scores(self, forward: Any, rows: dict[str, Any], videos: str) -> Any:
         """Raw scores of one video column of ``rows`` for each row's aspect, ``[B]``."""

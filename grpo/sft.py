@@ -16,16 +16,16 @@ from typing import Any
 import torch
 
 from grpo.config import FlowMatchingConfig
-from grpo.preemption import PreemptionHandler
-from grpo.tracking import MetricsLogger
+from grpo.engine import Engine, RowSampler, Stage, add_lora, make_accelerator
 from grpo.training_state import TrainingState
 from policies.errors import InputError
-from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.protocol import Policy
+from policies.seeding import derived_seed
 
 EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # held-out loss is averaged over these noise levels
 
 
-class FlowMatchingTrainer:
+class FlowMatchingTrainer(Stage):
     """Supervised flow-matching training of a policy on rows ``{"video": [F, H, W, 3], prompt / image ...}``.
 
     Args:
@@ -37,14 +37,12 @@ class FlowMatchingTrainer:
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         args: FlowMatchingConfig,
         train_dataset: Sequence[dict[str, Any]],
         eval_dataset: Sequence[dict[str, Any]] | None = None,
         callbacks: Sequence[Any] | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         if len(train_dataset) == 0:
             raise InputError("train_dataset is empty: give rows with a target 'video' and a 'prompt'")
         if "video" not in train_dataset[0]:
@@ -53,81 +51,55 @@ class FlowMatchingTrainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.callbacks = list(callbacks or [])
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.policy = policy.to(self.accelerator.device)
         video = torch.as_tensor(train_dataset[0]["video"])
         self.latent_shape = self.policy.latent_shape(*video.shape[:3])
-        if args.use_lora:
-            with seeded(derived_seed(args.seed, INIT_STREAM)):
-                self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        add_lora(self.policy, args)
         self.state = TrainingState(self.policy, args, self.accelerator, args.max_steps)
+        self.rows = RowSampler(len(train_dataset), args.seed)
+        evaluates = eval_dataset is not None
+        self.engine = Engine(
+            self,
+            self.state,
+            total=args.max_steps,
+            evaluates=evaluates,
+            final_eval=evaluates and bool(args.eval_every),
+            progress_keys=("loss", "eval/loss"),
+            callbacks=self.callbacks,
+        )
 
     def train(self) -> list[dict[str, Any]]:
         """Run optimizer steps up to ``max_steps`` (resuming if asked); returns the logged metrics."""
+        return self.engine.run()
+
+    def train_step(self, step: int, started: float) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; its metrics."""
         args = self.args
-        start = self.state.resume()
-        history: list[dict[str, Any]] = []
-        logger = MetricsLogger(
-            args.output_dir,
-            report_to=args.report_to,
-            total=args.max_steps,
-            initial=start,
-            resume_step=start,
-            run_name=args.run_name,
-            is_main_process=self.accelerator.is_main_process,
-            progress_keys=("loss", "eval/loss"),
-        )
-        with PreemptionHandler() as preemption, logger:
-            for step in range(start, args.max_steps):
-                tick = time.perf_counter()
-                metrics: dict[str, Any] = {}
-                if self.eval_dataset is not None and args.eval_every and step % args.eval_every == 0:
-                    metrics["eval/loss"] = self.evaluate()
-                losses = []
-                accum = args.gradient_accumulation_steps
-                for micro in range(accum):
-                    with self.state.no_sync(micro == accum - 1), self.state.autocast:
-                        loss = self._loss(
-                            self._batch(step, micro), derived_seed(args.seed, step, micro)
-                        ).mean()
-                        self.accelerator.backward(loss / accum)
-                    losses.append(loss.item())
-                metrics["grad_norm"] = self.state.optimizer_step()
-                for callback in self.callbacks:
-                    if hasattr(callback, "on_optimizer_step"):
-                        callback.on_optimizer_step(self, self.state.optimizer_steps)
-                metrics.update(
-                    loss=sum(losses) / len(losses),
-                    lr=self.state.learning_rate,
-                    **{"time/step_s": time.perf_counter() - tick},
-                )
-                if step % args.logging_steps == 0 or step == args.max_steps - 1:
-                    logger.log(metrics, step=step)
-                history.append(metrics)
-                stop = self.state.any_rank(preemption.requested)
-                if stop or (args.save_steps and (step + 1) % args.save_steps == 0):
-                    self.state.save(step + 1, {})
-                if stop:
-                    return history
-            if self.eval_dataset is not None and args.eval_every:
-                final = {"eval/loss": self.evaluate()}
-                logger.log(final, step=args.max_steps)
-                history.append(final)
-        self.state.save_final()
-        return history
+        losses = []
+        accum = args.gradient_accumulation_steps
+        for micro in range(accum):
+            with self.state.no_sync(micro == accum - 1), self.state.autocast:
+                loss = self._loss(self._batch(step, micro), derived_seed(args.seed, step, micro)).mean()
+                self.accelerator.backward(loss / accum)
+            losses.append(loss.item())
+        return {
+            "grad_norm": self.engine.optimizer_step(),
+            "loss": sum(losses) / len(losses),
+            "lr": self.state.learning_rate,
+            "time/step_s": time.perf_counter() - started,
+        }
+
+    def eval_metrics(self, step: int) -> dict[str, Any]:
+        return {"eval/loss": self.evaluate()}
 
     def _batch(self, step: int, micro: int) -> list[dict[str, Any]]:
-        """Rows of one micro-batch: seeded epochs of permutations, this rank's slice."""
-        n, size = len(self.train_dataset), self.args.batch_size
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        first = ((step * self.args.gradient_accumulation_steps + micro) * world + rank) * size
-        rows = []
-        for slot in range(first, first + size):
-            perm = torch.randperm(
-                n, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, slot // n))
-            )
-            rows.append(self.train_dataset[int(perm[slot % n])])
-        return rows
+        """Rows of one micro-batch (`grpo.engine.RowSampler`), this rank's slice."""
+        args = self.args
+        picks = self.rows.micro_batch(
+            step, micro, args.gradient_accumulation_steps, args.batch_size, self.accelerator
+        )
+        return [self.train_dataset[i] for i in picks]
 
     def _sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.args.timestep_sampling == "uniform":
@@ -146,10 +118,7 @@ class FlowMatchingTrainer:
             target = self.policy.encode_video(torch.stack([torch.as_tensor(r["video"]) for r in rows]))
         sigmas = self._sigmas(len(rows), generator) if sigmas is None else sigmas
         noise = torch.randn(target.shape, generator=generator).to(target.device)
-        extra = {}
-        if "audio_latents" in condition:  # a joint audio-video target (LTX-2): the audio stream's noise
-            audio = condition["audio_latents"]
-            extra["audio_noise"] = torch.randn(audio.shape, generator=generator).to(audio.device)
+        extra = self.policy.flow_matching_noise(condition, generator)  # e.g. LTX-2's audio stream
         return self.policy.flow_matching_loss(
             condition, target, sigmas, noise, self.latent_shape, frame_rate=self.args.frame_rate, **extra
         )

@@ -1,5 +1,6 @@
 """Metrics logging: ``metrics.jsonl`` always, TensorBoard and Weights & Biases when asked for, and a
-progress bar with ETA and the latest reward.
+progress bar with ETA and the latest reward. Each sink is an ``accelerate.tracking.GeneralTracker``:
+accelerate's `TensorBoardTracker` and `WandBTracker`, and our `JSONLTracker`.
 
 Only the main process writes (pass ``is_main_process=False`` on the other ranks: `log` is then a
 no-op), so a multi-GPU run has one file and one bar. A run that starts from step ``k``
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from tqdm.auto import tqdm
 
 from policies.errors import InputError
@@ -56,6 +58,38 @@ def _json_value(key: str, value: Any) -> Any:
             return value
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     raise TypeError(f"metric {key!r} is a {type(value).__name__}; log numbers (or tensors of one) or strings")
+
+
+class JSONLTracker(GeneralTracker):
+    """``metrics.jsonl``: one JSON record per `log` call, flushed before returning (a killed run loses
+    at most the line being written). ``resume_step``: first drop the records of steps >= it."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = False  # `MetricsLogger` opens it on the main process only
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        if resume_step is not None:
+            truncate_metrics(path, resume_step)
+        # a run killed mid-write can leave a last line without its newline: end it before appending
+        needs_newline = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+        self.file = path.open("a", encoding="utf-8")
+        if needs_newline:
+            self.file.write("\n")
+            self.file.flush()
+
+    @property
+    def tracker(self):
+        return self.file
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+
+    def finish(self) -> None:
+        self.file.close()
 
 
 class MetricsLogger:
@@ -93,9 +127,8 @@ class MetricsLogger:
     ) -> None:
         self.enabled = is_main_process
         self.progress_keys = tuple(progress_keys)
-        self._file = None
-        self._tensorboard = None
-        self._wandb = None
+        self._jsonl: JSONLTracker | None = None
+        self._trackers: list[GeneralTracker] = []  # TensorBoard, W&B: they get the numbers
         self._bar = None
         if not self.enabled:
             return
@@ -107,32 +140,19 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         run_name = run_name or self.output_dir.resolve().name
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
-        self._file = self._open_for_append(self.path)
+        self._jsonl = JSONLTracker(self.path, resume_step)
         if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tensorboard = SummaryWriter(
-                log_dir=str(self.output_dir / "tensorboard"), purge_step=resume_step
-            )
+            # events in output_dir/tensorboard; purge_step drops those an interrupted run logged from it
+            self._trackers.append(TensorBoardTracker("tensorboard", self.output_dir, purge_step=resume_step))
         if "wandb" in report_to:
-            self._wandb = self._init_wandb(run_name, config, fresh=resume_step == 0)
+            self._trackers.append(self._wandb_tracker(run_name, config, fresh=resume_step == 0))
+        for tracker in self._trackers:
+            tracker.start()
         self._bar = tqdm(
             total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not progress_bar
         )
 
-    @staticmethod
-    def _open_for_append(path: Path):
-        # a run killed mid-write can leave a last line without its newline: end it before appending
-        needs_newline = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-        handle = path.open("a", encoding="utf-8")
-        if needs_newline:
-            handle.write("\n")
-            handle.flush()
-        return handle
-
-    def _init_wandb(self, run_name: str, config: Mapping[str, Any] | None, fresh: bool):
+    def _wandb_tracker(self, run_name: str, config: Mapping[str, Any] | None, fresh: bool) -> WandBTracker:
         import wandb
 
         # the run id is kept in the run directory so that a resumed run continues the same W&B run
@@ -142,8 +162,8 @@ class MetricsLogger:
         reuse = id_file.exists() and not fresh
         run_id = id_file.read_text().strip() if reuse else wandb.util.generate_id()
         id_file.write_text(run_id)
-        return wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "nextscene"),
+        return WandBTracker(
+            os.environ.get("WANDB_PROJECT", "nextscene"),  # accelerate passes it as wandb's project
             name=run_name,
             id=run_id,
             resume="allow",
@@ -163,8 +183,7 @@ class MetricsLogger:
             raise ValueError("metric names 'step' and 'time' are reserved by the logger")
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update((key, _json_value(key, value)) for key, value in metrics.items())
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._jsonl.log(record, step=step)
         scalars: dict[str, float] = {}
         for key, value in record.items():
             if key in ("step", "time") or isinstance(value, bool):
@@ -173,12 +192,8 @@ class MetricsLogger:
                 scalars[key] = float(value)
             elif value in _NON_FINITE:
                 scalars[key] = _NON_FINITE[value]
-        if self._tensorboard is not None:
-            for key, value in scalars.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
-            self._tensorboard.flush()
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+        for tracker in self._trackers:
+            tracker.log(scalars, step=step)
         if self._bar is not None:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
@@ -191,15 +206,12 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
+        if self._jsonl is not None:
+            self._jsonl.finish()
+            self._jsonl = None
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -10,7 +10,7 @@ One iteration reads like the algorithm:
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
 
-Any policy with the rollout / log-prob contract of `policies.LTXPolicy` can be trained.
+Any policy honouring `policies.protocol.Policy` (every family does; a test checks it) can be trained.
 Everything random in an iteration (data order, sample seeds, trained steps) is derived from
 ``(seed, iteration)``, so a run resumed from a checkpoint continues exactly as the uninterrupted
 run would have.
@@ -34,26 +34,34 @@ import torch
 
 from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
-from grpo.evaluation import EVAL_DIR, eval_sampling, evaluate, reward_metadata, write_evaluation
+from grpo.engine import Engine, RowSampler, Stage, add_lora, make_accelerator
+from grpo.evaluation import (
+    EVAL_DIR,
+    eval_sampling,
+    evaluate,
+    reward_metadata,
+    rollout_groups,
+    score_videos,
+    write_evaluation,
+)
 from grpo.loss import grpo_loss, loss_weights
-from grpo.preemption import PreemptionHandler
-from grpo.tracking import MetricsLogger
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
-from policies.seeding import INIT_STREAM, derived_seed, seeded
+from policies.seeding import derived_seed
 from policies.video_io import write_video
 from rewards.composite import CompositeOutput, CompositeReward
 from rewards.types import RewardUnavailableError
 
 
-class GRPOTrainer:
+class GRPOTrainer(Stage):
     """Trains a diffusion policy with group-relative PPO against one or more reward functions.
 
     Args:
-        policy: a policy honouring the rollout / log-prob contract (e.g. `policies.LTXPolicy`).
+        policy: a `policies.protocol.Policy` (e.g. `policies.LTXPolicy`).
         reward_funcs: a reward callable, registered name or ``module:function``, or a list of them,
             or a ready `rewards.CompositeReward`.
         args: the `GRPOConfig`.
@@ -67,7 +75,7 @@ class GRPOTrainer:
 
     def __init__(
         self,
-        policy: Any,
+        policy: Policy,
         reward_funcs: Any,
         args: GRPOConfig,
         train_dataset: Sequence[dict[str, Any]],
@@ -75,8 +83,6 @@ class GRPOTrainer:
         reward_weights: Sequence[float] | None = None,
         callbacks: Sequence[Any] | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         self.args = args
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -91,7 +97,7 @@ class GRPOTrainer:
                 funcs, reward_weights if reward_weights is not None else args.reward_weights
             )
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator()
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         if args.num_prompts_per_iteration % self.world_size != 0:
@@ -107,101 +113,75 @@ class GRPOTrainer:
         self.sampling = self._sampling(args.sde_steps(0))
         self.policy.latent_shape(args.num_frames, args.height, args.width)
         if args.use_lora:
-            with seeded(derived_seed(args.seed, INIT_STREAM)):
-                self.policy.add_lora(args.lora_rank, args.lora_alpha, args.lora_target_modules)
+            add_lora(self.policy, args)
         elif args.beta > 0:
             self.policy.keep_reference_copy()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
+        self.rows = RowSampler(len(train_dataset), args.seed)
+        evaluates = eval_dataset is not None
+        self.engine = Engine(
+            self,
+            self.state,
+            total=args.max_iterations,
+            evaluates=evaluates,
+            final_eval=evaluates and bool(args.eval_every),
+            progress_keys=("reward/mean", "loss"),
+            callbacks=self.callbacks,
+        )
         self.iteration = 0
         self.outage_iterations, self.outage_reason = 0, ""  # iterations in a row a reward was down
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the stage
     def train(self) -> list[dict[str, Any]]:
         """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics."""
-        args = self.args
-        start = self.state.resume()
-        history: list[dict[str, Any]] = []
-        logger = MetricsLogger(
-            self.output_dir,
-            report_to=args.report_to,
-            total=args.max_iterations,
-            initial=start,
-            resume_step=start,
-            run_name=args.run_name,
-            config=_config_dict(args),
-            is_main_process=self.accelerator.is_main_process,
+        return self.engine.run()
+
+    def train_step(self, iteration: int, started: float) -> dict[str, Any]:
+        """One iteration: roll out, score, select, advantages, update; its metrics."""
+        self.iteration = iteration
+        rows = self._rows_for(iteration)
+        rollout, scores, timing = self._rollout_and_score(rows, iteration)
+        metrics = self._track_outage(scores)
+        trained, trained_scores, selection_stats = self._best_of_n(rollout, scores)
+        advantages, reward_stats = self._advantages(trained_scores)
+        train_stats = self._update(trained, advantages, iteration)
+
+        metrics.update(selection_stats)
+        metrics.update(reward_stats)
+        metrics.update(train_stats)
+        metrics.update(timing)
+        elapsed = time.perf_counter() - started
+        metrics["time/iteration_s"] = elapsed
+        metrics["samples_per_s"] = rollout.num_samples * self.world_size / elapsed
+        metrics["memory/peak_gb"] = _peak_memory_gb(self.accelerator.device)
+        metrics["lr"] = self.state.learning_rate
+        if self.args.sample_every and iteration % self.args.sample_every == 0:
+            self._save_samples(rollout, scores, iteration)
+        return metrics
+
+    def eval_metrics(self, step: int) -> dict[str, Any]:
+        self.iteration = step
+        return self.evaluate()
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        return {"iteration": step}
+
+    def should_halt(self) -> bool:
+        return self.outage_iterations >= self.args.max_reward_outage_iterations
+
+    def halt_error(self, saved: Path) -> Exception:
+        return RewardUnavailableError(
+            f"a reward could not score for {self.outage_iterations} iterations in a row "
+            f"({self.outage_reason}); saved {saved}: bring its server back and rerun with "
+            "trainer.resume_from_checkpoint=auto (max_reward_outage_iterations sets the patience)"
         )
-        with PreemptionHandler() as preemption, logger:
-            for iteration in range(start, args.max_iterations):
-                self.iteration = iteration
-                tick = time.perf_counter()
-                metrics: dict[str, Any] = {}
-                if self.eval_dataset is not None and args.eval_every and iteration % args.eval_every == 0:
-                    metrics.update(self.evaluate())
-
-                rows = self._rows_for(iteration)
-                rollout, scores, timing = self._rollout_and_score(rows, iteration)
-                metrics.update(self._track_outage(scores))
-                trained, trained_scores, selection_stats = self._best_of_n(rollout, scores)
-                advantages, reward_stats = self._advantages(trained_scores)
-                train_stats = self._update(trained, advantages, iteration)
-
-                metrics.update(selection_stats)
-                metrics.update(reward_stats)
-                metrics.update(train_stats)
-                metrics.update(timing)
-                elapsed = time.perf_counter() - tick
-                metrics["time/iteration_s"] = elapsed
-                metrics["samples_per_s"] = rollout.num_samples * self.world_size / elapsed
-                metrics["memory/peak_gb"] = _peak_memory_gb(self.accelerator.device)
-                metrics["lr"] = self.state.learning_rate
-                if args.sample_every and iteration % args.sample_every == 0:
-                    self._save_samples(rollout, scores, iteration)
-                logger.log(metrics, step=iteration)
-                history.append(metrics)
-                for callback in self.callbacks:
-                    if hasattr(callback, "on_iteration_end"):
-                        callback.on_iteration_end(self, iteration, metrics)
-
-                stop = self.state.any_rank(preemption.requested)
-                down = self.state.any_rank(self.outage_iterations >= args.max_reward_outage_iterations)
-                if stop or down or (args.save_steps and (iteration + 1) % args.save_steps == 0):
-                    saved = self.state.save(iteration + 1, {"iteration": iteration + 1})
-                if down:
-                    raise RewardUnavailableError(
-                        f"a reward could not score for {self.outage_iterations} iterations in a row "
-                        f"({self.outage_reason}); saved {saved}: bring its server back and rerun with "
-                        "trainer.resume_from_checkpoint=auto (max_reward_outage_iterations sets the patience)"
-                    )
-                if stop:
-                    return history
-            if self.eval_dataset is not None and args.eval_every:
-                self.iteration = args.max_iterations
-                final = self.evaluate()
-                logger.log(final, step=args.max_iterations)
-                history.append(final)
-        self.state.save_final()
-        return history
 
     # ------------------------------------------------------------------ data
     def _rows_for(self, iteration: int) -> list[dict[str, Any]]:
-        """This rank's rows of ``iteration``: epochs of seeded permutations, sliced per rank."""
-        n = len(self.train_dataset)
-        total = self.args.num_prompts_per_iteration
-        slots = range(
-            iteration * total + self.rank * self.local_prompts,
-            iteration * total + (self.rank + 1) * self.local_prompts,
-        )
-        rows, perms = [], {}
-        for slot in slots:
-            epoch = slot // n
-            if epoch not in perms:
-                perms[epoch] = torch.randperm(
-                    n, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, epoch))
-                )
-            rows.append(self.train_dataset[int(perms[epoch][slot % n])])
-        return rows
+        """This rank's rows of ``iteration`` (`grpo.engine.RowSampler`, sliced per rank)."""
+        first = iteration * self.args.num_prompts_per_iteration + self.rank * self.local_prompts
+        return [self.train_dataset[i] for i in self.rows.indices(first, self.local_prompts)]
 
     # ------------------------------------------------------------------ rollout and reward
     def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
@@ -218,41 +198,28 @@ class GRPOTrainer:
         Every sample keeps its seed and its place, so the chunking changes no sample's draws."""
         generations = self.args.num_generations
         part_size = min(self.args.rollout_batch_size or generations, generations)
-        rows_per_call = self.args.rollout_rows_per_call
         sampling = self._sampling(self.args.sde_steps(iteration))
         first = self.rank * self.local_prompts * generations
         seeds = [derived_seed(self.args.seed, iteration, first + s) for s in range(len(rows) * generations)]
         parts: list[Rollout] = []
         futures: list[Future] = []
-        rollout_s = 0.0
+        clock = {"rollout_s": 0.0}
+        calls = rollout_groups(  # a context is encoded once per iteration
+            self.policy,
+            rows,
+            sampling,
+            seeds,
+            num_generations=generations,
+            part_size=part_size,
+            rows_per_call=self.args.rollout_rows_per_call,
+            autocast=self.state.autocast,
+            timing=clock,
+        )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            for k in range(0, len(rows), rows_per_call):
-                chunk = rows[k : k + rows_per_call]
-                tick = time.perf_counter()
-                with torch.no_grad(), self.state.autocast:  # a context is encoded once per iteration
-                    condition = self.policy.prepare_condition(chunk, guidance_scale=sampling.guidance_scale)
-                rollout_s += time.perf_counter() - tick
-                for g in range(0, generations, part_size):
-                    tick = time.perf_counter()
-                    picks = [
-                        (k + j) * generations + g + i for j in range(len(chunk)) for i in range(part_size)
-                    ]
-                    with torch.no_grad(), self.state.autocast:
-                        part = self.policy.rollout(
-                            condition,
-                            num_generations=part_size,
-                            sampling=sampling,
-                            seeds=[seeds[i] for i in picks],
-                        )
-                    parts.append(part)
-                    rollout_s += time.perf_counter() - tick
-                    for j, row in enumerate(chunk):
-                        own = (
-                            part
-                            if len(chunk) == 1
-                            else part.select(list(range(j * part_size, (j + 1) * part_size)))
-                        )
-                        futures.append(scorer.submit(self._score_group, own, row))
+            for part, groups in calls:
+                parts.append(part)
+                for _, row, own in groups:
+                    futures.append(scorer.submit(self._score_group, own, row))
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
@@ -264,7 +231,7 @@ class GRPOTrainer:
         )
         reward_s = sum(g.timings["total"] + g.timings["decode"] for g in groups)
         timing = {
-            "time/rollout_s": rollout_s,
+            "time/rollout_s": clock["rollout_s"],
             "time/reward_s": reward_s,
             "time/reward_wait_s": wait_s,
             "time/reward_hidden_frac": 1.0 - wait_s / reward_s if reward_s > 0 else 1.0,
@@ -282,7 +249,7 @@ class GRPOTrainer:
         return {"reward/unavailable": float(len(scores.unavailable))}
 
     def _score_group(self, rollout: Rollout, row: dict[str, Any]) -> CompositeOutput:
-        """Decode and score one group. A next-clip rollout (``extras["num_clips"]``) also gets every
+        """Decode and score one group. A next-clip rollout (``num_clips`` > 0) also gets every
         reward's per-clip scores, ``metadata["clip_rewards/<name>"]`` (a list per video): the reward's
         own ``clip_scores`` column if it has one (history -> clip consistency), else its video score
         repeated for every clip."""
@@ -292,10 +259,10 @@ class GRPOTrainer:
             metadata = reward_metadata(self.policy, rollout, row)
         decode_s = time.perf_counter() - tick
         n = rollout.num_samples
-        out = self.reward(list(videos), [row.get("prompt")] * n, [row.get("context")] * n, **metadata)
+        out = score_videos(self.reward, videos, row, metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)
-        num_clips = rollout.extras.get("num_clips")
+        num_clips = rollout.num_clips
         if num_clips:
             for name in self.reward.names:
                 own = out.metadata.get(f"{name}/clip_scores")
@@ -424,7 +391,7 @@ class GRPOTrainer:
         num_steps = positions.shape[1]
         advantages = advantages.to(positions.device)
         if advantages.dim() == 2:  # per-clip advantages [B, num_clips]: a step takes its clip's
-            step_clips = torch.tensor(rollout.extras["step_clips"], dtype=torch.long, device=positions.device)
+            step_clips = torch.tensor(rollout.step_clips, dtype=torch.long, device=positions.device)
             advantages = advantages.gather(1, step_clips[positions])
         else:
             advantages = advantages[:, None].expand(-1, num_steps)
@@ -464,10 +431,7 @@ class GRPOTrainer:
                         if trains[:, cols].any():  # statistics of no trained entry are undefined
                             for key, value in step_stats.items():
                                 stats[key].append(float(value))
-                stats["grad_norm"].append(self.state.optimizer_step())
-                for callback in self.callbacks:
-                    if hasattr(callback, "on_optimizer_step"):
-                        callback.on_optimizer_step(self, self.state.optimizer_steps)
+                stats["grad_norm"].append(self.engine.optimizer_step())
         out = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
         out["train/ratio_first_step"] = stats["ratio_mean"][0]  # before any update: 1 when on-policy
         out["train/trained_steps_per_sample"] = float(mask.sum(1).float().mean())
@@ -572,12 +536,6 @@ class GRPOTrainer:
         for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):
             reward = sum((scores.weights[n] * (scores.columns[n][b] or 0.0)) for n in scores.columns)
             write_video(folder / f"sample{b:02d}_reward{reward:+.3f}.mp4", video, self.args.frame_rate)
-
-
-def _config_dict(args: GRPOConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(args)
 
 
 def _peak_memory_gb(device: torch.device) -> float:

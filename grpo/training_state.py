@@ -13,6 +13,7 @@ from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
 from policies.errors import InputError
+from policies.protocol import Trainable
 from policies.seeding import seed_process, use_deterministic_algorithms
 
 
@@ -26,7 +27,7 @@ class TrainingState:
     and restores everything a run needs to continue exactly (gathering full tensors under FSDP).
     """
 
-    def __init__(self, policy: Any, args: TrainerConfig, accelerator: Any, total_steps: int) -> None:
+    def __init__(self, policy: Trainable, args: TrainerConfig, accelerator: Any, total_steps: int) -> None:
         from transformers import get_scheduler
 
         self.policy = policy
@@ -44,7 +45,7 @@ class TrainingState:
         self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
         # weights outside the transformer (e.g. the NSP queries and connector): replicated on every
         # rank, their gradients averaged by hand before each optimizer step
-        self.extra = dict(getattr(policy, "extra_trainable_parameters", dict)())
+        self.extra = dict(policy.extra_trainable_parameters())
         self.trainable.update(self.extra)
         if self.fsdp and self.extra:
             raise NotImplementedError(

@@ -648,6 +648,23 @@ class LTXPolicy(nn.Module):
         return rescore(rollout, steps, velocity, sigma_scale=token_scale)[0]
 
     # ------------------------------------------------------------------ reference model and LoRA
+    def rollout_audio(self, rollout: Rollout) -> tuple[torch.Tensor, int] | None:
+        """The generated sound of a rollout, ``(waveforms, sample_rate)``, for rewards: None (LTX-Video
+        generates no sound; `LTX2Policy` voices an ``audio_video`` rollout)."""
+        return None
+
+    def flow_matching_noise(
+        self, condition: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Noise `flow_matching_loss` takes besides the video's (keyword arguments), drawn from
+        ``generator`` after it: none for a video-only model."""
+        return {}
+
+    def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trained weights outside ``transformer``: none (a policy with conditioning weights of its own,
+        e.g. NSP's queries and connector, returns them)."""
+        return {}
+
     def wrap_transformer(self, wrapped: nn.Module | None) -> None:
         """Route training forwards through ``wrapped`` (e.g. accelerate's DDP / FSDP module).
 

@@ -917,6 +917,15 @@ class LTX2Policy(LTXPolicy):
         packed = latents.transpose(1, 2).flatten(2, 3)  # [B, C, L, M] -> [B, L, C*M]
         return (packed - self.audio_vae.latents_mean.to(packed)) / self.audio_vae.latents_std.to(packed)
 
+    def flow_matching_noise(
+        self, condition: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """``audio_noise``, the audio stream's noise, when the condition carries target audio latents."""
+        audio = condition.get("audio_latents")
+        if audio is None:
+            return {}
+        return {"audio_noise": torch.randn(audio.shape, generator=generator).to(audio.device)}
+
     def flow_matching_loss(
         self,
         condition: dict[str, torch.Tensor],

@@ -33,7 +33,7 @@ Rollout: given the context's clean clips, the next clips are generated one after
 its own stochastic denoising chain. The history's keys/values are computed once (prefill), reused at
 every step of the clip and extended by each finished clip, so a step costs one forward of the ``T``
 new tokens. The record flattens (clip, step): record position ``j`` is step ``j % S`` of generated
-clip ``j // S`` (``S`` stochastic steps per clip); ``extras["step_clips"][j]`` names the clip, which
+clip ``j // S`` (``S`` stochastic steps per clip); ``Rollout.step_clips[j]`` names the clip, which
 the GRPO trainer uses for per-clip advantages. `log_prob` recomputes any (clip, step) from the record
 (the history is the context plus the record's earlier generated clips) with the full clip-causal
 mask, no cache, so gradients reach the history's keys and values too.
@@ -546,12 +546,12 @@ class NextClipPolicy(LTXPolicy):
             latent_shape=latent_shape,
             frame_rate=float(sampling.frame_rate),
             extras={
-                "num_clips": num_clips,
                 "num_context_clips": num_context,
                 "clip_tokens": tokens,
-                "step_clips": [g for g in range(num_clips) for _ in stochastic],
                 "history_sigma": self.clip_config.history_sigma,
             },
+            num_clips=num_clips,
+            step_clips=[g for g in range(num_clips) for _ in stochastic],
         )
 
     def _history_noise(self, seeds: list[int] | torch.Tensor, length: int) -> torch.Tensor | None:
@@ -576,7 +576,7 @@ class NextClipPolicy(LTXPolicy):
         self, rollout: Rollout, step: int | torch.Tensor, *, guidance_scale: float | None = None
     ) -> sde_lib.StepOutput:
         """Re-score recorded (clip, step) ``step`` (a record position, int or ``[b]``) under the current
-        weights: ``latents[:, step]`` of clip ``extras["step_clips"][step]`` with its history (context
+        weights: ``latents[:, step]`` of clip ``step_clips[step]`` with its history (context
         plus the record's earlier generated clips) under the full clip-causal mask. Samples at
         different clips are batched per clip. ``guidance_scale`` may only be None or 1 (no CFG)."""
         _no_cfg(1.0 if guidance_scale is None else guidance_scale)
@@ -585,9 +585,9 @@ class NextClipPolicy(LTXPolicy):
         extras = rollout.extras
         tokens, num_context = extras["clip_tokens"], extras["num_context_clips"]
         latent_hw = rollout.latent_shape[1:]
-        clips = torch.tensor(extras["step_clips"], dtype=torch.long, device=device)[steps]
+        clips = torch.tensor(rollout.step_clips, dtype=torch.long, device=device)[steps]
         history_noise = self._history_noise(
-            rollout.seeds.tolist(), (num_context + extras["num_clips"]) * tokens
+            rollout.seeds.tolist(), (num_context + rollout.num_clips) * tokens
         )
         context = rollout.condition.get("context_latents")
         history = rollout.final_latents

@@ -48,6 +48,13 @@ class Rollout:
         default_factory=dict,
         metadata={"help": "[B, K] log-prob of each part of a joint state (video, audio); {}: one part."},
     )
+    num_clips: int = field(
+        default=0, metadata={"help": "Clips a next-clip rollout generated per video; 0: a single video."}
+    )
+    step_clips: list[int] = field(
+        default_factory=list,
+        metadata={"help": "[K] the generated clip of each recorded step (next-clip); []: no clips."},
+    )
 
     @property
     def num_samples(self) -> int:

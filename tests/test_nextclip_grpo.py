@@ -75,7 +75,7 @@ def test_a_reward_on_clip_2_only_moves_clip_2_steps(tiny_dir, tmp_path):
 
     def spy(sub, adv, steps, **kwargs):
         loss, step_stats = real_step_loss(sub, adv, steps, **kwargs)
-        clips = {sub.extras["step_clips"][j] for j in steps.flatten().tolist()}
+        clips = {sub.step_clips[j] for j in steps.flatten().tolist()}
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         norm = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
         seen.append((clips, adv.clone(), float(norm)))

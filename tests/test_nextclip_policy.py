@@ -198,7 +198,7 @@ def test_recomputed_log_prob_equals_rollout_for_every_clip_and_step(policy, rows
         cond, num_generations=generations, sampling=_fast(2), seeds=list(range(rows * generations))
     )
     assert rollout.log_probs.shape == (rows * generations, 2 * 3)
-    assert rollout.extras["step_clips"] == [0, 0, 0, 1, 1, 1]
+    assert rollout.step_clips == [0, 0, 0, 1, 1, 1]
     assert rollout.extras["num_context_clips"] == context
     _assert_recompute_matches(policy, rollout)
 
@@ -215,7 +215,7 @@ def test_sde_window_records_only_window_steps_of_each_clip(policy):
     rollout = policy.rollout(
         _condition(policy), num_generations=2, sampling=_fast(3, sde_steps=[1]), seeds=[0, 1]
     )
-    assert rollout.step_indices.tolist() == [1, 1, 1] and rollout.extras["step_clips"] == [0, 1, 2]
+    assert rollout.step_indices.tolist() == [1, 1, 1] and rollout.step_clips == [0, 1, 2]
     _assert_recompute_matches(policy, rollout)
 
 
