@@ -30,14 +30,15 @@ How a video is scored (all per frame ``f`` and true ball ``k``):
   explained by no ball plus each ball's mass beyond ``(1 + mass_tolerance)`` times its expected
   area plus a tenth of its full area (duplicates, smears, noise), averaged over frames.
 * ``dense`` (for GRPO): the two thresholds become ramps, so a faint ball earns its share instead of
-  0. A ball pixel's weight is multiplied by a chroma gate rising linearly from 0 at ``min_chroma / 4`` to
-  1 at ``min_chroma``, and a ball is detected to the degree ``p = min(1, mass / (detect_fraction *
-  full area))`` when it should be at least partly in view: its cell is ``p * position kernel + (1 - p) *
-  (the cell of a missing ball)`` (a ball that should be out of view keeps the cut, and ``colour``
-  the detected balls: faint colour noise is neither penalised nor scored for hue). A sample's score
-  then moves with every bit of colour kept at the right place, where the thresholded one is 0 for all
-  samples that fade a ball (a group of them has no advantage). With ``p`` 0 or 1 and every pixel's
-  chroma below ``min_chroma / 4`` or at least ``min_chroma``, it equals the thresholded score.
+  0. A ball pixel's weight is multiplied by a chroma gate rising linearly from 0 at ``min_chroma / 4``
+  to 1 at ``min_chroma``, and a ball that should be at least partly in view is detected to the degree
+  ``p = min(1, mass / (detect_fraction * full area))``: its cell is ``p * position kernel + (1 - p) *
+  (the cell of a missing ball)``. A ball that should be out of view keeps the ``detect_fraction`` cut
+  (on the gated mass) and ``colour`` averages the detected balls only, so faint colour noise is
+  neither penalised nor scored for hue. A sample's score then moves with every bit of colour kept at
+  the right place, where the thresholded one is 0 for all samples that fade a ball (a group of them
+  has no advantage). With ``p`` 0 or 1 and every pixel's chroma below ``min_chroma / 4`` or at least
+  ``min_chroma``, it equals the thresholded score.
 * ``score = tracking * colour * spurious``. The metadata also reports ``presence`` (fraction of
   cells whose seen/unseen state is right) and ``position_error`` (mean normalised error of the
   detected balls; None when none is detected).
