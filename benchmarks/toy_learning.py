@@ -12,7 +12,10 @@ writes JSON.
     python benchmarks/toy_learning.py --recipe recipes/toy_nextclip_grpo.yaml --seeds 0 \
         --out-dir runs/toy_nextclip_learning --json benchmarks/results/toy_nextclip_learning.json
 
-Each run's held-out mean at every evaluation is kept too (``evaluations``: iteration -> mean).
+Each run's held-out mean at every evaluation is kept too (``evaluations``: iteration -> mean), and
+so is the share of zero-advantage groups (``zero_advantage``: per reward, its logged
+``reward/<name>/zero_std_frac`` -- the (group, clip) cells whose samples all score the same -- at the
+first and last training iterations and averaged over the run).
 
 Each run's training time as the issue counts it is kept as well: the median iteration time (from the
 run's metrics.jsonl) times the iterations (``median_iteration_seconds``, ``training_seconds``).
@@ -68,6 +71,21 @@ def _iteration_timing(run_dir: Path) -> dict[str, float | int]:
     }
 
 
+def _zero_advantage(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Per reward, the share of tied (group, clip) cells (advantage 0) in the run's training iterations:
+    ``{name: {"first", "last", "mean"}}`` from the metrics log's ``reward/<name>/zero_std_frac``."""
+    shares: dict[str, list[float]] = {}
+    for record in _records(run_dir):
+        for key, value in record.items():
+            name = key.removeprefix("reward/").removesuffix("/zero_std_frac")
+            if key.endswith("/zero_std_frac") and name != key and value is not None:
+                shares.setdefault(name, []).append(value)
+    return {
+        name: {"first": values[0], "last": values[-1], "mean": sum(values) / len(values)}
+        for name, values in shares.items()
+    }
+
+
 def run_seed(
     recipe: Path, seed: int, out_dir: Path, reward: str, overrides: list[str], reuse: bool = False
 ) -> dict:
@@ -109,6 +127,7 @@ def _summarise(run_dir: Path, seed: int, reward: str, seconds: float) -> dict:
         "evaluations": {step.name.removeprefix("step_"): _summary(step, reward)["mean"] for step in steps},
         "seconds": seconds,
         **_iteration_timing(run_dir),
+        "zero_advantage": _zero_advantage(run_dir),
     }
 
 
@@ -151,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{_fmt(r['base']['success_rate'], True):>12}  {_fmt(r['grpo']['success_rate'], True):>12}  "
             f"{r['seconds'] / 60:>5.1f} m  {r['training_seconds']:>9.0f} s"
         )
+    for r in runs:
+        for name, share in r["zero_advantage"].items():
+            print(
+                f"seed {r['seed']}: {name} zero-advantage cells {_fmt(share['first'], True)} at the first "
+                f"iteration, {_fmt(share['last'], True)} at the last, {_fmt(share['mean'], True)} on average"
+            )
     passed = sum(r["gain"] >= args.min_gain for r in runs)
     print(f"gain >= {args.min_gain:+.2f} in {passed} of {len(runs)} seeds")
     result = {

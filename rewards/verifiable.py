@@ -29,6 +29,16 @@ How a video is scored (all per frame ``f`` and true ball ``k``):
 * ``spurious``: per frame ``exp(-extra / mean_ball_area)`` where ``extra`` is the coloured area
   explained by no ball plus each ball's mass beyond ``(1 + mass_tolerance)`` times its expected
   area plus a tenth of its full area (duplicates, smears, noise), averaged over frames.
+* ``dense`` (for GRPO): the two thresholds become ramps, so a faint ball earns its share instead of
+  0. A ball pixel's weight is multiplied by a chroma gate rising linearly from 0 at ``min_chroma / 4``
+  to 1 at ``min_chroma``, and a ball that should be at least partly in view is detected to the degree
+  ``p = min(1, mass / (detect_fraction * full area))``: its cell is ``p * position kernel + (1 - p) *
+  (the cell of a missing ball)``. A ball that should be out of view keeps the ``detect_fraction`` cut
+  (on the gated mass) and ``colour`` averages the detected balls only, so faint colour noise is
+  neither penalised nor scored for hue. A sample's score then moves with every bit of colour kept at
+  the right place, where the thresholded one is 0 for all samples that fade a ball (a group of them
+  has no advantage). With ``p`` 0 or 1 and every pixel's chroma below ``min_chroma / 4`` or at least
+  ``min_chroma``, it equals the thresholded score.
 * ``score = tracking * colour * spurious``. The metadata also reports ``presence`` (fraction of
   cells whose seen/unseen state is right) and ``position_error`` (mean normalised error of the
   detected balls; None when none is detected).
@@ -96,6 +106,10 @@ class VerifiableRewardConfig:
         default=0.5,
         metadata={"help": "Relative excess of a ball's mass over its expected area that is free."},
     )
+    dense: bool = field(
+        default=False,
+        metadata={"help": "Ramps instead of chroma/detection cut-offs: faint balls earn partial credit."},
+    )
 
     def __post_init__(self) -> None:
         if self.segment not in ("next", "context"):
@@ -160,6 +174,7 @@ def detect_balls(
     min_chroma: float = 0.1,
     hue_tolerance: float = 30.0,
     smooth: bool = True,
+    soft_chroma: bool = False,
 ) -> Detections:
     """Find balls of the given colours (RGB 0..255) in every frame of ``video`` by hue.
 
@@ -167,7 +182,9 @@ def detect_balls(
     weight ``chroma / chroma_of_that_colour`` (its coverage on a grey background); masses and
     centroids are weighted sums, so they survive blur. ``smooth`` first averages each pixel with its
     neighbours (binomial 3x3, which keeps masses and centroids) so that the pixel noise of a
-    generated background does not read as colour. Accepts uint8 or float videos.
+    generated background does not read as colour. ``soft_chroma`` replaces the ``min_chroma`` cut by
+    a gate rising linearly from 0 at ``min_chroma / 4`` to 1 at ``min_chroma`` for the balls' masses
+    (a faint ball keeps a faint mass; ``unexplained`` keeps the cut). Accepts uint8 or float videos.
     """
     frames = as_video(video).detach().cpu().clamp(0.0, 1.0).numpy().astype(np.float64)
     if smooth:
@@ -180,10 +197,13 @@ def detect_balls(
         )
     hue, chroma = _hue_chroma(frames)  # [F, H, W]
     coloured = chroma >= min_chroma
+    # the gate of a ball's pixels; unexplained colour keeps the cut (faint noise is not penalised)
+    gate = np.clip((chroma - min_chroma / 4) / (0.75 * min_chroma), 0.0, 1.0) if soft_chroma else coloured
     distance = _hue_distance(hue[..., None], query_hue)  # [F, H, W, K]
     nearest = distance.argmin(axis=-1)
-    matched = coloured & (np.take_along_axis(distance, nearest[..., None], axis=-1)[..., 0] <= hue_tolerance)
-    onehot = (nearest[..., None] == np.arange(len(query))) & matched[..., None]
+    in_hue = np.take_along_axis(distance, nearest[..., None], axis=-1)[..., 0] <= hue_tolerance
+    matched = gate * in_hue
+    onehot = (nearest[..., None] == np.arange(len(query))) * matched[..., None]
     weight = np.clip(chroma[..., None] / query_chroma, 0.0, 1.0) * onehot  # [F, H, W, K]
     mass = weight.sum(axis=(1, 2))
     height, width = frames.shape[1:3]
@@ -193,7 +213,7 @@ def detect_balls(
         cy = (weight * ys[None, :, None, None]).sum(axis=(1, 2)) / mass
         signed = (hue[..., None] - query_hue + 180.0) % 360.0 - 180.0
         hue_offset = np.abs((weight * signed).sum(axis=(1, 2)) / mass)
-    unexplained = (np.clip(chroma / query_chroma.max(), 0.0, 1.0) * (coloured & ~matched)).sum(axis=(1, 2))
+    unexplained = (np.clip(chroma / query_chroma.max(), 0.0, 1.0) * coloured * ~in_hue).sum(axis=(1, 2))
     return Detections(mass, np.stack([cx, cy], axis=-1), hue_offset, unexplained)
 
 
@@ -264,7 +284,13 @@ def _aggregate(
     matched = detected & ~must_not
     error = np.linalg.norm(found.centroid[frames] - truth.centroid[frames], axis=-1) / size
     kernel = np.exp(-0.5 * (np.nan_to_num(error, nan=np.inf) / cfg.position_sigma) ** 2)
-    cell = np.where(detected, np.where(must_not, 0.0, kernel), np.where(must_see, 0.0, 1.0))
+    missing = np.where(must_see, 0.0, 1.0)  # the cell of an undetected ball
+    found_cell = np.where(must_not, 0.0, kernel)  # the cell of a detected one
+    # dense: a ball that should be seen is detected to the degree p (module docstring); else p is 0 or 1
+    p = detected.astype(float)
+    if cfg.dense:
+        p = np.where(must_not, p, np.clip(mass / (cfg.detect_fraction * full), 0.0, 1.0))
+    cell = p * found_cell + (1.0 - p) * missing
     decided = must_see | must_not
     presence = float(((detected == must_see) & decided).sum() / decided.sum()) if decided.any() else 1.0
     hue_score = np.exp(-0.5 * (np.nan_to_num(found.hue_offset[frames], nan=180.0) / cfg.colour_sigma) ** 2)
@@ -317,7 +343,12 @@ class ToyWorldVerifiableReward:
                 f"{truth.num_frames}; generate exactly that many frames"
             )
         found = detect_balls(
-            video, truth.rgbs, min_chroma=cfg.min_chroma, hue_tolerance=cfg.hue_tolerance, smooth=cfg.smooth
+            video,
+            truth.rgbs,
+            min_chroma=cfg.min_chroma,
+            hue_tolerance=cfg.hue_tolerance,
+            smooth=cfg.smooth,
+            soft_chroma=cfg.dense,
         )
         size = max(height, width)
         if not cfg.per_clip:
@@ -378,3 +409,16 @@ class ToyWorldVerifiableReward:
             for c in columns:
                 out[c].append(result[c])
         return RewardOutput(scores=scores, metadata=out)
+
+
+@register("toyworld_verifiable_dense")
+class ToyWorldDenseReward(ToyWorldVerifiableReward):
+    """`ToyWorldVerifiableReward` with ``dense=True`` (module docstring), under its own name so that a
+    recipe can train on it while logging and evaluating the thresholded score next to it."""
+
+    __name__ = "toyworld_verifiable_dense"
+
+    def __init__(self, config: VerifiableRewardConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            overrides.setdefault("dense", True)
+        super().__init__(config, **overrides)

@@ -160,3 +160,24 @@ def test_toy_world_clip_rows_and_the_policy_spec(tmp_path):
         and (tmp_path / "base_tiny_nextclip" / "nextclip.json").is_file()
     )
     assert policy.latent_shape(27, 32, 32) == (27, 8, 8)  # TinyLTXSpec.toy_world: 4x4 patches, 1x in time
+
+
+def test_toy_learning_reports_each_rewards_share_of_zero_advantage_cells(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from toy_learning import _zero_advantage
+
+    records = [  # an evaluation-only record (no shares), then three training iterations
+        {"time": 0.0, "eval/toyworld_verifiable/mean": 0.3},
+        {"time": 1.0, "reward/dense/zero_std_frac": 0.0, "reward/hard/zero_std_frac": 0.5},
+        {"time": 2.0, "reward/dense/zero_std_frac": 0.25, "reward/hard/zero_std_frac": 0.75},
+        {"time": 3.0, "reward/dense/zero_std_frac": 0.5, "reward/hard/zero_std_frac": 1.0, "lr": 0.1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _zero_advantage(tmp_path) == {
+        "dense": {"first": 0.0, "last": 0.5, "mean": 0.25},
+        "hard": {"first": 0.5, "last": 1.0, "mean": 0.75},
+    }

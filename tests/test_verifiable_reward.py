@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grpo.data.toyworld import PALETTE, ToyWorld, ToyWorldConfig, disc_coverage, render
+from grpo.data.toyworld import BACKGROUND, PALETTE, ToyWorld, ToyWorldConfig, disc_coverage, render
 from policies.errors import InputError
 from policies.video_io import read_video, write_video
 from rewards.registry import resolve
@@ -220,3 +220,55 @@ def test_reward_function_contract(samples):
         VerifiableRewardConfig(segment="future")
     # the context segment can be scored too (a reconstruction check)
     assert ToyWorldVerifiableReward(segment="context")([a["context"]], world=[a["world"]]).scores[0] > 0.98
+
+
+def _faded(video: torch.Tensor, strength: float) -> torch.Tensor:
+    """The ball drawn at ``strength`` of its colour over the grey background (a fading ball)."""
+    grey = torch.tensor(BACKGROUND, dtype=torch.float32) / 255.0
+    return grey + strength * (video - grey)
+
+
+def test_dense_credits_a_faint_ball_by_its_mass_where_the_cut_gives_nothing():
+    centre, radius = (15.5, 16.5), 3.5
+    truth = [list(centre)] * 9
+    video = _render_one(truth, radius, colour=PALETTE["red"])
+    world = _one_ball_world(truth, radius)
+    hard = ToyWorldVerifiableReward(smooth=False)
+    dense = ToyWorldVerifiableReward(smooth=False, dense=True)
+    coverage = disc_coverage(np.array(centre), radius, 32, 32)
+    chroma_red = (max(PALETTE["red"]) - min(PALETTE["red"])) / 255.0
+    tracking = []
+    for strength in (0.05, 0.1, 0.15, 0.2, 0.25):
+        faded = _faded(video, strength)
+        assert hard.score_video(faded, world)["tracking"] == 0.0  # below detect_fraction 0.3: vanished
+        # by hand: each pixel's weight strength * coverage, gated linearly between chroma 0.025 and 0.1
+        chroma = strength * coverage * chroma_red
+        mass = (strength * coverage * np.clip((chroma - 0.025) / 0.075, 0, 1)).sum()
+        expected = min(1.0, mass / (0.3 * math.pi * radius**2))  # centred: the position kernel is 1
+        result = dense.score_video(faded, world)
+        assert result["tracking"] == pytest.approx(expected, rel=1e-3)
+        tracking.append(result["tracking"])
+    assert all(b > a for a, b in zip(tracking, tracking[1:], strict=False)) and tracking[0] > 0
+
+
+def test_dense_equals_the_thresholded_score_on_clear_videos(samples):
+    dense = ToyWorldVerifiableReward(dense=True)
+    for sample in samples[:10]:
+        for video in (sample["next"], _blur(sample["next"], 1.0)):
+            a, b = REWARD.score_video(video, sample["world"]), dense.score_video(video, sample["world"])
+            assert b["score"] == pytest.approx(a["score"], abs=0.01) and b["score"] > 0.9
+
+
+def test_the_dense_reward_is_registered_and_breaks_ties_of_fading_balls():
+    dense_reward = resolve("toyworld_verifiable_dense")(per_clip=True, clip_frames=3)
+    assert dense_reward.config.dense and dense_reward.__name__ == "toyworld_verifiable_dense"
+    assert not resolve("toyworld_verifiable_dense")(VerifiableRewardConfig()).config.dense  # a config is kept
+    truth = [[12.0 + t, 16.0] for t in range(9)]
+    video = _render_one(truth, colour=PALETTE["red"])
+    world = _one_ball_world(truth)
+    group = [_faded(video, s) for s in (0.05, 0.1, 0.15, 0.2)]  # four samples, each fading the ball
+    hard = ToyWorldVerifiableReward(per_clip=True, clip_frames=3)(group, world=[world] * 4)
+    dense = dense_reward(group, world=[world] * 4)
+    assert {s for clips in hard.metadata["clip_scores"] for s in clips} == {0.0}  # every cell tied at 0
+    per_clip = np.array(dense.metadata["clip_scores"])  # [4 samples, 3 clips]
+    assert (np.diff(per_clip, axis=0) > 0).all()  # the more colour kept, the higher, clip by clip
