@@ -134,7 +134,7 @@ class TinyLTX2Spec:
     audio_fit_steps: int = field(
         default=0,
         metadata={
-            "help": "Steps fitting the audio VAE, then as many the vocoder, to toy-world sounds "
+            "help": "Steps fitting the audio VAE, then half as many the vocoder, to toy-world sounds "
             "(grpo.toy_audio; 0: random)."
         },
     )
@@ -148,8 +148,17 @@ class TinyLTX2Spec:
         fitting budget. Fitted by `grpo.toy_vae` for 1,500 steps (~200 s on 2 shared CPU cores) it
         reconstructs held-out clips to a verifiable reward of 0.93 (0.44 after 500 steps, 0.88 after
         1,000; LTX-Video's layout, whose encoder is twice as wide, had 0.83 after 500 and 0.97 at
-        1,500): ``python -m grpo.toy_vae --layout ltx2``."""
-        toy = dict(latent_channels=16, vae_channels=(16,), vae_downsample=("none",), vae_patch_size=4)
+        1,500): ``python -m grpo.toy_vae --layout ltx2``. Its vocoder is 256 wide (halving per stage to 8
+        channels; the default 32 ends at 1, which `grpo.toy_audio` could not fit to voice the tones):
+        fitted with its audio VAE (``audio_fit_steps=300``) it voices the toy world's tones at the right
+        frames (``python -m grpo.toy_audio``)."""
+        toy = dict(
+            latent_channels=16,
+            vae_channels=(16,),
+            vae_downsample=("none",),
+            vae_patch_size=4,
+            vocoder_channels=256,
+        )
         return cls(**{**toy, **overrides})
 
     def __post_init__(self) -> None:

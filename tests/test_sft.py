@@ -219,6 +219,8 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
     short = ["trainer.max_steps=3"] if loaded.stage != "grpo" else ["trainer.max_iterations=2"]
     if loaded.policy.get("tiny_vae_fit_steps"):
         short.append("policy.tiny_vae_fit_steps=2")
+    if loaded.policy.get("tiny_audio_fit_steps"):
+        short.append("policy.tiny_audio_fit_steps=2")
     if loaded.stage == "grpo" and loaded.policy["type"] == "nextclip":  # 3 clips x 6 steps per sample
         short.append("trainer.num_prompts_per_iteration=1")
     if loaded.stage == "reward_model":  # the recipe simulates 16k preference pairs first
