@@ -233,8 +233,8 @@ class LTX2PolicySpec(VideoPolicySpec):
     tiny_audio_fit_steps: int = field(
         default=0,
         metadata={
-            "help": "with tiny: the toy-world layout, its audio VAE and then its vocoder fitted to the toy "
-            "world's sound for this many steps each first (grpo.toy_audio; 0 = random)"
+            "help": "with tiny: the toy-world layout, its audio VAE fitted to the toy world's sound for this "
+            "many steps, then its vocoder for half as many (grpo.toy_audio; 0 = random)"
         },
     )
     sampling: dict[str, Any] = field(
