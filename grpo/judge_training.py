@@ -4,7 +4,7 @@ Each training example is one conversation: the user turn is exactly the request 
 when it scores (`rewards.judge.prompts.build_requests`: the same system prompt, question, frame
 sampling and layout, encoded by the in-process judge's own `rewards.judge.local.encode_request`),
 and the assistant turn is the verdict ("yes" / "no") as the checkpoint's chat template renders it.
-The loss covers the verdict tokens only. Scoring reads the first answer token after the very same
+The loss covers the verdict's first token only. Scoring reads that token after the very same
 prompt tokens, so training and scoring cannot drift apart.
 
 TRL's vision collator (`DataCollatorForVisionLanguageModeling`) needs a transformers
@@ -57,7 +57,10 @@ from rewards.verifiable import ToyWorldVerifiableReward
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
-PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
+PROMPT_FIELDS = (
+    "mode", "num_frames", "context_frames", "frame_stride", "image_format", "system_prompt", "template",
+    "aspects", "choices",
+)  # fmt: skip
 
 
 @dataclass
@@ -291,12 +294,15 @@ def frames(video: Any) -> Any:
 
 
 class JudgeCollator:
-    """Verdict rows -> one padded Qwen-VL batch whose labels are the verdict tokens only.
+    """Verdict rows -> one padded Qwen-VL batch whose only label is the verdict's first token.
 
     The prompt is `encode_request` of the judge's own request for the row (what the judge sends
     when scoring); the completion is what the chat template appends for an assistant turn holding
     the verdict (e.g. ``yes<|im_end|>\\n``), tokenized on its own, since scoring reads the token
-    that follows the prompt tokens.
+    that follows the prompt tokens. Only that first token is a label: it is the whole decision
+    (P(yes)/(P(yes)+P(no)) is read from it; the choice constraint completes the word), so the loss
+    is the verdict's cross-entropy -- ln 2 when the judge cannot tell on balanced labels -- rather
+    than that diluted by end-of-turn tokens any model learns in a few steps.
     """
 
     def __init__(self, tokenizer: Any, inputs_config: Any, config: Any, model_config: Any) -> None:
@@ -332,7 +338,9 @@ class JudgeCollator:
         prompt_ids = inputs.pop("input_ids")
         inputs["input_ids"] = torch.cat([prompt_ids, completion], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        inputs["labels"] = torch.cat([torch.full_like(prompt_ids, -100), completion], dim=1)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[0, prompt_ids.shape[1]] = completion[0, 0]  # the verdict's first token: what scoring reads
+        inputs["labels"] = labels
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat(
                 [inputs["mm_token_type_ids"], torch.zeros_like(completion, dtype=torch.int32)], dim=1

@@ -61,11 +61,12 @@ def test_toy_recipe_trains_a_judge_that_loads_and_scores(tmp_path):
     assert {"base/separation", "eval/separation", "eval/accuracy"} <= set().union(*logged)
 
 
-def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path):
-    """The collator's prompt tokens equal the in-process judge's for the same request; the labels
-    cover only the verdict, whose first token is one the judge counts for that answer."""
+@pytest.mark.parametrize("mode", ["images", "clip"])
+def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path, mode):
+    """The collator's prompt tokens (and pixels) equal the in-process judge's for the same request;
+    the only label is the verdict's first token, one the judge counts for that answer."""
     path = build_tiny_qwen_vl(tmp_path / "judge")
-    judge = InProcessJudge(str(path), dtype="float32", num_frames=3, aspects=("physics",))
+    judge = InProcessJudge(str(path), dtype="float32", mode=mode, num_frames=3, aspects=("physics",))
     table = toyworld_verdicts(ToyWorld(ToyWorldConfig(), split="train", num_samples=2), ["shuffled"])
     collator = JudgeCollator(judge.tokenizer, judge.inputs_config, judge.config, judge.model.config)
     allowed = dict((i, text) for text, i in judge._allowed)
@@ -78,15 +79,39 @@ def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path):
         expected = judge.encode(request)
         prompt_length = expected["input_ids"].shape[1]
         assert torch.equal(encoded["input_ids"][:, :prompt_length], expected["input_ids"])
-        assert torch.equal(encoded["pixel_values"], expected["pixel_values"])
-        assert (encoded["labels"][:, :prompt_length] == -100).all()
-        completion = encoded["labels"][0, prompt_length:]
-        assert (completion >= 0).all() and torch.equal(completion, encoded["input_ids"][0, prompt_length:])
-        first = int(completion[0])
+        pixels = "pixel_values" if mode == "images" else "pixel_values_videos"
+        assert torch.equal(encoded[pixels], expected[pixels])
+        labelled = (encoded["labels"][0] != -100).nonzero().flatten().tolist()
+        assert labelled == [prompt_length]  # the verdict's first token, nothing else
+        first = int(encoded["labels"][0, prompt_length])
+        assert first == int(encoded["input_ids"][0, prompt_length])
         assert row["verdict"].startswith(allowed[first])  # the token the judge reads as this verdict
     batch = collator([table[0], table[1]])
     assert batch["input_ids"].shape[0] == 2 and batch["labels"].shape == batch["input_ids"].shape
-    assert batch["image_grid_thw"].shape[0] == 2 * 6  # 3 frames of each scene, both rows
+    if mode == "images":
+        assert batch["image_grid_thw"].shape[0] == 2 * 6  # 3 frames of each scene, both rows
+    else:  # one video a row: 5 context + 3 candidate frames = 4 temporal patches
+        assert batch["video_grid_thw"][:, 0].tolist() == [4, 4]
+
+
+def test_clip_mode_shows_the_end_of_the_context_then_the_next_scene_as_one_video():
+    """``mode: clip``: one video of context frames 0, 2, 4, 6, 8 then candidate frames 1, 3, 5 (one
+    2-frame grid across the cut, the last context frame and the first new one in one temporal patch);
+    scenes of two sizes are a one-line error."""
+    from policies.errors import InputError
+    from rewards.judge.config import JudgeConfig
+    from rewards.judge.local import unpack_media
+
+    context = torch.arange(9).mul(10).view(9, 1, 1, 1).expand(9, 16, 16, 3).to(torch.uint8)
+    candidate = (context + 100).to(torch.uint8)
+    config = JudgeConfig(mode="clip", num_frames=3, context_frames=5, frame_stride=2)
+    request = build_requests(config, [candidate], None, [context], {})[0]
+    _, images, videos = unpack_media(request["messages"])
+    assert not images and len(videos) == 1
+    levels = videos[0].float().mean(dim=(1, 2, 3)).tolist()  # JPEG of a flat frame: within a level
+    assert levels == pytest.approx([0, 20, 40, 60, 80, 110, 130, 150], abs=1.5)
+    with pytest.raises(InputError, match="one size"):
+        build_requests(config, [candidate[:, :8]], None, [context], {})
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
