@@ -72,9 +72,21 @@ class JudgeSFTConfig(TrainerConfig):
         default=8, metadata={"help": "Conversations per device per micro-batch."}
     )
     save_steps: int = field(default=0, metadata={"help": "Must be 0: only the final judge is saved."})
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "Processes building the batches (each row's request encoded as the judge sends it, "
+            "then Qwen-VL inputs: a few ms a row on CPU, which a GPU step outruns); 0: the training one."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            self.dataloader_num_workers >= 0,
+            "dataloader_num_workers",
+            f"must be >= 0, got {self.dataloader_num_workers}",
+        )
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(
             self.per_device_train_batch_size >= 1,
@@ -415,7 +427,6 @@ def sft_config(args: JudgeSFTConfig) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
         disable_tqdm=True,  # grpo.tracking draws the bar
         data_seed=args.seed,
     )

@@ -10,6 +10,7 @@ in one line and exit code 2, writing nothing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ def test_clip_mode_shows_the_end_of_the_context_then_the_next_scene_as_one_video
     assert levels == pytest.approx([0, 20, 40, 60, 80, 110, 130, 150], abs=1.5)
     with pytest.raises(InputError, match="one size"):
         build_requests(config, [candidate[:, :8]], None, [context], {})
+
+
+def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_processes(tmp_path):
+    """recipes/toy_judge_sft_gpu.yaml as is (the reward model's tiny size, clip mode, the policy's own
+    samples), shrunk to two steps of 4 rows whose batches two dataloader processes build."""
+    run = tmp_path / "run"
+    overrides = [f"output_dir={run}", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4"]
+    overrides += ["trainer.warmup_steps=0", "trainer.logging_steps=1", "trainer.dataloader_num_workers=2"]
+    overrides += ["data.num_train=4", "data.num_eval=2", "data.num_workers=0", "data.policy_contexts=1"]
+    overrides += ["data.policy_eval_contexts=1", "data.policy_generations=2"]
+    assert main(["train", str(REPO / "recipes" / "toy_judge_sft_gpu.yaml"), *overrides]) == 0
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 256 and config["vision_config"]["patch_size"] == 2
+    judge = InProcessJudge(str(run / "final"), dtype="float32", mode="clip", num_frames=3)
+    table = toyworld_verdicts(
+        ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=2), ["frozen"]
+    )
+    assert all(0 < p < 1 for p in p_yes(judge, table))
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
