@@ -55,6 +55,8 @@ from rewards.reward_model import spearman
 from rewards.verifiable import ToyWorldVerifiableReward
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+AIM_ROWS = 64  # training rows whose mean answer state `aim_verdict_rows` aims the verdict rows at
+AIM_LOGIT = 10.0  # the verdicts' logit there: far above the other tokens' (a few units at most)
 VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = (
@@ -126,8 +128,17 @@ class JudgeModelSpec:
     judge: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "what the judge is shown, as the reward's kwargs: mode (images | video), num_frames, "
-            "image_format, system_prompt, template, aspects, choices"
+            "help": "what the judge is shown, as the reward's kwargs: mode (images | video | clip), "
+            "num_frames, context_frames, frame_stride, image_format, system_prompt, template, aspects, "
+            "choices"
+        },
+    )
+    aim_verdict: bool = field(
+        default=False,
+        metadata={
+            "help": "before training, point the output rows of both verdicts' first tokens at the mean "
+            "answer state (P(yes) = P(no) ~ 1/2 for every input), so that a random judge learns to judge "
+            "rather than a prior first (`aim_verdict_rows`); for tiny judges"
         },
     )
 
@@ -292,6 +303,9 @@ def run_recipe(recipe: Any) -> list[dict[str, Any]]:
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     model, tokenizer, inputs_config = load_judge(spec, output_dir)
+    if spec.aim_verdict:
+        collator = JudgeCollator(tokenizer, inputs_config, config, model.config)
+        aim_verdict_rows(model, collator, [train[i] for i in range(min(AIM_ROWS, len(train)))])
     return train_judge(model, tokenizer, inputs_config, config, recipe.args, train, held_out)
 
 
@@ -383,6 +397,41 @@ class JudgeCollator:
             if key not in pads:  # pixels and grids of every frame, in row order
                 batch[key] = torch.cat([e[key] for e in encoded])
         return batch
+
+
+def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[str, Any]]) -> None:
+    """Point the output rows of the verdicts' first tokens at the mean answer state of ``rows``, both
+    the same, so that each gets the logit `AIM_LOGIT` there: P(yes) = P(no) for every input and
+    together they take nearly all the mass.
+
+    Why: a random judge's verdict rows are random, so its answer first has to learn to be "yes" or
+    "no" at all (the loss falls from ~6 to ln 2). That phase adds a large constant to the answer
+    position's state and -- Adam moving every weight by about the learning rate, whatever its
+    gradient -- wipes out the small part of it that depends on the frames: the attention path from
+    the answer to the video dies and the judge ends as a constant, the answer prior (measured: a
+    tiny judge could not memorise 8 verdicts). Started here, the loss starts at ln 2 and its only
+    gradient is the verdict's, as a reward model's zero-initialised head gives it.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    if output.weight is model.get_input_embeddings().weight:
+        raise InputError(
+            "policy.aim_verdict: this judge ties its output layer to its input embeddings, so aiming "
+            "the verdict rows would change its prompt too; set aim_verdict: false"
+        )
+    batch = collator(rows)
+    labels = batch.pop("labels")
+    device = output.weight.device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+        at = (labels != -100).nonzero()
+        mean = hidden[at[:, 0], at[:, 1] - 1].float().mean(0)
+        first = [collator._completions[label][0] for label in collator.config.choices]
+        output.weight[first] = (mean * AIM_LOGIT / mean.norm() ** 2).to(output.weight.dtype)
+    model.train(was_training)
 
 
 def evaluate_judge(judge: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:

@@ -95,6 +95,34 @@ def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path, mode):
         assert batch["video_grid_thw"][:, 0].tolist() == [4, 4]
 
 
+def test_aimed_verdict_rows_start_every_input_at_one_half_and_take_the_mass(tmp_path):
+    """`aim_verdict_rows`: the verdicts' first-token rows become one vector, so P(yes) = P(no) for any
+    input (held-out rows too), and those two tokens hold nearly all the answer's probability."""
+    from grpo.judge_training import aim_verdict_rows
+
+    judge = InProcessJudge(str(build_tiny_qwen_vl(tmp_path / "judge")), dtype="float32", mode="clip")
+    collator = JudgeCollator(judge.tokenizer, judge.inputs_config, judge.config, judge.model.config)
+    world = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=4)
+    train = toyworld_verdicts(world, ["frozen", "other_sample"])
+    before = p_yes(judge, train)
+    aim_verdict_rows(judge.model, collator, [train[i] for i in range(len(train))])
+    yes, no = (collator._completions[label][0] for label in ("yes", "no"))
+    rows = judge.model.get_output_embeddings().weight
+    assert torch.equal(rows[yes], rows[no])
+    held_out = toyworld_verdicts(
+        ToyWorld(ToyWorldConfig(next_overlap=1), split="validation", num_samples=2), ["frozen"]
+    )
+    batch = collator([held_out[i] for i in range(len(held_out))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = judge.model(**batch).logits
+    at = (labels != -100).nonzero()
+    probs = logits[at[:, 0], at[:, 1] - 1].softmax(-1)
+    assert (probs[:, yes] + probs[:, no]).min() > 0.9 and torch.allclose(probs[:, yes], probs[:, no])
+    after = p_yes(judge, held_out)  # other first tokens of "yes"/"no" ("ye", "no") keep a little mass
+    assert all(abs(p - 0.5) < 0.02 for p in after) and max(abs(p - 0.5) for p in before) > 0.05
+
+
 def test_clip_mode_shows_the_end_of_the_context_then_the_next_scene_as_one_video():
     """``mode: clip``: one video of context frames 0, 2, 4, 6, 8 then candidate frames 1, 3, 5 (one
     2-frame grid across the cut, the last context frame and the first new one in one temporal patch);
