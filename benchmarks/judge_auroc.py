@@ -52,6 +52,12 @@ def main() -> None:
         "--provenance",
         help="write provenance.json into this judge directory (one of --judge, trained by --recipe)",
     )
+    parser.add_argument(
+        "--train-overrides",
+        nargs="*",
+        default=[],
+        help="recipe overrides the judge was trained with (provenance)",
+    )
     args = parser.parse_args()
     if args.provenance and (not args.recipe or args.provenance not in args.judge):
         parser.error(
@@ -76,10 +82,12 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.provenance:
-        write_provenance(Path(args.provenance), args.recipe, kwargs, results)
+        write_provenance(Path(args.provenance), args.recipe, args.train_overrides, kwargs, results)
 
 
-def write_provenance(judge: Path, recipe: str, kwargs: dict, results: list[dict]) -> Path:
+def write_provenance(
+    judge: Path, recipe: str, overrides: list[str], kwargs: dict, results: list[dict]
+) -> Path:
     """``judge/provenance.json``: the recipe, the question the judge answers (the reward's kwargs),
     the command that regenerates and measures it (this very invocation after ``nextscene train``),
     every scored judge's AUROC / Spearman, and the machine."""
@@ -92,8 +100,9 @@ def write_provenance(judge: Path, recipe: str, kwargs: dict, results: list[dict]
     payload = {
         "what": f"causal-consistency judge fine-tuned by {recipe} (stage judge_sft); score it with "
         f"causal_consistency_local, kwargs {{model: <this directory>, **judge_kwargs}}",
-        "command": f"nextscene train {recipe} && {measure}",
+        "command": f"{shlex.join(['nextscene', 'train', recipe, *overrides])} && {measure}",
         "recipe": recipe,
+        "overrides": overrides,
         "judge_kwargs": kwargs,
         "measured": {
             "held_out": "test-split toy contexts: the true continuation, one of each perturbation and "

@@ -74,14 +74,15 @@ def test_benchmark_writes_results_and_the_judges_provenance(tmp_path, monkeypatc
     recipe = "recipes/toy_judge_sft_gpu.yaml"
     out = tmp_path / "auroc.json"
     argv = ["--recipe", recipe, "--judge", judge, "--contexts", "2", "--generations", "0"]
-    argv += ["--json", str(out), "--provenance", judge]
+    argv += ["--json", str(out), "--provenance", judge, "--train-overrides", "trainer.learning_rate=1e-4"]
     monkeypatch.chdir(repo)
     monkeypatch.setattr(sys, "argv", ["judge_auroc.py", *argv])
     bench.main()
     results = json.loads(out.read_text())
     assert results[0]["judge_kwargs"]["mode"] == "clip"  # the recipe's question
     provenance = json.loads((Path(judge) / "provenance.json").read_text())
-    assert provenance["command"].startswith(f"nextscene train {recipe} && python benchmarks/judge_auroc.py ")
+    train = f"nextscene train {recipe} trainer.learning_rate=1e-4"
+    assert provenance["command"].startswith(f"{train} && python benchmarks/judge_auroc.py ")
     assert f"--provenance {judge}" in provenance["command"]
     assert provenance["judge_kwargs"] == results[0]["judge_kwargs"]
     assert provenance["measured"][judge]["auroc"] == results[0]["auroc"]
