@@ -82,20 +82,35 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.provenance:
-        write_provenance(Path(args.provenance), args.recipe, args.train_overrides, kwargs, results)
+        write_provenance(Path(args.provenance), args, kwargs, results)
 
 
-def write_provenance(
-    judge: Path, recipe: str, overrides: list[str], kwargs: dict, results: list[dict]
-) -> Path:
+def write_provenance(judge: Path, args: argparse.Namespace, kwargs: dict, results: list[dict]) -> Path:
     """``judge/provenance.json``: the recipe, the question the judge answers (the reward's kwargs),
-    the command that regenerates and measures it (this very invocation after ``nextscene train``),
+    the command that regenerates and measures it (``nextscene train`` with the training overrides,
+    then this invocation restricted to the judges of that run: its untrained base and this judge),
     every scored judge's AUROC / Spearman, and the machine."""
     import torch
     import transformers
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    measure = shlex.join(["python", "benchmarks/judge_auroc.py", *sys.argv[1:]])
+    recipe, overrides = args.recipe, args.train_overrides
+    judges = [j for j in args.judge if Path(j).parent == judge.parent]
+    measure = ["python", "benchmarks/judge_auroc.py", "--recipe", recipe, "--judge", *judges]
+    measure += [
+        "--contexts",
+        str(args.contexts),
+        "--generations",
+        str(args.generations),
+        "--seed",
+        str(args.seed),
+    ]
+    if args.judge_kwargs != "{}":
+        measure += ["--judge-kwargs", args.judge_kwargs]
+    if Path(args.policy).resolve() != (ROOT / "checkpoints" / "toy_nsp").resolve():
+        measure += ["--policy", args.policy]
+    measure += ["--provenance", str(judge), "--train-overrides", *overrides]
+    measure = shlex.join(measure)
     keys = ("auroc", "spearman", "policy/auroc", "policy/spearman", "candidates", "positives")
     payload = {
         "what": f"causal-consistency judge fine-tuned by {recipe} (stage judge_sft); score it with "

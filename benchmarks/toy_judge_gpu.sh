@@ -20,9 +20,11 @@ LOGS=$RUNS/logs
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/logs.tar.gz" "$LOGS" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
 start=$(date +%s)
+overrides() {  # the training overrides of one learning rate (recorded in the provenance as they ran)
+  echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=4 trainer.dataloader_num_workers=4 ${EXTRA:-}"
+}
 for lr in $LRS; do
-  python -m grpo.cli train $RECIPE output_dir=$RUNS/lr$lr trainer.learning_rate=$lr data.num_workers=4 \
-    trainer.dataloader_num_workers=4 ${EXTRA:-} > "$LOGS/train_lr$lr.log" 2>&1 &
+  python -m grpo.cli train $RECIPE $(overrides $lr) > "$LOGS/train_lr$lr.log" 2>&1 &
 done
 wait
 echo "trained in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
@@ -41,7 +43,7 @@ for lr in $LRS; do judges+=("$RUNS/lr$lr/final"); done
 python benchmarks/judge_auroc.py --recipe $RECIPE --judge "${judges[@]}" --contexts "${CONTEXTS:-64}" \
   --generations "${GENERATIONS:-4}" --seed 2 \
   --json benchmarks/results/judge_auroc.json --provenance "$RUNS/lr$best/final" \
-  --train-overrides trainer.learning_rate=$best > "$LOGS/auroc.log" 2>&1
+  --train-overrides $(overrides $best) > "$LOGS/auroc.log" 2>&1
 echo "measured in $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
 cp benchmarks/results/judge_auroc.json "$OUT/"
 tar -C "$RUNS/lr$best/final" -cf "$OUT/toy_judge.tar" .
