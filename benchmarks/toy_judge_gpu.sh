@@ -15,7 +15,7 @@ set -euo pipefail
 OUT=${OUT:-runs/toy_judge_gpu}
 RECIPE=recipes/toy_judge_sft_gpu.yaml
 RUNS=runs/toy-judge-sft-gpu
-LRS=${LRS:-"1e-4 2e-4 4e-4"}
+LRS=${LRS:-"2e-5 5e-5 1e-4"}  # at this width 1e-4 or more wipes out the path from the answer to the frames
 LOGS=$RUNS/logs
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/logs.tar.gz" "$LOGS" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
