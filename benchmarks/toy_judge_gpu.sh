@@ -9,22 +9,22 @@
 #   OUT=/some/dir bash benchmarks/toy_judge_gpu.sh
 #   mkdir -p checkpoints/toy_judge && tar -xf $OUT/toy_judge.tar -C checkpoints/toy_judge
 #   cp $OUT/judge_auroc.json benchmarks/results/
-# $OUT gets 4 files: times.txt, judge_auroc.json, toy_judge.tar, logs.tar.gz (training logs, metrics).
+# $OUT gets 8 files: train_lr*.log (3), auroc.log and times.txt as they are written (they survive a
+# timeout), then judge_auroc.json, toy_judge.tar and metrics.tar.gz (each run's metrics.jsonl).
 # Smoke test on CPU: EXTRA="trainer.max_steps=2 data.num_train=4 ..." CONTEXTS=2 GENERATIONS=1.
 set -euo pipefail
 OUT=${OUT:-runs/toy_judge_gpu}
 RECIPE=recipes/toy_judge_sft_gpu.yaml
 RUNS=runs/toy-judge-sft-gpu
 LRS=${LRS:-"2e-5 5e-5 1e-4"}  # at this width 1e-4 or more wipes out the path from the answer to the frames
-LOGS=$RUNS/logs
-mkdir -p "$OUT" "$LOGS"
-trap 'tar -czf "$OUT/logs.tar.gz" "$LOGS" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
+mkdir -p "$OUT" "$RUNS"
+trap 'tar -czf "$OUT/metrics.tar.gz" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
 start=$(date +%s)
 overrides() {  # the training overrides of one learning rate (recorded in the provenance as they ran)
   echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=4 trainer.dataloader_num_workers=4 ${EXTRA:-}"
 }
 for lr in $LRS; do
-  python -m grpo.cli train $RECIPE $(overrides $lr) > "$LOGS/train_lr$lr.log" 2>&1 &
+  python -m grpo.cli train $RECIPE $(overrides $lr) > "$OUT/train_lr$lr.log" 2>&1 &
 done
 wait
 echo "trained in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
@@ -43,7 +43,7 @@ for lr in $LRS; do judges+=("$RUNS/lr$lr/final"); done
 python benchmarks/judge_auroc.py --recipe $RECIPE --judge "${judges[@]}" --contexts "${CONTEXTS:-64}" \
   --generations "${GENERATIONS:-4}" --seed 2 \
   --json benchmarks/results/judge_auroc.json --provenance "$RUNS/lr$best/final" \
-  --train-overrides $(overrides $best) > "$LOGS/auroc.log" 2>&1
+  --train-overrides $(overrides $best) > "$OUT/auroc.log" 2>&1
 echo "measured in $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
 cp benchmarks/results/judge_auroc.json "$OUT/"
 tar -C "$RUNS/lr$best/final" -cf "$OUT/toy_judge.tar" .
