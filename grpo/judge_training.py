@@ -4,7 +4,7 @@ Each training example is one conversation: the user turn is exactly the request 
 when it scores (`rewards.judge.prompts.build_requests`: the same system prompt, question, frame
 sampling and layout, encoded by the in-process judge's own `rewards.judge.local.encode_request`),
 and the assistant turn is the verdict ("yes" / "no") as the checkpoint's chat template renders it.
-The loss covers the verdict tokens only. Scoring reads the first answer token after the very same
+The loss covers the verdict's first token only. Scoring reads that token after the very same
 prompt tokens, so training and scoring cannot drift apart.
 
 TRL's vision collator (`DataCollatorForVisionLanguageModeling`) needs a transformers
@@ -49,9 +49,14 @@ from rewards.reward_model import spearman
 from rewards.verifiable import ToyWorldVerifiableReward
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+AIM_ROWS = 64  # training rows whose mean answer state `aim_verdict_rows` aims the verdict rows at
+AIM_LOGIT = 10.0  # the verdicts' logit there: far above the other tokens' (a few units at most)
 VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
-PROMPT_FIELDS = ("mode", "num_frames", "image_format", "system_prompt", "template", "aspects", "choices")
+PROMPT_FIELDS = (
+    "mode", "num_frames", "context_frames", "frame_stride", "image_format", "system_prompt", "template",
+    "aspects", "choices",
+)  # fmt: skip
 
 
 @dataclass
@@ -63,9 +68,21 @@ class JudgeSFTConfig(TrainerConfig):
         default=8, metadata={"help": "Conversations per device per micro-batch."}
     )
     save_steps: int = field(default=0, metadata={"help": "Must be 0: only the final judge is saved."})
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "Processes building the batches (each row's request encoded as the judge sends it, "
+            "then Qwen-VL inputs: a few ms a row on CPU, which a GPU step outruns); 0: the training one."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            self.dataloader_num_workers >= 0,
+            "dataloader_num_workers",
+            f"must be >= 0, got {self.dataloader_num_workers}",
+        )
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(
             self.per_device_train_batch_size >= 1,
@@ -105,8 +122,17 @@ class JudgeModelSpec:
     judge: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "what the judge is shown, as the reward's kwargs: mode (images | video), num_frames, "
-            "image_format, system_prompt, template, aspects, choices"
+            "help": "what the judge is shown, as the reward's kwargs: mode (images | video | clip), "
+            "num_frames, context_frames, frame_stride, image_format, system_prompt, template, aspects, "
+            "choices"
+        },
+    )
+    aim_verdict: bool = field(
+        default=False,
+        metadata={
+            "help": "before training, point the output rows of both verdicts' first tokens at the mean "
+            "answer state (P(yes) = P(no) ~ 1/2 for every input), so that a random judge learns to judge "
+            "rather than a prior first (`aim_verdict_rows`); for tiny judges"
         },
     )
 
@@ -249,6 +275,9 @@ def run_recipe(recipe: Any, spec: JudgeModelSpec, data: Any) -> list[dict[str, A
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     model, tokenizer, inputs_config = load_judge(spec, output_dir)
+    if spec.aim_verdict:
+        collator = JudgeCollator(tokenizer, inputs_config, config, model.config)
+        aim_verdict_rows(model, collator, [train[i] for i in range(min(AIM_ROWS, len(train)))])
     return train_judge(model, tokenizer, inputs_config, config, recipe.args, train, held_out)
 
 
@@ -263,12 +292,15 @@ def frames(video: Any) -> Any:
 
 
 class JudgeCollator:
-    """Verdict rows -> one padded Qwen-VL batch whose labels are the verdict tokens only.
+    """Verdict rows -> one padded Qwen-VL batch whose only label is the verdict's first token.
 
     The prompt is `encode_request` of the judge's own request for the row (what the judge sends
     when scoring); the completion is what the chat template appends for an assistant turn holding
     the verdict (e.g. ``yes<|im_end|>\\n``), tokenized on its own, since scoring reads the token
-    that follows the prompt tokens.
+    that follows the prompt tokens. Only that first token is a label: it is the whole decision
+    (P(yes)/(P(yes)+P(no)) is read from it; the choice constraint completes the word), so the loss
+    is the verdict's cross-entropy -- ln 2 when the judge cannot tell on balanced labels -- rather
+    than that diluted by end-of-turn tokens any model learns in a few steps.
     """
 
     def __init__(self, tokenizer: Any, inputs_config: Any, config: Any, model_config: Any) -> None:
@@ -304,7 +336,9 @@ class JudgeCollator:
         prompt_ids = inputs.pop("input_ids")
         inputs["input_ids"] = torch.cat([prompt_ids, completion], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        inputs["labels"] = torch.cat([torch.full_like(prompt_ids, -100), completion], dim=1)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[0, prompt_ids.shape[1]] = completion[0, 0]  # the verdict's first token: what scoring reads
+        inputs["labels"] = labels
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat(
                 [inputs["mm_token_type_ids"], torch.zeros_like(completion, dtype=torch.int32)], dim=1
@@ -335,6 +369,41 @@ class JudgeCollator:
             if key not in pads:  # pixels and grids of every frame, in row order
                 batch[key] = torch.cat([e[key] for e in encoded])
         return batch
+
+
+def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[str, Any]]) -> None:
+    """Point the output rows of the verdicts' first tokens at the mean answer state of ``rows``, both
+    the same, so that each gets the logit `AIM_LOGIT` there: P(yes) = P(no) for every input and
+    together they take nearly all the mass.
+
+    Why: a random judge's verdict rows are random, so its answer first has to learn to be "yes" or
+    "no" at all (the loss falls from ~6 to ln 2). That phase adds a large constant to the answer
+    position's state and -- Adam moving every weight by about the learning rate, whatever its
+    gradient -- wipes out the small part of it that depends on the frames: the attention path from
+    the answer to the video dies and the judge ends as a constant, the answer prior (measured: a
+    tiny judge could not memorise 8 verdicts). Started here, the loss starts at ln 2 and its only
+    gradient is the verdict's, as a reward model's zero-initialised head gives it.
+    """
+    import torch
+
+    output = model.get_output_embeddings()
+    if output.weight is model.get_input_embeddings().weight:
+        raise InputError(
+            "policy.aim_verdict: this judge ties its output layer to its input embeddings, so aiming "
+            "the verdict rows would change its prompt too; set aim_verdict: false"
+        )
+    batch = collator(rows)
+    labels = batch.pop("labels")
+    device = output.weight.device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+        at = (labels != -100).nonzero()
+        mean = hidden[at[:, 0], at[:, 1] - 1].float().mean(0)
+        first = [collator._completions[label][0] for label in collator.config.choices]
+        output.weight[first] = (mean * AIM_LOGIT / mean.norm() ** 2).to(output.weight.dtype)
+    model.train(was_training)
 
 
 def evaluate_judge(judge: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
@@ -379,7 +448,6 @@ def sft_config(args: JudgeSFTConfig) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
         disable_tqdm=True,  # grpo.tracking draws the bar
         data_seed=args.seed,
     )

@@ -365,8 +365,8 @@ def test_bad_inputs_fail_before_any_request():
         with pytest.raises(InputError, match="'prediction_caption' metadata column"):
             make_judge(server.url)([None], None, None, context_caption=["a ball"])
         assert server.bodies == []
-    with pytest.raises(InputError, match="mode='clip' is not one of"):
-        make_judge("http://127.0.0.1:1", mode="clip")
+    with pytest.raises(InputError, match="mode='film' is not one of"):
+        make_judge("http://127.0.0.1:1", mode="film")
     with pytest.raises(InputError, match="unknown judge aspect"):
         make_judge("http://127.0.0.1:1", aspects=("style",))
 

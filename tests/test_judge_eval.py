@@ -56,3 +56,39 @@ def test_a_real_tiny_judge_is_scored(tmp_path):
     result = judge_auroc(judge, held_out)
     assert 0.0 <= result["auroc"] <= 1.0 and "policy/auroc" not in result
     assert all(0 < result[f"p_yes/{k}"] < 1 for k in ("true", "frozen", "other_sample"))
+
+
+def test_benchmark_writes_results_and_the_judges_provenance(tmp_path, monkeypatch):
+    """benchmarks/judge_auroc.py --provenance DIR: DIR/provenance.json holds the command that trains
+    (the recipe) and measures (this invocation) the judge and the figures it printed."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("judge_auroc", repo / "benchmarks" / "judge_auroc.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    judge = str(build_tiny_qwen_vl(tmp_path / "run" / "final"))
+    other = str(build_tiny_qwen_vl(tmp_path / "other_run" / "final"))  # scored, not this judge's run
+    recipe = "recipes/toy_judge_sft_gpu.yaml"
+    out = tmp_path / "auroc.json"
+    argv = ["--recipe", recipe, "--judge", judge, other, "--contexts", "2", "--generations", "0"]
+    argv += ["--json", str(out), "--provenance", judge, "--train-overrides", "trainer.learning_rate=1e-4"]
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", ["judge_auroc.py", *argv])
+    bench.main()
+    results = json.loads(out.read_text())
+    assert results[0]["judge_kwargs"]["mode"] == "clip"  # the recipe's question
+    provenance = json.loads((Path(judge) / "provenance.json").read_text())
+    train = f"nextscene train {recipe} trainer.learning_rate=1e-4"
+    assert provenance["command"].startswith(f"{train} && python benchmarks/judge_auroc.py ")
+    assert f"--judge {judge} --contexts 2 --generations 0" in provenance["command"]
+    assert f"--provenance {judge}" in provenance["command"] and other not in provenance["command"]
+    assert set(provenance["measured"]) == {judge, other, "held_out"}
+    assert provenance["judge_kwargs"] == results[0]["judge_kwargs"]
+    assert provenance["measured"][judge]["auroc"] == results[0]["auroc"]
+    with pytest.raises(SystemExit):  # a provenance needs the recipe that trained the judge
+        monkeypatch.setattr(sys, "argv", ["judge_auroc.py", "--judge", judge, "--provenance", judge])
+        bench.main()

@@ -10,6 +10,7 @@ in one line and exit code 2, writing nothing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,12 @@ def test_toy_recipe_trains_a_judge_that_loads_and_scores(tmp_path):
     assert {"base/separation", "eval/separation", "eval/accuracy"} <= set().union(*logged)
 
 
-def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path):
-    """The collator's prompt tokens equal the in-process judge's for the same request; the labels
-    cover only the verdict, whose first token is one the judge counts for that answer."""
+@pytest.mark.parametrize("mode", ["images", "clip"])
+def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path, mode):
+    """The collator's prompt tokens (and pixels) equal the in-process judge's for the same request;
+    the only label is the verdict's first token, one the judge counts for that answer."""
     path = build_tiny_qwen_vl(tmp_path / "judge")
-    judge = InProcessJudge(str(path), dtype="float32", num_frames=3, aspects=("physics",))
+    judge = InProcessJudge(str(path), dtype="float32", mode=mode, num_frames=3, aspects=("physics",))
     table = toyworld_verdicts(ToyWorld(ToyWorldConfig(), split="train", num_samples=2), ["shuffled"])
     collator = JudgeCollator(judge.tokenizer, judge.inputs_config, judge.config, judge.model.config)
     allowed = dict((i, text) for text, i in judge._allowed)
@@ -78,15 +80,87 @@ def test_training_prompt_is_exactly_what_the_judge_scores(tmp_path):
         expected = judge.encode(request)
         prompt_length = expected["input_ids"].shape[1]
         assert torch.equal(encoded["input_ids"][:, :prompt_length], expected["input_ids"])
-        assert torch.equal(encoded["pixel_values"], expected["pixel_values"])
-        assert (encoded["labels"][:, :prompt_length] == -100).all()
-        completion = encoded["labels"][0, prompt_length:]
-        assert (completion >= 0).all() and torch.equal(completion, encoded["input_ids"][0, prompt_length:])
-        first = int(completion[0])
+        pixels = "pixel_values" if mode == "images" else "pixel_values_videos"
+        assert torch.equal(encoded[pixels], expected[pixels])
+        labelled = (encoded["labels"][0] != -100).nonzero().flatten().tolist()
+        assert labelled == [prompt_length]  # the verdict's first token, nothing else
+        first = int(encoded["labels"][0, prompt_length])
+        assert first == int(encoded["input_ids"][0, prompt_length])
         assert row["verdict"].startswith(allowed[first])  # the token the judge reads as this verdict
     batch = collator([table[0], table[1]])
     assert batch["input_ids"].shape[0] == 2 and batch["labels"].shape == batch["input_ids"].shape
-    assert batch["image_grid_thw"].shape[0] == 2 * 6  # 3 frames of each scene, both rows
+    if mode == "images":
+        assert batch["image_grid_thw"].shape[0] == 2 * 6  # 3 frames of each scene, both rows
+    else:  # one video a row: 5 context + 3 candidate frames = 4 temporal patches
+        assert batch["video_grid_thw"][:, 0].tolist() == [4, 4]
+
+
+def test_aimed_verdict_rows_start_every_input_at_one_half_and_take_the_mass(tmp_path):
+    """`aim_verdict_rows`: the verdicts' first-token rows become one vector, so P(yes) = P(no) for any
+    input (held-out rows too), and those two tokens hold nearly all the answer's probability."""
+    from grpo.judge_training import aim_verdict_rows
+
+    judge = InProcessJudge(str(build_tiny_qwen_vl(tmp_path / "judge")), dtype="float32", mode="clip")
+    collator = JudgeCollator(judge.tokenizer, judge.inputs_config, judge.config, judge.model.config)
+    world = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=4)
+    train = toyworld_verdicts(world, ["frozen", "other_sample"])
+    before = p_yes(judge, train)
+    aim_verdict_rows(judge.model, collator, [train[i] for i in range(len(train))])
+    yes, no = (collator._completions[label][0] for label in ("yes", "no"))
+    rows = judge.model.get_output_embeddings().weight
+    assert torch.equal(rows[yes], rows[no])
+    held_out = toyworld_verdicts(
+        ToyWorld(ToyWorldConfig(next_overlap=1), split="validation", num_samples=2), ["frozen"]
+    )
+    batch = collator([held_out[i] for i in range(len(held_out))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = judge.model(**batch).logits
+    at = (labels != -100).nonzero()
+    probs = logits[at[:, 0], at[:, 1] - 1].softmax(-1)
+    assert (probs[:, yes] + probs[:, no]).min() > 0.9 and torch.allclose(probs[:, yes], probs[:, no])
+    after = p_yes(judge, held_out)  # other first tokens of "yes"/"no" ("ye", "no") keep a little mass
+    assert all(abs(p - 0.5) < 0.02 for p in after) and max(abs(p - 0.5) for p in before) > 0.05
+
+
+def test_clip_mode_shows_the_end_of_the_context_then_the_next_scene_as_one_video():
+    """``mode: clip``: one video of context frames 0, 2, 4, 6, 8 then candidate frames 1, 3, 5 (one
+    2-frame grid across the cut, the last context frame and the first new one in one temporal patch);
+    scenes of two sizes are a one-line error."""
+    from policies.errors import InputError
+    from rewards.judge.config import JudgeConfig
+    from rewards.judge.local import unpack_media
+
+    context = torch.arange(9).mul(10).view(9, 1, 1, 1).expand(9, 16, 16, 3).to(torch.uint8)
+    candidate = (context + 100).to(torch.uint8)
+    config = JudgeConfig(mode="clip", num_frames=3, context_frames=5, frame_stride=2)
+    request = build_requests(config, [candidate], None, [context], {})[0]
+    _, images, videos = unpack_media(request["messages"])
+    assert not images and len(videos) == 1
+    levels = videos[0].float().mean(dim=(1, 2, 3)).tolist()  # JPEG of a flat frame: within a level
+    assert levels == pytest.approx([0, 20, 40, 60, 80, 110, 130, 150], abs=1.5)
+    with pytest.raises(InputError, match="one size"):
+        build_requests(config, [candidate[:, :8]], None, [context], {})
+
+
+def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_processes(tmp_path):
+    """recipes/toy_judge_sft_gpu.yaml as is (the reward model's tiny size, clip mode, the policy's own
+    samples), shrunk to two steps of 4 rows whose batches two dataloader processes build."""
+    run = tmp_path / "run"
+    overrides = [f"output_dir={run}", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4"]
+    overrides += ["trainer.warmup_steps=0", "trainer.logging_steps=1", "trainer.dataloader_num_workers=2"]
+    overrides += ["data.num_train=4", "data.num_eval=2", "data.num_workers=0", "data.policy_contexts=1"]
+    overrides += ["data.policy_eval_contexts=1", "data.policy_generations=2"]
+    assert main(["train", str(REPO / "recipes" / "toy_judge_sft_gpu.yaml"), *overrides]) == 0
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 256 and config["vision_config"]["patch_size"] == 2
+    judge = InProcessJudge(str(run / "final"), dtype="float32", mode="clip", num_frames=3)
+    table = toyworld_verdicts(
+        ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=2), ["frozen"]
+    )
+    assert all(0 < p < 1 for p in p_yes(judge, table))
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -30,7 +30,8 @@ class JudgeConfig:
     mode: str = field(
         default="images",
         metadata={
-            "help": "What the judge sees: 'images' (sampled frames), 'video' (one clip) or 'text' (captions)."
+            "help": "What the judge sees: 'images' (sampled frames), 'video' (one video per scene), 'clip' "
+            "(the end of the context and the start of the next scene as one video) or 'text' (captions)."
         },
     )
     scoring: str = field(
@@ -64,7 +65,20 @@ class JudgeConfig:
         default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System message; None sends none."}
     )
     num_frames: int = field(
-        default=4, metadata={"help": "Frames sampled evenly from each scene (images/video)."}
+        default=4,
+        metadata={
+            "help": "Frames sampled evenly from each scene (images/video); in 'clip' mode, frames of the "
+            "next scene shown from its start."
+        },
+    )
+    context_frames: int = field(
+        default=5,
+        metadata={
+            "help": "'clip' mode: context frames shown, ending at its last (odd: the cut is mid-patch)."
+        },
+    )
+    frame_stride: int = field(
+        default=2, metadata={"help": "'clip' mode: frames between two shown ones, one grid across the cut."}
     )
     image_format: str = field(
         default="png", metadata={"help": "Frame encoding in 'images' mode: png or jpeg."}
@@ -137,6 +151,8 @@ class JudgeConfig:
             ),
             (self.image_format in ("png", "jpeg"), f"image_format={self.image_format!r} must be png or jpeg"),
             (self.num_frames >= 1, f"num_frames={self.num_frames} must be >= 1"),
+            (self.context_frames >= 1, f"context_frames={self.context_frames} must be >= 1"),
+            (self.frame_stride >= 1, f"frame_stride={self.frame_stride} must be >= 1"),
             (self.top_logprobs >= 2, f"top_logprobs={self.top_logprobs} must be >= 2"),
             (self.max_concurrency >= 1, f"max_concurrency={self.max_concurrency} must be >= 1"),
             (self.max_retries >= 0, f"max_retries={self.max_retries} must be >= 0"),

@@ -128,7 +128,8 @@ class InProcessJudge:
     pre-processing config, so a recipe can name it) or an already loaded model with its
     ``tokenizer``. Same call and output as `CausalConsistencyJudge` (columns
     ``p_<positive>``/``rating``, ``latency_s``, ``reason``); the network fields of the config are
-    ignored.
+    ignored. ``device: auto`` puts the model on the GPU when there is one (a recipe that runs on
+    both).
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class InProcessJudge:
         if config is not None and overrides:
             config = JudgeConfig(**{**asdict(config), **overrides})
         self.config = config or JudgeConfig(**overrides)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(model, str | Path):
             model, tokenizer, inputs_config = self.load_checkpoint(Path(model), device, dtype, inputs_config)
         elif tokenizer is None:

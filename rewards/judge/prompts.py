@@ -8,6 +8,13 @@ template and feeds the frames itself). Three modes:
   predicted next scene, each an ``image_url`` data URL (PNG by default, lossless).
 * ``video``: each scene as one ``video_url`` in vLLM's ``data:video/jpeg;base64,<frame>,<frame>...``
   form (JPEG frames separated by commas), which vLLM decodes without a video codec.
+* ``clip``: the end of the context and the start of the predicted next scene as **one** ``video_url``
+  (``context_frames`` frames ending at the context's last, then ``num_frames`` frames of the next
+  scene, all ``frame_stride`` frames apart on one time grid across the cut; `rewards.reward_model`'s
+  layout). With an odd ``context_frames`` the cut falls inside one 2-frame temporal patch of a
+  Qwen-VL vision tower, which then sees the last context frame and the first new frame together: a
+  ball that jumps, turns back or stops is visible to the vision tower itself, not only to attention
+  across two separate videos.
 * ``text``: captions only — metadata ``context_caption`` and ``prediction_caption``.
 """
 
@@ -23,6 +30,7 @@ from PIL import Image
 
 from policies.errors import InputError
 from policies.qwen_vl_inputs import to_uint8
+from rewards.reward_model import frame_indices
 
 if TYPE_CHECKING:
     from rewards.judge.config import JudgeConfig
@@ -49,7 +57,7 @@ RATING_QUESTION = (
     "what happens next?{aspects} Answer with one number from {low} (not at all) to {high} (certainly)."
 )
 
-MODES = ("images", "video", "text")
+MODES = ("images", "video", "clip", "text")
 
 
 def render_question(
@@ -138,6 +146,22 @@ def _scene_parts(
     return parts
 
 
+def clip_frames(
+    context: torch.Tensor, prediction: torch.Tensor, context_frames: int, num_frames: int, frame_stride: int
+) -> torch.Tensor:
+    """The ``clip`` mode's frames: the context's last ``context_frames`` frames, then ``num_frames`` of
+    the prediction, ``frame_stride`` apart on one grid (`rewards.reward_model.frame_indices`)."""
+    if context.shape[1:] != prediction.shape[1:]:
+        raise InputError(
+            f"judge mode 'clip' shows both scenes in one video, but the context is "
+            f"{tuple(context.shape[1:3])} px and the prediction {tuple(prediction.shape[1:3])}; "
+            "give both at one size (or use mode 'video')"
+        )
+    before = frame_indices(len(context), context_frames, frame_stride, from_end=True)
+    after = frame_indices(len(prediction), num_frames, frame_stride, from_end=False)
+    return torch.cat([to_uint8(context[before]), to_uint8(prediction[after])])
+
+
 def build_messages(
     *,
     mode: str,
@@ -149,6 +173,8 @@ def build_messages(
     prediction_caption: str | None = None,
     num_frames: int = 4,
     image_format: str = "png",
+    context_frames: int = 5,
+    frame_stride: int = 2,
 ) -> list[dict[str, object]]:
     """The chat messages that ask the judge about one (context, predicted next scene) pair."""
     messages: list[dict[str, object]] = []
@@ -158,8 +184,15 @@ def build_messages(
         text = f"First scene: {context_caption}\nSecond scene: {prediction_caption}\n{question}"
         messages.append({"role": "user", "content": text})
         return messages
-    content = _scene_parts("First scene", context, mode, num_frames, image_format)
-    content += _scene_parts("Second scene", prediction, mode, num_frames, image_format)
+    if mode == "clip":
+        frames = clip_frames(context, prediction, context_frames, num_frames, frame_stride)
+        content: list[dict[str, object]] = [
+            {"type": "text", "text": f"Scenes ({context_frames} + {num_frames} frames):"},
+            {"type": "video_url", "video_url": {"url": video_data_url(frames)}},
+        ]
+    else:
+        content = _scene_parts("First scene", context, mode, num_frames, image_format)
+        content += _scene_parts("Second scene", prediction, mode, num_frames, image_format)
     content.append({"type": "text", "text": question})
     messages.append({"role": "user", "content": content})
     return messages
@@ -234,6 +267,8 @@ def build_requests(
             prediction_caption=prediction_captions[i],
             num_frames=config.num_frames,
             image_format=config.image_format,
+            context_frames=config.context_frames,
+            frame_stride=config.frame_stride,
         )
         requests.append(
             {

@@ -1,0 +1,62 @@
+"""GRPO driven by the causal-consistency judge (recipes/toy_nsp_grpo_judge.yaml), end to end on CPU.
+
+The shipped toy judge is not needed: a tiny random Qwen2.5-VL judge is built here and the recipe is
+pointed at it. One iteration of the shipped NSP policy per scoring: with ``scoring: binary`` every
+training reward is the thresholded verdict (0 or 1), with ``scoring: choice`` it is P(yes) itself;
+the verifiable reward is logged beside it with weight 0 and evaluated on held-out contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from grpo.cli import main
+from policies.tiny_qwen_vl import build_tiny_qwen_vl
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "toy_nsp_grpo_judge.yaml"
+JUDGE = "causal_consistency_local"
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory) -> Path:
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("judge") / "toy_judge")
+
+
+@pytest.mark.parametrize("scoring", ["binary", "choice"])
+def test_judge_is_the_only_training_reward_for_one_iteration(tmp_path, tiny_judge, scoring):
+    run = tmp_path / "run"
+    overrides = [
+        f"output_dir={run}",
+        f"rewards.0.kwargs.model={tiny_judge}",
+        f"rewards.0.kwargs.scoring={scoring}",
+        "trainer.max_iterations=1",
+        "trainer.num_prompts_per_iteration=1",
+        "trainer.num_generations=4",
+        "trainer.eval_every=1",
+        "trainer.save_steps=1",
+        "trainer.save_eval_videos=0",
+        "data.num_eval=1",
+    ]
+    assert main(["train", str(RECIPE), *overrides]) == 0
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = next(m for m in logged if f"reward/{JUDGE}/mean" in m)
+    mean, std = train[f"reward/{JUDGE}/mean"], train[f"reward/{JUDGE}/std"]
+    assert train[f"reward/{JUDGE}/num_unscored"] == 0
+    # the weighted training reward is the judge's alone (toyworld_verifiable has weight 0)
+    assert train["reward/mean"] == pytest.approx(mean)
+    assert 0.0 <= train["reward/toyworld_verifiable/mean"] <= 1.0
+    binary_like = math.isclose(mean * 4, round(mean * 4), abs_tol=1e-9) and math.isclose(
+        std**2, mean * (1 - mean), abs_tol=1e-9
+    )  # four rewards in {0, 1}: mean k/4 and variance mean * (1 - mean)
+    if scoring == "binary":
+        assert binary_like
+    else:  # P(yes) of a random judge: strictly inside (0, 1), a few 1e-3 apart
+        assert 0.0 < mean < 1.0 and not binary_like
+    evaluated = {k for m in logged for k in m if k.startswith("eval/")}
+    assert {f"eval/{JUDGE}/mean", "eval/toyworld_verifiable/mean"} <= evaluated
+    assert (run / "final").is_dir()
