@@ -426,6 +426,9 @@ class _SeedColourPolicy:
     def decode(self, latents, latent_shape):
         return latents
 
+    def rollout_audio(self, rollout):
+        return None  # video only, as the policy contract's LTX-Video families
+
 
 def _distributed_case(out: Path, accelerator=None) -> None:
     """Evaluate 5 rows (uneven over 2 ranks), keeping 3 rows' videos; the main process writes."""
