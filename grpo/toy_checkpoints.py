@@ -80,12 +80,15 @@ def build_fitted_tiny_ltx2(
 
 def build_fitted_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
     """`policies.tiny_nsp.build_tiny_nsp`, then its generator's video VAE fitted for ``spec.vae_fit_steps``
-    steps."""
+    steps and (LTX-2) its audio VAE and vocoder as `fit_tiny_ltx2_audio` fits them for
+    ``spec.audio_fit_steps``."""
     spec = spec or TinyNSPSpec()
-    path = build_tiny_nsp(path, replace(spec, vae_fit_steps=0))
+    path = build_tiny_nsp(path, replace(spec, vae_fit_steps=0, audio_fit_steps=0))
     if spec.vae_fit_steps:
         vae_class = _video_vae_class(spec.generator)
         _fit_video_vae(path / "ltx" / "vae", vae_class, ToyWorldConfig(), spec.vae_fit_steps, spec.seed)
+    if spec.audio_fit_steps:
+        fit_tiny_ltx2_audio(path / "ltx", spec.audio_fit_steps, spec.seed)
     (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return path
 

@@ -116,6 +116,13 @@ class NSPPolicySpec(VideoPolicySpec):
     tiny_vae_fit_steps: int = field(
         default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0: random VAE)"}
     )
+    tiny_audio_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with tiny and tiny_generator ltx2: fit the audio VAE to the toy world's sound for this "
+            "many steps, then the vocoder for half as many (0: random)"
+        },
+    )
     tiny_generator: Literal["ltx", "ltx2"] = field(
         default="ltx",
         metadata={
@@ -133,6 +140,11 @@ class NSPPolicySpec(VideoPolicySpec):
             self.sampling = resolved_ltx2_sampling(self.sampling)
         if self.tiny_generator not in ("ltx", "ltx2"):
             raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
+        if self.tiny_audio_fit_steps and self.tiny_generator != "ltx2":
+            raise InputError(
+                "policy.tiny_audio_fit_steps fits an LTX-2 audio path: set policy.tiny_generator: ltx2 "
+                "(or remove it)"
+            )
         if self.path is None and self.sampling and self.tiny_generator != "ltx2":
             raise InputError(
                 "policy.sampling is for NSP on LTX-2: set policy.tiny_generator: ltx2 (or remove it)"
@@ -150,7 +162,11 @@ class NSPPolicySpec(VideoPolicySpec):
         path = Path(self.path) if self.path else output_dir / "base_tiny_nsp"
         if self.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
-            tiny = TinyNSPSpec(vae_fit_steps=self.tiny_vae_fit_steps, generator=self.tiny_generator)
+            tiny = TinyNSPSpec(
+                vae_fit_steps=self.tiny_vae_fit_steps,
+                audio_fit_steps=self.tiny_audio_fit_steps,
+                generator=self.tiny_generator,
+            )
             tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **self.overrides}, "policy.overrides")
             build_fitted_tiny_nsp(path, tiny)
         policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **self.overrides)

@@ -46,19 +46,30 @@ class TinyNSPSpec:
         default=0,
         metadata={"help": "Fit the generator's video VAE to the toy world for this many steps (0: random)."},
     )
+    audio_fit_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Generator ltx2: fit its audio VAE to the toy world's sound for this many steps, then "
+            "its vocoder for half as many (0: random)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.generator not in ("ltx", "ltx2"):
             raise InputError(f"TinyNSPSpec: generator must be 'ltx' or 'ltx2', got {self.generator!r}")
+        if self.audio_fit_steps and self.generator != "ltx2":
+            raise InputError(
+                "TinyNSPSpec: audio_fit_steps needs generator 'ltx2' (LTX-Video has no audio path)"
+            )
 
 
 def build_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
     """Write a random tiny NSP policy directory to ``path`` and return it (a spec asking for a VAE fit,
-    ``vae_fit_steps``, is built by `grpo.toy_checkpoints`)."""
+    ``vae_fit_steps`` or ``audio_fit_steps``, is built by `grpo.toy_checkpoints`)."""
     spec = spec or TinyNSPSpec()
-    if spec.vae_fit_steps:
+    if spec.vae_fit_steps or spec.audio_fit_steps:
         raise NotImplementedError(
-            "build_tiny_nsp writes random weights; fitting its VAE to the toy world trains: build with "
+            "build_tiny_nsp writes random weights; fitting its VAEs to the toy world trains: build with "
             "grpo.toy_checkpoints.build_fitted_tiny_nsp"
         )
     path = Path(path)

@@ -406,3 +406,38 @@ def test_bad_nsp_ltx2_directories_fail_in_train_in_one_line(tmp_path, capsys, pa
         expected = "num_queries=256 does not fit the VLM's context of 200 positions"
     recipe = write_recipe(tmp_path, {"type": "nsp", "path": str(nsp)})
     fails_in_one_line(capsys, tmp_path, ["train", str(recipe)], expected)
+
+
+def test_tiny_nsp_on_ltx2_fits_its_audio_path(tmp_path):
+    """``policy.tiny_audio_fit_steps`` reaches the tiny NSP builder: the audio VAE and vocoder under ltx/
+    are trained (they differ from the random ones of the same seed), the video transformer is not."""
+    from safetensors.torch import load_file
+
+    from grpo.train import NSPPolicySpec
+
+    random_dir = build_tiny_nsp(tmp_path / "random", TinyNSPSpec(generator="ltx2"))
+    spec = NSPPolicySpec(tiny=True, tiny_generator="ltx2", tiny_audio_fit_steps=2)
+    spec.build(tmp_path / "run", "cpu", torch.float32)
+    fitted_dir = tmp_path / "run" / "base_tiny_nsp"
+    assert json.loads((fitted_dir / "tiny_spec.json").read_text())["audio_fit_steps"] == 2
+
+    def weights(root, part):
+        return {
+            k: v for f in sorted((root / "ltx" / part).glob("*.safetensors")) for k, v in load_file(f).items()
+        }
+
+    for part in ("audio_vae", "vocoder"):
+        before, after = weights(random_dir, part), weights(fitted_dir, part)
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before), part
+    before, after = weights(random_dir, "transformer"), weights(fitted_dir, "transformer")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tiny_nsp_audio_fit_needs_ltx2():
+    from grpo.train import NSPPolicySpec
+
+    with pytest.raises(InputError, match="tiny_generator: ltx2"):
+        NSPPolicySpec(tiny=True, tiny_audio_fit_steps=2)
+    with pytest.raises(InputError, match="generator 'ltx2'"):
+        TinyNSPSpec(audio_fit_steps=2)
