@@ -422,3 +422,46 @@ def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
     for a, b in zip(with_cache, without, strict=True):
         assert torch.equal(a, b)
     assert computed == [4, 4, 4, 4, 4, 4]  # uncached: every one of the 5 forwards computes them
+
+
+def test_a_fully_valid_text_mask_is_dropped_on_cpu_and_changes_no_bit(policy, monkeypatch):
+    """Text whose mask marks every token valid (NSP's connector output) reaches the transformer
+    without a mask (the unmasked cross-attention kernel), with bitwise the rollout, the recomputed
+    log-prob and its gradient of the masked forward; a padded prompt keeps its mask."""
+    import policies.ltx as ltx
+
+    width = policy.transformer.config.caption_channels
+    embeds = torch.randn(2, 6, width, generator=torch.Generator().manual_seed(2))
+    full = torch.ones(2, 6, dtype=torch.bool)
+    cond = policy.prepare_condition(
+        [{"prompt_embeds": e, "prompt_attention_mask": m} for e, m in zip(embeds, full, strict=True)]
+    )
+    sampling = SamplingConfig(**FAST, sde_steps=[0, 1])
+    masks = []
+    hook = policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["encoder_attention_mask"]), with_kwargs=True
+    )
+
+    def run() -> tuple[torch.Tensor, ...]:
+        rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4, 5, 6])
+        rescored = policy.log_prob(rollout, torch.tensor([0, 1, 1, 0]))
+        (grad,) = torch.autograd.grad(rescored.log_prob.sum(), policy.transformer.proj_out.weight)
+        return rollout.final_latents, rollout.log_probs, rescored.log_prob.detach(), grad
+
+    try:
+        dropped = run()
+        assert len(masks) == 5 and all(m is None for m in masks)  # 4 steps and the recompute
+        masks.clear()
+        monkeypatch.setattr(ltx, "_text_mask", lambda mask: mask)  # the masked forward
+        masked = run()
+        assert len(masks) == 5 and all(m is not None for m in masks)
+        monkeypatch.undo()
+        masks.clear()
+        padded = _condition(policy, ["a red ball"], cfg=False)
+        assert not padded["prompt_attention_mask"].all()
+        policy.rollout(padded, sampling=SamplingConfig(**FAST), seeds=[0])
+        assert len(masks) == 4 and all(m is not None for m in masks)
+    finally:
+        hook.remove()
+    for a, b in zip(dropped, masked, strict=True):
+        assert torch.equal(a, b)
