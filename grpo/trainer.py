@@ -397,6 +397,10 @@ class GRPOTrainer(Stage):
             advantages = advantages[:, None].expand(-1, num_steps)
         size = args.per_device_train_batch_size or rollout.num_samples
         per_forward = args.steps_per_forward or num_steps
+        # the KL reference's means depend on the rollout alone: with several epochs, computed in the first
+        reference_means: dict[tuple[int, int], torch.Tensor] | None = (
+            {} if args.beta > 0 and args.num_iterations > 1 else None
+        )
         stats: dict[str, list[float]] = defaultdict(list)
         for epoch in range(args.num_iterations):
             order = torch.randperm(
@@ -426,6 +430,8 @@ class GRPOTrainer(Stage):
                                 on_policy=on_policy,
                                 weights=weights[:, cols],
                                 mask=trains[:, cols],
+                                samples=idx,
+                                reference_means=reference_means,
                             )
                             self.accelerator.backward(loss)
                         if trains[:, cols].any():  # statistics of no trained entry are undefined
@@ -445,12 +451,17 @@ class GRPOTrainer(Stage):
         on_policy: bool = False,
         weights: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        samples: torch.Tensor | None = None,
+        reference_means: dict[tuple[int, int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped surrogate + KL of recorded steps ``steps [b, n]`` (n trained steps of every sample,
         in one forward of ``n * b`` entries) under current weights.
 
         ``weights [b, n]``: each entry's weight in the micro-batch's ``loss_type`` average (`_update`);
         None averages this call's entries. ``mask [b, n]``: which entries train (None: all).
+        ``samples [b]`` (the rollout's indices of ``sub``'s samples) and ``reference_means``: the KL
+        reference's mean per (sample, record position), filled by the first epoch and read by the
+        others (see `_reference_mean`); None computes it in every call.
 
         ``on_policy`` (the weights are still the rollout's): the old log-prob is this forward's own,
         detached, as in TRL with one update per generation. The log-prob recorded during the rollout
@@ -471,9 +482,11 @@ class GRPOTrainer(Stage):
         log_prob = per_entry(out.log_prob)
         kl = None
         if args.beta > 0:
-            with torch.no_grad(), self.policy.reference():
-                ref = self.policy.log_prob(entries, flat, guidance_scale=guidance)
-            kl = per_entry(kl_divergence(out.mean, ref.mean, out.std, args.logprob_reduction))
+            keys = None
+            if reference_means is not None and samples is not None:
+                keys = list(zip(samples.repeat(n).tolist(), flat.tolist(), strict=True))
+            ref_mean = self._reference_mean(entries, flat, guidance, keys, reference_means)
+            kl = per_entry(kl_divergence(out.mean, ref_mean, out.std, args.logprob_reduction))
         recorded = sub.log_probs.gather(1, steps)
         old = log_prob.detach() if on_policy else recorded
         loss, stats = grpo_loss(
@@ -490,6 +503,29 @@ class GRPOTrainer(Stage):
         )
         stats["logprob_drift"] = (log_prob.detach() - recorded).abs().max()
         return loss, stats
+
+    def _reference_mean(
+        self,
+        entries: Rollout,
+        steps: torch.Tensor,
+        guidance: float | None,
+        keys: list[tuple[int, int]] | None,
+        cache: dict[tuple[int, int], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The reference policy's step mean at record positions ``steps`` of ``entries``.
+
+        It depends only on the rollout (the reference's weights never train), so with ``keys`` (one
+        ``(sample, record position)`` per entry) and a ``cache`` it is computed once per iteration:
+        the first PPO epoch stores each entry's mean, later epochs read them back (the same tensors
+        the first computed) instead of running the reference forward again.
+        """
+        if keys is not None and cache is not None and all(key in cache for key in keys):
+            return torch.stack([cache[key] for key in keys])
+        with torch.no_grad(), self.policy.reference():
+            mean = self.policy.log_prob(entries, steps, guidance_scale=guidance).mean
+        if keys is not None and cache is not None:
+            cache.update(zip(keys, mean, strict=True))
+        return mean
 
     def _split(self, micro_batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         sizes = self._accumulation_groups(sum(len(m) for m in micro_batches))

@@ -331,6 +331,59 @@ def test_one_update_per_rollout_is_exactly_on_policy_despite_logprob_drift(
         assert stats["train/clip_frac"] > 0
 
 
+def test_the_kl_reference_runs_once_per_iteration_over_several_epochs(tmp_path, tiny_dir):
+    """With num_iterations 2 the reference forward of the KL term runs in the first epoch only (its
+    means depend on the rollout, not on the trained weights); the update's statistics and the trained
+    weights are bitwise those of recomputing it in every epoch."""
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+    from policies import LTXPolicy
+
+    def update(cached: bool) -> tuple[dict, dict, int]:
+        args = GRPOConfig(
+            output_dir=str(tmp_path / f"run_{cached}"),
+            num_generations=3,
+            num_prompts_per_iteration=2,
+            num_inference_steps=3,  # 3 stochastic, trained steps: 3 columns, one forward each
+            num_iterations=2,
+            use_lora=True,
+            lora_rank=4,
+            beta=0.05,
+            learning_rate=1e-3,
+            sample_every=0,
+            save_steps=0,
+            seed=3,
+        )
+        rows = [{"prompt": "a ball"}, {"prompt": "a cube"}]
+        trainer = GRPOTrainer(LTXPolicy.from_pretrained(tiny_dir), [redness], args, rows)
+        rollout, scores, _ = trainer._rollout_and_score(rows, 0)
+        advantages, _ = trainer._advantages(scores)
+        policy, forwards = trainer.policy, [0]
+        reference = policy.reference
+
+        def counted():
+            forwards[0] += 1
+            return reference()
+
+        policy.reference = counted
+        if not cached:  # every call computes its own reference means, as before the cache
+            compute = trainer._reference_mean
+            trainer._reference_mean = lambda entries, steps, guidance, keys, cache: compute(
+                entries, steps, guidance, None, None
+            )
+        stats = trainer._update(rollout, advantages, 0)
+        weights = {n: p.detach().clone() for n, p in policy.transformer.named_parameters() if "lora_" in n}
+        return stats, weights, forwards[0]
+
+    stats, weights, forwards = update(cached=True)
+    stats_every_epoch, weights_every_epoch, forwards_every_epoch = update(cached=False)
+    assert (forwards, forwards_every_epoch) == (3, 6)  # 3 columns, in 1 epoch instead of 2
+    assert stats["train/kl"] > 0 and stats == stats_every_epoch
+    assert weights.keys() == weights_every_epoch.keys() and weights
+    assert all(torch.equal(weights[n], weights_every_epoch[n]) for n in weights)
+    assert any(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # the update moved them
+
+
 def test_loss_types_weigh_samples_that_train_different_numbers_of_steps(tmp_path, tiny_dir):
     """With 'cps' the last of the 4 steps is deterministic (not recorded), so a sample whose random
     half of the steps holds it trains 1 step instead of 2. On policy with beta 0 every trained entry's

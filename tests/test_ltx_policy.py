@@ -422,3 +422,98 @@ def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
     for a, b in zip(with_cache, without, strict=True):
         assert torch.equal(a, b)
     assert computed == [4, 4, 4, 4, 4, 4]  # uncached: every one of the 5 forwards computes them
+
+
+def test_a_fully_valid_text_mask_is_dropped_on_cpu_and_changes_no_bit(policy, monkeypatch):
+    """Text whose mask marks every token valid (NSP's connector output) reaches the transformer
+    without a mask (the unmasked cross-attention kernel), with bitwise the rollout, the recomputed
+    log-prob and its gradient of the masked forward; a padded prompt keeps its mask."""
+    import policies.ltx as ltx
+
+    width = policy.transformer.config.caption_channels
+    embeds = torch.randn(2, 6, width, generator=torch.Generator().manual_seed(2))
+    full = torch.ones(2, 6, dtype=torch.bool)
+    cond = policy.prepare_condition(
+        [{"prompt_embeds": e, "prompt_attention_mask": m} for e, m in zip(embeds, full, strict=True)]
+    )
+    sampling = SamplingConfig(**FAST, sde_steps=[0, 1])
+    masks = []
+    hook = policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["encoder_attention_mask"]), with_kwargs=True
+    )
+
+    def run() -> tuple[torch.Tensor, ...]:
+        rollout = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4, 5, 6])
+        rescored = policy.log_prob(rollout, torch.tensor([0, 1, 1, 0]))
+        (grad,) = torch.autograd.grad(rescored.log_prob.sum(), policy.transformer.proj_out.weight)
+        return rollout.final_latents, rollout.log_probs, rescored.log_prob.detach(), grad
+
+    try:
+        dropped = run()
+        assert len(masks) == 5 and all(m is None for m in masks)  # 4 steps and the recompute
+        masks.clear()
+        monkeypatch.setattr(ltx, "_text_mask", lambda mask: mask)  # the masked forward
+        masked = run()
+        assert len(masks) == 5 and all(m is not None for m in masks)
+        monkeypatch.undo()
+        masks.clear()
+        padded = _condition(policy, ["a red ball"], cfg=False)
+        assert not padded["prompt_attention_mask"].all()
+        policy.rollout(padded, sampling=SamplingConfig(**FAST), seeds=[0])
+        assert len(masks) == 4 and all(m is not None for m in masks)
+    finally:
+        hook.remove()
+    for a, b in zip(dropped, masked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_timestep_embeddings_are_reused_for_equal_timesteps_and_change_no_bit(policy):
+    """`TimeEmbeddingCache`: the per-token timestep embedding (image-to-video: every token has its own
+    timestep) runs once per distinct timestep tensor; rollout, recomputed log-prob and gradient are
+    bitwise those of the uncached embedding; new weights, or weights that train, are computed afresh."""
+    from policies.ltx import TimeEmbeddingCache
+
+    embed = policy.transformer.time_embed
+    assert isinstance(embed, TimeEmbeddingCache)
+    uncached_class = type(embed).__mro__[2]  # the diffusers class under the cache
+    cond = _condition(policy, ["a red ball", "a green ball"], cfg=False, i2v=True)
+    sampling = SamplingConfig(**FAST, sde_steps=[0, 1])
+
+    def run() -> tuple[torch.Tensor, ...]:
+        first = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4, 5, 6])
+        again = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[7, 8, 9, 10])
+        rescored = policy.log_prob(first, torch.tensor([0, 1, 1, 0]))
+        (grad,) = torch.autograd.grad(rescored.log_prob.sum(), policy.transformer.proj_out.weight)
+        return first.final_latents, again.log_probs, rescored.log_prob.detach(), grad
+
+    computed = []
+    hook = embed.linear.register_forward_hook(lambda module, args, out: computed.append(args[0].shape[0]))
+    cached_class = type(embed)
+    trains = [w.requires_grad for w in embed.parameters()]
+    embed.requires_grad_(False)  # frozen, as under LoRA
+    try:
+        embed.__dict__.pop("_cached_timesteps", None)
+        with_cache = run()
+        assert len(computed) == 5  # the first rollout's 4 steps and the recompute's per-sample steps
+        embed.__class__ = uncached_class
+        computed.clear()
+        without = run()
+        assert len(computed) == 9  # every forward: 4 + 4 steps and the recompute
+        embed.__class__ = cached_class
+        computed.clear()
+        with torch.no_grad():
+            embed.linear.weight.mul_(1.0)  # the same values, but written: computed afresh
+        policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4, 5, 6])
+        assert len(computed) == 4
+        computed.clear()
+        embed.linear.weight.requires_grad_(True)  # full fine-tuning trains the embedding
+        out = policy.log_prob(policy.rollout(cond, sampling=sampling, seeds=[1, 2]), 0)
+        (grad,) = torch.autograd.grad(out.log_prob.sum(), embed.linear.weight)
+        assert len(computed) == 4 + 1 and grad.abs().sum() > 0  # a new batch size; the recompute's
+    finally:
+        hook.remove()
+        for weight, was in zip(embed.parameters(), trains, strict=True):
+            weight.requires_grad_(was)
+        embed.__class__ = cached_class
+    for a, b in zip(with_cache, without, strict=True):
+        assert torch.equal(a, b)

@@ -4,54 +4,70 @@
 # to two cores (taskset -c 2i,2i+1), OMP_NUM_THREADS=2, no GPU (CUDA_VISIBLE_DEVICES=). Each run is
 # benchmarks/toy_learning.py for one seed (the `nextscene train` CLI in a subprocess), which writes
 # its held-out base / final verifiable reward, gain, median iteration time and median x iterations
-# (the issue's "training time") to $OUT/<variant>_seed<S>.json; the runs' metrics.jsonl are copied
-# next to them and $OUT/quickstart_sweep.json sums up every variant (gains, seeds passing +0.10,
-# the slowest seed's training time and whether it is <= 300 s).
+# (the issue's "training time") to <variant>_seed<S>.json; the runs' logs and metrics.jsonl go next to
+# them, all of it packed into one tar, $OUT/quickstart_sweep.tar, and $OUT/quickstart_sweep.json sums
+# up every variant (per seed: base, final, gain, median iteration seconds, training seconds; seeds
+# passing +0.10; the slowest seed's training time and whether it is <= 300 s). Two files in $OUT, so
+# they come back from a device call.
 #
 #   benchmarks/scripts/quickstart_sweep.sh VARIANT...      (at most 6 runs: 2 variants x 3 seeds)
-#   OUT=/tmp/sweep SEEDS="0 1 2" benchmarks/scripts/quickstart_sweep.sh it60_lr6e-3_linear it60_lr1e-2_linear
+#   OUT=/tmp/sweep SEEDS="0 1 2" benchmarks/scripts/quickstart_sweep.sh it60_bon8 it60_bon16
 #
-# Needs 2 x (variants x seeds) cores and about 7 minutes for 6 runs side by side (each <= 300 s of
-# training, two held-out evaluations, start-up). Why 60 iterations: most of the shipped recipe's
-# held-out gain is there by iteration 60 (benchmarks/results/toy_learning.json: +0.086 / +0.063 /
-# +0.060 at 60, +0.071 / +0.107 / +0.082 at 120) and its training reward plateaus from about
-# iteration 50, the raw policy oscillating around it; a learning rate decayed to 0 is the usual way
-# to settle higher. Variants: recipe overrides on top of the shipped recipe; the it60 ones drop the
-# KL term (beta 0: no reference forward, a third of the update; it weighs 0.004 x ~0.01 in the
-# loss), evaluate only the base and the final policy and save only `final`:
+# Needs 2 x (variants x seeds) cores. Why 60 iterations: most of the shipped recipe's held-out gain is
+# there by iteration 60 (the evaluations at 60 of its 120-iteration runs: +0.086 / +0.063 / +0.060 in
+# benchmarks/results/toy_learning.json, +0.069 / +0.102 / +0.106 in best_of_n_vs_group.json's plain
+# groups, against +0.071 / +0.107 / +0.082 and +0.065 / +0.110 / +0.104 at 120), and an iteration of
+# the same trajectory is the same whether the run stops at 60 or 120 (constant learning rate), so
+# `it60`'s gains are those. Its time is not: 60 x ~5 s is at the 300 s limit. The it60 variants
+# evaluate only the base and the final policy and save only `final`; the KL term stays (without it the
+# it60_lr* variants below unlearned, and a 240-iteration run without it collapsed:
+# toy_ablations_recorded.json). Variants: recipe overrides on top of the shipped recipe:
 #   shipped             the recipe as it is: 120 iterations (~11 min, over the limit:
 #                       benchmarks/results/toy_learning.json holds its before-number)
-#   it60                60 iterations, the shipped constant learning rate 3e-3
-#   it60_lr6e-3         60 iterations, constant 6e-3
-#   it60_lr6e-3_linear  60 iterations, 6e-3 decayed linearly to 0
-#   it60_lr1e-2_linear  60 iterations, 1e-2 decayed linearly to 0
+#   it60                60 iterations of the shipped recipe
+#   it60_bon8           60 iterations, each group's 2 best and 2 worst of its 8 samples trained
+#                       (best_of_n_keep [2, 2]): the same rollouts and held-out evaluation as the shipped
+#                       recipe, half the update (16 of the 32 samples); 20 iterations on a shared CPU
+#                       (seed 0, one thread): +0.033 against +0.058 for the shipped settings, at 0.77x
+#                       their median iteration (0.71x of their CPU time)
+#   it60_bon16          60 iterations, 2 contexts x 16 samples, the 4 best and 4 worst trained: the same
+#                       32 rolled-out samples, half the update; best_of_n_vs_group.json measured it at
+#                       +0.073 / +0.104 / +0.098 by iteration 60 (plain groups +0.069 / +0.102 / +0.106);
+#                       its held-out evaluation draws 16 samples per context (twice the shipped one's)
+#   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
+#   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
+#                       benchmarks/results/quickstart_sweep.json)
+#   it60_lr1e-2_linear  60 iterations without the KL term, 1e-2 decayed linearly to 0 (unlearned)
 # and, for the iteration time alone (30 iterations, one held-out row: their gains mean nothing;
 # ~3 minutes), the shipped settings as they are and without the KL term:
 #   speed_shipped       compare with benchmarks/results/rollout_batching_quickstart.json's base
 #   speed_beta0
-set -euo pipefail
+set -euo pipefail -o noglob  # noglob: overrides such as best_of_n_keep=[2,2] stay words
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/quickstart_sweep/out}
 RUNS=${RUNS:-runs/quickstart_sweep}
 SEEDS=${SEEDS:-0 1 2}
 PYTHON=${PYTHON:-python}
-LIMIT_S=${LIMIT_S:-540}  # one run's wall-clock limit: 10 minutes per call, less installs and the summary
+LIMIT_S=${LIMIT_S:-480}  # one run's wall-clock limit: the whole call within 8.5 minutes (10 per call, less start-up)
 EXTRA=${EXTRA:-}  # overrides after the variant's, e.g. a smoke test: "trainer.max_iterations=1 trainer.eval_every=1"
 
 overrides() {
-  local fast="trainer.beta=0 trainer.save_steps=0 trainer.max_iterations=60 trainer.eval_every=60"
+  local it60="trainer.save_steps=0 trainer.max_iterations=60 trainer.eval_every=60"
+  local fast="$it60 trainer.beta=0"
   local speed="trainer.save_steps=0 trainer.max_iterations=30 trainer.eval_every=30 data.num_eval=1"
   case "$1" in
     shipped) echo "" ;;
-    it60) echo "$fast" ;;
+    it60) echo "$it60" ;;
+    it60_bon8) echo "$it60 trainer.best_of_n_keep=[2,2]" ;;
+    it60_bon16) echo "$it60 trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]" ;;
     it60_lr6e-3) echo "$fast trainer.learning_rate=6e-3" ;;
     it60_lr6e-3_linear) echo "$fast trainer.learning_rate=6e-3 trainer.lr_scheduler_type=linear" ;;
     it60_lr1e-2_linear) echo "$fast trainer.learning_rate=1e-2 trainer.lr_scheduler_type=linear" ;;
     speed_shipped) echo "$speed" ;;
     speed_beta0) echo "$speed trainer.beta=0" ;;
     *)
-      echo "unknown variant '$1' (shipped it60 it60_lr6e-3 it60_lr6e-3_linear it60_lr1e-2_linear" \
-        "speed_shipped speed_beta0)" >&2
+      echo "unknown variant '$1' (shipped it60 it60_bon8 it60_bon16 it60_lr6e-3 it60_lr6e-3_linear" \
+        "it60_lr1e-2_linear speed_shipped speed_beta0)" >&2
       return 2
       ;;
   esac
@@ -59,7 +75,8 @@ overrides() {
 
 [ $# -ge 1 ] || { echo "usage: $0 VARIANT..." >&2; exit 2; }
 for variant in "$@"; do overrides "$variant" >/dev/null; done  # every name checked before any run
-mkdir -p "$OUT" "$RUNS"
+FILES=$RUNS/files  # what is packed into $OUT/quickstart_sweep.tar
+mkdir -p "$OUT" "$RUNS" "$FILES"
 slot=0
 pids=()
 for variant in "$@"; do
@@ -67,8 +84,8 @@ for variant in "$@"; do
     # shellcheck disable=SC2046  # the overrides are words
     CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout "$LIMIT_S" taskset -c "$((2 * slot)),$((2 * slot + 1))" \
       "$PYTHON" benchmarks/toy_learning.py --seeds "$seed" --out-dir "$RUNS/$variant" \
-      --json "$OUT/${variant}_seed${seed}.json" --overrides $(overrides "$variant") $EXTRA \
-      >"$OUT/${variant}_seed${seed}.log" 2>&1 &
+      --json "$FILES/${variant}_seed${seed}.json" --overrides $(overrides "$variant") $EXTRA \
+      >"$FILES/${variant}_seed${seed}.log" 2>&1 &
     pids+=($!)
     slot=$((slot + 1))
   done
@@ -77,30 +94,45 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for variant in "$@"; do
   for seed in $SEEDS; do
-    cp "$RUNS/$variant/seed_$seed/metrics.jsonl" "$OUT/${variant}_seed${seed}_metrics.jsonl" 2>/dev/null || true
+    cp "$RUNS/$variant/seed_$seed/metrics.jsonl" "$FILES/${variant}_seed${seed}_metrics.jsonl" 2>/dev/null || true
   done
 done
-"$PYTHON" - "$OUT" "$@" <<'PY'
+"$PYTHON" - "$FILES" "$@" <<'PY'
 import json, sys
 from pathlib import Path
 
-out, variants = Path(sys.argv[1]), sys.argv[2:]
+files, variants = Path(sys.argv[1]), sys.argv[2:]
 summary = {}
 for variant in variants:
-    runs = [json.loads(p.read_text())["runs"][0] for p in sorted(out.glob(f"{variant}_seed*.json"))]
+    runs = []
+    for path in sorted(files.glob(f"{variant}_seed*.json")):
+        runs += json.loads(path.read_text())["runs"]
     if not runs:
         summary[variant] = {"runs": 0}
         continue
     slowest = max(r["training_seconds"] for r in runs)
     summary[variant] = {
         "runs": len(runs),
-        "gains": {r["seed"]: round(r["gain"], 4) for r in runs},
+        "seeds": {
+            r["seed"]: {
+                "base": round(r["base"]["mean"], 4),
+                "final": round(r["grpo"]["mean"], 4),
+                "gain": round(r["gain"], 4),
+                "evaluations": {step: round(mean, 4) for step, mean in r["evaluations"].items()},
+                "iterations": r["iterations"],
+                "median_iteration_seconds": round(r["median_iteration_seconds"], 3),
+                "training_seconds": round(r["training_seconds"], 1),
+                "wall_seconds": round(r["seconds"], 1),
+            }
+            for r in runs
+        },
         "seeds_passing_0.10": sum(r["gain"] >= 0.10 for r in runs),
-        "median_iteration_seconds": {r["seed"]: r["median_iteration_seconds"] for r in runs},
         "training_seconds_max": round(slowest, 1),
         "within_300_s": slowest <= 300,
     }
-(out / "quickstart_sweep.json").write_text(json.dumps(summary, indent=1))
+(files / "quickstart_sweep.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PY
+cp "$FILES/quickstart_sweep.json" "$OUT/" 2>/dev/null || true
+tar -cf "$OUT/quickstart_sweep.tar" -C "$FILES" .
 exit "$status"
