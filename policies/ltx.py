@@ -863,9 +863,10 @@ class TimeEmbeddingCache:
     context of a rollout, the update recomputes the rollout's steps and the reference forward the
     policy's, and every iteration walks the same schedule. An equal timestep tensor (shape, dtype and
     values) under the same weights gets back the very tensors computed for it, so every result is
-    bitwise what the uncached embedding gives. CPU only, like `CachedRope`; computed afresh when the
-    embedding trains (grad mode on and a weight requiring grad), after its weights changed (their
-    versions), and in inference mode (whose tensors autograd could not reuse).
+    bitwise what the uncached embedding gives. CPU only, like `CachedRope`; never used while a weight of
+    the embedding requires grad (it trains: full fine-tuning, where FSDP2 also re-gathers the weights
+    without bumping their versions), computed afresh after its weights changed (their versions: EMA
+    swaps, loading), and not in inference mode (whose tensors autograd could not reuse).
     """
 
     max_cached_timesteps = 16
@@ -883,7 +884,7 @@ class TimeEmbeddingCache:
             added_cond_kwargs is not None
             or timestep.device.type != "cpu"
             or torch.is_inference_mode_enabled()
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or any(p.requires_grad for p in params)
         ):
             return super().forward(*args)
         key = (
