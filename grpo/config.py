@@ -374,8 +374,8 @@ class GRPOConfig(VideoTrainerConfig):
     nextclip_groups: Literal["video", "branch"] = field(
         default="video",
         metadata={
-            "help": "Next-clip groups: G whole videos (video), or per clip G samples continuing one "
-            "shared history, the group's first video's clips (branch)."
+            "help": "Next-clip groups: G whole videos, or per clip G samples continuing the first "
+            "video's clips (branch)."
         },
     )
     best_of_n_keep: list[int] | None = field(

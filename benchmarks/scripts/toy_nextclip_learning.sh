@@ -42,6 +42,7 @@ overrides() {  # the recipe overrides of a variant, then EXTRA
   esac
 }
 
+for variant in $VARIANTS; do overrides "$variant" >/dev/null; done  # unknown names stop here
 slot=0
 pids=()
 for variant in $VARIANTS; do
