@@ -371,6 +371,13 @@ class GRPOConfig(VideoTrainerConfig):
     adv_clip: float | None = field(
         default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]; null disables."}
     )
+    nextclip_groups: Literal["video", "branch"] = field(
+        default="video",
+        metadata={
+            "help": "Next-clip groups: G whole videos, or per clip G samples continuing the first "
+            "video's clips (branch)."
+        },
+    )
     best_of_n_keep: list[int] | None = field(
         default=None,
         metadata={
@@ -515,6 +522,19 @@ class GRPOConfig(VideoTrainerConfig):
                 "best_of_n_keep",
                 f"{keep} keeps {sum(keep)} of num_generations {self.num_generations}; keep at most "
                 f"{self.num_generations} or raise num_generations",
+            )
+        if self.nextclip_groups == "branch":
+            _require(
+                self.best_of_n_keep is None,
+                "nextclip_groups",
+                "'branch' ranks no whole videos, so best-of-N cannot select: set best_of_n_keep null "
+                "or nextclip_groups video",
+            )
+            _require(
+                (self.rollout_batch_size or group) >= group,
+                "rollout_batch_size",
+                f"{size} splits each group over several rollout calls, but nextclip_groups 'branch' "
+                f"shares one history per group: use a multiple of num_generations {group} (or null)",
             )
         _require(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
         _require(self.beta >= 0, "beta", f"must be >= 0 (0 = no KL penalty), got {self.beta}")

@@ -245,6 +245,7 @@ def rollout_groups(
     rows_per_call: int,
     autocast: Any,
     timing: dict[str, float] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Rollout, list[tuple[int, dict[str, Any], Rollout]]]]:
     """The rollout step GRPO and evaluation share: each row's ``num_generations`` samples (sample
     ``i * num_generations + g`` of row ``i`` seeded by ``seeds`` at that place), ``rows_per_call`` rows
@@ -252,7 +253,8 @@ def rollout_groups(
     rollout call; ``rows`` is read a chunk at a time (`_HeldOutRows` reads the dataset then). Yields
     each call's rollout and its groups, ``(index in rows, row, the row's samples)``, so the caller
     scores a group while the next call rolls out. ``timing["rollout_s"]``
-    (if given) adds the time spent conditioning and rolling out."""
+    (if given) adds the time spent conditioning and rolling out. ``options``: further keyword
+    arguments of every ``policy.rollout`` call (e.g. a next-clip policy's ``branch``)."""
     timing = {} if timing is None else timing
     timing.setdefault("rollout_s", 0.0)
     for k in range(0, len(rows), rows_per_call):
@@ -266,7 +268,11 @@ def rollout_groups(
             picks = [(k + j) * num_generations + g + i for j in range(len(chunk)) for i in range(part_size)]
             with torch.no_grad(), autocast:
                 part = policy.rollout(
-                    condition, num_generations=part_size, sampling=sampling, seeds=[seeds[i] for i in picks]
+                    condition,
+                    num_generations=part_size,
+                    sampling=sampling,
+                    seeds=[seeds[i] for i in picks],
+                    **(options or {}),
                 )
             timing["rollout_s"] += time.perf_counter() - tick
             groups = [

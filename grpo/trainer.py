@@ -48,6 +48,7 @@ from grpo.loss import grpo_loss, loss_weights
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
+from policies.nextclip import NextClipPolicy
 from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.sde import kl_divergence
@@ -108,6 +109,11 @@ class GRPOTrainer(Stage):
         self.local_prompts = args.num_prompts_per_iteration // self.world_size
         self.output_dir = Path(args.output_dir)
 
+        if args.nextclip_groups == "branch" and not isinstance(policy, NextClipPolicy):
+            raise InputError(
+                f"nextclip_groups 'branch' needs a next-clip policy, got {type(policy).__name__}: "
+                "set trainer.nextclip_groups video"
+            )
         self.policy = policy.to(self.accelerator.device)
         # validate the geometry and sampler settings before any model work
         self.sampling = self._sampling(args.sde_steps(0))
@@ -214,6 +220,7 @@ class GRPOTrainer(Stage):
             rows_per_call=self.args.rollout_rows_per_call,
             autocast=self.state.autocast,
             timing=clock,
+            options={"branch": True} if self.args.nextclip_groups == "branch" else None,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
             for part, groups in calls:
@@ -252,7 +259,9 @@ class GRPOTrainer(Stage):
         """Decode and score one group. A next-clip rollout (``num_clips`` > 0) also gets every
         reward's per-clip scores, ``metadata["clip_rewards/<name>"]`` (a list per video): the reward's
         own ``clip_scores`` column if it has one (history -> clip consistency), else its video score
-        repeated for every clip."""
+        repeated for every clip. A branched rollout (``nextclip_groups: branch``) needs every reward's
+        own clip scores: its samples' clips continue the group's shared history, not one another, so
+        they are scored clip by clip, never as one video."""
         tick = time.perf_counter()
         with torch.no_grad():
             videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
@@ -266,6 +275,12 @@ class GRPOTrainer(Stage):
         if num_clips:
             for name in self.reward.names:
                 own = out.metadata.get(f"{name}/clip_scores")
+                if own is None and self.args.nextclip_groups == "branch":
+                    raise InputError(
+                        f"reward {name!r} gives no per-clip scores, which nextclip_groups 'branch' needs "
+                        "(its videos are clips of different histories): use per-clip rewards (e.g. "
+                        "toyworld_verifiable with per_clip: true) or nextclip_groups video"
+                    )
                 if own is None:
                     own = [None] * n
                 if any(c is not None and len(c) != num_clips for c in own):

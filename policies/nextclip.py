@@ -81,6 +81,9 @@ from policies.sampler import ChainRecord, draw_noise, recorded_steps, rescore, r
 from policies.schedules import LTX2_SHIFT_DEFAULTS, LTX_SHIFT_DEFAULTS, ltx_sigmas
 
 CONFIG_NAME = "nextclip.json"
+# conditioning key of a branched rollout: per row, the generated clips every sample of the row's group
+# continues (its first sample's), ``[P, num_clips * T, C]``
+BRANCH_HISTORY = "branch_history_latents"
 
 
 @dataclass
@@ -463,9 +466,18 @@ class NextClipPolicy(LTXPolicy):
         sampling: SamplingConfig | None = None,
         seeds: list[int] | None = None,
         use_cache: bool = True,
+        branch: bool = False,
     ) -> Rollout:
         """Generate ``sampling.num_frames / clip_frames`` clips after the context, ``num_generations``
         videos per conditioning row, each clip by its own stochastic chain (module docstring).
+
+        ``branch``: a tree rollout. For every clip the ``num_generations`` samples of a row continue
+        one shared history, the context plus the clips of the row's first sample (the trunk, itself
+        a whole video), so each sample's clip ``k`` differs from the others' only by its own chain:
+        per-clip group advantages then compare clips with the same history. Sample ``b``'s
+        ``final_latents`` are its own clips (clip ``k`` continuing the trunk's clips ``< k``); the
+        trunk's clips are kept per row as ``condition["branch_history_latents"]``, which `log_prob`
+        uses as the history. Same cost as whole videos (G chains per clip).
 
         ``condition``: `prepare_condition`'s dict (``context_latents`` optional: without it the first
         clip has no history). Sample ``b`` uses row ``b // num_generations`` and ``seeds[b]``.
@@ -482,7 +494,8 @@ class NextClipPolicy(LTXPolicy):
         device = self.device
         seeds, condition_index, generators = sample_plan(rows, num_generations, seeds, device)
         batch = len(seeds)
-        condition = {k: v.to(device) for k, v in condition.items()}
+        # a branched rollout's shared clips are its own output, never an input
+        condition = {k: v.to(device) for k, v in condition.items() if k != BRANCH_HISTORY}
         history_noise = self._history_noise(seeds, (num_context + num_clips) * tokens)
         sigmas, timesteps = ltx_sigmas(
             self.scheduler, sampling.num_inference_steps, tokens, self.shift_defaults
@@ -502,6 +515,8 @@ class NextClipPolicy(LTXPolicy):
             )
 
         record, finals = ChainRecord(), []
+        trunk = torch.div(torch.arange(batch, device=device), num_generations, rounding_mode="floor")
+        trunk = trunk * num_generations  # the first sample of each sample's group
         for g in range(num_clips):
             clip = num_context + g
             seen = self._history_input(history, history_noise)
@@ -523,12 +538,14 @@ class NextClipPolicy(LTXPolicy):
                 record=record,
             )
             finals.append(latents)
-            history = torch.cat([history, latents], dim=1)
+            history = torch.cat([history, latents[trunk] if branch else latents], dim=1)
             if cache is not None and g < num_clips - 1:  # the last clip is never anyone's history
                 new = self._history_input(history, history_noise)[:, -tokens:]
                 self.extend_history(cache, new, clip, text, latent_hw, tokens)
 
         final = torch.cat(finals, dim=1)
+        if branch:
+            condition = {**condition, BRANCH_HISTORY: final[trunk[::num_generations]]}
         return Rollout(
             **record.stacked(final.new_zeros((batch, tokens, channels))),
             final_latents=final,
@@ -577,8 +594,9 @@ class NextClipPolicy(LTXPolicy):
     ) -> sde_lib.StepOutput:
         """Re-score recorded (clip, step) ``step`` (a record position, int or ``[b]``) under the current
         weights: ``latents[:, step]`` of clip ``step_clips[step]`` with its history (context
-        plus the record's earlier generated clips) under the full clip-causal mask. Samples at
-        different clips are batched per clip. ``guidance_scale`` may only be None or 1 (no CFG)."""
+        plus the record's earlier generated clips, or a branched rollout's shared clips) under the
+        full clip-causal mask. Samples at different clips are batched per clip. ``guidance_scale``
+        may only be None or 1 (no CFG)."""
         _no_cfg(1.0 if guidance_scale is None else guidance_scale)
         device = rollout.latents.device
         steps = recorded_steps(step, rollout.num_samples, rollout.latents.shape[1], device)
@@ -591,6 +609,8 @@ class NextClipPolicy(LTXPolicy):
         )
         context = rollout.condition.get("context_latents")
         history = rollout.final_latents
+        if BRANCH_HISTORY in rollout.condition:  # a branched rollout: the group's shared clips
+            history = rollout.condition[BRANCH_HISTORY][rollout.condition_index].to(history.dtype)
         if context is not None:
             history = torch.cat([context[rollout.condition_index].to(history.dtype), history], dim=1)
         history = self._history_input(history, history_noise)
@@ -786,6 +806,7 @@ class NextClipLTX2Policy(NextClipPolicy, LTX2Policy):
         sampling: SamplingConfig | None = None,
         seeds: list[int] | None = None,
         use_cache: bool = True,
+        branch: bool = False,
     ) -> Rollout:
         """`NextClipPolicy.rollout` (video only: ``modalities: video``, no STG or modality guidance)."""
         settings = dict(self.sampling_overrides)
@@ -801,7 +822,12 @@ class NextClipLTX2Policy(NextClipPolicy, LTX2Policy):
                 "next-clip policies sample without guidance: set stg_scale 0 and modality_scale 1"
             )
         rollout = super().rollout(
-            condition, num_generations=num_generations, sampling=sampling, seeds=seeds, use_cache=use_cache
+            condition,
+            num_generations=num_generations,
+            sampling=sampling,
+            seeds=seeds,
+            use_cache=use_cache,
+            branch=branch,
         )
         rollout.extras["modalities"] = "video"
         return rollout

@@ -6,7 +6,7 @@ import torch
 
 import rewards
 from grpo.advantages import compute_advantages
-from grpo.config import GRPOConfig
+from grpo.config import ConfigError, GRPOConfig
 from grpo.trainer import GRPOTrainer
 from policies import NextClipPolicy
 from policies.errors import InputError
@@ -42,12 +42,19 @@ def two_clip_scores(videos, prompts, contexts, **metadata):
     return RewardOutput(scores=[0.0] * len(videos), metadata={"clip_scores": [[0.0, 1.0]] * len(videos)})
 
 
-def _trainer(tiny_dir, tmp_path, reward, **overrides):
+@rewards.register("test_clip_redness")
+def clip_redness(videos, prompts, contexts, **metadata):
+    """Per clip: its redness, judged on the clip alone (as the toy world's per-clip reward is)."""
+    clips = [[_redness(v[c * CLIP : (c + 1) * CLIP]) for c in range(len(v) // CLIP)] for v in videos]
+    return RewardOutput(scores=[sum(c) / len(c) for c in clips], metadata={"clip_scores": clips})
+
+
+def _trainer(tiny_dir, tmp_path, reward, contexts=1, **overrides):
     args = GRPOConfig(
         output_dir=str(tmp_path / "run"),
         num_frames=3 * CLIP,
         num_generations=4,
-        num_prompts_per_iteration=1,
+        num_prompts_per_iteration=contexts,
         num_inference_steps=2,
         beta=0.0,
         learning_rate=1e-3,
@@ -56,8 +63,10 @@ def _trainer(tiny_dir, tmp_path, reward, **overrides):
         seed=0,
         **overrides,
     )
-    context = torch.rand(CLIP, 32, 32, 3, generator=torch.Generator().manual_seed(0))
-    return GRPOTrainer(NextClipPolicy.from_pretrained(tiny_dir), reward, args, [{"context": context}])
+    context = torch.rand(contexts, CLIP, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    return GRPOTrainer(
+        NextClipPolicy.from_pretrained(tiny_dir), reward, args, [{"context": c} for c in context]
+    )
 
 
 def test_a_reward_on_clip_2_only_moves_clip_2_steps(tiny_dir, tmp_path):
@@ -105,6 +114,49 @@ def test_whole_video_rewards_give_every_clip_the_video_advantage(tiny_dir, tmp_p
 def test_clip_scores_must_cover_every_generated_clip(tiny_dir, tmp_path):
     trainer = _trainer(tiny_dir, tmp_path, "test_two_clip_scores")
     with pytest.raises(InputError, match="clip_scores of lengths \\[2\\] for 3 generated clips"):
+        trainer._rollout_and_score(trainer._rows_for(0), 0)
+
+
+def test_branch_groups_compare_clips_of_one_history(tiny_dir, tmp_path):
+    """``nextclip_groups: branch``: each group is one tree rollout (every sample's clip k continues the
+    group's first video's clips < k), the advantages of clip k are its G branches' scores normalised
+    among themselves (checked by hand), and the update recomputes the rollout's log-probs exactly."""
+    trainer = _trainer(
+        tiny_dir,
+        tmp_path,
+        "test_clip_redness",
+        contexts=2,
+        nextclip_groups="branch",
+    )
+    rollout, scores, _ = trainer._rollout_and_score(trainer._rows_for(0), 0)
+    shared = rollout.condition["branch_history_latents"]
+    assert shared.shape[0] == 2 and torch.equal(shared, rollout.final_latents[[0, 4]])
+    advantages, stats = trainer._advantages(scores)
+    clip_scores = scores.metadata["clip_rewards/test_clip_redness"]
+    assert advantages.shape == (8, 3)
+    for group in range(2):
+        for clip in range(3):
+            values = [clip_scores[group * 4 + i][clip] for i in range(4)]
+            mean = sum(values) / 4
+            std = (sum((v - mean) ** 2 for v in values) / 4) ** 0.5
+            for i, value in enumerate(values):
+                expected = max(-5.0, min(5.0, (value - mean) / (std + 1e-4)))
+                assert abs(float(advantages[group * 4 + i, clip]) - expected) <= 1e-4
+    assert stats["reward/test_clip_redness/zero_std_frac"] == 0.0
+    metrics = trainer._update(rollout, advantages, 0)
+    assert metrics["train/logprob_drift"] <= 1e-5  # recomputed under the shared history, before the step
+
+
+def test_branch_groups_refuse_what_they_cannot_do(tiny_dir, tmp_path):
+    common = {"output_dir": str(tmp_path), "num_generations": 4, "nextclip_groups": "branch"}
+    with pytest.raises(ConfigError, match="best-of-N cannot select"):
+        GRPOConfig(best_of_n_keep=[1, 1], **common)
+    with pytest.raises(ConfigError, match="splits each group over several rollout calls"):
+        GRPOConfig(rollout_batch_size=2, **common)
+    with pytest.raises(InputError, match="needs a next-clip policy, got object"):
+        GRPOTrainer(object(), "test_clip_redness", GRPOConfig(**common), [{"prompt": "a"}])
+    trainer = _trainer(tiny_dir, tmp_path, "test_video_redness", nextclip_groups="branch")
+    with pytest.raises(InputError, match="'test_video_redness' gives no per-clip scores"):
         trainer._rollout_and_score(trainer._rows_for(0), 0)
 
 

@@ -26,6 +26,7 @@ from test_nextclip_policy import (  # noqa: F401  (collected here, on the LTX-2 
     test_attention_backends_cannot_replace_the_clip_causal_attention,
     test_bad_input_fails_before_any_forward,
     test_batch_rollout_equals_one_sample_at_a_time,
+    test_branched_rollout_shares_the_trunks_history_and_recomputes_exactly,
     test_clip_causal_mask_in_the_transformer,
     test_clip_frames_must_fit_the_vae,
     test_decode_turns_each_clip_into_its_frames,

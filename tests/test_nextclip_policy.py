@@ -2,6 +2,7 @@
 pairs, teacher forcing against per-clip forwards, checkpoints, and early one-line errors."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -231,6 +232,39 @@ def test_per_sample_steps_across_clips_equal_single_step_calls(policy):
     torch.testing.assert_close(mixed.log_prob, rollout.log_probs[torch.arange(3), steps], rtol=0, atol=1e-5)
     with pytest.raises(InputError, match="not a recorded stochastic step"):
         policy.log_prob(rollout, torch.tensor([0, 1, 9]))
+
+
+def test_branched_rollout_shares_the_trunks_history_and_recomputes_exactly(policy):
+    """A tree rollout: for every clip the G samples of a row continue the row's first sample's clips.
+    The trunk is the whole-video rollout's own sample, clip 0 is every sample's (context only), later
+    clips are not; every recorded (clip, step) recomputes to 1e-5 under the shared history, cached ==
+    no cache, and a sub-rollout without its trunk keeps that history."""
+    cond = _condition(policy, rows=2)
+    seeds = [5, 6, 7, 8, 9, 10]
+    whole = policy.rollout(cond, num_generations=3, sampling=_fast(3), seeds=seeds)
+    tree = policy.rollout(cond, num_generations=3, sampling=_fast(3), seeds=seeds, branch=True)
+    plain = policy.rollout(
+        cond, num_generations=3, sampling=_fast(3), seeds=seeds, branch=True, use_cache=False
+    )
+    assert (tree.final_latents - plain.final_latents).abs().max() <= 1e-5
+    assert (tree.log_probs - plain.log_probs).abs().max() <= 1e-5
+    trunks = [0, 3]
+    torch.testing.assert_close(tree.final_latents[trunks], whole.final_latents[trunks], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tree.condition["branch_history_latents"], whole.final_latents[trunks])
+    clip0 = slice(0, TOKENS)
+    torch.testing.assert_close(tree.final_latents[:, clip0], whole.final_latents[:, clip0], rtol=0, atol=1e-5)
+    branches = [1, 2, 4, 5]
+    assert (tree.final_latents[branches, TOKENS:] - whole.final_latents[branches, TOKENS:]).abs().min() > 0
+    _assert_recompute_matches(policy, tree)
+    _assert_recompute_matches(policy, tree.select([5, 1]))
+    # the sample's own earlier clips are not its history: recomputing under them misses the record
+    own = replace(tree, condition={k: v for k, v in tree.condition.items() if k != "branch_history_latents"})
+    with torch.no_grad():
+        mismatch = (policy.log_prob(own, 4).log_prob - tree.log_probs[:, 4]).abs()  # clip 1, step 1
+    assert mismatch[trunks].max() <= 1e-5 and mismatch[branches].min() > 1e-4
+    # a branched rollout's condition given back as an input is not taken for a shared history
+    again = policy.rollout(tree.condition, num_generations=3, sampling=_fast(3), seeds=seeds)
+    torch.testing.assert_close(again.final_latents, whole.final_latents, rtol=0, atol=1e-5)
 
 
 def test_batch_rollout_equals_one_sample_at_a_time(policy):

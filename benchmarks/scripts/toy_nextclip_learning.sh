@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Next-clip GRPO on the toy world: does recipes/toy_nextclip_grpo.yaml raise the held-out per-clip
+# verifiable reward over its pretrained base (checkpoints/toy_nextclip) on seeds 0 1 2? One call, one
+# GPU host (>= 12 cores): every (variant, seed) run is its own `benchmarks/toy_learning.py` process,
+# all side by side on the one GPU, each pinned to 2 CPU cores (the tiny model is CPU-bound: one H200
+# iteration of the previous recipe took 3.3 s with 2 cores, one on 2 CPU cores alone ~80 s).
+#
+#   bash benchmarks/scripts/toy_nextclip_learning.sh                       # the recipe + "video"
+#   VARIANTS="recipe" bash benchmarks/scripts/toy_nextclip_learning.sh     # the recipe only
+#
+# Variants (VARIANTS, default "recipe video"):
+#   recipe  the recipe as shipped          -> benchmarks/results/toy_nextclip_learning.json
+#   video   trainer.nextclip_groups=video  -> benchmarks/results/toy_nextclip_learning_video.json
+#           (whole-video groups, all else equal: what the branched groups add)
+#   group   trainer.scale_rewards=group    -> benchmarks/results/toy_nextclip_learning_group.json
+#   allsde  every step stochastic and trained (timestep_selection=all)
+#                                          -> benchmarks/results/toy_nextclip_learning_allsde.json
+# EXTRA: overrides for every run (a dry run: EXTRA="trainer.max_iterations=1 trainer.eval_every=1").
+# A run longer than LIMIT seconds (default 470) is stopped and its variant is not merged. The merged
+# JSONs, each run's log, metrics.jsonl and held-out scores (one tar) are copied to $OUT. On a host
+# with fewer than 2 cores per run, every run shares all cores.
+set -euo pipefail
+
+RUNS=$(realpath -m "${RUNS:-runs}")
+OUT=${OUT:-$RUNS/out}
+LIMIT=${LIMIT:-470}
+VARIANTS=${VARIANTS:-recipe video}
+EXTRA=${EXTRA:-}
+mkdir -p "$RUNS" "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+recipe=recipes/toy_nextclip_grpo.yaml
+
+overrides() {  # the recipe overrides of a variant, then EXTRA
+  echo -n "$EXTRA "
+  case $1 in
+  recipe) ;;
+  video) echo trainer.nextclip_groups=video ;;
+  group) echo trainer.scale_rewards=group ;;
+  allsde) echo trainer.timestep_selection=all ;;
+  *) echo "unknown variant $1 (recipe, video, group, allsde)" >&2; exit 2 ;;
+  esac
+}
+
+for variant in $VARIANTS; do overrides "$variant" >/dev/null; done  # unknown names stop here
+slot=0
+pids=()
+for variant in $VARIANTS; do
+  read -ra extra <<<"$(overrides "$variant")"
+  for seed in 0 1 2; do
+    cores=$((2 * slot))-$((2 * slot + 1))
+    [[ $(nproc) -ge $((2 * slot + 2)) ]] || cores=0-$(($(nproc) - 1))
+    OMP_NUM_THREADS=2 timeout "$LIMIT" taskset -c "$cores" python benchmarks/toy_learning.py \
+      --recipe "$recipe" --seeds "$seed" --out-dir "$RUNS/toy_nextclip_$variant" \
+      --json "$RUNS/toy_nextclip_${variant}_seed$seed.json" --overrides "${extra[@]}" \
+      >"$RUNS/toy_nextclip_${variant}_seed$seed.log" 2>&1 &
+    pids+=($!)
+    slot=$((slot + 1))
+  done
+done
+start=$SECONDS
+for pid in "${pids[@]}"; do wait "$pid" || true; done
+echo "all runs ended after $((SECONDS - start)) s"
+
+for variant in $VARIANTS; do
+  read -ra extra <<<"$(overrides "$variant")"
+  json=benchmarks/results/toy_nextclip_learning.json
+  [[ $variant == recipe ]] || json=benchmarks/results/toy_nextclip_learning_$variant.json
+  if ls "$RUNS/toy_nextclip_$variant"/seed_{0,1,2}/final >/dev/null 2>&1; then
+    python benchmarks/toy_learning.py --recipe "$recipe" --seeds 0 1 2 --reuse \
+      --out-dir "$RUNS/toy_nextclip_$variant" --json "$json" --overrides "${extra[@]}"
+    cp "$json" "$OUT/"
+  else
+    echo "variant $variant: not every seed finished within $LIMIT s; see its logs" >&2
+    tail -n 5 "$RUNS/toy_nextclip_${variant}"_seed*.log >&2
+  fi
+done
+tar -cf "$OUT/toy_nextclip_runs.tar" -C "$RUNS" --exclude='*.safetensors' --exclude='*.mp4' \
+  $(cd "$RUNS" && ls -d toy_nextclip_*)
