@@ -103,6 +103,13 @@ class TrainerConfig:
             "help": "Shard full fine-tuning over the ranks with FSDP2 (fully_shard per block); not with LoRA."
         },
     )
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto",
+        metadata={
+            "help": "FSDP2 compute dtype: weights all-gathered and used in this dtype, fp32 master weights "
+            "and gradient reduction either way; 'auto': bf16 with mixed_precision bf16, else fp32."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
     )
@@ -184,6 +191,8 @@ class TrainerConfig:
         if self.bf16:
             self.mixed_precision = "bf16"
         self.bf16 = self.mixed_precision == "bf16"
+        if self.fsdp_param_dtype == "auto":
+            self.fsdp_param_dtype = "bf16" if self.bf16 else "fp32"
         _require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(

@@ -216,10 +216,11 @@ class GRPOTrainer(Stage):
             timing=clock,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            for part, groups in calls:
-                parts.append(part)
-                for _, row, own in groups:
-                    futures.append(scorer.submit(self._score_group, own, row))
+            with self.state.rollout_weights():
+                for part, groups in calls:
+                    parts.append(part)
+                    for _, row, own in groups:
+                        futures.append(scorer.submit(self._score_group, own, row))
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
