@@ -165,7 +165,8 @@ class TrainerConfig:
         _require(
             not (self.fsdp and self.use_lora),
             "fsdp",
-            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights)",
+            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights; "
+            "exporting an adapter from FSDP2-sharded weights is not supported yet)",
         )
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
