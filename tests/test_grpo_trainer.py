@@ -294,6 +294,31 @@ def test_fsdp2_bf16_matches_one_process_and_resumes_across_world_sizes(tmp_path,
         assert moved > 1e-3 and diff <= 0.01 * moved
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 1e-5), ("bf16", 2e-3)])
+def test_fsdp2_rollout_keeps_weights_gathered_without_changing_samples(tmp_path, tiny_dir, dtype, tolerance):
+    """Inside `TrainingState.rollout_weights` the blocks stay gathered between forwards and are
+    resharded at the end; the rollout is bitwise the one without it, and recomputation outside it
+    gives its log-probs back (fp32: rounding; bf16 on CPU: bf16 rounding, as bf16 autocast without FSDP)."""
+    out = tmp_path / "rollout.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29526"]
+        + [str(REPO / "tests" / "scripts" / "fsdp_rollout_worker.py"), str(tiny_dir), str(out), dtype],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    print(f"FSDP2 {dtype} rollout: {seen}")
+    assert seen["after_plain"] == [True]  # without it: resharded after every forward
+    assert seen["inside"] == [False] and seen["after"] == [True]
+    assert seen["latents_equal"] and seen["log_probs_equal"]
+    assert seen["recompute_max_abs"] <= tolerance
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
