@@ -106,8 +106,8 @@ class TrainerConfig:
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(
         default="auto",
         metadata={
-            "help": "FSDP2 compute dtype: weights all-gathered and used in this dtype, fp32 master weights "
-            "and gradient reduction either way; 'auto': bf16 with mixed_precision bf16, else fp32."
+            "help": "FSDP2 compute dtype (fp32 master weights and grad reduction); "
+            "auto: bf16 if mixed_precision is."
         },
     )
     gradient_checkpointing: bool = field(
