@@ -263,10 +263,10 @@ def _init_single_process_group(device: torch.device) -> None:
 def _fully_shard(module: torch.nn.Module, param_dtype: torch.dtype) -> None:
     """FSDP2: shard every repeated block (diffusers' ``_repeated_blocks``), then the root module.
 
-    Weights stay fp32 in the shards (the optimizer's master weights); forwards all-gather them in
-    ``param_dtype`` and gradients are reduce-scattered in fp32. Each block's forward prefetches the
-    next block's all-gather (the backward prefetches the previous block by default), so
-    communication overlaps the compute of the block before it.
+    The shards keep the weights' own dtype (fp32 for full fine-tuning: the optimizer's master
+    weights); forwards all-gather them in ``param_dtype`` and gradients are reduce-scattered in
+    fp32. Each block's forward prefetches the next block's all-gather (the backward prefetches the
+    previous block by default), so communication overlaps the compute of the block before it.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
