@@ -331,12 +331,16 @@ class LTX2Policy(LTXPolicy):
         video RoPE of the audio<->video cross-attention (``cross_attn_rope``), which diffusers' plan
         leaves whole; the audio stream stays whole on every rank (its attention sees each audio token
         once per rank, which leaves softmax-weighted averages unchanged). Every rank must call this and
-        then run the same forwards on the same inputs. Rollouts and log-prob recomputation (no
-        gradient) are supported; a forward with gradients raises, see `_check_context_parallel`.
-        Runs on CPU (gloo) as on GPU (NCCL).
+        then run the same forwards on the same inputs. Training forwards work too: each rank's
+        gradients are its share, and summed over the ranks they are the one-process gradients
+        (`policies.context_parallel`: diffusers' Ulysses backward fixed for cross-attention, the
+        replicated audio stream's gradient divided by the ranks); averaging them instead, as DDP
+        and FSDP do, needs the loss multiplied by the number of ranks. Runs on CPU (gloo) as on GPU.
         """
         import torch.distributed as dist
         from diffusers.models._modeling_parallel import ContextParallelConfig
+
+        from policies.context_parallel import install_ulysses_backward
 
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise InputError("context parallelism needs several processes (launch with torchrun)")
@@ -360,6 +364,7 @@ class LTX2Policy(LTXPolicy):
                 self.transformer.enable_parallelism(config=cp_config, cp_plan=plan)
         else:
             self.transformer.enable_parallelism(config=cp_config, cp_plan=plan)
+        install_ulysses_backward()
         self.context_parallel = degree
 
     def _check_context_parallel(
@@ -367,12 +372,6 @@ class LTX2Policy(LTXPolicy):
     ) -> None:
         """What a context-parallel forward cannot do, as one-line errors before any collective."""
         degree = self.context_parallel
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "context parallelism runs rollouts and log-prob recomputation, not training forwards: "
-                "diffusers 0.42's Ulysses backward reshapes key/value gradients with the query's "
-                "length, which fails for LTX-2's text and audio<->video cross-attention"
-            )
         for what, length in (("video", video.shape[1]), ("text", text_mask.shape[-1])):
             if length % degree:
                 raise InputError(
@@ -632,6 +631,10 @@ class LTX2Policy(LTXPolicy):
             return_dict=False,
             **guidance_kwargs,
         )
+        if self.context_parallel > 1 and torch.is_grad_enabled():
+            from policies.context_parallel import scale_grad
+
+            audio_out = scale_grad(audio_out, 1.0 / self.context_parallel)  # computed whole on every rank
         return video_out.float(), audio_out.float()
 
     def velocity(

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_context_parallel_rollout_matches_one_process_and_recomputes_exactly(tmp_path):
+def test_context_parallel_matches_one_process_in_rollout_recompute_and_gradients(tmp_path):
     checkpoint = build_tiny_ltx2(tmp_path / "tiny_ltx2")
     out = tmp_path / "cp.json"
     result = subprocess.run(
@@ -48,4 +48,6 @@ def test_context_parallel_rollout_matches_one_process_and_recomputes_exactly(tmp
     # recomputation under context parallelism gives back the rollout's own log-probs exactly
     assert diffs["recompute_max_abs"] == 0.0
     assert diffs["ranks_max_abs"] == 0.0  # every rank holds the whole gathered output
-    assert "not training forwards" in diffs["grad_error"]
+    # training through it: the ranks' gradient shares sum to the one-process gradients (fp32 rounding)
+    assert diffs["grad_names"] and diffs["grad_scale"] > 1e-3
+    assert diffs["grad_max_abs"] <= 1e-5 * diffs["grad_scale"]

@@ -1,6 +1,6 @@
-"""Run under `torchrun --nproc_per_node 2`: a tiny LTX-2 rollout on one process and then context
-parallel over both, and the context-parallel log-prob recomputation; rank 0 writes the differences
-to OUT (JSON; used by tests/test_context_parallel.py).
+"""Run under `torchrun --nproc_per_node 2`: a tiny LTX-2 rollout and log-prob gradients on one process
+and then context parallel over both, and the context-parallel log-prob recomputation; rank 0 writes
+the differences to OUT (JSON; used by tests/test_context_parallel.py).
 
 Usage: cp_worker.py CHECKPOINT OUT"""
 
@@ -45,18 +45,25 @@ def main(checkpoint: str, out: str) -> None:
         noise_level=0.7,
         guidance_scale=3.0,
     )
+    policy.transformer.requires_grad_(True)
+
+    def gradients(rollout) -> dict[str, torch.Tensor]:
+        """Of the summed log-probs of every recorded step (a forward and backward through CFG)."""
+        policy.transformer.zero_grad(set_to_none=True)
+        sum(policy.log_prob(rollout, k).log_prob.sum() for k in range(rollout.log_probs.shape[1])).backward()
+        return {n: p.grad.clone() for n, p in policy.transformer.named_parameters() if p.grad is not None}
+
     with torch.no_grad():
         single = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[5, 6])
-        policy.enable_context_parallel()
+    reference = gradients(single)
+    policy.enable_context_parallel()
+    with torch.no_grad():
         parallel = policy.rollout(cond, num_generations=2, sampling=sampling, seeds=[5, 6])
         steps = parallel.log_probs.shape[1]
         recomputed = torch.stack([policy.log_prob(parallel, k).log_prob for k in range(steps)], dim=1)
-    try:
-        with torch.enable_grad():
-            policy.log_prob(parallel, 0)
-        grad_error = ""
-    except NotImplementedError as error:
-        grad_error = str(error)
+    shares = gradients(single)  # each rank's share of the same loss's gradients
+    for grad in shares.values():
+        dist.all_reduce(grad)
     gathered = [None, None]
     dist.all_gather_object(gathered, parallel.final_latents)
     if dist.get_rank() == 0:
@@ -68,7 +75,9 @@ def main(checkpoint: str, out: str) -> None:
             "log_prob_max_abs": (parallel.log_probs - single.log_probs).abs().max().item(),
             "recompute_max_abs": (recomputed - parallel.log_probs).abs().max().item(),
             "ranks_max_abs": (gathered[0] - gathered[1]).abs().max().item(),
-            "grad_error": grad_error,
+            "grad_names": sorted(shares) == sorted(reference),
+            "grad_max_abs": max((shares[n] - reference[n]).abs().max().item() for n in reference),
+            "grad_scale": max(g.abs().max().item() for g in reference.values()),
         }
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
