@@ -10,8 +10,9 @@ LTX-2, diffusers' defaults, ``--layers`` of its 48 blocks), launched as one proc
            ranks, forwards and backwards in bf16 (trainer.fsdp_param_dtype), fp32 gradient reduction
     cp     (ltx2) context parallelism: every GPU works on the same G samples of one long video, each
            denoiser forward's tokens split over all GPUs (`LTX2Policy.enable_context_parallel`);
-           times a rollout and the log-prob recomputation of its trained steps (no update: see
-           README, multi-GPU) at each ``--cp-settings`` geometry, "oom" where it does not fit
+           times a rollout and the forward + backward of its trained steps' log-probs (the update
+           without its optimizer step: the GRPO trainer does not run context parallel yet) at each
+           ``--cp-settings`` geometry, "oom" where it does not fit
 
 Weak scaling for lora / full: every GPU rolls out and trains the same number of prompts, so perfect
 scaling keeps samples/s per GPU constant; ``scaling`` = (samples/s per GPU on N) / (samples/s per
@@ -169,7 +170,8 @@ def context_parallel(
     world: int,
     device: Any,
 ) -> None:
-    """Rollout + log-prob recomputation of G samples at each geometry, tokens split over all ranks."""
+    """Rollout, then the trained steps' log-probs with their backward, of G samples at each geometry,
+    the tokens split over all ranks."""
     import time
 
     import torch
@@ -179,6 +181,10 @@ def context_parallel(
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         policy.enable_context_parallel()
+    # the update's forwards and backwards: gradients of every weight (no optimizer step)
+    policy.transformer.requires_grad_(True)
+    if args.gradient_checkpointing:
+        policy.transformer.enable_gradient_checkpointing()
     condition = {k: v[None].to(device) for k, v in rows[0].items()}
     g = run["generations"]
     settings: dict[str, Any] = {}
@@ -200,22 +206,25 @@ def context_parallel(
                     torch.cuda.reset_peak_memory_stats(device)
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
-                ):
-                    rollout = policy.rollout(
-                        condition, num_generations=g, sampling=sampling, seeds=list(range(g))
-                    )
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    with torch.no_grad():
+                        rollout = policy.rollout(
+                            condition, num_generations=g, sampling=sampling, seeds=list(range(g))
+                        )
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                     rollout_s = time.perf_counter() - start
                     for k in range(run["trained"]):
-                        policy.log_prob(rollout, k)
+                        policy.log_prob(rollout, k).log_prob.sum().backward()
+                policy.transformer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                iteration_s = time.perf_counter() - start
                 metrics.append(
                     {
-                        "time/iteration_s": time.perf_counter() - start,
+                        "time/iteration_s": iteration_s,
                         "time/rollout_s": rollout_s,
+                        "time/update_s": iteration_s - rollout_s,
                         "memory/peak_gb": _peak_gib(device),
                     }
                 )
@@ -295,6 +304,7 @@ def summarise(raw: dict[str, Any], measured: list[dict[str, float]] | None = Non
         "samples_per_s": samples_per_s,
         "samples_per_s_per_gpu": samples_per_s / world,
         "rollout_s": median("time/rollout_s"),
+        "update_s": median("time/update_s"),  # cp only (the trainer does not time its update apart)
         "reward_s": median("time/reward_s"),
         "reward_hidden_frac": median("time/reward_hidden_frac"),
         "peak_gib": median("memory/peak_gb"),

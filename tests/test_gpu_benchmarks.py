@@ -187,7 +187,8 @@ def test_gpu_scaling_smoke_ltx2_full_fsdp_and_context_parallel(tmp_path):
     )
     for row in (full, cp):
         assert row["samples_per_s"] > 0 and len(row["raw"]) == 2 and row["scaling"] == 1.0
-    # context parallel: both GPUs work on the same G samples
+    # context parallel: both GPUs work on the same G samples (rollout, then the update's forward + backward)
+    assert cp["rollout_s"] > 0 and cp["update_s"] > 0
     assert cp["samples_per_s"] == pytest.approx(result["run"]["generations"] / cp["iteration_s"])
     assert "| cp | 9x64x64 | 2 | 1 |" in gpu_scaling.format_table(result)
 
