@@ -311,6 +311,12 @@ class GRPOConfig(VideoTrainerConfig):
             "forward."
         },
     )
+    context_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "LTX-2: split every denoiser forward's tokens over all ranks, which share samples."
+        },
+    )
     rollout_batch_size: int | None = field(
         default=None,
         metadata={
@@ -446,6 +452,11 @@ class GRPOConfig(VideoTrainerConfig):
             self.steps_per_forward is None or self.steps_per_forward >= 1,
             "steps_per_forward",
             f"must be >= 1 or null (all), got {self.steps_per_forward}",
+        )
+        _require(
+            not (self.context_parallel and self.fsdp),
+            "context_parallel",
+            "with fsdp is not supported yet (both would use the same ranks): set fsdp: false",
         )
         size, group = self.rollout_batch_size, self.num_generations
         _require(
