@@ -11,8 +11,8 @@ LTX-2, diffusers' defaults, ``--layers`` of its 48 blocks), launched as one proc
     cp     (ltx2) context parallelism: every GPU works on the same G samples of one long video, each
            denoiser forward's tokens split over all GPUs (`LTX2Policy.enable_context_parallel`);
            times a rollout and the forward + backward of its trained steps' log-probs (the update
-           without its optimizer step: the GRPO trainer does not run context parallel yet) at each
-           ``--cp-settings`` geometry, "oom" where it does not fit
+           of trainer.context_parallel without its optimizer step) at each ``--cp-settings``
+           geometry, "oom" where it does not fit
 
 Weak scaling for lora / full: every GPU rolls out and trains the same number of prompts, so perfect
 scaling keeps samples/s per GPU constant; ``scaling`` = (samples/s per GPU on N) / (samples/s per
