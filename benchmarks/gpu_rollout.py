@@ -816,8 +816,11 @@ LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
 LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline's max_sequence_length
 
 
-def build_ltx2_policy(tiny: bool, device: torch.device, dtype: torch.dtype, perturbed_attn: bool) -> Any:
-    """A random-weight LTX-2 policy: the released config (diffusers' defaults), or the tiny checkpoint."""
+def build_ltx2_policy(
+    tiny: bool, device: torch.device, dtype: torch.dtype, perturbed_attn: bool, num_layers: int | None = None
+) -> Any:
+    """A random-weight LTX-2 policy: the released config (diffusers' defaults; ``num_layers`` of its 48
+    blocks, None: all), or the tiny checkpoint."""
     import tempfile
 
     from diffusers import (
@@ -849,7 +852,9 @@ def build_ltx2_policy(tiny: bool, device: torch.device, dtype: torch.dtype, pert
         try:
             with torch.device(device):
                 policy = LTX2Policy(
-                    LTX2VideoTransformer3DModel(perturbed_attn=perturbed_attn),
+                    LTX2VideoTransformer3DModel(
+                        perturbed_attn=perturbed_attn, **({"num_layers": num_layers} if num_layers else {})
+                    ),
                     # the released VAE's config.json states its ratios; the class defaults would
                     # derive 64x / 16x from its layer list
                     AutoencoderKLLTX2Video(spatial_compression_ratio=32, temporal_compression_ratio=8),

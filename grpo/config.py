@@ -103,6 +103,13 @@ class TrainerConfig:
             "help": "Shard full fine-tuning over the ranks with FSDP2 (fully_shard per block); not with LoRA."
         },
     )
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto",
+        metadata={
+            "help": "FSDP2 compute dtype (fp32 master weights and grad reduction); "
+            "auto: bf16 if mixed_precision is."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
     )
@@ -158,7 +165,8 @@ class TrainerConfig:
         _require(
             not (self.fsdp and self.use_lora),
             "fsdp",
-            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights)",
+            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights; "
+            "exporting an adapter from FSDP2-sharded weights is not supported yet)",
         )
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -184,6 +192,8 @@ class TrainerConfig:
         if self.bf16:
             self.mixed_precision = "bf16"
         self.bf16 = self.mixed_precision == "bf16"
+        if self.fsdp_param_dtype == "auto":
+            self.fsdp_param_dtype = "bf16" if self.bf16 else "fp32"
         _require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(
@@ -299,6 +309,12 @@ class GRPOConfig(VideoTrainerConfig):
         metadata={
             "help": "Trained steps of every sample per update forward: 1 = least memory; null = all in one "
             "forward."
+        },
+    )
+    context_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "LTX-2: split every denoiser forward's tokens over all ranks, which share samples."
         },
     )
     rollout_batch_size: int | None = field(
@@ -443,6 +459,11 @@ class GRPOConfig(VideoTrainerConfig):
             self.steps_per_forward is None or self.steps_per_forward >= 1,
             "steps_per_forward",
             f"must be >= 1 or null (all), got {self.steps_per_forward}",
+        )
+        _require(
+            not (self.context_parallel and self.fsdp),
+            "context_parallel",
+            "with fsdp is not supported yet (both would use the same ranks): set fsdp: false",
         )
         size, group = self.rollout_batch_size, self.num_generations
         _require(

@@ -99,8 +99,10 @@ class GRPOTrainer(Stage):
             )
 
         self.accelerator = make_accelerator()
-        self.world_size = self.accelerator.num_processes
-        self.rank = self.accelerator.process_index
+        # context parallelism: every rank works on the same samples, each on a part of every forward
+        self.context_parallel = args.context_parallel and self.accelerator.num_processes > 1
+        self.world_size = 1 if self.context_parallel else self.accelerator.num_processes
+        self.rank = 0 if self.context_parallel else self.accelerator.process_index
         if args.num_prompts_per_iteration % self.world_size != 0:
             raise InputError(
                 f"num_prompts_per_iteration={args.num_prompts_per_iteration} does not split over "
@@ -122,6 +124,8 @@ class GRPOTrainer(Stage):
             add_lora(self.policy, args)
         elif args.beta > 0:
             self.policy.keep_reference_copy()
+        if self.context_parallel:
+            self._enable_context_parallel(eval_dataset is not None and args.eval_every > 0)
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
         self.rows = RowSampler(len(train_dataset), args.seed)
@@ -139,6 +143,20 @@ class GRPOTrainer(Stage):
         self.outage_iterations, self.outage_reason = 0, ""  # iterations in a row a reward was down
 
     # ------------------------------------------------------------------ the stage
+    def _enable_context_parallel(self, evaluates: bool) -> None:
+        """Split the policy's denoiser over all ranks (after LoRA, whose layers the split must wrap)."""
+        if not hasattr(self.policy, "enable_context_parallel"):
+            raise InputError(
+                f"trainer.context_parallel: {type(self.policy).__name__} has no context parallelism "
+                "(LTX-2 policies have): set it false"
+            )
+        if evaluates:
+            raise NotImplementedError(
+                "held-out evaluation splits rows over the ranks, which context parallelism makes "
+                "share every forward: set trainer.eval_every: 0 with trainer.context_parallel"
+            )
+        self.policy.enable_context_parallel()
+
     def train(self) -> list[dict[str, Any]]:
         """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics."""
         return self.engine.run()
@@ -223,10 +241,11 @@ class GRPOTrainer(Stage):
             options={"branch": True} if self.args.nextclip_groups == "branch" else None,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            for part, groups in calls:
-                parts.append(part)
-                for _, row, own in groups:
-                    futures.append(scorer.submit(self._score_group, own, row))
+            with self.state.rollout_weights():
+                for part, groups in calls:
+                    parts.append(part)
+                    for _, row, own in groups:
+                        futures.append(scorer.submit(self._score_group, own, row))
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
@@ -448,7 +467,11 @@ class GRPOTrainer(Stage):
                                 samples=idx,
                                 reference_means=reference_means,
                             )
-                            self.accelerator.backward(loss)
+                            # context parallel ranks hold shares of one gradient: DDP averages
+                            # them, so the loss counts once per rank to make that their sum
+                            self.accelerator.backward(
+                                loss * (self.accelerator.num_processes / self.world_size)
+                            )
                         if trains[:, cols].any():  # statistics of no trained entry are undefined
                             for key, value in step_stats.items():
                                 stats[key].append(float(value))

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from grpo.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
 from policies.errors import InputError
@@ -23,7 +23,10 @@ class TrainingState:
     Data parallelism: with several processes the transformer is wrapped by accelerate (DDP) and
     the policy's training forwards go through the wrapper; with ``fsdp: true`` it is instead
     sharded in place with FSDP2 (``fully_shard`` on each repeated block, then the root), so each
-    rank holds 1/N of the weights, gradients and optimizer state. Counts optimizer steps; saves
+    rank holds 1/N of the fp32 weights, gradients and optimizer state, and computes with the weights
+    cast to ``fsdp_param_dtype`` (bf16 halves every all-gather; gradients are reduced in fp32).
+    ``fsdp: true`` shards on one process too (a one-rank group), so a recipe computes the same way
+    at every world size and its checkpoints resume at any other. Counts optimizer steps; saves
     and restores everything a run needs to continue exactly (gathering full tensors under FSDP).
     """
 
@@ -39,9 +42,10 @@ class TrainingState:
             use_deterministic_algorithms()
         if args.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
-        self.fsdp = args.fsdp and accelerator.num_processes > 1
+        self.fsdp = args.fsdp
         if self.fsdp:
-            _fully_shard(policy.transformer)
+            _init_single_process_group(accelerator.device)
+            _fully_shard(policy.transformer, _DTYPES[args.fsdp_param_dtype])
         self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
         # weights outside the transformer (e.g. the NSP queries and connector): replicated on every
         # rank, their gradients averaged by hand before each optimizer step
@@ -86,6 +90,29 @@ class TrainingState:
         if self.fsdp:
             return _fsdp_no_sync(self.wrapped)
         return self.accelerator.no_sync(self.wrapped)
+
+    @contextlib.contextmanager
+    def rollout_weights(self) -> Iterator[None]:
+        """Keep the transformer's weights gathered across the forwards of a rollout (FSDP2).
+
+        Training reshards each block after its forward (the backward gathers it again); a rollout
+        runs no backward, so resharding would only repeat the same all-gathers every denoising step.
+        Inside this context each block is gathered once, at its first forward; all are resharded at
+        the end. The gathered weights are the ones training computes with: log-probs are unchanged.
+        """
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.wrapped.modules() if isinstance(m, FSDPModule)]
+        self.wrapped.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            self.wrapped.set_reshard_after_forward(True)
+            for module in modules:
+                module.reshard()
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, update the EMA; returns the gradient norm before clipping."""
@@ -135,11 +162,16 @@ class TrainingState:
         )
 
     def resume(self) -> int:
-        """Restore from ``resume_from_checkpoint`` (``auto``: the newest complete one); returns its step."""
+        """Restore from ``resume_from_checkpoint`` (``auto``: the newest complete one); returns its step.
+
+        A checkpoint written by another number of processes resumes too (full tensors are saved and
+        every draw of an iteration comes from the recipe's seed); only the ranks' own RNG states, used
+        by draws without a generator of their own (dropout), are then left as seeded."""
         path = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir)
         if path is None:
             return 0
-        ckpt = load_checkpoint(path, rank=self.accelerator.process_index)
+        same_world = check_checkpoint(path)["world_size"] == self.accelerator.num_processes
+        ckpt = load_checkpoint(path, rank=self.accelerator.process_index, restore_rng=same_world)
         if set(ckpt.model_state) != set(self.trainable):
             example = sorted(set(self.trainable) ^ set(ckpt.model_state))[:3]
             raise InputError(
@@ -215,15 +247,37 @@ class TrainingState:
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def _fully_shard(module: torch.nn.Module) -> None:
-    """FSDP2: shard every repeated block (diffusers' ``_repeated_blocks``), then the root module."""
-    from torch.distributed.fsdp import fully_shard
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    blocks = set(getattr(module, "_repeated_blocks", ()))
-    for child in module.modules():
-        if type(child).__name__ in blocks:
-            fully_shard(child)
-    fully_shard(module)
+
+def _init_single_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group; a one-process run (no launcher) gets a one-rank group of its own."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _fully_shard(module: torch.nn.Module, param_dtype: torch.dtype) -> None:
+    """FSDP2: shard every repeated block (diffusers' ``_repeated_blocks``), then the root module.
+
+    The shards keep the weights' own dtype (fp32 for full fine-tuning: the optimizer's master
+    weights); forwards all-gather them in ``param_dtype`` and gradients are reduce-scattered in
+    fp32. Each block's forward prefetches the next block's all-gather (the backward prefetches the
+    previous block by default), so communication overlaps the compute of the block before it.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    names = set(getattr(module, "_repeated_blocks", ()))
+    blocks = [child for child in module.modules() if type(child).__name__ in names]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
 
 
 @contextlib.contextmanager

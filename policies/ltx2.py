@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -319,6 +320,75 @@ class LTX2Policy(LTXPolicy):
         # LTX2SamplingConfig fields applied when a rollout is given a plain SamplingConfig (e.g. the
         # GRPO trainer's): modalities and guidance from the recipe's policy section
         self.sampling_overrides: dict = {}
+        self.context_parallel = 1  # ranks each denoiser forward's video and text tokens are split over
+
+    def enable_context_parallel(self) -> None:
+        """Split every denoiser forward's video and text tokens over all ranks (Ulysses attention).
+
+        Through diffusers' context parallelism: the transformer's ``_cp_plan`` shards the video tokens,
+        text tokens and video RoPE over the ranks, attention exchanges heads for tokens (all-to-all),
+        and the output is gathered, so every rank gets the full velocity. The plan is extended with the
+        video RoPE of the audio<->video cross-attention (``cross_attn_rope``), which diffusers' plan
+        leaves whole; the audio stream stays whole on every rank (its attention sees each audio token
+        once per rank, which leaves softmax-weighted averages unchanged). Every rank must call this and
+        then run the same forwards on the same inputs. Training forwards work too: each rank's
+        gradients are its share, and summed over the ranks they are the one-process gradients
+        (`policies.context_parallel`: diffusers' Ulysses backward fixed for cross-attention, the
+        replicated audio stream's gradient divided by the ranks); averaging them instead, as DDP
+        and FSDP do, needs the loss multiplied by the number of ranks. Runs on CPU (gloo) as on GPU.
+        """
+        import torch.distributed as dist
+        from diffusers.models._modeling_parallel import ContextParallelConfig
+
+        from policies.context_parallel import install_ulysses_backward
+
+        if not dist.is_initialized() or dist.get_world_size() < 2:
+            raise InputError("context parallelism needs several processes (launch with torchrun)")
+        degree = dist.get_world_size()
+        config = self.transformer.config
+        for name in ("num_attention_heads", "audio_num_attention_heads"):
+            if getattr(config, name) % degree:
+                raise InputError(
+                    f"context parallelism over {degree} ranks splits attention heads: the transformer's "
+                    f"{name} {getattr(config, name)} is not divisible by {degree}; use a divisor of it"
+                )
+        plan = dict(self.transformer._cp_plan)
+        plan["cross_attn_rope"] = plan["rope"]
+        mesh = dist.device_mesh.init_device_mesh(
+            self.transformer.device.type, (1, degree), mesh_dim_names=("ring", "ulysses")
+        )
+        cp_config = ContextParallelConfig(ulysses_degree=degree, mesh=mesh)
+        if torch.accelerator.device_count() == 0:
+            # diffusers picks the rank's device as rank % device_count(): give CPU ranks one "device"
+            with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+                self.transformer.enable_parallelism(config=cp_config, cp_plan=plan)
+        else:
+            self.transformer.enable_parallelism(config=cp_config, cp_plan=plan)
+        install_ulysses_backward()
+        self.context_parallel = degree
+
+    def _check_context_parallel(
+        self, video: torch.Tensor, video_timestep: torch.Tensor, text_mask: torch.Tensor
+    ) -> None:
+        """What a context-parallel forward cannot do, as one-line errors before any collective."""
+        degree = self.context_parallel
+        for what, length in (("video", video.shape[1]), ("text", text_mask.shape[-1])):
+            if length % degree:
+                raise InputError(
+                    f"context parallelism over {degree} ranks splits the {what} tokens: {length} is not "
+                    f"divisible by {degree}; choose a size (num_frames/height/width, prompt length) "
+                    "that is"
+                )
+        if video_timestep.ndim > 1:
+            raise NotImplementedError(
+                "context parallelism with per-token timesteps (image conditioning) is not supported: "
+                "diffusers' plan does not split them"
+            )
+        if not bool(text_mask.bool().all()):
+            raise NotImplementedError(
+                "context parallelism needs unpadded text (the connectors' learnable registers fill "
+                "the padding): diffusers' Ulysses attention cannot split an attention mask over heads"
+            )
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -538,6 +608,10 @@ class LTX2Policy(LTXPolicy):
         use_wrapper = self._wrapped_transformer is not None and not self._in_reference
         dtype = self.transformer.dtype
         frames, height, width = geometry.latent_shape
+        mask = text[2]
+        if self.context_parallel > 1:
+            self._check_context_parallel(video, video_timestep, mask)
+            mask = None  # all ones (checked): no bias, and nothing the Ulysses split would break
         video_out, audio_out = (self._wrapped_transformer if use_wrapper else self.transformer)(
             hidden_states=video.to(dtype),
             audio_hidden_states=audio.to(dtype),
@@ -546,8 +620,8 @@ class LTX2Policy(LTXPolicy):
             timestep=video_timestep,
             audio_timestep=timestep,
             sigma=timestep,
-            encoder_attention_mask=text[2],
-            audio_encoder_attention_mask=text[2],
+            encoder_attention_mask=mask,
+            audio_encoder_attention_mask=mask,
             num_frames=frames,
             height=height,
             width=width,
@@ -557,6 +631,10 @@ class LTX2Policy(LTXPolicy):
             return_dict=False,
             **guidance_kwargs,
         )
+        if self.context_parallel > 1 and torch.is_grad_enabled():
+            from policies.context_parallel import scale_grad
+
+            audio_out = scale_grad(audio_out, 1.0 / self.context_parallel)  # computed whole on every rank
         return video_out.float(), audio_out.float()
 
     def velocity(

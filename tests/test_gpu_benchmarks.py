@@ -167,7 +167,30 @@ def test_gpu_scaling_smoke_one_and_two_processes(tmp_path):
         assert row["samples_per_s_per_gpu"] == pytest.approx(row["samples_per_s"] / row["gpus"])
         assert math.isfinite(row["reward_hidden_frac"])
     assert two["scaling"] == pytest.approx(two["samples_per_s_per_gpu"] / one["samples_per_s_per_gpu"])
-    assert "| lora | 2 | 1 |" in gpu_scaling.format_table(result)
+    assert "| lora | - | 2 | 1 |" in gpu_scaling.format_table(result)
+
+
+@pytest.mark.slow
+def test_gpu_scaling_smoke_ltx2_full_fsdp_and_context_parallel(tmp_path):
+    """The LTX-2 modes on two CPU processes: full fine-tuning under FSDP2 and a context-parallel rollout."""
+    path = tmp_path / "scaling.json"
+    args = ["--tiny", "--model", "ltx2", "--gpus", "2", "--modes", "full,cp", "--iterations", "1"]
+    result = gpu_scaling.main([*args, "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    full, cp = result["configs"]
+    assert (full["mode"], full["gpus"], cp["mode"], cp["gpus"], cp["setting"]) == (
+        "full",
+        2,
+        "cp",
+        2,
+        "9x64x64",
+    )
+    for row in (full, cp):
+        assert row["samples_per_s"] > 0 and len(row["raw"]) == 2 and row["scaling"] == 1.0
+    # context parallel: both GPUs work on the same G samples (rollout, then the update's forward + backward)
+    assert cp["rollout_s"] > 0 and cp["update_s"] > 0
+    assert cp["samples_per_s"] == pytest.approx(result["run"]["generations"] / cp["iteration_s"])
+    assert "| cp | 9x64x64 | 2 | 1 |" in gpu_scaling.format_table(result)
 
 
 @pytest.mark.parametrize("name", ["multi_gpu.yaml", "multi_node.yaml"])
