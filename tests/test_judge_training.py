@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from grpo.cli import main
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
-from grpo.judge_training import JudgeCollator, frames
+from grpo.judge_training import JudgeCollator, frames, pair_order, verdict_loss
 from policies.tiny_qwen_vl import build_tiny_qwen_vl
 from policies.video_io import write_video
 from rewards.judge.local import InProcessJudge
@@ -161,6 +161,38 @@ def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_pr
         ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=2), ["frozen"]
     )
     assert all(0 < p < 1 for p in p_yes(judge, table))
+
+
+def test_pair_order_puts_a_yes_and_a_no_of_one_context_side_by_side():
+    """Every row appears; at even positions, a yes followed by a no is always one group's pair, and
+    each group gives min(#yes, #no) such pairs (leftovers never form a yes-then-no unit)."""
+    groups = ["a", "a", "a", "b", "b", "c", "c", "c", "c", None, None, "d"]
+    yes = [True, False, False, True, True, False, True, True, False, True, False, False]
+    for n in (12, 11):  # 6 leftover rows; 5, one of which then comes twice
+        order = pair_order(groups[:n], yes[:n], torch.Generator().manual_seed(n))
+        assert set(order) == set(range(n)) and len(order) == 12
+        pairs = [(i, j) for i, j in zip(order[0::2], order[1::2]) if yes[i] and not yes[j]]
+        assert all(groups[i] == groups[j] for i, j in pairs)
+        assert sorted(groups[i] for i, _ in pairs) == ["a", "c", "c"]
+        assert pair_order(groups[:n], yes[:n], torch.Generator().manual_seed(n)) == order  # seeded
+
+
+def test_verdict_loss_is_the_cross_entropy_plus_bradley_terry_on_the_pairs():
+    """Checked against transformers' own loss (weight 0) and a closed-form Bradley-Terry term."""
+    torch.manual_seed(0)
+    yes_id, no_id, vocab = 3, 5, 9
+    logits = torch.randn(4, 6, vocab)
+    labels = torch.full((4, 6), -100)
+    labels[:, 4] = torch.tensor([yes_id, no_id, no_id, yes_id])  # pair (0, 1); (2, 3) is no-then-yes
+    out = type("Out", (), {"logits": logits})()
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    ce = ForCausalLMLoss(logits, labels, vocab)
+    assert verdict_loss(out, labels, [yes_id, no_id], 0.0) == pytest.approx(ce.item(), abs=1e-6)
+    at = logits[:, 3]
+    d = torch.log_softmax(at, -1)[:, yes_id] - torch.log_softmax(at, -1)[:, no_id]
+    bt = -torch.nn.functional.logsigmoid(d[0] - d[1])
+    assert verdict_loss(out, labels, [yes_id, no_id], 0.5) == pytest.approx((ce + 0.5 * bt).item(), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
