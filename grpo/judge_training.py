@@ -584,10 +584,17 @@ def train_judge(
             positive = [v == config.choices[0] for v in rows["verdict"]]
             return PairSampler(rows["group"], positive, args.seed)
 
-    verdict_ids = [collator._completions[label][0] for label in config.choices]
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if not paired:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            loss = verdict_loss(outputs, labels, verdict_ids, args.pair_loss_weight, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
 
-    def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        return verdict_loss(outputs, labels, verdict_ids, args.pair_loss_weight, num_items_in_batch)
+    verdict_ids = [collator._completions[label][0] for label in config.choices]
 
     with logger:
         base = scored("base")
@@ -601,7 +608,6 @@ def train_judge(
             processing_class=tokenizer,
             data_collator=collator,
             callbacks=[Log()],
-            compute_loss_func=loss if paired else None,
         )
         trainer.remove_callback(PrinterCallback)  # the log goes to metrics.jsonl and the bar
         trainer.train()
