@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The toy judge in one GPU call (one H200, ~8 min): recipes/toy_judge_sft_gpu.yaml trained at three
-# learning rates side by side (a tiny judge leaves the GPU mostly idle; each process simulates its
-# scenes and builds its batches on 4 CPU processes), the one with the best held-out separation on the
-# recipe's validation split is kept, then benchmarks/judge_auroc.py scores the untrained base and all
+# The toy judge in one GPU call (one H200 + ~6 CPU cores, <= 8 min): recipes/toy_judge_sft_gpu.yaml
+# (verdict loss + the pair term) trained at three learning rates side by side (a tiny judge leaves the
+# GPU mostly idle; each process simulates its scenes and builds its batches on 2 CPU processes), the
+# one with the best held-out separation on the recipe's validation split is kept, then benchmarks/judge_auroc.py scores the untrained base and all
 # three on fresh test-split scenes (true, perturbed, checkpoints/toy_nsp's own samples), writes
 # benchmarks/results/judge_auroc.json and the kept judge's provenance.json, and packs that judge for
 # checkpoints/toy_judge:
@@ -16,12 +16,12 @@ set -euo pipefail
 OUT=${OUT:-runs/toy_judge_gpu}
 RECIPE=recipes/toy_judge_sft_gpu.yaml
 RUNS=runs/toy-judge-sft-gpu
-LRS=${LRS:-"2e-5 5e-5 1e-4"}  # at this width 1e-4 or more wipes out the path from the answer to the frames
+LRS=${LRS:-"1.5e-4 3e-4 6e-4"}  # around the recipe's 3e-4 (CPU, width 128: 3e-4 learns, 1e-3 collapses)
 mkdir -p "$OUT" "$RUNS"
 trap 'tar -czf "$OUT/metrics.tar.gz" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
 start=$(date +%s)
 overrides() {  # the training overrides of one learning rate (recorded in the provenance as they ran)
-  echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=4 trainer.dataloader_num_workers=4 ${EXTRA:-}"
+  echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=2 trainer.dataloader_num_workers=2 ${EXTRA:-}"
 }
 for lr in $LRS; do
   python -m grpo.cli train $RECIPE $(overrides $lr) > "$OUT/train_lr$lr.log" 2>&1 &

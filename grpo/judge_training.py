@@ -76,8 +76,25 @@ class JudgeSFTConfig(TrainerConfig):
         },
     )
 
+    pair_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a Bradley-Terry term between the verdict logits (log P(yes) - log P(no)) of "
+            "a yes row and a no row of one context (toy: true vs perturbed; policy samples of one context), "
+            "batched side by side; what a tiny judge learns from where the verdict loss alone leaves it at "
+            "ln 2 (0: off; batch size must be even)"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.pair_loss_weight >= 0, "pair_loss_weight", f"must be >= 0, got {self.pair_loss_weight}")
+        _require(
+            self.pair_loss_weight == 0 or self.per_device_train_batch_size % 2 == 0,
+            "per_device_train_batch_size",
+            f"must be even with pair_loss_weight > 0 (pairs share a batch), got "
+            f"{self.per_device_train_batch_size}",
+        )
         _require(
             self.dataloader_num_workers >= 0,
             "dataloader_num_workers",
@@ -406,6 +423,75 @@ def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[st
     model.train(was_training)
 
 
+def pair_order(groups: Sequence[Any], positive: Sequence[bool], generator: Any) -> list[int]:
+    """One epoch's row order for `pair_loss_weight`: shuffled units of two rows. A unit is a yes row
+    then a no row of one group (one context) as long as a group has both; the rest go in twos ordered
+    so that a no never follows a yes within a unit (a lone last row is paired with itself), so
+    `verdict_loss` finds the pairs at even positions of every even-sized batch."""
+    import torch
+
+    by_group: dict[Any, tuple[list[int], list[int]]] = {}
+    for i, (group, yes) in enumerate(zip(groups, positive, strict=True)):
+        by_group.setdefault(("row", i) if group is None else group, ([], []))[0 if yes else 1].append(i)
+    units, rest = [], []
+    for yes_rows, no_rows in by_group.values():
+        units += [[y, n] for y, n in zip(yes_rows, no_rows)]
+        rest += yes_rows[len(no_rows) :] + no_rows[len(yes_rows) :]
+    rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    rest += rest[-1:] * (len(rest) % 2)
+    for a, b in zip(rest[0::2], rest[1::2]):
+        units.append([b, a] if positive[a] and not positive[b] else [a, b])
+    return [i for u in torch.randperm(len(units), generator=generator).tolist() for i in units[u]]
+
+
+class PairSampler:
+    """Row indices of a verdict table in `pair_order`, a fresh shuffle each epoch from ``seed``."""
+
+    def __init__(self, groups: Sequence[Any], positive: Sequence[bool], seed: int) -> None:
+        import torch
+
+        self.groups, self.positive = list(groups), list(positive)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.length = len(pair_order(self.groups, self.positive, torch.Generator().manual_seed(seed)))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Any:
+        return iter(pair_order(self.groups, self.positive, self.generator))
+
+
+def verdict_loss(
+    outputs: Any,
+    labels: Any,
+    verdict_ids: Sequence[int],
+    pair_weight: float,
+    num_items_in_batch: Any = None,
+) -> Any:
+    """The verdict's cross-entropy (as `SFTTrainer` computes it: summed over label tokens, divided by
+    ``num_items_in_batch``) plus ``pair_weight`` x the Bradley-Terry loss
+    ``softplus(-(d_yes - d_no))`` of each pair at even positions of the batch (`pair_order`), where
+    ``d = log P(yes) - log P(no)`` is the row's verdict logit. Why: a pair of one context differs only
+    in what the judge must learn, so its gradient carries the signal without the scene-to-scene noise
+    a single row's has; the verdict loss alone let a random tiny judge forget its inputs."""
+    import torch
+
+    at = (labels != -100).nonzero()
+    log_p = outputs.logits[at[:, 0], at[:, 1] - 1].float().log_softmax(-1)
+    target = labels[at[:, 0], at[:, 1]]
+    count = len(target) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_p.gather(1, target[:, None]).sum() / torch.as_tensor(count, device=log_p.device).clamp(min=1)
+    if pair_weight > 0:
+        if len(target) != len(labels):
+            raise InputError("pair_loss_weight needs exactly one verdict label per row")
+        d = log_p[:, verdict_ids[0]] - log_p[:, verdict_ids[1]]
+        even, odd = slice(0, len(d) - len(d) % 2, 2), slice(1, len(d), 2)
+        paired = (target[even] == verdict_ids[0]) & (target[odd] == verdict_ids[1])
+        bt = torch.nn.functional.softplus(d[odd] - d[even])
+        loss = loss + pair_weight * (bt * paired).sum() / paired.sum().clamp(min=1)
+    return loss
+
+
 def evaluate_judge(judge: Any, dataset: Any, prefix: str = "eval") -> dict[str, float]:
     """Mean P(positive) of the positive and negative rows of a verdict table, their gap
     (``separation``) and the verdict accuracy at 0.5, as the judge scores them (`InProcessJudge`);
@@ -487,17 +573,40 @@ def train_judge(
                 logger.log(metrics, step=state.global_step)
                 history.append(metrics)
 
+    collator = JudgeCollator(tokenizer, inputs_config, config, model.config)
+    paired = args.pair_loss_weight > 0
+
+    class JudgeTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if not paired:
+                return super()._get_train_sampler(train_dataset)
+            rows = train_dataset if train_dataset is not None else self.train_dataset
+            positive = [v == config.choices[0] for v in rows["verdict"]]
+            return PairSampler(rows["group"], positive, args.seed)
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if not paired:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            loss = verdict_loss(outputs, labels, verdict_ids, args.pair_loss_weight, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+    verdict_ids = [collator._completions[label][0] for label in config.choices]
+
     with logger:
         base = scored("base")
         if base:
             logger.log(base, step=0)
             history.append(base)
-        trainer = SFTTrainer(
+        trainer = JudgeTrainer(
             model=model,
             args=sft_config(args),
             train_dataset=train_rows,
             processing_class=tokenizer,
-            data_collator=JudgeCollator(tokenizer, inputs_config, config, model.config),
+            data_collator=collator,
             callbacks=[Log()],
         )
         trainer.remove_callback(PrinterCallback)  # the log goes to metrics.jsonl and the bar

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from grpo.cli import main
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
-from grpo.judge_training import JudgeCollator, frames
+from grpo.judge_training import JudgeCollator, frames, pair_order, verdict_loss
 from policies.tiny_qwen_vl import build_tiny_qwen_vl
 from policies.video_io import write_video
 from rewards.judge.local import InProcessJudge
@@ -161,6 +161,67 @@ def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_pr
         ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=2), ["frozen"]
     )
     assert all(0 < p < 1 for p in p_yes(judge, table))
+
+
+def test_pair_order_puts_a_yes_and_a_no_of_one_context_side_by_side():
+    """Every row appears; at even positions, a yes followed by a no is always one group's pair, and
+    each group gives min(#yes, #no) such pairs (leftovers never form a yes-then-no unit)."""
+    groups = ["a", "a", "a", "b", "b", "c", "c", "c", "c", None, None, "d"]
+    yes = [True, False, False, True, True, False, True, True, False, True, False, False]
+    for n in (12, 11):  # 6 leftover rows; 5, one of which then comes twice
+        order = pair_order(groups[:n], yes[:n], torch.Generator().manual_seed(n))
+        assert set(order) == set(range(n)) and len(order) == 12
+        pairs = [(i, j) for i, j in zip(order[0::2], order[1::2]) if yes[i] and not yes[j]]
+        assert all(groups[i] == groups[j] for i, j in pairs)
+        assert sorted(groups[i] for i, _ in pairs) == ["a", "c", "c"]
+        assert pair_order(groups[:n], yes[:n], torch.Generator().manual_seed(n)) == order  # seeded
+
+
+def test_verdict_loss_is_the_cross_entropy_plus_bradley_terry_on_the_pairs():
+    """Checked against transformers' own loss (weight 0) and a closed-form Bradley-Terry term."""
+    torch.manual_seed(0)
+    yes_id, no_id, vocab = 3, 5, 9
+    logits = torch.randn(4, 6, vocab)
+    labels = torch.full((4, 6), -100)
+    labels[:, 4] = torch.tensor([yes_id, no_id, no_id, yes_id])  # pair (0, 1); (2, 3) is no-then-yes
+    out = type("Out", (), {"logits": logits})()
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    ce = ForCausalLMLoss(logits, labels, vocab)
+    assert verdict_loss(out, labels, [yes_id, no_id], 0.0) == pytest.approx(ce.item(), abs=1e-6)
+    at = logits[:, 3]
+    d = torch.log_softmax(at, -1)[:, yes_id] - torch.log_softmax(at, -1)[:, no_id]
+    bt = -torch.nn.functional.logsigmoid(d[0] - d[1])
+    assert verdict_loss(out, labels, [yes_id, no_id], 0.5) == pytest.approx((ce + 0.5 * bt).item(), abs=1e-6)
+
+
+def test_pair_term_sees_a_yes_and_a_no_of_one_context_in_every_batch(tmp_path):
+    """Through ``nextscene train``: with the verdict rows aimed (P(yes) = P(no) for every input) and a
+    learning rate too small to move them, every step's loss is the verdict's (ln 2 and the little
+    mass left to other tokens: 0.009 here) + ln 2 (the pair term) when each batch holds a true and a
+    perturbed continuation of one context side by side; TRL's shuffled rows rarely do (then ~0.70)."""
+    run = tmp_path / "run"
+    overrides = [f"output_dir={run}", "policy.aim_verdict=true", "trainer.pair_loss_weight=1.0"]
+    overrides += [
+        "trainer.max_steps=4",
+        "trainer.per_device_train_batch_size=4",
+        "trainer.learning_rate=1e-12",
+    ]
+    overrides += ["data.num_train=8", "data.num_eval=2", "trainer.logging_steps=1"]
+    assert main(["train", str(RECIPE), *overrides]) == 0
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert losses == pytest.approx([2 * math.log(2)] * 4, abs=0.02)
+
+
+def test_pair_term_with_an_odd_batch_fails_in_one_line(tmp_path, capsys):
+    argv = ["train", str(RECIPE), f"output_dir={tmp_path / 'run'}", "trainer.pair_loss_weight=1"]
+    fails_in_one_line(
+        capsys,
+        tmp_path,
+        [*argv, "trainer.per_device_train_batch_size=3"],
+        "per_device_train_batch_size",
+        "even",
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -1,9 +1,12 @@
 """Verdict data for training the causal-consistency judge: (context, candidate next scene, yes/no).
 
-A row is ``{context, candidate, verdict, kind, prompt}``: ``context`` and ``candidate`` are uint8
-videos ``[F, H, W, 3]``, ``verdict`` is the judge's positive or negative answer ("yes" / "no"),
-``kind`` says where the row came from (``true``, a perturbation name, ``manifest``) and ``prompt``
-is the text a judge template may show (``{prompt}``), or None. Sources:
+A row is ``{context, candidate, verdict, kind, prompt, group}``: ``context`` and ``candidate`` are
+uint8 videos ``[F, H, W, 3]``, ``verdict`` is the judge's positive or negative answer ("yes" /
+"no"), ``kind`` says where the row came from (``true``, a perturbation name, ``manifest``),
+``prompt`` is the text a judge template may show (``{prompt}``), or None, and ``group`` names the
+context the row continues (rows of one group share it: a toy scene's true and perturbed futures, a
+policy's samples of one context; `grpo.judge_training.pair_order` pairs a yes with a no of one
+group). Sources:
 
 * `toyworld_verdicts`: the toy world's true continuations -> yes, perturbed ones -> no. The
   perturbations are the reward-model preference data's own (`rewards.preferences.toyworld_pairs`:
@@ -34,15 +37,21 @@ VERDICT_KEYS = ("context", "candidate", "verdict")
 
 
 def verdict_row(
-    context: Any, candidate: Any, verdict: str, kind: str, prompt: str | None = None
+    context: Any,
+    candidate: Any,
+    verdict: str,
+    kind: str,
+    prompt: str | None = None,
+    group: str | None = None,
 ) -> dict[str, Any]:
-    """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors."""
+    """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors; ``group`` names its context."""
     return {
         "context": torch.from_numpy(np.ascontiguousarray(to_uint8(context))),
         "candidate": torch.from_numpy(np.ascontiguousarray(to_uint8(candidate))),
         "verdict": verdict,
         "kind": kind,
         "prompt": prompt,
+        "group": group,
     }
 
 
@@ -68,8 +77,9 @@ def verdict_dataset(rows: Sequence[dict[str, Any]]) -> Any:
         verdict=datasets.Value("string"),
         kind=datasets.Value("string"),
         prompt=datasets.Value("string"),
+        group=datasets.Value("string"),
     )
-    columns = {name: [row[name] for row in rows] for name in features}
+    columns = {name: [row.get(name) for row in rows] for name in features}
     columns["context"] = [v.numpy() for v in columns["context"]]
     columns["candidate"] = [v.numpy() for v in columns["candidate"]]
     return datasets.Dataset.from_dict(columns, features=features).with_format(
@@ -91,8 +101,8 @@ def verdicts_from_pairs(pairs: Any, choices: Sequence[str] = ("yes", "no")) -> l
         prompt = None if prompt is None else str(prompt)
         context, chosen, rejected = (np.asarray(pair[k], dtype=np.uint8) for k in PAIR_VIDEOS)
         kind = str(pair.get("kind", "rejected"))
-        rows.append(verdict_row(context, chosen, choices[0], "true", prompt))
-        rows.append(verdict_row(context, rejected, choices[1], kind, prompt))
+        rows.append(verdict_row(context, chosen, choices[0], "true", prompt, f"pair{i}"))
+        rows.append(verdict_row(context, rejected, choices[1], kind, prompt, f"pair{i}"))
     return rows
 
 
@@ -108,7 +118,7 @@ def verdicts_from_scores(
 ) -> list[dict[str, Any]]:
     """Verdict rows of scored candidates (`rewards.preferences.score_candidates`: ``candidates[g]``
     continue ``contexts[g]``): ``choices[0]`` when the score reaches ``threshold``, else
-    ``choices[1]``; unscored (None) candidates are skipped."""
+    ``choices[1]``; unscored (None) candidates are skipped. Candidates of one context share a group."""
     return [
         verdict_row(
             contexts[g],
@@ -116,6 +126,7 @@ def verdicts_from_scores(
             choices[0] if value >= threshold else choices[1],
             kind,
             None if prompts is None else prompts[g],
+            f"{kind}{g}",
         )
         for g, (group, values) in enumerate(zip(candidates, scores, strict=True))
         for video, value in zip(group, values, strict=True)
@@ -180,5 +191,6 @@ def read_verdict_manifest(path: str | Path, choices: Sequence[str] = ("yes", "no
             context, candidate = (read_video(videos[key])[0] for key in ("context", "candidate"))
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
-        rows.append(verdict_row(context, candidate, verdict, "manifest", prompt))
+        group = str(videos["context"])  # rows continuing one context video
+        rows.append(verdict_row(context, candidate, verdict, "manifest", prompt, group))
     return verdict_dataset(rows)
