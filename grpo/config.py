@@ -100,7 +100,8 @@ class TrainerConfig:
     fsdp: bool = field(
         default=False,
         metadata={
-            "help": "Shard full fine-tuning over the ranks with FSDP2 (fully_shard per block); not with LoRA."
+            "help": "Shard the transformer over the ranks with FSDP2 (fully_shard per block): full "
+            "fine-tuning, or LoRA over a frozen base kept in its dtype (LoRA weights fp32)."
         },
     )
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(
@@ -162,12 +163,6 @@ class TrainerConfig:
                 for i, item in enumerate(value):
                     check_choice(f"{f.name}.{i}", item, get_args(get_args(hint)[0]))
         _require(bool(self.output_dir), "output_dir", "must not be empty; give a directory for the run")
-        _require(
-            not (self.fsdp and self.use_lora),
-            "fsdp",
-            "shards full fine-tuning; with use_lora keep it false (DDP replicates the small LoRA weights; "
-            "exporting an adapter from FSDP2-sharded weights is not supported yet)",
-        )
         _require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(

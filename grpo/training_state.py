@@ -25,6 +25,8 @@ class TrainingState:
     sharded in place with FSDP2 (``fully_shard`` on each repeated block, then the root), so each
     rank holds 1/N of the fp32 weights, gradients and optimizer state, and computes with the weights
     cast to ``fsdp_param_dtype`` (bf16 halves every all-gather; gradients are reduced in fp32).
+    With LoRA the frozen base is sharded in its own dtype (a bf16 base stays bf16) and the adapters
+    are fp32 master weights under the same policy; only the adapters are gathered to save them.
     ``fsdp: true`` shards on one process too (a one-rank group), so a recipe computes the same way
     at every world size and its checkpoints resume at any other. Counts optimizer steps; saves
     and restores everything a run needs to continue exactly (gathering full tensors under FSDP).
@@ -44,6 +46,10 @@ class TrainingState:
             policy.transformer.enable_gradient_checkpointing()
         self.fsdp = args.fsdp
         if self.fsdp:
+            if args.use_lora:  # fp32 master weights for the adapters only; the frozen base keeps its dtype
+                for param in policy.transformer.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.float()
             _init_single_process_group(accelerator.device)
             _fully_shard(policy.transformer, _DTYPES[args.fsdp_param_dtype])
         self.trainable = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
@@ -214,12 +220,37 @@ class TrainingState:
 
                 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
                 gathered = get_model_state_dict(self.wrapped, options=options)
-            if self.accelerator.is_main_process:
-                self.policy.save_pretrained(path, transformer_state_dict=gathered)
-                if isinstance(self.args, VideoTrainerConfig):
-                    write_trained_frame_rate(path, self.args.frame_rate)
+                if self.args.use_lora:  # the base, under its own names; the adapters are saved apart
+                    base = {k: v for k, v in gathered.items() if "lora_" not in k}
+                    gathered = {k.replace(".base_layer", ""): v for k, v in base.items()}
+            with self._full_lora_weights():
+                if self.accelerator.is_main_process:
+                    self.policy.save_pretrained(path, transformer_state_dict=gathered)
+                    if isinstance(self.args, VideoTrainerConfig):
+                        write_trained_frame_rate(path, self.args.frame_rate)
         self.accelerator.wait_for_everyone()
         return path
+
+    @contextlib.contextmanager
+    def _full_lora_weights(self) -> Iterator[None]:
+        """Under FSDP2 with LoRA: the transformer's ``state_dict()`` gives the adapters' full tensors
+        instead of their shards, so that peft's adapter export (which reads it) writes whole weights.
+        Every rank gathers on entry; the base stays sharded."""
+        if not (self.fsdp and self.args.use_lora):
+            yield
+            return
+        full = {name: full_tensor(param).detach() for name, param in self.trainable.items()}
+
+        def gathered(module: torch.nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+            for name, tensor in full.items():
+                if prefix + name in state:
+                    state[prefix + name] = tensor
+
+        handle = self.wrapped.register_state_dict_post_hook(gathered)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Trainable weights and optimizer state as full tensors (gathered from every rank under FSDP)."""
@@ -232,7 +263,8 @@ class TrainingState:
             get_optimizer_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # the trainable weights only: a LoRA run never gathers its frozen base
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         full = get_model_state_dict(self.wrapped, options=options)
         weights = {n: full[n].float() for n in self.trainable if n in full}  # empty except on rank 0
         if weights:
