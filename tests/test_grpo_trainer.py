@@ -319,6 +319,72 @@ def test_fsdp2_rollout_keeps_weights_gathered_without_changing_samples(tmp_path,
     assert seen["recompute_max_abs"] <= tolerance
 
 
+def _adapter(run_dir):
+    return load_file(str(run_dir / "final" / "transformer_lora" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_matches_ddp_resumes_across_world_sizes_and_exports_its_adapter(tmp_path, tiny_dir):
+    """LoRA sharded with FSDP2, one process checkpointed after an iteration and resumed by two
+    (1 -> 2), ends with the LoRA weights of the two-rank DDP run; checkpoints hold only the adapters;
+    the exported adapter (gathered from the shards) loads into a fresh policy that samples as DDP's."""
+    from policies import LTXPolicy, SamplingConfig
+
+    # one optimizer step per iteration whatever the ranks; Adam linear in the gradient (see above)
+    common = ("use_lora=true", "lora_rank=4", "lora_alpha=8", "per_device_train_batch_size=null")
+    common += ("adam_epsilon=1.0", "learning_rate=1.0")
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(tiny_dir, ddp, *common, "max_iterations=2", port=29527)
+    _torchrun(tiny_dir, fsdp, *common, "fsdp=true", "max_iterations=1", "save_steps=1", port=29528, nproc=1)
+    resume = ("fsdp=true", "max_iterations=2", "save_steps=1", "resume_from_checkpoint=auto")
+    ranks = _torchrun(tiny_dir, fsdp, *common, *resume, port=29529)
+    assert ranks[0][-1] == ranks[1][-1]  # the full LoRA weights gathered from the shards agree
+    ckpt = load_checkpoint(fsdp / "checkpoint-00000002", restore_rng=False)
+    assert ckpt.model_state and all("lora_" in name for name in ckpt.model_state)  # no frozen base
+    ours, theirs = _adapter(fsdp), _adapter(ddp)
+    assert ours.keys() == theirs.keys() and len(ours) == len(ckpt.model_state)
+    for name, tensor in ckpt.model_state.items():  # the export is the trained (checkpointed) weights
+        assert torch.equal(ours[name.replace(".nextscene_lora", "")], tensor)
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    moved = max(ours[k].abs().max().item() for k in ours if "lora_B" in k)  # lora_B starts at zero
+    print(f"FSDP2 LoRA (1 -> 2 ranks) vs DDP: max abs LoRA weight difference {diff:.2e} (moved {moved:.2e})")
+    assert moved > 1e-3 and diff <= 1e-5
+    start = load_file(str(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = _final_weights(fsdp)
+    assert base.keys() == start.keys() and all(torch.equal(base[k], start[k]) for k in start)
+
+    sampling = SamplingConfig(num_inference_steps=3)
+    videos = {}
+    for run_dir in (ddp / "final", fsdp / "final", tiny_dir):
+        policy = LTXPolicy.from_pretrained(run_dir)
+        with torch.no_grad():
+            condition = policy.encode_prompt(["a red cube"])
+            videos[run_dir] = policy.rollout(condition, sampling=sampling, seeds=[7]).final_latents
+    gap = (videos[fsdp / "final"] - videos[ddp / "final"]).abs().max().item()
+    trained = (videos[fsdp / "final"] - videos[tiny_dir]).abs().max().item()
+    print(f"sampled from the exported adapters: FSDP2 vs DDP {gap:.2e}, vs the base {trained:.2e}")
+    assert gap <= 1e-5 and trained > 100 * max(gap, 1e-7)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_keeps_a_bf16_base_in_bf16_with_fp32_adapters(tmp_path, tiny_dir):
+    ranks = _torchrun(
+        tiny_dir,
+        tmp_path / "bf16",
+        "torch_dtype=bfloat16",
+        "use_lora=true",
+        "fsdp=true",
+        "mixed_precision=bf16",
+        "max_iterations=1",
+        port=29530,
+    )
+    assert ranks[0] == ranks[1]
+    assert ranks[0][0]["dtypes"] == ["base:torch.bfloat16", "lora:torch.float32"]
+    base = _final_weights(tmp_path / "bf16")
+    assert {t.dtype for t in base.values()} == {torch.bfloat16}
+    assert {t.dtype for t in _adapter(tmp_path / "bf16").values()} == {torch.float32}
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

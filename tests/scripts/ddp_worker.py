@@ -1,7 +1,9 @@
 """Run under `torchrun --nproc_per_node 2`: a tiny GRPO run that writes, after every optimizer step,
-a digest of this rank's (full) trainable weights to OUT/rank<r>.jsonl (used by tests/test_grpo_trainer.py).
+a digest of this rank's (full) trainable weights and the dtypes the transformer stores its base and
+LoRA weights in to OUT/rank<r>.jsonl (used by tests/test_grpo_trainer.py).
 
-Usage: ddp_worker.py CHECKPOINT OUT [field=value ...]   (GRPOConfig overrides, e.g. fsdp=true)"""
+Usage: ddp_worker.py CHECKPOINT OUT [field=value ...]   (GRPOConfig overrides, e.g. fsdp=true; and
+torch_dtype=bfloat16 to load the policy in bf16)"""
 
 import hashlib
 import json
@@ -9,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from grpo.config import GRPOConfig
@@ -29,12 +32,15 @@ class WeightDigest:
         digest = hashlib.sha256()
         for name in sorted(trainer.state.trainable):
             digest.update(full_tensor(trainer.state.trainable[name]).detach().cpu().numpy().tobytes())
+        named = trainer.policy.transformer.named_parameters()
+        dtypes = sorted({f"{'lora' if 'lora_' in n else 'base'}:{p.dtype}" for n, p in named})
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, "sha256": digest.hexdigest()}) + "\n")
+            handle.write(json.dumps({"step": step, "sha256": digest.hexdigest(), "dtypes": dtypes}) + "\n")
 
 
 def main(checkpoint: str, out: str, overrides: list[str]) -> None:
     settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in overrides)}
+    dtype = getattr(torch, settings.pop("torch_dtype", "float32"))
     defaults = dict(
         output_dir=out,
         num_generations=2,
@@ -48,7 +54,7 @@ def main(checkpoint: str, out: str, overrides: list[str]) -> None:
         seed=3,
     )
     args = GRPOConfig(**{**defaults, **settings})
-    policy = LTXPolicy.from_pretrained(checkpoint)
+    policy = LTXPolicy.from_pretrained(checkpoint, torch_dtype=dtype)
     prompts = [{"prompt": p} for p in ["a ball", "two balls", "a cube", "a red cube"]]
     trainer = GRPOTrainer(
         policy,
