@@ -100,8 +100,8 @@ class TrainerConfig:
     fsdp: bool = field(
         default=False,
         metadata={
-            "help": "Shard the transformer over the ranks with FSDP2 (fully_shard per block): full "
-            "fine-tuning, or LoRA over a frozen base kept in its dtype (LoRA weights fp32)."
+            "help": "Shard the transformer with FSDP2 (per block): full fine-tuning, "
+            "or LoRA (fp32) on a frozen base."
         },
     )
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(

@@ -60,7 +60,7 @@ class TrainingState:
         if self.fsdp and self.extra:
             raise NotImplementedError(
                 "FSDP2 with trainable weights outside the transformer (e.g. the NSP connector) is not "
-                "supported yet: train this policy with DDP (trainer.fsdp: false) or LoRA"
+                "supported yet: train this policy with DDP (trainer.fsdp: false), with or without LoRA"
             )
         if not self.trainable:
             raise InputError("the policy has no trainable parameters (frozen transformer and no LoRA)")
