@@ -31,7 +31,7 @@ class WeightDigest:
     def on_optimizer_step(self, trainer, step):
         digest = hashlib.sha256()
         for name in sorted(trainer.state.trainable):
-            digest.update(full_tensor(trainer.state.trainable[name]).detach().cpu().numpy().tobytes())
+            digest.update(full_tensor(trainer.state.trainable[name]).detach().float().cpu().numpy().tobytes())
         named = trainer.policy.transformer.named_parameters()
         dtypes = sorted({f"{'lora' if 'lora_' in n else 'base'}:{p.dtype}" for n, p in named})
         with self.path.open("a") as handle:
