@@ -39,6 +39,7 @@ from unittest import mock
 import torch
 
 from policies import sde as sde_lib
+from policies.context_parallel import install_ulysses_backward, scale_grad
 from policies.errors import InputError
 from policies.files import check_model_weights, check_safetensors
 from policies.ltx import LORA_WEIGHTS, LTXPolicy, SamplingConfig, latent_shape
@@ -340,8 +341,6 @@ class LTX2Policy(LTXPolicy):
         import torch.distributed as dist
         from diffusers.models._modeling_parallel import ContextParallelConfig
 
-        from policies.context_parallel import install_ulysses_backward
-
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise InputError("context parallelism needs several processes (launch with torchrun)")
         degree = dist.get_world_size()
@@ -632,8 +631,6 @@ class LTX2Policy(LTXPolicy):
             **guidance_kwargs,
         )
         if self.context_parallel > 1 and torch.is_grad_enabled():
-            from policies.context_parallel import scale_grad
-
             audio_out = scale_grad(audio_out, 1.0 / self.context_parallel)  # computed whole on every rank
         return video_out.float(), audio_out.float()
 
