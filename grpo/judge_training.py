@@ -183,10 +183,6 @@ class ToyVerdictsSpec(ToyCandidatesSpec):
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
-    policy_pairs: Literal["context", "any"] = field(
-        default="context",
-        metadata={"help": "pair term: a policy's yes and no samples of one context, or of any two ('any')"},
-    )
 
     def check(self, recipe: Any, model: JudgeModelSpec) -> None:
         """Nothing beyond its fields (``__post_init__``)."""
@@ -273,7 +269,6 @@ def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
                 VERIFIABLE_YES,
                 choices=choices,
                 prompts=[s["context_caption"] for s in samples],
-                across_contexts=data.policy_pairs == "any",
             )
             tables[i] = datasets.concatenate_datasets([tables[i], verdict_dataset(rows)])
     return tables[0], tables[1]
@@ -430,8 +425,7 @@ def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[st
 
 def pair_order(groups: Sequence[Any], positive: Sequence[bool], generator: Any) -> list[int]:
     """One epoch's row order for `pair_loss_weight`: shuffled units of two rows. A unit is a yes row
-    then a no row of one group (one context; which ones, drawn anew each epoch) as long as a group
-    has both; the rest go in twos ordered
+    then a no row of one group (one context) as long as a group has both; the rest go in twos ordered
     so that a no never follows a yes within a unit (a lone last row is paired with itself), so
     `verdict_loss` finds the pairs at even positions of every even-sized batch."""
     import torch
@@ -441,9 +435,6 @@ def pair_order(groups: Sequence[Any], positive: Sequence[bool], generator: Any) 
         by_group.setdefault(("row", i) if group is None else group, ([], []))[0 if yes else 1].append(i)
     units, rest = [], []
     for yes_rows, no_rows in by_group.values():
-        yes_rows, no_rows = (
-            [r[i] for i in torch.randperm(len(r), generator=generator).tolist()] for r in (yes_rows, no_rows)
-        )
         units += [[y, n] for y, n in zip(yes_rows, no_rows)]
         rest += yes_rows[len(no_rows) :] + no_rows[len(yes_rows) :]
     rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from grpo.cli import main
 from grpo.data import ToyWorld, ToyWorldConfig
-from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts, verdicts_from_scores
+from grpo.data.judge_data import read_verdict_manifest, toyworld_verdicts
 from grpo.judge_training import JudgeCollator, frames, pair_order, verdict_loss
 from policies.tiny_qwen_vl import build_tiny_qwen_vl
 from policies.video_io import write_video
@@ -175,23 +175,6 @@ def test_pair_order_puts_a_yes_and_a_no_of_one_context_side_by_side():
         assert all(groups[i] == groups[j] for i, j in pairs)
         assert sorted(groups[i] for i, _ in pairs) == ["a", "c", "c"]
         assert pair_order(groups[:n], yes[:n], torch.Generator().manual_seed(n)) == order  # seeded
-
-
-def test_policy_pairs_any_contrasts_samples_of_different_contexts():
-    """``data.policy_pairs: any``: a context whose samples all pass and one whose samples all fail
-    give the pair term yes-no pairs (with per-context groups they give none), drawn anew each epoch."""
-    contexts = [torch.zeros(2, 4, 4, 3), torch.ones(2, 4, 4, 3)]
-    candidates = [[torch.rand(2, 4, 4, 3) for _ in range(3)] for _ in contexts]
-    scores = [[0.9, 0.7, 0.6], [0.1, 0.2, 0.3]]
-    for across, expected in ((False, 0), (True, 3)):
-        rows = verdicts_from_scores(contexts, candidates, scores, 0.5, across_contexts=across)
-        groups, yes = [r["group"] for r in rows], [r["verdict"] == "yes" for r in rows]
-        generator = torch.Generator().manual_seed(0)
-        epochs = [pair_order(groups, yes, generator) for _ in range(4)]
-        pairs = [{(i, j) for i, j in zip(o[0::2], o[1::2]) if yes[i] and not yes[j]} for o in epochs]
-        assert all(len(p) == expected for p in pairs)
-        if across:
-            assert len(set().union(*pairs)) > expected  # not the same partners every epoch
 
 
 def test_verdict_loss_is_the_cross_entropy_plus_bradley_terry_on_the_pairs():

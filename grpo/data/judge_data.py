@@ -115,13 +115,10 @@ def verdicts_from_scores(
     choices: Sequence[str] = ("yes", "no"),
     prompts: Sequence[str | None] | None = None,
     kind: str = "policy",
-    across_contexts: bool = False,
 ) -> list[dict[str, Any]]:
     """Verdict rows of scored candidates (`rewards.preferences.score_candidates`: ``candidates[g]``
     continue ``contexts[g]``): ``choices[0]`` when the score reaches ``threshold``, else
-    ``choices[1]``; unscored (None) candidates are skipped. Candidates of one context share a group;
-    with ``across_contexts`` all of them do (the pair term then contrasts samples of any two
-    contexts: a policy's samples mostly pass or fail by scene, not within one)."""
+    ``choices[1]``; unscored (None) candidates are skipped. Candidates of one context share a group."""
     return [
         verdict_row(
             contexts[g],
@@ -129,7 +126,7 @@ def verdicts_from_scores(
             choices[0] if value >= threshold else choices[1],
             kind,
             None if prompts is None else prompts[g],
-            kind if across_contexts else f"{kind}{g}",
+            f"{kind}{g}",
         )
         for g, (group, values) in enumerate(zip(candidates, scores, strict=True))
         for video, value in zip(group, values, strict=True)
