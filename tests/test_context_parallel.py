@@ -2,40 +2,17 @@
 ``trainer.context_parallel``) over two gloo processes against one process, on the tiny LTX-2."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_grpo_trainer import torchrun_worker
 
 from grpo.tracking import read_metrics
 from policies.tiny_ltx2 import build_tiny_ltx2
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _torchrun(script, *args, port, nproc=2):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(port),
-        ]
-        + [str(REPO / "tests" / "scripts" / script), *map(str, args)],
-        # CPU (gloo) ranks even on a machine with one GPU
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun_worker(script, *args, port=port, nproc=nproc, timeout=300)
 
 
 @pytest.mark.slow

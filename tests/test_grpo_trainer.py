@@ -184,7 +184,8 @@ def test_sigterm_leaves_a_complete_loadable_checkpoint(tmp_path, tiny_dir):
     assert len(read_metrics(metrics)) == ckpt.step
 
 
-def _torchrun(tiny_dir, out, *overrides, port, nproc=2):
+def torchrun_worker(script, *args, port, nproc=2, timeout=600):
+    """Run ``tests/scripts/<script>`` as ``nproc`` torchrun ranks and assert they all succeed."""
     result = subprocess.run(
         [
             sys.executable,
@@ -194,19 +195,21 @@ def _torchrun(tiny_dir, out, *overrides, port, nproc=2):
             str(nproc),
             "--master_port",
             str(port),
-            str(REPO / "tests" / "scripts" / "ddp_worker.py"),
-            str(tiny_dir),
-            str(out),
-            *overrides,
+            str(REPO / "tests" / "scripts" / script),
+            *map(str, args),
         ],
-        # two CPU (gloo) ranks even on a machine with one GPU, which two NCCL ranks cannot share
+        # CPU (gloo) ranks even on a machine with one GPU, which two NCCL ranks cannot share
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _torchrun(tiny_dir, out, *overrides, port, nproc=2):
+    torchrun_worker("ddp_worker.py", tiny_dir, out, *overrides, port=port, nproc=nproc)
     return [
         [json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(nproc)
     ]
