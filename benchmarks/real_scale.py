@@ -13,14 +13,16 @@ the pretraining run's ``final``, GRPO from SFT's, when they run in the same invo
 
 Per recipe it reports, from the run's ``metrics.jsonl``: the per-iteration split of GRPO (rollout
 ``time/rollout_s``; decode + reward ``time/reward_s`` of which ``time/reward_wait_s`` was not
-hidden, ``time/reward_hidden_frac``; update = iteration - rollout - reward wait, which at
-iteration 0 also holds the held-out evaluation and the warm-up), or the step time of the supervised
-stages; peak GPU memory (the trainer's ``memory/peak_gb``, allocated by torch, where logged, and the
-device's used memory polled with ``nvidia-smi``, which includes the CUDA context and the allocator's
-cache); the bytes the run wrote (under its output directory, each file once however many links it
-has, not counting files that are hard links of files outside it: the frozen VLM linked into a
-saved policy costs nothing); wall time; and the error of a failed run as one line (one failure does
-not stop the others).
+hidden, ``time/reward_hidden_frac``; update ``time/update_s``; the pipeline, on-policy or
+``trainer.overlap_update``'s one step off-policy, and ``trainer.compile``; medians over the
+iterations after the first, which holds the held-out evaluation and the warm-up, and, with
+``overlap_update``, over those that updated one batch, not the first nor the draining ones), or the
+step time of the supervised stages; peak GPU memory (the trainer's ``memory/peak_gb``, allocated by
+torch, where logged, and the device's used memory polled with ``nvidia-smi``, which includes the
+CUDA context and the allocator's cache); the bytes the run wrote (under its output directory, each
+file once however many links it has, not counting files that are hard links of files outside it: the
+frozen VLM linked into a saved policy costs nothing); wall time; and the error of a failed run as
+one line (one failure does not stop the others).
 
 Disk: each invocation writes the checkpoints its recipes need under ``--work`` and deletes each
 one after the last selected recipe that needs it (``--keep`` keeps them). Before a checkpoint is
@@ -464,16 +466,23 @@ def summarise_metrics(records: list[dict[str, Any]], stage: str) -> dict[str, An
                 "decode_reward_s": r["time/reward_s"],
                 "reward_wait_s": r["time/reward_wait_s"],
                 "hidden_frac": r["time/reward_hidden_frac"],
-                "update_s": r["time/iteration_s"] - r["time/rollout_s"] - r["time/reward_wait_s"],
+                "update_s": r.get(  # measured; before it was logged, what the iteration left
+                    "time/update_s", r["time/iteration_s"] - r["time/rollout_s"] - r["time/reward_wait_s"]
+                ),
+                "updated_batches": r.get("train/updated_batches", 1.0),
                 "peak_gb": r.get("memory/peak_gb"),
             }
             for r in rows
         ]
         steady = iterations[1:] or iterations  # iteration 0 holds the evaluation and the warm-up
+        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
+        # overlap_update: an iteration that starts or drains the pipeline updates 0 or 2 batches
+        if any(i["updated_batches"] != 1 for i in steady) and any(i["updated_batches"] == 1 for i in steady):
+            steady = [i for i in steady if i["updated_batches"] == 1]
+            over = "iterations >= 1 that updated one batch"
         keys = ("iteration_s", "rollout_s", "decode_reward_s", "hidden_frac", "update_s")
         median = {k: statistics.median(i[k] for i in steady) for k in keys} if steady else {}
         peaks = [i["peak_gb"] for i in iterations if i["peak_gb"] is not None]
-        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
         return {
             "iterations": iterations,
             "median": median,
@@ -606,6 +615,9 @@ def run_recipe(
             why = f"timed out after {args.timeout} s" if returncode is None else one_line_error(output)
             raise RuntimeError(why)
         result.metrics = summarise_metrics(read_metrics(paths["run"]), raw["stage"])
+        if raw["stage"] == "grpo":
+            resolved = yaml.safe_load((paths["run"] / "resolved_recipe.yaml").read_text())["trainer"]
+            result.metrics["pipeline"] = {k: resolved[k] for k in ("overlap_update", "compile")}
         result.final_bytes = tree_bytes(paths["run"] / "final", only_new=True)
         finals[name] = paths["run"] / "final"
         result.ok = True
@@ -625,17 +637,25 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pipeline(options: dict[str, Any] | None) -> str:
+    """``trainer.overlap_update`` and ``trainer.compile`` of a GRPO run, in words."""
+    if options is None:
+        return "-"
+    mode = "one step off-policy" if options["overlap_update"] else "on-policy"
+    return f"{mode}, compile {str(options['compile']).lower()}"
+
+
 def format_table(results: list[Result]) -> str:
     head = (
         "| recipe | status | s/iter (or s/step) | rollout s | decode+reward s | hidden | update s "
-        "| peak GB (torch / device) | written GB (final) | wall s |\n" + "|---" * 10 + "|"
+        "| pipeline | peak GB (torch / device) | written GB (final) | wall s |\n" + "|---" * 11 + "|"
     )
     lines = [head]
     for r in results:
         m = r.metrics.get("median", {})
         per = m.get("iteration_s", m.get("step_s"))
         status = "ok" if r.ok else f"failed: {r.error}"
-        if r.ok and r.metrics.get("median_over", "").startswith("iteration 0"):
+        if r.ok and r.metrics.get("median_over", "iterations >= 1") != "iterations >= 1":
             status += ", " + r.metrics["median_over"]
         if r.reductions:
             status += " (" + "; ".join(r.reductions) + ")"
@@ -644,7 +664,7 @@ def format_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.recipe} | {status} | {_fmt(per)} | {_fmt(m.get('rollout_s'))} "
             f"| {_fmt(m.get('decode_reward_s'))} | {_fmt(m.get('hidden_frac'), '.0%')} "
-            f"| {_fmt(m.get('update_s'))} "
+            f"| {_fmt(m.get('update_s'))} | {_pipeline(r.metrics.get('pipeline'))} "
             f"| {_fmt(r.metrics.get('trainer_peak_gb'))} / {_fmt(r.gpu_peak_gib)} "
             f"| {_fmt(written, '.2f')} ({_fmt(final, '.2f')}) | {r.wall_s:.0f} |"
         )

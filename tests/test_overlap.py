@@ -148,3 +148,38 @@ def test_overlap_and_compile_fail_with_one_line(tmp_path, tiny_dir):
             _trainer(tiny_dir, _args(tmp_path / "true", compile=True))
         assert "\n" not in str(err.value)
     assert _trainer(tiny_dir, _args(tmp_path / "false", compile=False)).compiled is False
+
+
+def test_the_rehearsal_table_reports_the_pipeline_and_its_steady_iterations():
+    """benchmarks/real_scale.py: with overlap_update the medians skip the iterations that start (no
+    update) or drain (two updates) the pipeline, and the table names the pipeline."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import real_scale
+
+    def record(step, update_s, batches, wait_s):
+        return {
+            "step": step,
+            "time/iteration_s": 10.0 + update_s + wait_s,
+            "time/rollout_s": 10.0,
+            "time/reward_s": 4.0,
+            "time/reward_wait_s": wait_s,
+            "time/reward_hidden_frac": 1 - wait_s / 4.0,
+            "time/update_s": update_s,
+            "train/updated_batches": batches,
+        }
+
+    records = [record(0, 0.0, 0.0, 4.0), record(1, 6.0, 1.0, 0.2), record(2, 6.0, 1.0, 0.0)]
+    records.append(record(3, 12.0, 2.0, 0.0))
+    metrics = real_scale.summarise_metrics(records, "grpo")
+    assert metrics["median_over"] == "iterations >= 1 that updated one batch"
+    assert metrics["median"]["update_s"] == 6.0 and metrics["median"]["hidden_frac"] == pytest.approx(0.975)
+    metrics["pipeline"] = {"overlap_update": True, "compile": "auto"}
+    table = real_scale.format_table(
+        [real_scale.Result("nsp_qwen25vl7b_ltx2b_grpo", ok=True, metrics=metrics)]
+    )
+    assert "| one step off-policy, compile auto |" in table and "| 98% |" in table
+    plain = real_scale.summarise_metrics([record(0, 5.0, 1.0, 4.0), record(1, 6.0, 1.0, 4.0)], "grpo")
+    assert plain["median_over"] == "iterations >= 1" and plain["median"]["hidden_frac"] == 0.0
