@@ -36,6 +36,9 @@ time limit). Every such reduction is written in the table and the JSON.
     python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_pretrain,nsp_qwen25vl7b_ltx2b_sft \
         --out $OUT/rs --json $OUT/real_scale_nsp2b_a.json --timeout 240
     python benchmarks/real_scale.py --tiny --out /tmp/rs_tiny        # every recipe, tiny, on CPU
+    # a recipe twice in one call, the second run (RECIPE@LABEL) with its own overrides
+    python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_grpo,nsp_qwen25vl7b_ltx2b_grpo@overlap \
+        --set nsp_qwen25vl7b_ltx2b_grpo@overlap:trainer.overlap_update=true --steps 3 --out $OUT/rs
 
 ``--tiny`` runs the same pipeline with tiny configs of the same classes (and tiny geometry
 overrides, listed per recipe in ``TINY_OVERRIDES``) on the CPU, so the script cannot rot.
@@ -565,12 +568,13 @@ def run_recipe(
     device: str,
 ) -> Result:
     result = Result(recipe=name, reductions=list(args.notes.get(name, [])))
-    result.reductions += [f"override {o}" for o in args.extra.get(name, [])]
+    result.reductions += [f"override {o}" for o in extra_overrides(args, name)]
     tick = time.perf_counter()
-    job = JOBS[name]
+    base = recipe_of(name)
+    job = JOBS[base]
     try:
-        raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
-        frames, context, height, width, fps = geometry(raw, args.tiny, name)
+        raw = yaml.safe_load((RECIPES_DIR / f"{base}.yaml").read_text())
+        frames, context, height, width, fps = geometry(raw, args.tiny, base)
         data_dir = args.work / "data" / f"{frames}x{context}x{height}x{width}"
         policy = finals.get(job.after) if job.after else None
         paths = {
@@ -583,9 +587,9 @@ def run_recipe(
         }
         if job.after and policy is None:
             result.reductions.append(f"starts from the base checkpoint ({job.after} did not run before it)")
-        overrides = recipe_overrides(name, raw, paths, args.tiny, device, args.steps)
-        overrides += list(args.extra.get(name, []))
-        load_recipe(RECIPES_DIR / f"{name}.yaml", overrides)  # a bad override fails before any writing
+        overrides = recipe_overrides(base, raw, paths, args.tiny, device, args.steps)
+        overrides += extra_overrides(args, name)
+        load_recipe(RECIPES_DIR / f"{base}.yaml", overrides)  # a bad override fails before any writing
         if not (data_dir / "eval" / "manifest.jsonl").is_file():
             log(f"{name}: synthetic manifests, {frames}+{context} frames {height}x{width} at {fps:g} fps")
             write_synthetic_manifest(data_dir / "train", frames, context, height, width, fps, 2, seed=0)
@@ -593,7 +597,7 @@ def run_recipe(
         for need in (job.policy, *job.needs):
             store.ensure(need)
         shutil.rmtree(paths["run"], ignore_errors=True)
-        command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{name}.yaml"), *overrides]
+        command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{base}.yaml"), *overrides]
         result.command = command
         log(f"{name}: nextscene train {' '.join(command[5:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -671,11 +675,23 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def recipe_of(name: str) -> str:
+    """The shipped recipe a ``--recipes`` entry runs: ``RECIPE`` or a variant ``RECIPE@LABEL``."""
+    return name.partition("@")[0]
+
+
+def extra_overrides(args: argparse.Namespace, name: str) -> list[str]:
+    """The ``--set`` overrides of an entry: its recipe's, then a variant's own."""
+    base = recipe_of(name)
+    return list(args.extra.get(base, [])) + (list(args.extra.get(name, [])) if name != base else [])
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store = Checkpoints(args.work / "checkpoints", args.tiny, args.gemma_layers, args.reward_model_layers)
     for name in args.recipes:  # the stated reductions of the checkpoints each recipe reads
-        needs = store.closure((JOBS[name].policy, *JOBS[name].needs))
+        job = JOBS[recipe_of(name)]
+        needs = store.closure((job.policy, *job.needs))
         notes = args.notes.setdefault(name, [])
         if "ltx2_text" in needs and args.gemma_layers != GEMMA_12B_LAYERS and not args.tiny:
             notes.append(f"Gemma-3-12B text encoder with {args.gemma_layers} of its 48 layers")
@@ -689,7 +705,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             later = {
                 n
                 for other in args.recipes[index + 1 :]
-                for n in store.closure((JOBS[other].policy, *JOBS[other].needs))
+                for n in store.closure((JOBS[recipe_of(other)].policy, *JOBS[recipe_of(other)].needs))
             }
             for stale in set(store.builders) - later:
                 if store.path(stale).exists():
@@ -701,7 +717,10 @@ def run(args: argparse.Namespace) -> list[Result]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--recipes", default=",".join(JOBS), help=f"comma-separated subset of {', '.join(JOBS)}"
+        "--recipes",
+        default=",".join(JOBS),
+        help=f"comma-separated subset of {', '.join(JOBS)}; RECIPE@LABEL runs RECIPE once more (a "
+        "variant: its own run directory and --set RECIPE@LABEL:key=value overrides, after RECIPE's)",
     )
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (CI)")
     parser.add_argument("--work", type=Path, default=None, help="checkpoints and data (default: <out>/work)")
@@ -727,14 +746,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.recipes = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in args.recipes if r not in JOBS]
+    unknown = [r for r in args.recipes if recipe_of(r) not in JOBS]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {', '.join(JOBS)}")
     args.extra, args.notes = {}, {}
     for item in args.set:
         recipe, sep, override = item.partition(":")
-        if not sep or recipe not in JOBS or "=" not in override:
-            parser.error(f"--set {item!r}: expected RECIPE:key=value with RECIPE one of {', '.join(JOBS)}")
+        if not sep or recipe_of(recipe) not in JOBS or "=" not in override:
+            parser.error(
+                f"--set {item!r}: expected RECIPE[@LABEL]:key=value with RECIPE one of {', '.join(JOBS)}"
+            )
         args.extra.setdefault(recipe, []).append(override)
     args.work = args.work or args.out / "work"
     return args

@@ -183,3 +183,32 @@ def test_the_rehearsal_table_reports_the_pipeline_and_its_steady_iterations():
     assert "| one step off-policy, compile auto |" in table and "| 98% |" in table
     plain = real_scale.summarise_metrics([record(0, 5.0, 1.0, 4.0), record(1, 6.0, 1.0, 4.0)], "grpo")
     assert plain["median_over"] == "iterations >= 1" and plain["median"]["hidden_frac"] == 0.0
+
+
+def test_the_rehearsal_runs_a_recipe_variant_with_its_own_overrides(tmp_path):
+    """``--recipes R,R@overlap`` runs R twice in one call; ``--set R:...`` reaches both runs,
+    ``--set R@overlap:...`` the variant only."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import real_scale
+
+    name = "nsp_qwen25vl7b_ltx2b_grpo"
+    args = real_scale.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--recipes",
+            f"{name},{name}@overlap",
+            "--set",
+            f"{name}:trainer.eval_every=0",
+        ]
+        + ["--set", f"{name}@overlap:trainer.overlap_update=true"]
+    )
+    assert args.recipes == [name, f"{name}@overlap"] and real_scale.recipe_of(args.recipes[1]) == name
+    assert real_scale.extra_overrides(args, name) == ["trainer.eval_every=0"]
+    both = ["trainer.eval_every=0", "trainer.overlap_update=true"]
+    assert real_scale.extra_overrides(args, f"{name}@overlap") == both
+    with pytest.raises(SystemExit):
+        real_scale.parse_args(["--out", str(tmp_path), "--recipes", "no_such_recipe@x"])
