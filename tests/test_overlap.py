@@ -39,6 +39,7 @@ def _args(out, **changes) -> GRPOConfig:
         sample_every=0,
         save_steps=0,
         seed=5,
+        compile=False,  # on a GPU too: these tests are about the pipeline, not the kernels
     )
     return GRPOConfig(**{**settings, **changes})
 
@@ -115,7 +116,12 @@ def test_overlap_resumed_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_
     assert [m["train/updated_batches"] for m in history] == [0.0, 1.0, 2.0, 0.0, 2.0]
 
 
+STREAMS = []  # the CUDA stream each call of slow_redness ran on (on a GPU)
+
+
 def slow_redness(videos, prompts, contexts, **metadata):
+    if torch.cuda.is_available():
+        STREAMS.append(torch.cuda.current_stream())
     time.sleep(0.05)
     return redness(videos, prompts, contexts)
 
@@ -126,7 +132,11 @@ def test_decode_and_reward_hide_behind_the_previous_batchs_update(tmp_path, tiny
     hidden = {}
     for overlap in (False, True):
         args = _args(tmp_path / str(overlap), overlap_update=overlap, max_iterations=3, num_inference_steps=6)
-        history = _trainer(tiny_dir, args, rewards=(slow_redness,)).train()
+        STREAMS.clear()
+        trainer = _trainer(tiny_dir, args, rewards=(slow_redness,))
+        history = trainer.train()
+        # on CUDA the scorer (decode and rewards, in their own threads too) runs on its own stream
+        assert all(stream == trainer._score_stream for stream in STREAMS)
         hidden[overlap] = history[1]["time/reward_hidden_frac"]
         assert history[1]["time/update_s"] > 0
         update_s = history[1]["time/update_s"]
@@ -142,7 +152,8 @@ def test_overlap_and_compile_fail_with_one_line(tmp_path, tiny_dir):
     with pytest.raises(ConfigError, match="trainer.compile|compile: must be 'auto', true or false"):
         _args(tmp_path, compile="yes")
     # auto leaves a CPU policy eager; true insists and says why it cannot
-    assert _trainer(tiny_dir, _args(tmp_path / "auto")).compiled is (torch.cuda.is_available())
+    auto = _trainer(tiny_dir, _args(tmp_path / "auto", compile="auto"))
+    assert auto.compiled is torch.cuda.is_available()
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="trainer.compile true: the policy runs on the CPU") as err:
             _trainer(tiny_dir, _args(tmp_path / "true", compile=True))
