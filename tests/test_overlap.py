@@ -119,6 +119,32 @@ def test_overlap_resumed_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_
 STREAMS = []  # the CUDA stream each call of slow_redness ran on (on a GPU)
 
 
+def test_a_preemption_drains_the_pipeline_into_its_checkpoint(tmp_path, tiny_dir):
+    """SIGTERM after iteration 1: the checkpoint written on the way out holds batch 1's update too,
+    bitwise the checkpoint a run that saves after iteration 1 writes (where the iteration drains)."""
+    import signal
+
+    from grpo.checkpoint import latest_checkpoint, load_checkpoint
+
+    class Preempt:
+        def on_iteration_end(self, trainer, step, metrics):
+            if step == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    preempted = _trainer(
+        tiny_dir, _args(tmp_path / "a", overlap_update=True, max_iterations=4), callbacks=[Preempt()]
+    )
+    history = preempted.train()
+    assert [m["train/updated_batches"] for m in history] == [0.0, 1.0]  # batch 1 pending when stopped
+    assert preempted.pending is None and not (tmp_path / "a" / "final").exists()
+    saved = _trainer(tiny_dir, _args(tmp_path / "b", overlap_update=True, max_iterations=4, save_steps=2))
+    saved.train()
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a"), restore_rng=False)
+    b = load_checkpoint(tmp_path / "b" / "checkpoint-00000002", restore_rng=False)
+    assert a.step == b.step == 2 and a.model_state.keys() == b.model_state.keys()
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+
+
 def slow_redness(videos, prompts, contexts, **metadata):
     if torch.cuda.is_available():
         STREAMS.append(torch.cuda.current_stream())
