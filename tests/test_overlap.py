@@ -249,3 +249,32 @@ def test_the_rehearsal_runs_a_recipe_variant_with_its_own_overrides(tmp_path):
     assert real_scale.extra_overrides(args, f"{name}@overlap") == both
     with pytest.raises(SystemExit):
         real_scale.parse_args(["--out", str(tmp_path), "--recipes", "no_such_recipe@x"])
+
+
+def test_compile_auto_resolves_on_cuda_after_lora_and_refuses_what_it_cannot(tmp_path, tiny_dir, monkeypatch):
+    """Where the policy runs on CUDA, ``auto`` compiles it once, with its LoRA adapters already in
+    (the families inherit `LTXPolicy.compile`); FSDP, or a policy without a regional compile, leave
+    ``auto`` eager and make ``true`` a one-line error. (The CUDA device is pretended: the CPU build
+    of inductor is not what this checks.)"""
+    from policies import LTX2Policy, NextClipPolicy
+    from policies.nsp import NSPPolicy
+
+    for family in (LTX2Policy, NSPPolicy, NextClipPolicy):  # no family falls back to nn.Module.compile
+        assert issubclass(family, LTXPolicy) and family.compile is not torch.nn.Module.compile
+    trainer = _trainer(tiny_dir, _args(tmp_path, use_lora=True, lora_rank=4))
+    assert trainer.compiled is False
+    calls = []
+    monkeypatch.setattr(GRPOTrainer, "_on_cuda", property(lambda self: True))
+    monkeypatch.setattr(LTXPolicy, "compile", lambda self: calls.append(self.has_lora))
+    trainer.args.compile = "auto"
+    assert trainer._compile() is True and calls == [True]
+    trainer.args.fsdp = True
+    assert trainer._compile() is False and len(calls) == 1
+    trainer.args.compile = True
+    with pytest.raises(InputError, match="trainer.compile true: fsdp / context_parallel") as err:
+        trainer._compile()
+    assert "\n" not in str(err.value)
+    trainer.args.fsdp = False
+    monkeypatch.setattr(LTXPolicy, "compile", torch.nn.Module.compile)  # a policy without its own
+    with pytest.raises(InputError, match="has no regional compile"):
+        trainer._compile()
