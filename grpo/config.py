@@ -292,7 +292,8 @@ class GRPOConfig(VideoTrainerConfig):
     optimizer steps, as without it. Memory: the scorer's decoder and reward models work while the
     update's activations are alive (peak = update + decode/reward), plus one pending batch's record.
 
-    ``compile`` (``auto``: on where the policy runs on CUDA, off on the CPU) compiles the policy's
+    ``compile`` (``auto``: on where the policy runs on CUDA without FSDP or context parallelism,
+    off on the CPU; ``true`` where it cannot is a one-line error) compiles the policy's
     transformer blocks (`policies.LTXPolicy.compile`) once, after LoRA: the rollout and the update's
     recomputation run the same compiled blocks, the recomputed log-prob differing from the recorded
     one by inference-vs-training kernel fusion only (~2e-4 in bf16, measured at 2B; reported as
