@@ -13,14 +13,16 @@ the pretraining run's ``final``, GRPO from SFT's, when they run in the same invo
 
 Per recipe it reports, from the run's ``metrics.jsonl``: the per-iteration split of GRPO (rollout
 ``time/rollout_s``; decode + reward ``time/reward_s`` of which ``time/reward_wait_s`` was not
-hidden, ``time/reward_hidden_frac``; update = iteration - rollout - reward wait, which at
-iteration 0 also holds the held-out evaluation and the warm-up), or the step time of the supervised
-stages; peak GPU memory (the trainer's ``memory/peak_gb``, allocated by torch, where logged, and the
-device's used memory polled with ``nvidia-smi``, which includes the CUDA context and the allocator's
-cache); the bytes the run wrote (under its output directory, each file once however many links it
-has, not counting files that are hard links of files outside it: the frozen VLM linked into a
-saved policy costs nothing); wall time; and the error of a failed run as one line (one failure does
-not stop the others).
+hidden, ``time/reward_hidden_frac``; update ``time/update_s``; the pipeline, on-policy or
+``trainer.overlap_update``'s one step off-policy, and ``trainer.compile``; medians over the
+iterations after the first, which holds the held-out evaluation and the warm-up, and, with
+``overlap_update``, over those that updated one batch, not the first nor the draining ones), or the
+step time of the supervised stages; peak GPU memory (the trainer's ``memory/peak_gb``, allocated by
+torch, where logged, and the device's used memory polled with ``nvidia-smi``, which includes the
+CUDA context and the allocator's cache); the bytes the run wrote (under its output directory, each
+file once however many links it has, not counting files that are hard links of files outside it: the
+frozen VLM linked into a saved policy costs nothing); wall time; and the error of a failed run as
+one line (one failure does not stop the others).
 
 Disk: each invocation writes the checkpoints its recipes need under ``--work`` and deletes each
 one after the last selected recipe that needs it (``--keep`` keeps them). Before a checkpoint is
@@ -34,6 +36,9 @@ time limit). Every such reduction is written in the table and the JSON.
     python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_pretrain,nsp_qwen25vl7b_ltx2b_sft \
         --out $OUT/rs --json $OUT/real_scale_nsp2b_a.json --timeout 240
     python benchmarks/real_scale.py --tiny --out /tmp/rs_tiny        # every recipe, tiny, on CPU
+    # a recipe twice in one call, the second run (RECIPE@LABEL) with its own overrides
+    python benchmarks/real_scale.py --recipes nsp_qwen25vl7b_ltx2b_grpo,nsp_qwen25vl7b_ltx2b_grpo@overlap \
+        --set nsp_qwen25vl7b_ltx2b_grpo@overlap:trainer.overlap_update=true --steps 3 --out $OUT/rs
 
 ``--tiny`` runs the same pipeline with tiny configs of the same classes (and tiny geometry
 overrides, listed per recipe in ``TINY_OVERRIDES``) on the CPU, so the script cannot rot.
@@ -464,16 +469,23 @@ def summarise_metrics(records: list[dict[str, Any]], stage: str) -> dict[str, An
                 "decode_reward_s": r["time/reward_s"],
                 "reward_wait_s": r["time/reward_wait_s"],
                 "hidden_frac": r["time/reward_hidden_frac"],
-                "update_s": r["time/iteration_s"] - r["time/rollout_s"] - r["time/reward_wait_s"],
+                "update_s": r.get(  # measured; before it was logged, what the iteration left
+                    "time/update_s", r["time/iteration_s"] - r["time/rollout_s"] - r["time/reward_wait_s"]
+                ),
+                "updated_batches": r.get("train/updated_batches", 1.0),
                 "peak_gb": r.get("memory/peak_gb"),
             }
             for r in rows
         ]
         steady = iterations[1:] or iterations  # iteration 0 holds the evaluation and the warm-up
+        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
+        # overlap_update: an iteration that starts or drains the pipeline updates 0 or 2 batches
+        if any(i["updated_batches"] != 1 for i in steady) and any(i["updated_batches"] == 1 for i in steady):
+            steady = [i for i in steady if i["updated_batches"] == 1]
+            over = "iterations >= 1 that updated one batch"
         keys = ("iteration_s", "rollout_s", "decode_reward_s", "hidden_frac", "update_s")
         median = {k: statistics.median(i[k] for i in steady) for k in keys} if steady else {}
         peaks = [i["peak_gb"] for i in iterations if i["peak_gb"] is not None]
-        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
         return {
             "iterations": iterations,
             "median": median,
@@ -556,12 +568,13 @@ def run_recipe(
     device: str,
 ) -> Result:
     result = Result(recipe=name, reductions=list(args.notes.get(name, [])))
-    result.reductions += [f"override {o}" for o in args.extra.get(name, [])]
+    result.reductions += [f"override {o}" for o in extra_overrides(args, name)]
     tick = time.perf_counter()
-    job = JOBS[name]
+    base = recipe_of(name)
+    job = JOBS[base]
     try:
-        raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
-        frames, context, height, width, fps = geometry(raw, args.tiny, name)
+        raw = yaml.safe_load((RECIPES_DIR / f"{base}.yaml").read_text())
+        frames, context, height, width, fps = geometry(raw, args.tiny, base)
         data_dir = args.work / "data" / f"{frames}x{context}x{height}x{width}"
         policy = finals.get(job.after) if job.after else None
         paths = {
@@ -574,9 +587,9 @@ def run_recipe(
         }
         if job.after and policy is None:
             result.reductions.append(f"starts from the base checkpoint ({job.after} did not run before it)")
-        overrides = recipe_overrides(name, raw, paths, args.tiny, device, args.steps)
-        overrides += list(args.extra.get(name, []))
-        load_recipe(RECIPES_DIR / f"{name}.yaml", overrides)  # a bad override fails before any writing
+        overrides = recipe_overrides(base, raw, paths, args.tiny, device, args.steps)
+        overrides += extra_overrides(args, name)
+        load_recipe(RECIPES_DIR / f"{base}.yaml", overrides)  # a bad override fails before any writing
         if not (data_dir / "eval" / "manifest.jsonl").is_file():
             log(f"{name}: synthetic manifests, {frames}+{context} frames {height}x{width} at {fps:g} fps")
             write_synthetic_manifest(data_dir / "train", frames, context, height, width, fps, 2, seed=0)
@@ -584,7 +597,7 @@ def run_recipe(
         for need in (job.policy, *job.needs):
             store.ensure(need)
         shutil.rmtree(paths["run"], ignore_errors=True)
-        command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{name}.yaml"), *overrides]
+        command = [sys.executable, "-m", "grpo.cli", "train", str(RECIPES_DIR / f"{base}.yaml"), *overrides]
         result.command = command
         log(f"{name}: nextscene train {' '.join(command[5:])}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -606,6 +619,9 @@ def run_recipe(
             why = f"timed out after {args.timeout} s" if returncode is None else one_line_error(output)
             raise RuntimeError(why)
         result.metrics = summarise_metrics(read_metrics(paths["run"]), raw["stage"])
+        if raw["stage"] == "grpo":
+            resolved = yaml.safe_load((paths["run"] / "resolved_recipe.yaml").read_text())["trainer"]
+            result.metrics["pipeline"] = {k: resolved[k] for k in ("overlap_update", "compile")}
         result.final_bytes = tree_bytes(paths["run"] / "final", only_new=True)
         finals[name] = paths["run"] / "final"
         result.ok = True
@@ -625,17 +641,25 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pipeline(options: dict[str, Any] | None) -> str:
+    """``trainer.overlap_update`` and ``trainer.compile`` of a GRPO run, in words."""
+    if options is None:
+        return "-"
+    mode = "one step off-policy" if options["overlap_update"] else "on-policy"
+    return f"{mode}, compile {str(options['compile']).lower()}"
+
+
 def format_table(results: list[Result]) -> str:
     head = (
         "| recipe | status | s/iter (or s/step) | rollout s | decode+reward s | hidden | update s "
-        "| peak GB (torch / device) | written GB (final) | wall s |\n" + "|---" * 10 + "|"
+        "| pipeline | peak GB (torch / device) | written GB (final) | wall s |\n" + "|---" * 11 + "|"
     )
     lines = [head]
     for r in results:
         m = r.metrics.get("median", {})
         per = m.get("iteration_s", m.get("step_s"))
         status = "ok" if r.ok else f"failed: {r.error}"
-        if r.ok and r.metrics.get("median_over", "").startswith("iteration 0"):
+        if r.ok and r.metrics.get("median_over", "iterations >= 1") != "iterations >= 1":
             status += ", " + r.metrics["median_over"]
         if r.reductions:
             status += " (" + "; ".join(r.reductions) + ")"
@@ -644,18 +668,30 @@ def format_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.recipe} | {status} | {_fmt(per)} | {_fmt(m.get('rollout_s'))} "
             f"| {_fmt(m.get('decode_reward_s'))} | {_fmt(m.get('hidden_frac'), '.0%')} "
-            f"| {_fmt(m.get('update_s'))} "
+            f"| {_fmt(m.get('update_s'))} | {_pipeline(r.metrics.get('pipeline'))} "
             f"| {_fmt(r.metrics.get('trainer_peak_gb'))} / {_fmt(r.gpu_peak_gib)} "
             f"| {_fmt(written, '.2f')} ({_fmt(final, '.2f')}) | {r.wall_s:.0f} |"
         )
     return "\n".join(lines)
 
 
+def recipe_of(name: str) -> str:
+    """The shipped recipe a ``--recipes`` entry runs: ``RECIPE`` or a variant ``RECIPE@LABEL``."""
+    return name.partition("@")[0]
+
+
+def extra_overrides(args: argparse.Namespace, name: str) -> list[str]:
+    """The ``--set`` overrides of an entry: its recipe's, then a variant's own."""
+    base = recipe_of(name)
+    return list(args.extra.get(base, [])) + (list(args.extra.get(name, [])) if name != base else [])
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store = Checkpoints(args.work / "checkpoints", args.tiny, args.gemma_layers, args.reward_model_layers)
     for name in args.recipes:  # the stated reductions of the checkpoints each recipe reads
-        needs = store.closure((JOBS[name].policy, *JOBS[name].needs))
+        job = JOBS[recipe_of(name)]
+        needs = store.closure((job.policy, *job.needs))
         notes = args.notes.setdefault(name, [])
         if "ltx2_text" in needs and args.gemma_layers != GEMMA_12B_LAYERS and not args.tiny:
             notes.append(f"Gemma-3-12B text encoder with {args.gemma_layers} of its 48 layers")
@@ -669,7 +705,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             later = {
                 n
                 for other in args.recipes[index + 1 :]
-                for n in store.closure((JOBS[other].policy, *JOBS[other].needs))
+                for n in store.closure((JOBS[recipe_of(other)].policy, *JOBS[recipe_of(other)].needs))
             }
             for stale in set(store.builders) - later:
                 if store.path(stale).exists():
@@ -681,7 +717,10 @@ def run(args: argparse.Namespace) -> list[Result]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--recipes", default=",".join(JOBS), help=f"comma-separated subset of {', '.join(JOBS)}"
+        "--recipes",
+        default=",".join(JOBS),
+        help=f"comma-separated subset of {', '.join(JOBS)}; RECIPE@LABEL runs RECIPE once more (a "
+        "variant: its own run directory and --set RECIPE@LABEL:key=value overrides, after RECIPE's)",
     )
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (CI)")
     parser.add_argument("--work", type=Path, default=None, help="checkpoints and data (default: <out>/work)")
@@ -707,14 +746,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.recipes = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in args.recipes if r not in JOBS]
+    unknown = [r for r in args.recipes if recipe_of(r) not in JOBS]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {', '.join(JOBS)}")
     args.extra, args.notes = {}, {}
     for item in args.set:
         recipe, sep, override = item.partition(":")
-        if not sep or recipe not in JOBS or "=" not in override:
-            parser.error(f"--set {item!r}: expected RECIPE:key=value with RECIPE one of {', '.join(JOBS)}")
+        if not sep or recipe_of(recipe) not in JOBS or "=" not in override:
+            parser.error(
+                f"--set {item!r}: expected RECIPE[@LABEL]:key=value with RECIPE one of {', '.join(JOBS)}"
+            )
         args.extra.setdefault(recipe, []).append(override)
     args.work = args.work or args.out / "work"
     return args

@@ -5,7 +5,8 @@ One iteration reads like the algorithm:
     rows      = the iteration's prompts / contexts                (data, split across ranks)
     rollout   = G stochastic denoising chains per row              (policy.rollout, old log-probs)
     rewards   = every reward function on the decoded videos        (scored in threads while the
-                                                                    next group is still rolling out)
+                                                                    next group is still rolling out,
+                                                                    or the update runs: overlap_update)
     kept      = all, or each group's k_top best and k_bottom worst (best_of_n_keep)
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
@@ -13,7 +14,8 @@ One iteration reads like the algorithm:
 Any policy honouring `policies.protocol.Policy` (every family does; a test checks it) can be trained.
 Everything random in an iteration (data order, sample seeds, trained steps) is derived from
 ``(seed, iteration)``, so a run resumed from a checkpoint continues exactly as the uninterrupted
-run would have.
+run would have. With ``overlap_update`` (one step off-policy) iteration t updates on batch t-1
+while batch t is scored; the batch keeps its own iteration's draws (`_Batch`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,18 @@ from policies.seeding import derived_seed
 from policies.video_io import write_video
 from rewards.composite import CompositeOutput, CompositeReward
 from rewards.types import RewardUnavailableError
+
+
+@dataclass
+class _Batch:
+    """A rolled-out, scored batch ready for its update: the (kept) samples and their advantages, the
+    iteration whose draws (trained steps, micro-batch order) it keeps, and the optimizer steps taken
+    when it was rolled out (another step since makes it off-policy)."""
+
+    iteration: int
+    rollout: Rollout
+    advantages: torch.Tensor
+    behaviour_step: int
 
 
 class GRPOTrainer(Stage):
@@ -126,6 +140,7 @@ class GRPOTrainer(Stage):
             self.policy.keep_reference_copy()
         if self.context_parallel:
             self._enable_context_parallel(eval_dataset is not None and args.eval_every > 0)
+        self.compiled = self._compile()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
         self.rows = RowSampler(len(train_dataset), args.seed)
@@ -141,6 +156,8 @@ class GRPOTrainer(Stage):
         )
         self.iteration = 0
         self.outage_iterations, self.outage_reason = 0, ""  # iterations in a row a reward was down
+        self.pending: _Batch | None = None  # overlap_update: the batch the next iteration updates on
+        self._score_stream = torch.cuda.Stream(self.accelerator.device) if self._on_cuda else None
 
     # ------------------------------------------------------------------ the stage
     def _enable_context_parallel(self, evaluates: bool) -> None:
@@ -157,24 +174,66 @@ class GRPOTrainer(Stage):
             )
         self.policy.enable_context_parallel()
 
+    @property
+    def _on_cuda(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    def _compile(self) -> bool:
+        """Apply ``trainer.compile`` (after LoRA, so the adapters are compiled in); whether it did.
+
+        ``auto`` compiles where the policy runs on CUDA with a regional compile of its own
+        (`policies.LTXPolicy.compile`) and neither FSDP nor context parallelism wraps the blocks;
+        ``true`` insists, with a one-line error where it cannot (the CPU: inductor's C++ build takes
+        minutes there and is not what a CPU run is for)."""
+        args = self.args
+        if args.compile is False:
+            return False
+        regional = getattr(type(self.policy), "compile", None) not in (None, torch.nn.Module.compile)
+        problem = None
+        if not self._on_cuda:
+            problem = "the policy runs on the CPU, where compiling is slow and untested"
+        elif not regional:
+            problem = f"{type(self.policy).__name__} has no regional compile (LTX-family policies have)"
+        elif args.fsdp or self.context_parallel:
+            problem = "fsdp / context_parallel wrap the blocks it would compile (not supported together yet)"
+        if problem is None:
+            self.policy.compile()
+            return True
+        if args.compile == "auto":
+            return False
+        raise InputError(f"trainer.compile true: {problem}; set trainer.compile auto or false")
+
     def train(self) -> list[dict[str, Any]]:
         """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics."""
         return self.engine.run()
 
     def train_step(self, iteration: int, started: float) -> dict[str, Any]:
-        """One iteration: roll out, score, select, advantages, update; its metrics."""
+        """One iteration: roll out, score, select, advantages, update; its metrics.
+
+        With ``overlap_update`` the update is that of the pending batch (iteration - 1's), run while
+        this iteration's batch is decoded and scored; this batch then waits, or is updated at once
+        when a checkpoint or the end follows (`_drain`)."""
         self.iteration = iteration
+        behaviour_step = self.state.optimizer_steps
         rows = self._rows_for(iteration)
-        rollout, scores, timing = self._rollout_and_score(rows, iteration)
+        updates: list[dict[str, float]] = []
+        clock = {"update_s": 0.0}
+        meanwhile = (lambda: self._drain(updates, clock)) if self.args.overlap_update else None
+        rollout, scores, timing = self._rollout_and_score(rows, iteration, meanwhile)
         metrics = self._track_outage(scores)
         trained, trained_scores, selection_stats = self._best_of_n(rollout, scores)
         advantages, reward_stats = self._advantages(trained_scores)
-        train_stats = self._update(trained, advantages, iteration)
+        self.pending = _Batch(iteration, trained, advantages, behaviour_step)
+        save_follows = self.args.save_steps and (iteration + 1) % self.args.save_steps == 0
+        if not self.args.overlap_update or save_follows or iteration == self.args.max_iterations - 1:
+            self._drain(updates, clock)
 
         metrics.update(selection_stats)
         metrics.update(reward_stats)
-        metrics.update(train_stats)
+        metrics.update(_mean_stats(updates))
+        metrics["train/updated_batches"] = float(len(updates))
         metrics.update(timing)
+        metrics["time/update_s"] = clock["update_s"]
         elapsed = time.perf_counter() - started
         metrics["time/iteration_s"] = elapsed
         metrics["samples_per_s"] = rollout.num_samples * self.world_size / elapsed
@@ -189,6 +248,9 @@ class GRPOTrainer(Stage):
         return self.evaluate()
 
     def checkpoint_state(self, step: int) -> dict[str, Any]:
+        # a checkpoint holds every batch rolled out before it (overlap_update: a preemption or a
+        # halt drains here; its update is not logged)
+        self._drain([], {"update_s": 0.0})
         return {"iteration": step}
 
     def should_halt(self) -> bool:
@@ -215,11 +277,15 @@ class GRPOTrainer(Stage):
         return replace(eval_sampling(args), kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
 
     def _rollout_and_score(
-        self, rows: list[dict[str, Any]], iteration: int
+        self, rows: list[dict[str, Any]], iteration: int, meanwhile: Callable[[], None] | None = None
     ) -> tuple[Rollout, CompositeOutput, dict[str, float]]:
         """Roll out G videos per row, ``rollout_batch_size`` samples per call (whole groups of several
-        rows, or equal parts of one row's group), scoring each group or part in a thread meanwhile.
-        Every sample keeps its seed and its place, so the chunking changes no sample's draws."""
+        rows, or equal parts of one row's group), scoring each group or part in a thread meanwhile,
+        then run ``meanwhile`` (the previous batch's update) before waiting for the last scores.
+        Every sample keeps its seed and its place, so the chunking changes no sample's draws.
+
+        ``time/reward_hidden_frac`` is the share of the scorer's decode + reward time the main thread
+        did not wait for (it rolled out or updated meanwhile)."""
         generations = self.args.num_generations
         part_size = min(self.args.rollout_batch_size or generations, generations)
         sampling = self._sampling(self.args.sde_steps(iteration))
@@ -244,8 +310,12 @@ class GRPOTrainer(Stage):
             with self.state.rollout_weights():
                 for part, groups in calls:
                     parts.append(part)
+                    if self._score_stream is not None:  # the scorer's stream starts after the rollout
+                        self._score_stream.wait_stream(torch.cuda.current_stream(self.accelerator.device))
                     for _, row, own in groups:
                         futures.append(scorer.submit(self._score_group, own, row))
+            if meanwhile is not None:
+                meanwhile()
             tick = time.perf_counter()
             groups = [f.result() for f in futures]
             wait_s = time.perf_counter() - tick
@@ -282,12 +352,15 @@ class GRPOTrainer(Stage):
         own clip scores: its samples' clips continue the group's shared history, not one another, so
         they are scored clip by clip, never as one video."""
         tick = time.perf_counter()
-        with torch.no_grad():
-            videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
-            metadata = reward_metadata(self.policy, rollout, row)
-        decode_s = time.perf_counter() - tick
+        # on CUDA its own stream, so its kernels can run beside the update's (overlap_update)
+        on_stream = self._score_stream is not None
+        with torch.cuda.stream(self._score_stream) if on_stream else contextlib.nullcontext():
+            with torch.no_grad():
+                videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
+                metadata = reward_metadata(self.policy, rollout, row)
+            decode_s = time.perf_counter() - tick
+            out = score_videos(self.reward, videos, row, metadata)
         n = rollout.num_samples
-        out = score_videos(self.reward, videos, row, metadata)
         out.timings["decode"] = decode_s
         out.metadata["videos"] = list(videos)
         num_clips = rollout.num_clips
@@ -413,8 +486,24 @@ class GRPOTrainer(Stage):
         mask = torch.tensor([[k < len(row) for k in range(max_steps)] for row in rows], device=device)
         return padded, mask, max_steps
 
-    def _update(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
+    def _drain(self, updates: list[dict[str, float]], clock: dict[str, float]) -> None:
+        """Update on the pending batch, if any (appending its statistics to ``updates`` and its time
+        to ``clock["update_s"]``); off-policy when an optimizer step came after its rollout."""
+        batch, self.pending = self.pending, None
+        if batch is None:
+            return
+        tick = time.perf_counter()
+        stale = self.state.optimizer_steps != batch.behaviour_step
+        updates.append(self._update(batch.rollout, batch.advantages, batch.iteration, stale=stale))
+        clock["update_s"] += time.perf_counter() - tick
+
+    def _update(
+        self, rollout: Rollout, advantages: torch.Tensor, iteration: int, stale: bool = False
+    ) -> dict[str, float]:
         """``num_iterations`` epochs of PPO over the rollout: micro-batches x trained steps, accumulated.
+
+        ``stale``: the weights moved since the rollout (``overlap_update``), so the rollout's recorded
+        log-probs are the old policy's from the first step on.
 
         Each micro-batch's loss is the ``loss_type`` average of its (sample, trained step) entries
         (`grpo.loss.loss_weights`), computed ``steps_per_forward`` trained steps of every sample per
@@ -444,7 +533,7 @@ class GRPOTrainer(Stage):
             groups = self._split(list(order.split(size)))
             # one optimizer step per rollout, and the rollout's guidance: every loss sees the sampler
             same_guidance = args.cfg_in_training or args.guidance_scale <= 1
-            on_policy = args.num_iterations == 1 and len(groups) == 1 and same_guidance
+            on_policy = not stale and args.num_iterations == 1 and len(groups) == 1 and same_guidance
             for group in groups:
                 for m, idx in enumerate(group):
                     sub, adv, pos, trains = rollout.select(idx), advantages[idx], positions[idx], mask[idx]
@@ -477,7 +566,7 @@ class GRPOTrainer(Stage):
                                 stats[key].append(float(value))
                 stats["grad_norm"].append(self.engine.optimizer_step())
         out = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
-        out["train/ratio_first_step"] = stats["ratio_mean"][0]  # before any update: 1 when on-policy
+        out["train/ratio_first_step"] = stats["ratio_mean"][0]  # before any step: 1 unless stale
         out["train/trained_steps_per_sample"] = float(mask.sum(1).float().mean())
         return out
 
@@ -610,6 +699,12 @@ class GRPOTrainer(Stage):
         for b, video in enumerate(scores.metadata["videos"][: self.args.save_samples]):
             reward = sum((scores.weights[n] * (scores.columns[n][b] or 0.0)) for n in scores.columns)
             write_video(folder / f"sample{b:02d}_reward{reward:+.3f}.mp4", video, self.args.frame_rate)
+
+
+def _mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of the statistics of the updates an iteration ran (none, one, or two when
+    ``overlap_update`` drains)."""
+    return {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]} if updates else {}
 
 
 def _peak_memory_gb(device: torch.device) -> float:

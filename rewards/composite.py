@@ -48,6 +48,22 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
+def _on_callers_stream(func: Any) -> Any:
+    """``func``, run on the CUDA stream current where this is called: a worker thread would otherwise
+    use the default stream (e.g. a trainer's scorer thread on its own stream, beside the update)."""
+    if not torch.cuda.is_initialized():
+        return func
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        return func
+
+    def on_stream(*args: Any, **kwargs: Any) -> Any:
+        with torch.cuda.stream(stream):
+            return func(*args, **kwargs)
+
+    return on_stream
+
+
 @dataclass
 class CompositeOutput:
     """Per-reward score columns (one entry per video), their weights, logging metadata and timings."""
@@ -173,7 +189,7 @@ class CompositeReward:
             elif _is_async(func):
                 result = await func(*args, **metadata)
             else:
-                result = await asyncio.to_thread(func, *args, **metadata)
+                result = await asyncio.to_thread(_on_callers_stream(func), *args, **metadata)
             if inspect.isawaitable(result):
                 result = await result
         except RewardUnavailableError as err:  # its service is down: no score for this batch

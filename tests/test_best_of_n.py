@@ -130,8 +130,8 @@ def test_an_iteration_updates_on_exactly_the_kept_samples(tmp_path, tiny_dir):
     rolled: dict = {}
     real_rollout, real_step_loss = trainer._rollout_and_score, trainer._step_loss
 
-    def rollout_spy(rows, iteration):
-        rolled["rollout"], rolled["scores"], timing = real_rollout(rows, iteration)
+    def rollout_spy(rows, iteration, meanwhile=None):
+        rolled["rollout"], rolled["scores"], timing = real_rollout(rows, iteration, meanwhile)
         return rolled["rollout"], rolled["scores"], timing
 
     seen: list[tuple[int, float]] = []  # (seed, advantage) of every sample of every loss

@@ -224,6 +224,16 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
+def test_two_gloo_processes_stay_identical_with_the_update_overlapped(tmp_path, tiny_dir):
+    """overlap_update over two ranks: each iteration's update (of the previous batch) and its
+    gradient all-reduce run while the scorer thread decodes; the ranks stay identical."""
+    ranks = _torchrun(tiny_dir, tmp_path / "ddp", "overlap_update=true", "max_iterations=3", port=29541)
+    assert len(ranks[0]) == 6  # 3 batches x 2 micro-batches, the last two drained at the end
+    assert ranks[0] == ranks[1]
+    assert len({row["sha256"] for row in ranks[0]}) == len(ranks[0])
+
+
+@pytest.mark.slow
 def test_best_of_n_keeps_whole_groups_on_each_rank(tmp_path, tiny_dir):
     """Each rank holds whole groups, so best-of-N selects locally: keeping 1 + 1 of 3 samples per
     prompt, each rank trains 2 samples (2 micro-batches of 1, not 3) and the ranks stay identical."""
