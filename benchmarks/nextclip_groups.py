@@ -15,6 +15,14 @@ gradient of a batch is ``sum A * term`` with the per-clip advantages under group
 scaling; the cosine between the gradients of independent batches says how much the batches agree
 on the direction to move (signal), whatever the learning rate.
 
+``floors``: on the recipe's held-out contexts, the thresholded per-clip verifiable reward (what
+held-out evaluation reports) of videos that need no model: the true continuation, the same through
+the policy's VAE, a blank one (the context's median colour everywhere: every ball "gone"), the
+context's last frame frozen; and of the base's held-out samples (the evaluation's ODE sampler,
+``--generations`` a context). Where the base stands between blank and true says what GRPO can
+gain without learning to draw the balls.
+
+    python benchmarks/nextclip_groups.py floors --json runs/floors.json
     python benchmarks/nextclip_groups.py spread --contexts 12 --json runs/groups_spread.json
     python benchmarks/nextclip_groups.py gradients --name branch_win3 --batches 3 --json runs/g.json \
         --overrides trainer.nextclip_groups=branch trainer.timestep_selection=window \
@@ -152,6 +160,51 @@ def gradients(args: argparse.Namespace) -> dict:
     return result
 
 
+def floors(args: argparse.Namespace) -> dict:
+    """Held-out per-clip verifiable reward of model-free videos and of the base's samples (`__doc__`)."""
+    recipe = load_recipe(RECIPE, [])
+    _, data_spec = validate(recipe)
+    _, held_out = build_datasets(data_spec)
+    policy = NextClipPolicy.from_pretrained(REPO / "checkpoints" / "toy_nextclip")
+    reward = ToyWorldVerifiableReward(per_clip=True)
+    sampling = SamplingConfig(num_frames=27, height=32, width=32, num_inference_steps=6, kind="ode")
+    scores: dict[str, list[list[float]]] = {
+        name: [] for name in ("true", "true_vae", "blank", "frozen", "base")
+    }
+    for index in range(len(held_out)):
+        row = held_out[index]
+        context = row["context"]
+        true = row["video"][len(context) :]  # the clips after the context
+        with torch.no_grad():
+            both = torch.cat([context, true])[None]
+            latents = policy.encode_video(both)
+            true_vae = policy.decode(latents, policy.latent_shape(both.shape[1], 32, 32))[0, len(context) :]
+            condition = policy.prepare_condition([{"context": context}])
+            seeds = [derived_seed(0, 2, index * args.generations + i) for i in range(args.generations)]
+            rollout = policy.rollout(
+                condition, num_generations=args.generations, sampling=sampling, seeds=seeds
+            )
+            samples = policy.decode(rollout.final_latents, rollout.latent_shape)
+        videos = {
+            "true": [true],
+            "true_vae": [true_vae],
+            "blank": [context.reshape(-1, 3).median(0).values.expand_as(true).clone()],
+            "frozen": [context[-1:].expand_as(true).clone()],
+            "base": list(samples),
+        }
+        for name, found in videos.items():
+            for video in found:
+                result = reward.score_video(video, row["world"])
+                scores[name].append(result["clip_scores"])
+    out = {
+        name: {"per_clip": np.mean(found, 0).round(4).tolist(), "mean": round(float(np.mean(found)), 4)}
+        for name, found in scores.items()
+    }
+    out["contexts"], out["base_samples_per_context"] = len(held_out), args.generations
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,10 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     two.add_argument("--batches", type=int, default=3)
     two.add_argument("--output-dir", type=Path, default=REPO / "runs" / "nextclip_groups")
     two.add_argument("--overrides", nargs="*", default=[], help="recipe overrides (key=value)")
-    for p in (one, two):
+    three = sub.add_parser("floors", help="held-out reward of true / blank / frozen videos and the base's")
+    three.add_argument("--generations", type=int, default=4, help="base samples per held-out context")
+    for p in (one, two, three):
         p.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = spread(args) if args.what == "spread" else gradients(args)
+    result = {"spread": spread, "gradients": gradients, "floors": floors}[args.what](args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     return result

@@ -478,7 +478,7 @@ def summarise_metrics(records: list[dict[str, Any]], stage: str) -> dict[str, An
             for r in rows
         ]
         steady = iterations[1:] or iterations  # iteration 0 holds the evaluation and the warm-up
-        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only (with the evaluation)"
+        over = "iterations >= 1" if len(iterations) > 1 else "iteration 0 only"
         # overlap_update: an iteration that starts or drains the pipeline updates 0 or 2 batches
         if any(i["updated_batches"] != 1 for i in steady) and any(i["updated_batches"] == 1 for i in steady):
             steady = [i for i in steady if i["updated_batches"] == 1]

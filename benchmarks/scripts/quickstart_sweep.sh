@@ -13,7 +13,7 @@
 #   benchmarks/scripts/quickstart_sweep.sh VARIANT...      (at most 6 runs: 2 variants x 3 seeds)
 #   OUT=/tmp/sweep SEEDS="0 1 2" benchmarks/scripts/quickstart_sweep.sh it60_bon8 it60_bon16
 #
-# Needs 2 x (variants x seeds) cores. Why 60 iterations: most of the shipped recipe's held-out gain is
+# Needs 2 x (variants x seeds) cores, from core FIRST_CORE (default 0) on. Why 60 iterations: most of the shipped recipe's held-out gain is
 # there by iteration 60 (the evaluations at 60 of its 120-iteration runs: +0.086 / +0.063 / +0.060 in
 # benchmarks/results/toy_learning.json, +0.069 / +0.102 / +0.106 in best_of_n_vs_group.json's plain
 # groups, against +0.071 / +0.107 / +0.082 and +0.065 / +0.110 / +0.104 at 120), and an iteration of
@@ -49,6 +49,7 @@ RUNS=${RUNS:-runs/quickstart_sweep}
 SEEDS=${SEEDS:-0 1 2}
 PYTHON=${PYTHON:-python}
 LIMIT_S=${LIMIT_S:-480}  # one run's wall-clock limit: the whole call within 8.5 minutes (10 per call, less start-up)
+FIRST_CORE=${FIRST_CORE:-0}  # the first pinned core (other jobs on the host keep the cores below it)
 EXTRA=${EXTRA:-}  # overrides after the variant's, e.g. a smoke test: "trainer.max_iterations=1 trainer.eval_every=1"
 
 overrides() {
@@ -82,7 +83,7 @@ pids=()
 for variant in "$@"; do
   for seed in $SEEDS; do
     # shellcheck disable=SC2046  # the overrides are words
-    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout "$LIMIT_S" taskset -c "$((2 * slot)),$((2 * slot + 1))" \
+    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout "$LIMIT_S" taskset -c "$((FIRST_CORE + 2 * slot)),$((FIRST_CORE + 2 * slot + 1))" \
       "$PYTHON" benchmarks/toy_learning.py --seeds "$seed" --out-dir "$RUNS/$variant" \
       --json "$FILES/${variant}_seed${seed}.json" --overrides $(overrides "$variant") $EXTRA \
       >"$FILES/${variant}_seed${seed}.log" 2>&1 &

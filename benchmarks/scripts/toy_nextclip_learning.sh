@@ -15,6 +15,9 @@
 #   group   trainer.scale_rewards=group    -> benchmarks/results/toy_nextclip_learning_group.json
 #   allsde  every step stochastic and trained (timestep_selection=all)
 #                                          -> benchmarks/results/toy_nextclip_learning_allsde.json
+#   full    full fine-tuning (use_lora=false) at 5e-4 -> ..._full.json
+#   full_beta0  the same without the KL term          -> ..._full_beta0.json
+#   loraff  LoRA rank 32 on attention and feed-forward -> ..._loraff.json
 # EXTRA: overrides for every run (a dry run: EXTRA="trainer.max_iterations=1 trainer.eval_every=1").
 # A run longer than LIMIT seconds (default 470) is stopped and its variant is not merged. The merged
 # JSONs, each run's log, metrics.jsonl and held-out scores (one tar) are copied to $OUT. On a host
@@ -38,7 +41,11 @@ overrides() {  # the recipe overrides of a variant, then EXTRA
   video) echo trainer.nextclip_groups=video ;;
   group) echo trainer.scale_rewards=group ;;
   allsde) echo trainer.timestep_selection=all ;;
-  *) echo "unknown variant $1 (recipe, video, group, allsde)" >&2; exit 2 ;;
+  full) echo trainer.use_lora=false trainer.learning_rate=5e-4 ;;
+  full_beta0) echo trainer.use_lora=false trainer.learning_rate=5e-4 trainer.beta=0 ;;
+  loraff) echo "trainer.lora_target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2]" \
+    trainer.lora_rank=32 trainer.lora_alpha=64 ;;
+  *) echo "unknown variant $1 (recipe, video, group, allsde, full, full_beta0, loraff)" >&2; exit 2 ;;
   esac
 }
 
@@ -75,5 +82,6 @@ for variant in $VARIANTS; do
     tail -n 5 "$RUNS/toy_nextclip_${variant}"_seed*.log >&2
   fi
 done
-tar -cf "$OUT/toy_nextclip_runs.tar" -C "$RUNS" --exclude='*.safetensors' --exclude='*.mp4' \
-  $(cd "$RUNS" && ls -d toy_nextclip_*)
+# logs, metrics and held-out scores only (checkpoints and videos stay: the tar must stay small to come back)
+(cd "$RUNS" && find toy_nextclip_* \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 |
+  tar -czf "$OUT/toy_nextclip_runs.tgz" --null -T -)
