@@ -141,6 +141,7 @@ def worker(args: argparse.Namespace) -> None:
         lora_alpha=64,
         fsdp=full,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
         learning_rate=1e-5,
         beta=0.004,
         save_steps=0,
@@ -252,6 +253,7 @@ def launch(mode: str, gpus: int, nodes: int, args: argparse.Namespace, out: Path
     script += ["--tiny"] if args.tiny else []
     script += ["--layers", str(args.layers)] if args.layers else []
     script += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    script += ["--compile"] if args.compile else []
     port = str(_free_port())
     per_node = gpus // nodes
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -362,6 +364,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--cp-settings", default=None, help="cp: FRAMESxHEIGHTxWIDTH,... videos to try")
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="lora / full: recompute activations in backward"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="lora / full: trainer.compile true (off by default: the recorded results are eager)",
     )
     parser.add_argument("--iterations", type=int, default=3, help="measured iterations (after 1 warm-up)")
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
