@@ -39,6 +39,10 @@ How a video is scored (all per frame ``f`` and true ball ``k``):
   the right place, where the thresholded one is 0 for all samples that fade a ball (a group of them
   has no advantage). With ``p`` 0 or 1 and every pixel's chroma below ``min_chroma / 4`` or at least
   ``min_chroma``, it equals the thresholded score.
+* ``seen_only`` (for GRPO where erasing pays): ``tracking`` averages only the cells of balls that
+  should be seen, so a video that loses every ball earns nothing for the balls that did leave the
+  view. A next-clip base that fades its balls is otherwise pulled towards the empty video, which
+  scores as much as the fading ones on clips where balls leave (README, next-clip section).
 * ``score = tracking * colour * spurious``. The metadata also reports ``presence`` (fraction of
   cells whose seen/unseen state is right) and ``position_error`` (mean normalised error of the
   detected balls; None when none is detected).
@@ -109,6 +113,13 @@ class VerifiableRewardConfig:
     dense: bool = field(
         default=False,
         metadata={"help": "Ramps instead of chroma/detection cut-offs: faint balls earn partial credit."},
+    )
+    seen_only: bool = field(
+        default=False,
+        metadata={
+            "help": "tracking over the cells of balls that should be seen only: no credit for an empty video "
+            "where balls left the view (a clip with no such cell keeps the usual mean)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -298,7 +309,7 @@ def _aggregate(
     allowed = (1.0 + cfg.mass_tolerance) * expected + 0.1 * full
     extra = found.unexplained[frames] + np.clip(mass - allowed, 0.0, None).sum(axis=1)
     spurious = float(np.exp(-extra / truth.full_area.mean()).mean())
-    tracking = float(cell.mean())
+    tracking = float(cell[must_see].mean() if cfg.seen_only and must_see.any() else cell.mean())
     return {
         "score": tracking * colour * spurious,
         "tracking": tracking,

@@ -272,3 +272,23 @@ def test_the_dense_reward_is_registered_and_breaks_ties_of_fading_balls():
     assert {s for clips in hard.metadata["clip_scores"] for s in clips} == {0.0}  # every cell tied at 0
     per_clip = np.array(dense.metadata["clip_scores"])  # [4 samples, 3 clips]
     assert (np.diff(per_clip, axis=0) > 0).all()  # the more colour kept, the higher, clip by clip
+
+
+def test_seen_only_gives_an_empty_video_nothing_for_balls_that_left_the_view():
+    truth = [[16.0 + 5 * t, 16.0] for t in range(9)]  # leaves the 32-px view to the right
+    world = _one_ball_world(truth)
+    video = _render_one(truth, colour=PALETTE["red"])
+    empty = _faded(video, 0.0)  # the grey background only
+    coverage = np.array([disc_coverage(np.array(c), 3.5, 32, 32).sum() for c in truth]) / (math.pi * 3.5**2)
+    seen = coverage >= 0.5
+    assert 0 < seen.sum() < 9  # some frames must show the ball, some must not
+    for dense in (False, True):
+        usual = ToyWorldVerifiableReward(dense=dense)
+        seen_only = ToyWorldVerifiableReward(dense=dense, seen_only=True)
+        # by hand: the empty video misses every ball that should be seen and is right everywhere else
+        assert usual.score_video(empty, world)["tracking"] == pytest.approx(1 - seen.mean())
+        assert seen_only.score_video(empty, world)["tracking"] == 0.0
+        assert seen_only.score_video(video, world)["score"] > 0.95  # the truth still scores
+    # a clip in which no ball should be seen keeps the usual mean: the empty video is right there
+    gone = _one_ball_world([[60.0, 16.0]] * 9)
+    assert ToyWorldVerifiableReward(seen_only=True).score_video(empty, gone)["tracking"] == 1.0

@@ -18,6 +18,8 @@
 #   full    full fine-tuning (use_lora=false) at 5e-4 -> ..._full.json
 #   full_beta0  the same without the KL term          -> ..._full_beta0.json
 #   loraff  LoRA rank 32 on attention and feed-forward -> ..._loraff.json
+#   seen    the trained reward scores seen balls only (seen_only: an empty video earns nothing)
+#                                          -> ..._seen.json
 # EXTRA: overrides for every run (a dry run: EXTRA="trainer.max_iterations=1 trainer.eval_every=1").
 # A run longer than LIMIT seconds (default 470) is stopped and its variant is not merged. The merged
 # JSONs, each run's log, metrics.jsonl and held-out scores (one tar) are copied to $OUT. On a host
@@ -45,7 +47,8 @@ overrides() {  # the recipe overrides of a variant, then EXTRA
   full_beta0) echo trainer.use_lora=false trainer.learning_rate=5e-4 trainer.beta=0 ;;
   loraff) echo "trainer.lora_target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2]" \
     trainer.lora_rank=32 trainer.lora_alpha=64 ;;
-  *) echo "unknown variant $1 (recipe, video, group, allsde, full, full_beta0, loraff)" >&2; exit 2 ;;
+  seen) echo rewards.0.kwargs.seen_only=true ;;
+  *) echo "unknown variant $1 (recipe, video, group, allsde, full, full_beta0, loraff, seen)" >&2; exit 2 ;;
   esac
 }
 
