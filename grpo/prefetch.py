@@ -13,7 +13,6 @@ needs the row.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -25,36 +24,31 @@ Rows = list[dict[str, Any] | None]
 class RowPrefetcher:
     """Serves ``load(iteration)``, loading up to ``ahead`` later iterations (below ``end``) meanwhile.
 
-    ``ahead = 0`` loads synchronously in the caller's thread (no thread is started). ``wait_s`` sums
-    the time `get` spent waiting for rows. Use as a context manager (or call `close`): leaving it
-    cancels the loads not started and waits for the one running, so no thread outlives it.
+    ``ahead = 0`` loads synchronously in the caller's thread (no thread is started). Use as a context
+    manager (or call `close`): leaving it cancels the loads not started and waits for the one
+    running, so no thread outlives it.
     """
 
     def __init__(self, load: Callable[[int], Rows], ahead: int, end: int) -> None:
         if ahead < 0:
             raise ValueError(f"ahead must be >= 0, got {ahead}")
         self.load, self.ahead, self.end = load, ahead, end
-        self.wait_s = 0.0
         self._queued: dict[int, Future[Rows]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-prefetch") if ahead else None
 
     def get(self, iteration: int) -> Rows:
         """The rows of ``iteration`` (what ``load(iteration)`` returns, or raises); queues the next
         ``ahead`` iterations' loads before waiting."""
-        tick = time.perf_counter()
         if self._pool is None:
-            rows = self.load(iteration)
-        else:
-            window = range(iteration, min(iteration + self.ahead + 1, self.end))
-            for other in [i for i in self._queued if i not in window]:  # a caller that jumped
-                self._queued.pop(other).cancel()
-            future = self._queued.pop(iteration, None) or self._pool.submit(self.load, iteration)
-            for later in window[1:]:
-                if later not in self._queued:
-                    self._queued[later] = self._pool.submit(self.load, later)
-            rows = future.result()
-        self.wait_s += time.perf_counter() - tick
-        return rows
+            return self.load(iteration)
+        window = range(iteration, min(iteration + self.ahead + 1, self.end))
+        for other in [i for i in self._queued if i not in window]:  # a caller that jumped
+            self._queued.pop(other).cancel()
+        future = self._queued.pop(iteration, None) or self._pool.submit(self.load, iteration)
+        for later in window[1:]:
+            if later not in self._queued:
+                self._queued[later] = self._pool.submit(self.load, later)
+        return future.result()
 
     def close(self) -> None:
         """Cancel the queued loads and wait for the running one (its result is dropped)."""

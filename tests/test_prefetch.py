@@ -237,3 +237,21 @@ def test_preemption_stops_the_prefetcher_and_bad_settings_fail(tmp_path, tiny_di
     with pytest.raises(ConfigError, match="prefetch_iterations: must be >= 0") as err:
         _args(tmp_path, prefetch_iterations=-1)
     assert "\n" not in str(err.value)
+
+
+def test_the_prefetcher_serves_any_order_and_loads_nothing_past_the_end():
+    """A caller that jumps (back or ahead) still gets each iteration's own rows; no iteration at or
+    past ``end`` is loaded; ``ahead`` 0 loads in the caller's thread."""
+    calls = []
+
+    def load(iteration):
+        calls.append((iteration, threading.current_thread().name))
+        return [{"iteration": iteration}]
+
+    with RowPrefetcher(load, 2, 5) as prefetcher:
+        assert [prefetcher.get(t)[0]["iteration"] for t in (0, 1, 4, 2, 3)] == [0, 1, 4, 2, 3]
+    assert max(t for t, _ in calls) == 4 and not _prefetch_threads()
+    calls.clear()
+    with RowPrefetcher(load, 0, 5) as prefetcher:
+        assert prefetcher.get(3) == [{"iteration": 3}]
+    assert calls == [(3, threading.current_thread().name)]
