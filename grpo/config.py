@@ -292,6 +292,12 @@ class GRPOConfig(VideoTrainerConfig):
     optimizer steps, as without it. Memory: the scorer's decoder and reward models work while the
     update's activations are alive (peak = update + decode/reward), plus one pending batch's record.
 
+    ``prefetch_iterations`` (k) loads the rows of iterations t+1 .. t+k (a manifest's videos,
+    decoded) in a background thread while iteration t runs (`grpo.prefetch`). An iteration's rows are
+    a function of (seed, iteration, rank), so a resumed run, with or without it, reads the same rows
+    and no loader state is checkpointed; errors surface at the iteration that needs the row. Memory:
+    k iterations of rows beyond the current one.
+
     ``compile`` (``auto``: on where the policy runs on CUDA without FSDP or context parallelism,
     off on the CPU; ``true`` where it cannot is a one-line error) compiles the policy's
     transformer blocks (`policies.LTXPolicy.compile`) once, after LoRA: the rollout and the update's
@@ -345,6 +351,12 @@ class GRPOConfig(VideoTrainerConfig):
         default=False,
         metadata={
             "help": "One step off-policy: update on the last iteration's batch while this one is scored."
+        },
+    )
+    prefetch_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Decode the next k iterations' rows in a background thread (holds k more); 0 = off."
         },
     )
     compile: bool | Literal["auto"] = field(
@@ -472,6 +484,11 @@ class GRPOConfig(VideoTrainerConfig):
             f"must be >= 1, got {self.num_prompts_per_iteration}",
         )
         _require(self.max_iterations >= 1, "max_iterations", f"must be >= 1, got {self.max_iterations}")
+        _require(
+            self.prefetch_iterations >= 0,
+            "prefetch_iterations",
+            f"must be >= 0 (0 = off), got {self.prefetch_iterations}",
+        )
         _require(
             self.num_inference_steps >= 1,
             "num_inference_steps",

@@ -47,6 +47,7 @@ from grpo.evaluation import (
     write_evaluation,
 )
 from grpo.loss import grpo_loss, loss_weights
+from grpo.prefetch import RowPrefetcher
 from grpo.training_state import TrainingState
 from policies.errors import InputError
 from policies.ltx import SamplingConfig
@@ -157,6 +158,7 @@ class GRPOTrainer(Stage):
         self.iteration = 0
         self.outage_iterations, self.outage_reason = 0, ""  # iterations in a row a reward was down
         self.pending: _Batch | None = None  # overlap_update: the batch the next iteration updates on
+        self._prefetcher: RowPrefetcher | None = None  # while `train` runs
         self._score_stream = torch.cuda.Stream(self.accelerator.device) if self._on_cuda else None
 
     # ------------------------------------------------------------------ the stage
@@ -204,8 +206,16 @@ class GRPOTrainer(Stage):
         raise InputError(f"trainer.compile true: {problem}; set trainer.compile auto or false")
 
     def train(self) -> list[dict[str, Any]]:
-        """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics."""
-        return self.engine.run()
+        """Run iterations up to ``max_iterations`` (resuming if asked); returns the logged metrics.
+
+        Meanwhile the next ``prefetch_iterations`` iterations' rows load in a background thread
+        (`grpo.prefetch`), stopped when the run ends, is preempted or fails."""
+        ahead = self.args.prefetch_iterations
+        with RowPrefetcher(self._load_rows, ahead, self.args.max_iterations) as self._prefetcher:
+            try:
+                return self.engine.run()
+            finally:
+                self._prefetcher = None
 
     def train_step(self, iteration: int, started: float) -> dict[str, Any]:
         """One iteration: roll out, score, select, advantages, update; its metrics.
@@ -265,7 +275,13 @@ class GRPOTrainer(Stage):
 
     # ------------------------------------------------------------------ data
     def _rows_for(self, iteration: int) -> list[dict[str, Any]]:
-        """This rank's rows of ``iteration`` (`grpo.engine.RowSampler`, sliced per rank)."""
+        """This rank's rows of ``iteration``: loaded ahead by the prefetcher while `train` runs, else now."""
+        if self._prefetcher is not None:
+            return self._prefetcher.get(iteration)
+        return self._load_rows(iteration)
+
+    def _load_rows(self, iteration: int) -> list[dict[str, Any]]:
+        """This rank's rows of ``iteration`` (`grpo.engine.RowSampler`, sliced per rank), read now."""
         first = iteration * self.args.num_prompts_per_iteration + self.rank * self.local_prompts
         return [self.train_dataset[i] for i in self.rows.indices(first, self.local_prompts)]
 
