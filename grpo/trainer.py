@@ -225,7 +225,9 @@ class GRPOTrainer(Stage):
         when a checkpoint or the end follows (`_drain`)."""
         self.iteration = iteration
         behaviour_step = self.state.optimizer_steps
-        rows = self._rows_for(iteration)
+        tick = time.perf_counter()
+        rows = self._rows_for(iteration)  # prefetched (trainer.prefetch_iterations): the wait is logged
+        rows_wait_s = time.perf_counter() - tick
         updates: list[dict[str, float]] = []
         clock = {"update_s": 0.0}
         meanwhile = (lambda: self._drain(updates, clock)) if self.args.overlap_update else None
@@ -244,6 +246,7 @@ class GRPOTrainer(Stage):
         metrics["train/updated_batches"] = float(len(updates))
         metrics.update(timing)
         metrics["time/update_s"] = clock["update_s"]
+        metrics["time/rows_wait_s"] = rows_wait_s
         elapsed = time.perf_counter() - started
         metrics["time/iteration_s"] = elapsed
         metrics["samples_per_s"] = rollout.num_samples * self.world_size / elapsed

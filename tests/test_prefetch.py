@@ -151,6 +151,7 @@ def test_a_run_with_prefetch_is_bitwise_the_run_without(tmp_path, tiny_dir, mani
             history = trainer.train()
         runs[ahead] = trainer, [m["reward/mean"] for m in history]
         assert not _prefetch_threads()
+        assert all(m["time/rows_wait_s"] >= 0 for m in history)  # the wait for this iteration's rows
     (off, off_rewards), (on, on_rewards) = runs[0], runs[2]
     a, b = _weights(off), _weights(on)
     assert all(torch.equal(a[n], b[n]) for n in a) and on_rewards == off_rewards
