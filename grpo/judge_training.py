@@ -30,7 +30,10 @@ from typing import Any, Literal
 from grpo.config import TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import (
+    FAILURES,
+    VERIFIABLE_YES,
     read_verdict_manifest,
+    synthetic_verdicts,
     toyworld_verdicts,
     verdict_dataset,
     verdicts_from_scores,
@@ -51,7 +54,6 @@ from rewards.verifiable import ToyWorldVerifiableReward
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 AIM_ROWS = 64  # training rows whose mean answer state `aim_verdict_rows` aims the verdict rows at
 AIM_LOGIT = 10.0  # the verdicts' logit there: far above the other tokens' (a few units at most)
-VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = (
     "mode", "num_frames", "context_frames", "frame_stride", "image_format", "system_prompt", "template",
@@ -183,6 +185,18 @@ class ToyVerdictsSpec(ToyCandidatesSpec):
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
+    synthetic_failures: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"per sample, its true future damaged by each ({', '.join(FAILURES)}; repeat: another "
+            "strength), labelled by toyworld_verifiable >= 0.5"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.synthetic_failures) - set(FAILURES))
+        _require(not unknown, "synthetic_failures", f"choose from {', '.join(FAILURES)}, got {unknown}")
 
     def check(self, recipe: Any, model: JudgeModelSpec) -> None:
         """Nothing beyond its fields (``__post_init__``)."""
@@ -238,26 +252,25 @@ def check_vl_checkpoint(path: str) -> None:
     check_model_weights(folder)
 
 
-def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
+def build_rows(data: Any, choices: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
-    manifest: None)."""
+    manifest: None); ``seed`` (the recipe's) draws the strengths of ``data.synthetic_failures``."""
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
     config = data.toy_config()
     workers = min(data.num_workers, os.cpu_count() or 1)
-    tables = [
-        toyworld_verdicts(
-            ToyWorld(config, split=split, num_samples=n),
-            data.perturbations,
-            choices=choices,
-            num_workers=workers,
-        )
-        for split, n in (("train", data.num_train), ("validation", data.num_eval))
-    ]
-    if data.policy is not None:
-        import datasets
+    import datasets
 
+    tables = []
+    for split, n in (("train", data.num_train), ("validation", data.num_eval)):
+        world = ToyWorld(config, split=split, num_samples=n)
+        table = toyworld_verdicts(world, data.perturbations, choices=choices, num_workers=workers)
+        if data.synthetic_failures:
+            rows = synthetic_verdicts(world, data.synthetic_failures, seed, choices=choices)
+            table = datasets.concatenate_datasets([table, verdict_dataset(rows)])
+        tables.append(table)
+    if data.policy is not None:
         for i, (split, n) in enumerate(
             (("train", data.policy_contexts), ("validation", data.policy_eval_contexts))
         ):
@@ -288,7 +301,7 @@ def run_recipe(recipe: Any, spec: JudgeModelSpec, data: Any) -> list[dict[str, A
     """Fine-tune the judge a recipe describes (its validated model and data specs); returns the
     logged metrics."""
     config = judge_config(spec)
-    train, held_out = build_rows(data, config.choices)
+    train, held_out = build_rows(data, config.choices, recipe.args.seed)
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     model, tokenizer, inputs_config = load_judge(spec, output_dir)

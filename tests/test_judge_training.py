@@ -338,3 +338,89 @@ def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_
     bad = load_recipe(RECIPE, [*overrides, "data.policy=recipes"])
     with pytest.raises(ConfigError, match="is not an NSP checkpoint"):
         validate(bad)
+
+
+def test_synthetic_failures_damage_the_truth_as_specified():
+    """`synthetic_failure` against hand computations: fade blends the balls into the context's empty
+    scene by the drawn keep-ramp, blur is a replicate-padded Gaussian (recomputed here by explicit
+    neighbour sums), shift moves only the balls; frame 0 (the context's last) is kept."""
+    import numpy as np
+
+    from grpo.data.judge_data import synthetic_failure
+    from grpo.data.video import to_uint8
+
+    sample = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=1)[0]
+    context = np.asarray(to_uint8(sample["context"]), dtype=np.float64)
+    truth = np.asarray(to_uint8(sample["next"]), dtype=np.float64)
+    frames_, ramp = len(truth), np.linspace(0, 1, len(truth))
+    chroma = context.max(-1) - context.min(-1)
+    static = np.take_along_axis(context, chroma.argmin(0)[None, ..., None], 0)[0]
+
+    def draw(kind, seed=3):
+        out = synthetic_failure(sample["context"], sample["next"], kind, np.random.default_rng(seed))
+        assert out.dtype == torch.uint8 and out.shape == truth.shape
+        assert torch.equal(out[0], torch.as_tensor(truth[0]).to(torch.uint8))  # frame 0 untouched
+        return out.numpy().astype(np.float64)
+
+    gone_at = np.random.default_rng(3).uniform(0.25, 1.25)
+    keep = np.clip(1 - ramp / gone_at, 0, None)[:, None, None, None]
+    assert np.abs(draw("fade") - np.round(static + keep * (truth - static))).max() <= 1
+
+    sigma = ramp * np.random.default_rng(3).uniform(1.0, 4.0)
+    size = truth.shape[1]
+    expected = np.zeros_like(truth)
+    for f in range(frames_):
+        w = np.exp(-(np.arange(-4, 5) ** 2) / (2 * max(sigma[f], 1e-3) ** 2))
+        w /= w.sum()
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                rows = np.clip(np.arange(size) + dy, 0, size - 1)
+                cols = np.clip(np.arange(size) + dx, 0, size - 1)
+                expected[f] += w[dy + 4] * w[dx + 4] * truth[f][rows][:, cols]
+    assert np.abs(draw("blur") - np.round(expected)).max() <= 1
+    assert np.abs(draw("blur")[-1] - truth[-1]).max() > 20  # visibly blurred by the last frame
+
+    shifted = draw("shift")
+    balls = lambda video: (video.max(-1) - video.min(-1)) > 60  # noqa: E731
+    assert (balls(shifted[-1]) != balls(truth[-1])).any()  # the balls moved ...
+    assert np.array_equal(shifted[-1][static.max(-1) > 60], static[static.max(-1) > 60])  # the walls not
+    smeared = draw("smear")
+    assert not np.array_equal(smeared, truth) and smeared[-1].sum() > 0
+
+
+def test_synthetic_verdicts_are_labelled_by_the_verifier_and_reproducible(tmp_path):
+    """``data.synthetic_failures``: each training and held-out sample gets one row per listed failure,
+    in its context's group, "yes" exactly when toyworld_verifiable gives it >= 0.5 (fades pass or fail
+    by scene: both labels occur); the rows follow the recipe's seed; an unknown kind is a ConfigError."""
+    from grpo.config import ConfigError
+    from grpo.data.video import to_uint8
+    from grpo.judge_training import build_rows
+    from grpo.recipe import load_recipe
+    from grpo.train import validate
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.num_train=6", "data.num_eval=2"]
+    overrides += ["data.next_overlap=1", "data.synthetic_failures=[fade,fade,shift]"]
+    _, data = validate(load_recipe(RECIPE, overrides))
+    train, held_out = build_rows(data, ("yes", "no"), seed=0)
+    reward = ToyWorldVerifiableReward()
+    verdicts = []
+    for table, split, n in ((train, "train", 6), (held_out, "validation", 2)):
+        rows = [table[i] for i in range(len(table)) if table[i]["kind"].startswith("synthetic_")]
+        assert [r["kind"] for r in rows] == ["synthetic_fade", "synthetic_fade", "synthetic_shift"] * n
+        world = ToyWorld(ToyWorldConfig(next_overlap=1), split=split, num_samples=n)
+        for j, row in enumerate(rows):
+            sample = world[j // 3]
+            assert row["group"] == f"pair{j // 3}"
+            assert torch.equal(frames(row["context"]), torch.as_tensor(to_uint8(sample["context"])))
+            score = reward([frames(row["candidate"])], world=[sample["world"]]).scores[0]
+            assert row["verdict"] == ("yes" if score >= 0.5 else "no")
+            verdicts.append(row["verdict"])
+    assert {"yes", "no"} <= set(verdicts)
+    again, _ = build_rows(data, ("yes", "no"), seed=0)
+    other, _ = build_rows(data, ("yes", "no"), seed=1)
+    fade = [i for i in range(len(train)) if train[i]["kind"] == "synthetic_fade"]
+    assert all(torch.equal(again[i]["candidate"], train[i]["candidate"]) for i in fade)
+    assert not all(torch.equal(other[i]["candidate"], train[i]["candidate"]) for i in fade)
+    with pytest.raises(ConfigError, match="synthetic_failures"):
+        validate(load_recipe(RECIPE, [*overrides[:-1], "data.synthetic_failures=[melt]"]))

@@ -12,6 +12,9 @@ group). Sources:
   perturbations are the reward-model preference data's own (`rewards.preferences.toyworld_pairs`:
   wrong direction, frozen, shuffled, another sample's future): each pair gives one yes row (its
   chosen video) and one no row (its rejected video), so the two kinds of data cannot drift apart.
+* `synthetic_failures`: true continuations damaged as the NSP policy's samples are (blurred, faded,
+  smeared over time, drawn a few pixels off), each labelled by ``toyworld_verifiable`` -- never
+  assumed wrong: a ball that fades as it leaves the view still passes.
 * `verdicts_from_scores`: scored candidates (the policy's own samples and their verifiable reward)
   -> yes at or above a threshold, no below it.
 * `read_verdict_manifest`: a user's JSON Lines file, one ``{"context": PATH, "candidate": PATH,
@@ -34,6 +37,8 @@ from policies.video_io import read_video, to_uint8
 from rewards.preferences import PAIR_VIDEOS, toyworld_pairs
 
 VERDICT_KEYS = ("context", "candidate", "verdict")
+VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
+FAILURES = ("blur", "fade", "smear", "shift")  # `synthetic_failure` kinds
 
 
 def verdict_row(
@@ -132,6 +137,95 @@ def verdicts_from_scores(
         for video, value in zip(group, values, strict=True)
         if value is not None
     ]
+
+
+def _static(context: torch.Tensor) -> torch.Tensor:
+    """The scene without its balls: per pixel, the context frame where it is least coloured (balls
+    are saturated hues, background and walls grey)."""
+    chroma = context.amax(-1) - context.amin(-1)
+    return context.gather(0, chroma.argmin(0)[None, ..., None].expand(1, *context.shape[1:])).squeeze(0)
+
+
+def _blur(frames: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each frame ``[F, H, W, C]`` (float) blurred by a Gaussian of its own ``sigma`` (px; edges
+    replicated)."""
+    radius = 4
+    x = torch.arange(-radius, radius + 1, dtype=frames.dtype)
+    out = torch.empty_like(frames)
+    for f, s in enumerate(sigma.tolist()):
+        kernel = torch.exp(-(x**2) / (2 * max(s, 1e-3) ** 2))
+        kernel = torch.outer(kernel, kernel) / kernel.sum() ** 2
+        padded = torch.nn.functional.pad(frames[f].permute(2, 0, 1)[:, None], (radius,) * 4, mode="replicate")
+        out[f] = torch.nn.functional.conv2d(padded, kernel[None, None])[:, 0].permute(1, 2, 0)
+    return out
+
+
+def synthetic_failure(context: Any, truth: Any, kind: str, rng: np.random.Generator) -> torch.Tensor:
+    """A true continuation damaged as the NSP policy's samples are, getting worse frame by frame at
+    a strength drawn from ``rng`` (uint8 ``[F, H, W, 3]``; frame 0, the context's last, is kept):
+
+    ``fade``: the balls fade linearly into the empty scene (`_static` of the context), gone after
+    25-125% of the continuation; ``blur``: a Gaussian blur growing to sigma 1-4 px; ``smear``: each
+    frame averaged with the 1-3 before it (ghost trails); ``shift``: the balls drift 3-10 px off
+    their true place. Whether the result still continues the context is the verifier's call
+    (`synthetic_verdicts`): a ball fading as it leaves the view passes, one fading in view fails."""
+    video = torch.as_tensor(to_uint8(truth)).float()
+    ramp = torch.linspace(0, 1, len(video))
+    static = _static(torch.as_tensor(to_uint8(context)).float())
+    if kind == "fade":
+        keep = (1 - ramp / rng.uniform(0.25, 1.25)).clamp(min=0)[:, None, None, None]
+        out = static + keep * (video - static)
+    elif kind == "blur":
+        out = _blur(video, ramp * rng.uniform(1.0, 4.0))
+    elif kind == "smear":
+        span = int(rng.integers(1, 4))
+        out = torch.stack([video[max(0, f - span) : f + 1].mean(0) for f in range(len(video))])
+    elif kind == "shift":
+        angle, distance = rng.uniform(0, 2 * np.pi), rng.uniform(3.0, 10.0)
+        out = video.clone()
+        for f, t in enumerate(ramp.tolist()):
+            dy, dx = round(t * distance * np.sin(angle)), round(t * distance * np.cos(angle))
+            out[f] = static + torch.roll(video[f] - static, (dy, dx), dims=(0, 1))  # moves the balls only
+    else:
+        raise InputError(f"unknown synthetic failure {kind!r}; choose from {', '.join(FAILURES)}")
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def synthetic_verdicts(
+    world: Any,
+    kinds: Sequence[str],
+    seed: int,
+    *,
+    choices: Sequence[str] = ("yes", "no"),
+) -> list[dict[str, Any]]:
+    """``len(kinds)`` rows per toy-world sample ``i`` (kind ``synthetic_<failure>``, group ``pair<i>``
+    as its true and perturbed rows in `toyworld_verdicts`): its true future damaged by each of
+    ``kinds`` (`synthetic_failure`; a kind may repeat: another strength), strengths drawn from
+    ``seed`` and the sample's seed, labelled by ``toyworld_verifiable``: ``choices[0]`` at or above
+    `VERIFIABLE_YES`, else ``choices[1]``."""
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    rows, worlds = [], []
+    for i in range(len(world)):
+        sample = world[i]
+        rng = np.random.default_rng([seed, world.seed(i)])
+        for kind in kinds:
+            video = synthetic_failure(sample["context"], sample["next"], kind, rng)
+            rows.append(
+                verdict_row(
+                    sample["context"],
+                    video,
+                    "",
+                    f"synthetic_{kind}",
+                    sample.get("context_caption"),
+                    f"pair{i}",
+                )
+            )
+            worlds.append(sample["world"])
+    scores = ToyWorldVerifiableReward()([r["candidate"] for r in rows], world=worlds).scores
+    for row, score in zip(rows, scores, strict=True):
+        row["verdict"] = choices[0] if score >= VERIFIABLE_YES else choices[1]
+    return rows
 
 
 def toyworld_verdicts(
