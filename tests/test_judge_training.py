@@ -195,6 +195,53 @@ def test_verdict_loss_is_the_cross_entropy_plus_bradley_terry_on_the_pairs():
     assert verdict_loss(out, labels, [yes_id, no_id], 0.5) == pytest.approx((ce + 0.5 * bt).item(), abs=1e-6)
 
 
+def test_cross_context_pairs_fall_by_the_margin_and_the_mask_picks_what_the_pair_term_counts():
+    """``trainer.cross_pair_margin``: `pair_order` adds share / (1 - share) x as many units of two
+    scored rows of any groups, the first's score above the second's by more than the margin (every
+    such pair is drawn, unscored rows never); `JudgeCollator.pair_mask` marks those and the yes-no
+    units; `verdict_loss` then averages the Bradley-Terry term over exactly the marked pairs."""
+    from grpo.judge_training import cross_pairs
+
+    groups = ["a", "a", "b", "b", "c", "c", "d"]
+    yes = [True, False, True, False, False, False, False]
+    scores = [None, None, 0.9, 0.3, 0.45, 0.1, 0.2]
+    valid = {(2, 3), (2, 4), (2, 5), (2, 6), (4, 5), (4, 6)}  # score[i] - score[j] > 0.2
+    drawn = cross_pairs(scores, 0.2, 400, torch.Generator().manual_seed(0))
+    assert len(drawn) == 400 and {tuple(p) for p in drawn} == valid
+    assert cross_pairs([0.5, 0.4, None], 0.2, 10, torch.Generator()) == []
+    plain = pair_order(groups, yes, torch.Generator().manual_seed(1))
+    order = pair_order(groups, yes, torch.Generator().manual_seed(1), scores, 0.2, share=0.75)
+    assert len(order) == 4 * len(plain)  # 4 units, then 12 cross ones
+    units = list(zip(order[0::2], order[1::2]))
+    assert sum(u in valid for u in units) >= 12
+    assert order == pair_order(groups, yes, torch.Generator().manual_seed(1), scores, 0.2, share=0.75)
+
+    collator = JudgeCollator.__new__(JudgeCollator)
+    collator.config, collator.pair_margin = type("C", (), {"choices": ("yes", "no")})(), 0.2
+    rows = [{"verdict": "yes" if y else "no", "score": s} for y, s in zip(yes, scores)]
+    batch = [rows[i] for i in (0, 1, 4, 5, 5, 4, 2, 6, 1, 0)]
+    assert collator.pair_mask(batch).tolist() == [True, True, False, True, False]
+
+    torch.manual_seed(0)
+    yes_id, no_id, vocab = 3, 5, 9
+    logits = torch.randn(10, 6, vocab)
+    labels = torch.full((10, 6), -100)
+    labels[:, 4] = torch.tensor([yes_id if r["verdict"] == "yes" else no_id for r in batch])
+    out = type("Out", (), {"logits": logits})()
+    ce = verdict_loss(out, labels, [yes_id, no_id], 0.0)
+    log_p = torch.log_softmax(logits[:, 3], -1)
+    d = log_p[:, yes_id] - log_p[:, no_id]
+    bt = [-torch.nn.functional.logsigmoid(d[i] - d[i + 1]) for i in (0, 2, 6)]  # the marked pairs
+    mask = collator.pair_mask(batch)
+    got = verdict_loss(out, labels, [yes_id, no_id], 1.0, pair_mask=mask)
+    assert got == pytest.approx((ce + sum(bt) / 3).item(), abs=1e-6)
+
+
+def test_cross_pairs_without_the_pair_term_fail_in_one_line(tmp_path, capsys):
+    argv = ["train", str(RECIPE), f"output_dir={tmp_path / 'run'}", "trainer.cross_pair_margin=0.2"]
+    fails_in_one_line(capsys, tmp_path, argv, "cross_pair_margin", "pair_loss_weight")
+
+
 def test_pair_term_sees_a_yes_and_a_no_of_one_context_in_every_batch(tmp_path):
     """Through ``nextscene train``: with the verdict rows aimed (P(yes) = P(no) for every input) and a
     learning rate too small to move them, every step's loss is the verdict's (ln 2 and the little

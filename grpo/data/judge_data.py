@@ -1,12 +1,14 @@
 """Verdict data for training the causal-consistency judge: (context, candidate next scene, yes/no).
 
-A row is ``{context, candidate, verdict, kind, prompt, group}``: ``context`` and ``candidate`` are
+A row is ``{context, candidate, verdict, kind, prompt, group, score}``: ``context`` and ``candidate`` are
 uint8 videos ``[F, H, W, 3]``, ``verdict`` is the judge's positive or negative answer ("yes" /
 "no"), ``kind`` says where the row came from (``true``, a perturbation name, ``manifest``),
 ``prompt`` is the text a judge template may show (``{prompt}``), or None, and ``group`` names the
 context the row continues (rows of one group share it: a toy scene's true and perturbed futures, a
 policy's samples of one context; `grpo.judge_training.pair_order` pairs a yes with a no of one
-group). Sources:
+group), and ``score`` is the candidate's verifiable reward where the verdict came from one (None
+otherwise; `grpo.judge_training.JudgeSFTConfig.cross_pair_margin` pairs scored rows across
+contexts). Sources:
 
 * `toyworld_verdicts`: the toy world's true continuations -> yes, perturbed ones -> no. The
   perturbations are the reward-model preference data's own (`rewards.preferences.toyworld_pairs`:
@@ -48,8 +50,10 @@ def verdict_row(
     kind: str,
     prompt: str | None = None,
     group: str | None = None,
+    score: float | None = None,
 ) -> dict[str, Any]:
-    """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors; ``group`` names its context."""
+    """One verdict row, videos as uint8 ``[F, H, W, 3]`` tensors; ``group`` names its context and
+    ``score`` is the verifiable reward the verdict was read from (None: none)."""
     return {
         "context": torch.from_numpy(np.ascontiguousarray(to_uint8(context))),
         "candidate": torch.from_numpy(np.ascontiguousarray(to_uint8(candidate))),
@@ -57,6 +61,7 @@ def verdict_row(
         "kind": kind,
         "prompt": prompt,
         "group": group,
+        "score": None if score is None else float(score),
     }
 
 
@@ -83,6 +88,7 @@ def verdict_dataset(rows: Sequence[dict[str, Any]]) -> Any:
         kind=datasets.Value("string"),
         prompt=datasets.Value("string"),
         group=datasets.Value("string"),
+        score=datasets.Value("float64"),
     )
     columns = {name: [row.get(name) for row in rows] for name in features}
     columns["context"] = [v.numpy() for v in columns["context"]]
@@ -132,6 +138,7 @@ def verdicts_from_scores(
             kind,
             None if prompts is None else prompts[g],
             f"{kind}{g}",
+            value,
         )
         for g, (group, values) in enumerate(zip(candidates, scores, strict=True))
         for video, value in zip(group, values, strict=True)
@@ -225,6 +232,7 @@ def synthetic_verdicts(
     scores = ToyWorldVerifiableReward()([r["candidate"] for r in rows], world=worlds).scores
     for row, score in zip(rows, scores, strict=True):
         row["verdict"] = choices[0] if score >= VERIFIABLE_YES else choices[1]
+        row["score"] = float(score)
     return rows
 
 
