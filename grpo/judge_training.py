@@ -292,8 +292,10 @@ def build_rows(data: Any, choices: Sequence[str], seed: int = 0) -> tuple[Any, A
         world = ToyWorld(config, split=split, num_samples=n)
         table = toyworld_verdicts(world, data.perturbations, choices=choices, num_workers=workers)
         if data.synthetic_failures:
-            rows = synthetic_verdicts(world, data.synthetic_failures, seed, choices=choices)
-            table = datasets.concatenate_datasets([table, verdict_dataset(rows)])
+            synthetic = synthetic_verdicts(
+                world, data.synthetic_failures, seed, choices=choices, num_workers=workers
+            )
+            table = datasets.concatenate_datasets([table, synthetic])
         tables.append(table)
     if data.policy is not None:
         for i, (split, n) in enumerate(

@@ -204,36 +204,56 @@ def synthetic_verdicts(
     seed: int,
     *,
     choices: Sequence[str] = ("yes", "no"),
-) -> list[dict[str, Any]]:
+    num_workers: int = 0,
+) -> Any:
     """``len(kinds)`` rows per toy-world sample ``i`` (kind ``synthetic_<failure>``, group ``pair<i>``
     as its true and perturbed rows in `toyworld_verdicts`): its true future damaged by each of
     ``kinds`` (`synthetic_failure`; a kind may repeat: another strength), strengths drawn from
-    ``seed`` and the sample's seed, labelled by ``toyworld_verifiable``: ``choices[0]`` at or above
-    `VERIFIABLE_YES`, else ``choices[1]``."""
+    ``seed`` and the sample's seed, labelled by ``toyworld_verifiable`` (the ``score`` column):
+    ``choices[0]`` at or above `VERIFIABLE_YES`, else ``choices[1]``; a `verdict_dataset`.
+    ``num_workers > 1`` builds it in that many processes (the same table, row for row)."""
+    args = (world, list(kinds), seed, list(choices))
+    workers = min(num_workers, len(world) // 64)
+    if workers <= 1:
+        return verdict_dataset(_synthetic_rows(*args, 0, len(world)))
+    import multiprocessing
+
+    import datasets
+
+    bounds = np.linspace(0, len(world), 4 * workers + 1).astype(int)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.starmap(
+            _synthetic_chunk, [(*args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        )
+    return datasets.concatenate_datasets(parts)
+
+
+def _synthetic_rows(
+    world: Any, kinds: Sequence[str], seed: int, choices: Sequence[str], start: int, stop: int
+) -> list[dict[str, Any]]:
+    """The `synthetic_verdicts` rows of samples ``start..stop - 1``."""
     from rewards.verifiable import ToyWorldVerifiableReward
 
     rows, worlds = [], []
-    for i in range(len(world)):
+    for i in range(start, stop):
         sample = world[i]
         rng = np.random.default_rng([seed, world.seed(i)])
         for kind in kinds:
             video = synthetic_failure(sample["context"], sample["next"], kind, rng)
-            rows.append(
-                verdict_row(
-                    sample["context"],
-                    video,
-                    "",
-                    f"synthetic_{kind}",
-                    sample.get("context_caption"),
-                    f"pair{i}",
-                )
-            )
+            prompt = sample.get("context_caption")
+            rows.append(verdict_row(sample["context"], video, "", f"synthetic_{kind}", prompt, f"pair{i}"))
             worlds.append(sample["world"])
     scores = ToyWorldVerifiableReward()([r["candidate"] for r in rows], world=worlds).scores
     for row, score in zip(rows, scores, strict=True):
         row["verdict"] = choices[0] if score >= VERIFIABLE_YES else choices[1]
         row["score"] = float(score)
     return rows
+
+
+def _synthetic_chunk(*args: Any) -> Any:
+    """`synthetic_verdicts` of one range of samples as a table (one process of ``num_workers``)."""
+    torch.set_num_threads(1)
+    return verdict_dataset(_synthetic_rows(*args))
 
 
 def toyworld_verdicts(
