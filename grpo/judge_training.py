@@ -205,7 +205,8 @@ class JudgeModelSpec:
 @dataclass
 class ToyVerdictsSpec(ToyCandidatesSpec):
     """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
-    and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
+    with ``synthetic_failures`` damaged true ones and with ``policy`` that NSP policy's own samples,
+    both yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
@@ -357,7 +358,9 @@ class JudgeCollator:
     that follows the prompt tokens. Only that first token is a label: it is the whole decision
     (P(yes)/(P(yes)+P(no)) is read from it; the choice constraint completes the word), so the loss
     is the verdict's cross-entropy -- ln 2 when the judge cannot tell on balanced labels -- rather
-    than that diluted by end-of-turn tokens any model learns in a few steps.
+    than that diluted by end-of-turn tokens any model learns in a few steps. With ``pair_margin``
+    (`JudgeSFTConfig.cross_pair_margin`) the batch also holds ``pair_mask``: which row pairs the pair
+    term counts (`pair_mask`).
     """
 
     def __init__(
