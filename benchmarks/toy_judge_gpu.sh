@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# The toy judge in one GPU call (one H200 + ~6 CPU cores, <= 8 min): recipes/toy_judge_sft_gpu.yaml
-# (verdict loss + the pair term) trained at three learning rates side by side (a tiny judge leaves the
-# GPU mostly idle; each process simulates its scenes and builds its batches on 2 CPU processes), the
-# one with the best held-out separation on the recipe's validation split is kept, then benchmarks/judge_auroc.py scores the untrained base and all
-# three on fresh test-split scenes (true, perturbed, checkpoints/toy_nsp's own samples), writes
+# The toy judge in one GPU call (one H200, at most 14 CPU cores, <= 8 min): recipes/toy_judge_sft_gpu.yaml
+# (verdict loss + the pair term + cross-context reward-margin pairs; true, perturbed, synthetic-failure
+# and checkpoints/toy_nsp rows labelled by the verifier) trained at each learning rate of $LRS side by
+# side (default one, 3e-4: the CPU-measured setting; the CORES CPU cores are shared out between them
+# for scene simulation and batch building), the one with the best held-out separation on the recipe's
+# validation split kept, then benchmarks/judge_auroc.py scores the untrained base and every trained
+# judge on fresh test-split scenes (true, perturbed, checkpoints/toy_nsp's own samples), writes
 # benchmarks/results/judge_auroc.json and the kept judge's provenance.json, and packs that judge for
 # checkpoints/toy_judge:
 #   OUT=/some/dir bash benchmarks/toy_judge_gpu.sh
 #   mkdir -p checkpoints/toy_judge && tar -xf $OUT/toy_judge.tar -C checkpoints/toy_judge
 #   cp $OUT/judge_auroc.json benchmarks/results/
-# $OUT gets 8 files: train_lr*.log (3), auroc.log and times.txt as they are written (they survive a
-# timeout), then judge_auroc.json, toy_judge.tar and metrics.tar.gz (each run's metrics.jsonl).
-# Smoke test on CPU: EXTRA="trainer.max_steps=2 data.num_train=4 ..." CONTEXTS=2 GENERATIONS=1.
+# $OUT gets train_lr*.log (one per learning rate), auroc.log and times.txt as they are written (they
+# survive a timeout), then judge_auroc.json, toy_judge.tar and metrics.tar.gz (each run's metrics.jsonl).
+# Smoke test on CPU (about a minute on 2 cores):
+#   OUT=/tmp/x RUNS=/tmp/x/runs RESULTS=/tmp/x/results CONTEXTS=2 GENERATIONS=1 CORES=2 \
+#   EXTRA="trainer.max_steps=2 trainer.per_device_train_batch_size=4 trainer.warmup_steps=0 data.num_train=4 \
+#   data.num_eval=2 data.policy_contexts=1 data.policy_eval_contexts=1 data.policy_generations=2" \
+#   bash benchmarks/toy_judge_gpu.sh
 set -euo pipefail
 OUT=${OUT:-runs/toy_judge_gpu}
 RECIPE=recipes/toy_judge_sft_gpu.yaml
-RUNS=runs/toy-judge-sft-gpu
-LRS=${LRS:-"1.5e-4 3e-4 6e-4"}  # around the recipe's 3e-4 (CPU, width 128: 3e-4 learns, 1e-3 collapses)
-mkdir -p "$OUT" "$RUNS"
+RUNS=${RUNS:-runs/toy-judge-sft-gpu}
+RESULTS=${RESULTS:-benchmarks/results}
+LRS=${LRS:-"3e-4"}  # CPU, width 128: 3e-4 learns, 1e-3 collapses; e.g. LRS="1.5e-4 3e-4" to compare
+CORES=${CORES:-14}
+runs=$(wc -w <<< "$LRS")
+workers=$(( (CORES - runs) / runs > 1 ? (CORES - runs) / runs : 1 ))  # per run, beside its main process
+mkdir -p "$OUT" "$RUNS" "$RESULTS"
 trap 'tar -czf "$OUT/metrics.tar.gz" $RUNS/lr*/metrics.jsonl 2>/dev/null || true' EXIT  # also on failure
 start=$(date +%s)
 overrides() {  # the training overrides of one learning rate (recorded in the provenance as they ran)
-  echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=2 trainer.dataloader_num_workers=2 ${EXTRA:-}"
+  echo "output_dir=$RUNS/lr$1 trainer.learning_rate=$1 data.num_workers=$workers" \
+    "trainer.dataloader_num_workers=$workers ${EXTRA:-}"
 }
+pids=()
 for lr in $LRS; do
   python -m grpo.cli train $RECIPE $(overrides $lr) > "$OUT/train_lr$lr.log" 2>&1 &
+  pids+=($!)
 done
-wait
-echo "trained in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the script (set -e)
+echo "trained in $(( $(date +%s) - start )) s ($workers workers a run)" | tee "$OUT/times.txt"
 best=$(python - "$RUNS" $LRS <<'PY'
 import json, sys
 runs, lrs = sys.argv[1], sys.argv[2:]
@@ -42,8 +55,8 @@ judges=("$RUNS/lr$best/base")
 for lr in $LRS; do judges+=("$RUNS/lr$lr/final"); done
 python benchmarks/judge_auroc.py --recipe $RECIPE --judge "${judges[@]}" --contexts "${CONTEXTS:-64}" \
   --generations "${GENERATIONS:-4}" --seed 2 \
-  --json benchmarks/results/judge_auroc.json --provenance "$RUNS/lr$best/final" \
+  --json "$RESULTS/judge_auroc.json" --provenance "$RUNS/lr$best/final" \
   --train-overrides $(overrides $best) > "$OUT/auroc.log" 2>&1
 echo "measured in $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
-cp benchmarks/results/judge_auroc.json "$OUT/"
+cp "$RESULTS/judge_auroc.json" "$OUT/"
 tar -C "$RUNS/lr$best/final" -cf "$OUT/toy_judge.tar" .

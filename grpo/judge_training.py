@@ -30,7 +30,10 @@ from typing import Any, Literal
 from grpo.config import TrainerConfig, _require
 from grpo.data import ToyWorld, ToyWorldConfig
 from grpo.data.judge_data import (
+    FAILURES,
+    VERIFIABLE_YES,
     read_verdict_manifest,
+    synthetic_verdicts,
     toyworld_verdicts,
     verdict_dataset,
     verdicts_from_scores,
@@ -51,7 +54,6 @@ from rewards.verifiable import ToyWorldVerifiableReward
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 AIM_ROWS = 64  # training rows whose mean answer state `aim_verdict_rows` aims the verdict rows at
 AIM_LOGIT = 10.0  # the verdicts' logit there: far above the other tokens' (a few units at most)
-VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
 # JudgeConfig fields that shape what the judge is shown and answers; the rest are network settings
 PROMPT_FIELDS = (
     "mode", "num_frames", "context_frames", "frame_stride", "image_format", "system_prompt", "template",
@@ -86,9 +88,34 @@ class JudgeSFTConfig(TrainerConfig):
         },
     )
 
+    cross_pair_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "also pair scored rows (policy samples, synthetic failures) of any two contexts whose "
+            "verifiable scores differ by more than this, the better first, in the pair term (0: off)"
+        },
+    )
+    cross_pair_share: float = field(
+        default=0.5,
+        metadata={"help": "share of each epoch's pairs that cross_pair_margin draws across contexts"},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.pair_loss_weight >= 0, "pair_loss_weight", f"must be >= 0, got {self.pair_loss_weight}")
+        _require(
+            self.cross_pair_margin == 0 or self.pair_loss_weight > 0,
+            "cross_pair_margin",
+            "pairs only count in the pair term; set trainer.pair_loss_weight > 0 or cross_pair_margin: 0",
+        )
+        _require(
+            self.cross_pair_margin >= 0, "cross_pair_margin", f"must be >= 0, got {self.cross_pair_margin}"
+        )
+        _require(
+            0 < self.cross_pair_share < 1,
+            "cross_pair_share",
+            f"must be in (0, 1), got {self.cross_pair_share}",
+        )
         _require(
             self.pair_loss_weight == 0 or self.per_device_train_batch_size % 2 == 0,
             "per_device_train_batch_size",
@@ -178,11 +205,24 @@ class JudgeModelSpec:
 @dataclass
 class ToyVerdictsSpec(ToyCandidatesSpec):
     """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
-    and with ``policy`` that NSP policy's own samples: yes when ``toyworld_verifiable`` >= 0.5."""
+    with ``synthetic_failures`` damaged true ones and with ``policy`` that NSP policy's own samples,
+    both yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
     num_eval: int = field(default=64, metadata={"help": "held-out samples (validation split seeds)"})
+    synthetic_failures: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"per sample, its true future damaged by each ({', '.join(FAILURES)}; repeat: another "
+            "strength), labelled by toyworld_verifiable >= 0.5"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.synthetic_failures) - set(FAILURES))
+        _require(not unknown, "synthetic_failures", f"choose from {', '.join(FAILURES)}, got {unknown}")
 
     def check(self, recipe: Any, model: JudgeModelSpec) -> None:
         """Nothing beyond its fields (``__post_init__``)."""
@@ -238,26 +278,27 @@ def check_vl_checkpoint(path: str) -> None:
     check_model_weights(folder)
 
 
-def build_rows(data: Any, choices: Sequence[str]) -> tuple[Any, Any]:
+def build_rows(data: Any, choices: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
     """Training and held-out verdict tables of a data spec (`grpo.data.judge_data`; no held-out
-    manifest: None)."""
+    manifest: None); ``seed`` (the recipe's) draws the strengths of ``data.synthetic_failures``."""
     if isinstance(data, VerdictManifestSpec):
         train = read_verdict_manifest(data.path, choices)
         return train, read_verdict_manifest(data.eval_path, choices) if data.eval_path else None
     config = data.toy_config()
     workers = min(data.num_workers, os.cpu_count() or 1)
-    tables = [
-        toyworld_verdicts(
-            ToyWorld(config, split=split, num_samples=n),
-            data.perturbations,
-            choices=choices,
-            num_workers=workers,
-        )
-        for split, n in (("train", data.num_train), ("validation", data.num_eval))
-    ]
-    if data.policy is not None:
-        import datasets
+    import datasets
 
+    tables = []
+    for split, n in (("train", data.num_train), ("validation", data.num_eval)):
+        world = ToyWorld(config, split=split, num_samples=n)
+        table = toyworld_verdicts(world, data.perturbations, choices=choices, num_workers=workers)
+        if data.synthetic_failures:
+            synthetic = synthetic_verdicts(
+                world, data.synthetic_failures, seed, choices=choices, num_workers=workers
+            )
+            table = datasets.concatenate_datasets([table, synthetic])
+        tables.append(table)
+    if data.policy is not None:
         for i, (split, n) in enumerate(
             (("train", data.policy_contexts), ("validation", data.policy_eval_contexts))
         ):
@@ -288,7 +329,7 @@ def run_recipe(recipe: Any, spec: JudgeModelSpec, data: Any) -> list[dict[str, A
     """Fine-tune the judge a recipe describes (its validated model and data specs); returns the
     logged metrics."""
     config = judge_config(spec)
-    train, held_out = build_rows(data, config.choices)
+    train, held_out = build_rows(data, config.choices, recipe.args.seed)
     output_dir = Path(recipe.args.output_dir)
     save_resolved(recipe, output_dir)
     model, tokenizer, inputs_config = load_judge(spec, output_dir)
@@ -317,10 +358,20 @@ class JudgeCollator:
     that follows the prompt tokens. Only that first token is a label: it is the whole decision
     (P(yes)/(P(yes)+P(no)) is read from it; the choice constraint completes the word), so the loss
     is the verdict's cross-entropy -- ln 2 when the judge cannot tell on balanced labels -- rather
-    than that diluted by end-of-turn tokens any model learns in a few steps.
+    than that diluted by end-of-turn tokens any model learns in a few steps. With ``pair_margin``
+    (`JudgeSFTConfig.cross_pair_margin`) the batch also holds ``pair_mask``: which row pairs the pair
+    term counts (`pair_mask`).
     """
 
-    def __init__(self, tokenizer: Any, inputs_config: Any, config: Any, model_config: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        inputs_config: Any,
+        config: Any,
+        model_config: Any,
+        pair_margin: float | None = None,
+    ) -> None:
+        self.pair_margin = pair_margin
         self.tokenizer = tokenizer
         self.inputs_config = inputs_config
         self.config = config
@@ -385,7 +436,24 @@ class JudgeCollator:
         for key in encoded[0]:
             if key not in pads:  # pixels and grids of every frame, in row order
                 batch[key] = torch.cat([e[key] for e in encoded])
+        if self.pair_margin is not None:
+            batch["pair_mask"] = self.pair_mask(rows)
         return batch
+
+    def pair_mask(self, rows: Sequence[dict[str, Any]]) -> Any:
+        """Which pairs of rows ``(0, 1), (2, 3), ...`` the pair term counts (`pair_order`'s units): a
+        yes then a no, or two scored rows whose scores fall by more than ``pair_margin``."""
+        import torch
+
+        yes = self.config.choices[0]
+
+        def counts(better: dict[str, Any], worse: dict[str, Any]) -> bool:
+            if better["verdict"] == yes and worse["verdict"] != yes:
+                return True
+            a, b = better.get("score"), worse.get("score")
+            return a is not None and b is not None and float(a) - float(b) > self.pair_margin
+
+        return torch.tensor([counts(a, b) for a, b in zip(rows[0::2], rows[1::2])], dtype=torch.bool)
 
 
 def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[str, Any]]) -> None:
@@ -423,11 +491,23 @@ def aim_verdict_rows(model: Any, collator: JudgeCollator, rows: Sequence[dict[st
     model.train(was_training)
 
 
-def pair_order(groups: Sequence[Any], positive: Sequence[bool], generator: Any) -> list[int]:
+def pair_order(
+    groups: Sequence[Any],
+    positive: Sequence[bool],
+    generator: Any,
+    scores: Sequence[float | None] | None = None,
+    margin: float = 0.0,
+    share: float = 0.5,
+) -> list[int]:
     """One epoch's row order for `pair_loss_weight`: shuffled units of two rows. A unit is a yes row
     then a no row of one group (one context) as long as a group has both; the rest go in twos ordered
     so that a no never follows a yes within a unit (a lone last row is paired with itself), so
-    `verdict_loss` finds the pairs at even positions of every even-sized batch."""
+    `verdict_loss` finds the pairs at even positions of every even-sized batch.
+
+    With ``margin`` > 0, cross-context units join them, ``share`` of all units: a random scored row
+    (``scores[i]`` not None) then a random one whose score is lower by more than ``margin``, whatever
+    their groups -- where passing depends on the scene (the toy policy's samples), pairs of one
+    context carry little of the signal (`JudgeCollator` marks them for the pair term)."""
     import torch
 
     by_group: dict[Any, tuple[list[int], list[int]]] = {}
@@ -441,24 +521,49 @@ def pair_order(groups: Sequence[Any], positive: Sequence[bool], generator: Any) 
     rest += rest[-1:] * (len(rest) % 2)
     for a, b in zip(rest[0::2], rest[1::2]):
         units.append([b, a] if positive[a] and not positive[b] else [a, b])
+    if margin > 0 and scores is not None:
+        units += cross_pairs(scores, margin, round(len(units) * share / (1 - share)), generator)
     return [i for u in torch.randperm(len(units), generator=generator).tolist() for i in units[u]]
+
+
+def cross_pairs(scores: Sequence[float | None], margin: float, count: int, generator: Any) -> list[list[int]]:
+    """``count`` pairs ``[better, worse]`` of scored rows (None: unscored, never drawn), the better
+    drawn uniformly from those with some row lower by more than ``margin``, the worse uniformly from
+    those rows; none when no two scores are that far apart."""
+    import torch
+
+    scored = [(s, i) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+    if not scored or count <= 0:
+        return []
+    ordered = torch.tensor(sorted(scored), dtype=torch.float64)
+    values, rows = ordered[:, 0].contiguous(), ordered[:, 1].long()
+    below = torch.searchsorted(values, values - margin)  # rows [0, below[k]) score < values[k] - margin
+    better = (below > 0).nonzero().flatten()
+    if not len(better):
+        return []
+    k = better[torch.randint(len(better), (count,), generator=generator)]
+    worse = (torch.rand(count, generator=generator) * below[k]).long()
+    return [[int(rows[a]), int(rows[b])] for a, b in zip(k.tolist(), worse.tolist())]
 
 
 class PairSampler:
     """Row indices of a verdict table in `pair_order`, a fresh shuffle each epoch from ``seed``."""
 
-    def __init__(self, groups: Sequence[Any], positive: Sequence[bool], seed: int) -> None:
+    def __init__(self, groups: Sequence[Any], positive: Sequence[bool], seed: int, **cross: Any) -> None:
         import torch
 
-        self.groups, self.positive = list(groups), list(positive)
+        self.groups, self.positive, self.cross = list(groups), list(positive), cross
         self.generator = torch.Generator().manual_seed(seed)
-        self.length = len(pair_order(self.groups, self.positive, torch.Generator().manual_seed(seed)))
+        self.length = len(self._order(torch.Generator().manual_seed(seed)))
+
+    def _order(self, generator: Any) -> list[int]:
+        return pair_order(self.groups, self.positive, generator, **self.cross)
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Any:
-        return iter(pair_order(self.groups, self.positive, self.generator))
+        return iter(self._order(self.generator))
 
 
 def verdict_loss(
@@ -467,13 +572,16 @@ def verdict_loss(
     verdict_ids: Sequence[int],
     pair_weight: float,
     num_items_in_batch: Any = None,
+    pair_mask: Any = None,
 ) -> Any:
     """The verdict's cross-entropy (as `SFTTrainer` computes it: summed over label tokens, divided by
     ``num_items_in_batch``) plus ``pair_weight`` x the Bradley-Terry loss
     ``softplus(-(d_yes - d_no))`` of each pair at even positions of the batch (`pair_order`), where
     ``d = log P(yes) - log P(no)`` is the row's verdict logit. Why: a pair of one context differs only
     in what the judge must learn, so its gradient carries the signal without the scene-to-scene noise
-    a single row's has; the verdict loss alone let a random tiny judge forget its inputs."""
+    a single row's has; the verdict loss alone let a random tiny judge forget its inputs. The pairs
+    counted are those of ``pair_mask`` (one bool per pair; `JudgeCollator` with ``pair_margin``),
+    else those whose rows are a yes then a no."""
     import torch
 
     at = (labels != -100).nonzero()
@@ -487,6 +595,8 @@ def verdict_loss(
         d = log_p[:, verdict_ids[0]] - log_p[:, verdict_ids[1]]
         even, odd = slice(0, len(d) - len(d) % 2, 2), slice(1, len(d), 2)
         paired = (target[even] == verdict_ids[0]) & (target[odd] == verdict_ids[1])
+        if pair_mask is not None:
+            paired = pair_mask.to(paired.device)
         bt = torch.nn.functional.softplus(d[odd] - d[even])
         loss = loss + pair_weight * (bt * paired).sum() / paired.sum().clamp(min=1)
     return loss
@@ -573,7 +683,8 @@ def train_judge(
                 logger.log(metrics, step=state.global_step)
                 history.append(metrics)
 
-    collator = JudgeCollator(tokenizer, inputs_config, config, model.config)
+    margin = args.cross_pair_margin or None
+    collator = JudgeCollator(tokenizer, inputs_config, config, model.config, margin)
     paired = args.pair_loss_weight > 0
 
     class JudgeTrainer(SFTTrainer):
@@ -582,16 +693,25 @@ def train_judge(
                 return super()._get_train_sampler(train_dataset)
             rows = train_dataset if train_dataset is not None else self.train_dataset
             positive = [v == config.choices[0] for v in rows["verdict"]]
-            return PairSampler(rows["group"], positive, args.seed)
+            if not args.cross_pair_margin:
+                return PairSampler(rows["group"], positive, args.seed)
+            cross = {
+                "scores": rows["score"],
+                "margin": args.cross_pair_margin,
+                "share": args.cross_pair_share,
+            }
+            return PairSampler(rows["group"], positive, args.seed, **cross)
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             if not paired:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
-            loss = verdict_loss(outputs, labels, verdict_ids, args.pair_loss_weight, num_items_in_batch)
+            labels, mask = inputs["labels"], inputs.get("pair_mask")
+            outputs = model(
+                **{k: v for k, v in inputs.items() if k not in ("labels", "pair_mask")}, use_cache=False
+            )
+            loss = verdict_loss(outputs, labels, verdict_ids, args.pair_loss_weight, num_items_in_batch, mask)
             return (loss, outputs) if return_outputs else loss
 
     verdict_ids = [collator._completions[label][0] for label in config.choices]

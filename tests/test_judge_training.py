@@ -195,6 +195,53 @@ def test_verdict_loss_is_the_cross_entropy_plus_bradley_terry_on_the_pairs():
     assert verdict_loss(out, labels, [yes_id, no_id], 0.5) == pytest.approx((ce + 0.5 * bt).item(), abs=1e-6)
 
 
+def test_cross_context_pairs_fall_by_the_margin_and_the_mask_picks_what_the_pair_term_counts():
+    """``trainer.cross_pair_margin``: `pair_order` adds share / (1 - share) x as many units of two
+    scored rows of any groups, the first's score above the second's by more than the margin (every
+    such pair is drawn, unscored rows never); `JudgeCollator.pair_mask` marks those and the yes-no
+    units; `verdict_loss` then averages the Bradley-Terry term over exactly the marked pairs."""
+    from grpo.judge_training import cross_pairs
+
+    groups = ["a", "a", "b", "b", "c", "c", "d"]
+    yes = [True, False, True, False, False, False, False]
+    scores = [None, None, 0.9, 0.3, 0.45, 0.1, 0.2]
+    valid = {(2, 3), (2, 4), (2, 5), (2, 6), (4, 5), (4, 6)}  # score[i] - score[j] > 0.2
+    drawn = cross_pairs(scores, 0.2, 400, torch.Generator().manual_seed(0))
+    assert len(drawn) == 400 and {tuple(p) for p in drawn} == valid
+    assert cross_pairs([0.5, 0.4, None], 0.2, 10, torch.Generator()) == []
+    plain = pair_order(groups, yes, torch.Generator().manual_seed(1))
+    order = pair_order(groups, yes, torch.Generator().manual_seed(1), scores, 0.2, share=0.75)
+    assert len(order) == 4 * len(plain)  # 4 units, then 12 cross ones
+    units = list(zip(order[0::2], order[1::2]))
+    assert sum(u in valid for u in units) >= 12
+    assert order == pair_order(groups, yes, torch.Generator().manual_seed(1), scores, 0.2, share=0.75)
+
+    collator = JudgeCollator.__new__(JudgeCollator)
+    collator.config, collator.pair_margin = type("C", (), {"choices": ("yes", "no")})(), 0.2
+    rows = [{"verdict": "yes" if y else "no", "score": s} for y, s in zip(yes, scores)]
+    batch = [rows[i] for i in (0, 1, 4, 5, 5, 4, 2, 6, 1, 0)]
+    assert collator.pair_mask(batch).tolist() == [True, True, False, True, False]
+
+    torch.manual_seed(0)
+    yes_id, no_id, vocab = 3, 5, 9
+    logits = torch.randn(10, 6, vocab)
+    labels = torch.full((10, 6), -100)
+    labels[:, 4] = torch.tensor([yes_id if r["verdict"] == "yes" else no_id for r in batch])
+    out = type("Out", (), {"logits": logits})()
+    ce = verdict_loss(out, labels, [yes_id, no_id], 0.0)
+    log_p = torch.log_softmax(logits[:, 3], -1)
+    d = log_p[:, yes_id] - log_p[:, no_id]
+    bt = [-torch.nn.functional.logsigmoid(d[i] - d[i + 1]) for i in (0, 2, 6)]  # the marked pairs
+    mask = collator.pair_mask(batch)
+    got = verdict_loss(out, labels, [yes_id, no_id], 1.0, pair_mask=mask)
+    assert got == pytest.approx((ce + sum(bt) / 3).item(), abs=1e-6)
+
+
+def test_cross_pairs_without_the_pair_term_fail_in_one_line(tmp_path, capsys):
+    argv = ["train", str(RECIPE), f"output_dir={tmp_path / 'run'}", "trainer.cross_pair_margin=0.2"]
+    fails_in_one_line(capsys, tmp_path, argv, "cross_pair_margin", "pair_loss_weight")
+
+
 def test_pair_term_sees_a_yes_and_a_no_of_one_context_in_every_batch(tmp_path):
     """Through ``nextscene train``: with the verdict rows aimed (P(yes) = P(no) for every input) and a
     learning rate too small to move them, every step's loss is the verdict's (ln 2 and the little
@@ -338,3 +385,89 @@ def test_policy_samples_join_the_verdicts_labelled_by_the_verifiable_reward(tmp_
     bad = load_recipe(RECIPE, [*overrides, "data.policy=recipes"])
     with pytest.raises(ConfigError, match="is not an NSP checkpoint"):
         validate(bad)
+
+
+def test_synthetic_failures_damage_the_truth_as_specified():
+    """`synthetic_failure` against hand computations: fade blends the balls into the context's empty
+    scene by the drawn keep-ramp, blur is a replicate-padded Gaussian (recomputed here by explicit
+    neighbour sums), shift moves only the balls; frame 0 (the context's last) is kept."""
+    import numpy as np
+
+    from grpo.data.judge_data import synthetic_failure
+    from grpo.data.video import to_uint8
+
+    sample = ToyWorld(ToyWorldConfig(next_overlap=1), split="train", num_samples=1)[0]
+    context = np.asarray(to_uint8(sample["context"]), dtype=np.float64)
+    truth = np.asarray(to_uint8(sample["next"]), dtype=np.float64)
+    frames_, ramp = len(truth), np.linspace(0, 1, len(truth))
+    chroma = context.max(-1) - context.min(-1)
+    static = np.take_along_axis(context, chroma.argmin(0)[None, ..., None], 0)[0]
+
+    def draw(kind, seed=3):
+        out = synthetic_failure(sample["context"], sample["next"], kind, np.random.default_rng(seed))
+        assert out.dtype == torch.uint8 and out.shape == truth.shape
+        assert torch.equal(out[0], torch.as_tensor(truth[0]).to(torch.uint8))  # frame 0 untouched
+        return out.numpy().astype(np.float64)
+
+    gone_at = np.random.default_rng(3).uniform(0.25, 1.25)
+    keep = np.clip(1 - ramp / gone_at, 0, None)[:, None, None, None]
+    assert np.abs(draw("fade") - np.round(static + keep * (truth - static))).max() <= 1
+
+    sigma = ramp * np.random.default_rng(3).uniform(1.0, 4.0)
+    size = truth.shape[1]
+    expected = np.zeros_like(truth)
+    for f in range(frames_):
+        w = np.exp(-(np.arange(-4, 5) ** 2) / (2 * max(sigma[f], 1e-3) ** 2))
+        w /= w.sum()
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                rows = np.clip(np.arange(size) + dy, 0, size - 1)
+                cols = np.clip(np.arange(size) + dx, 0, size - 1)
+                expected[f] += w[dy + 4] * w[dx + 4] * truth[f][rows][:, cols]
+    assert np.abs(draw("blur") - np.round(expected)).max() <= 1
+    assert np.abs(draw("blur")[-1] - truth[-1]).max() > 20  # visibly blurred by the last frame
+
+    shifted = draw("shift")
+    balls = lambda video: (video.max(-1) - video.min(-1)) > 60  # noqa: E731
+    assert (balls(shifted[-1]) != balls(truth[-1])).any()  # the balls moved ...
+    assert np.array_equal(shifted[-1][static.max(-1) > 60], static[static.max(-1) > 60])  # the walls not
+    smeared = draw("smear")
+    assert not np.array_equal(smeared, truth) and smeared[-1].sum() > 0
+
+
+def test_synthetic_verdicts_are_labelled_by_the_verifier_and_reproducible(tmp_path):
+    """``data.synthetic_failures``: each training and held-out sample gets one row per listed failure,
+    in its context's group, "yes" exactly when toyworld_verifiable gives it >= 0.5 (fades pass or fail
+    by scene: both labels occur); the rows follow the recipe's seed; an unknown kind is a ConfigError."""
+    from grpo.config import ConfigError
+    from grpo.data.video import to_uint8
+    from grpo.judge_training import build_rows
+    from grpo.recipe import load_recipe
+    from grpo.train import validate
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.num_train=6", "data.num_eval=2"]
+    overrides += ["data.next_overlap=1", "data.synthetic_failures=[fade,fade,shift]"]
+    _, data = validate(load_recipe(RECIPE, overrides))
+    train, held_out = build_rows(data, ("yes", "no"), seed=0)
+    reward = ToyWorldVerifiableReward()
+    verdicts = []
+    for table, split, n in ((train, "train", 6), (held_out, "validation", 2)):
+        rows = [table[i] for i in range(len(table)) if table[i]["kind"].startswith("synthetic_")]
+        assert [r["kind"] for r in rows] == ["synthetic_fade", "synthetic_fade", "synthetic_shift"] * n
+        world = ToyWorld(ToyWorldConfig(next_overlap=1), split=split, num_samples=n)
+        for j, row in enumerate(rows):
+            sample = world[j // 3]
+            assert row["group"] == f"pair{j // 3}"
+            assert torch.equal(frames(row["context"]), torch.as_tensor(to_uint8(sample["context"])))
+            score = reward([frames(row["candidate"])], world=[sample["world"]]).scores[0]
+            assert row["verdict"] == ("yes" if score >= 0.5 else "no")
+            verdicts.append(row["verdict"])
+    assert {"yes", "no"} <= set(verdicts)
+    again, _ = build_rows(data, ("yes", "no"), seed=0)
+    other, _ = build_rows(data, ("yes", "no"), seed=1)
+    fade = [i for i in range(len(train)) if train[i]["kind"] == "synthetic_fade"]
+    assert all(torch.equal(again[i]["candidate"], train[i]["candidate"]) for i in fade)
+    assert not all(torch.equal(other[i]["candidate"], train[i]["candidate"]) for i in fade)
+    with pytest.raises(ConfigError, match="synthetic_failures"):
+        validate(load_recipe(RECIPE, [*overrides[:-1], "data.synthetic_failures=[melt]"]))
