@@ -37,6 +37,7 @@ import torch
 from policies.errors import InputError
 from policies.video_io import read_video, to_uint8
 from rewards.preferences import PAIR_VIDEOS, toyworld_pairs
+from rewards.verifiable import ToyWorldVerifiableReward
 
 VERDICT_KEYS = ("context", "candidate", "verdict")
 VERIFIABLE_YES = 0.5  # a candidate whose verifiable reward reaches this is a good continuation ("yes")
@@ -232,8 +233,6 @@ def _synthetic_rows(
     world: Any, kinds: Sequence[str], seed: int, choices: Sequence[str], start: int, stop: int
 ) -> list[dict[str, Any]]:
     """The `synthetic_verdicts` rows of samples ``start..stop - 1``."""
-    from rewards.verifiable import ToyWorldVerifiableReward
-
     rows, worlds = [], []
     for i in range(start, stop):
         sample = world[i]
