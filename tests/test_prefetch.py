@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from test_nsp_dataset import _truncated_mp4
+from test_overlap import _args as overlap_args
 
 from grpo.config import ConfigError, GRPOConfig
 from grpo.data.nsp_dataset import load_manifest
@@ -56,20 +57,8 @@ def _manifest_rows(manifest, on_error: str = "skip"):
 
 
 def _args(out, **changes) -> GRPOConfig:
-    settings = dict(
-        output_dir=str(out),
-        num_generations=2,
-        num_prompts_per_iteration=2,
-        num_inference_steps=2,
-        learning_rate=3e-3,
-        epsilon=1e-3,
-        beta=0.0,
-        sample_every=0,
-        save_steps=0,
-        seed=5,
-        compile=False,
-    )
-    return GRPOConfig(**{**settings, **changes})
+    """The overlap tests' tiny GRPO settings, two contexts an iteration (rows to prefetch)."""
+    return overlap_args(out, **{"num_prompts_per_iteration": 2, "num_inference_steps": 2, **changes})
 
 
 def _trainer(tiny_dir, args, rows, **kwargs) -> GRPOTrainer:
