@@ -19,10 +19,11 @@ on the direction to move (signal), whatever the learning rate.
 held-out evaluation reports) of videos that need no model: the true continuation, the same through
 the policy's VAE, a blank one (the context's median colour everywhere: every ball "gone"), the
 context's last frame frozen; and of the base's held-out samples (the evaluation's ODE sampler,
-``--generations`` a context). Where the base stands between blank and true says what GRPO can
-gain without learning to draw the balls.
+``--generations`` a context, of ``--policy``, default ``checkpoints/toy_nextclip``). Where the base
+stands between blank and true says what GRPO can gain without learning to draw the balls.
 
     python benchmarks/nextclip_groups.py floors --json runs/floors.json
+    python benchmarks/nextclip_groups.py floors --policy runs/toy_nextclip_pretrain/final --json runs/f.json
     python benchmarks/nextclip_groups.py spread --contexts 12 --json runs/groups_spread.json
     python benchmarks/nextclip_groups.py gradients --name branch_win3 --batches 3 --json runs/g.json \
         --overrides trainer.nextclip_groups=branch trainer.timestep_selection=window \
@@ -165,7 +166,7 @@ def floors(args: argparse.Namespace) -> dict:
     recipe = load_recipe(RECIPE, [])
     _, data_spec = validate(recipe)
     _, held_out = build_datasets(data_spec)
-    policy = NextClipPolicy.from_pretrained(REPO / "checkpoints" / "toy_nextclip")
+    policy = NextClipPolicy.from_pretrained(args.policy)
     reward = ToyWorldVerifiableReward(per_clip=True)
     sampling = SamplingConfig(num_frames=27, height=32, width=32, num_inference_steps=6, kind="ode")
     scores: dict[str, list[list[float]]] = {
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     two.add_argument("--overrides", nargs="*", default=[], help="recipe overrides (key=value)")
     three = sub.add_parser("floors", help="held-out reward of true / blank / frozen videos and the base's")
     three.add_argument("--generations", type=int, default=4, help="base samples per held-out context")
+    three.add_argument(
+        "--policy",
+        type=Path,
+        default=REPO / "checkpoints" / "toy_nextclip",
+        help="the base scored",
+    )
     for p in (one, two, three):
         p.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
