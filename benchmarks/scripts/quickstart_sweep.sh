@@ -34,6 +34,8 @@
 #                       32 rolled-out samples, half the update; best_of_n_vs_group.json measured it at
 #                       +0.073 / +0.104 / +0.098 by iteration 60 (plain groups +0.069 / +0.102 / +0.106);
 #                       its held-out evaluation draws 16 samples per context (twice the shipped one's)
+#   it60_bon16_lr5e-3   it60_bon16 at learning rate 5e-3 (KL kept)
+#   it80_bon16_lr4e-3   it60_bon16 for 80 iterations at 4e-3 (~240 s on the lent host's cores)
 #   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
 #                       benchmarks/results/quickstart_sweep.json)
@@ -61,13 +63,15 @@ overrides() {
     it60) echo "$it60" ;;
     it60_bon8) echo "$it60 trainer.best_of_n_keep=[2,2]" ;;
     it60_bon16) echo "$it60 trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]" ;;
+    it60_bon16_lr5e-3) echo "$(overrides it60_bon16) trainer.learning_rate=5e-3" ;;
+    it80_bon16_lr4e-3) echo "$(overrides it60_bon16 | sed 's/=60/=80/g') trainer.learning_rate=4e-3" ;;
     it60_lr6e-3) echo "$fast trainer.learning_rate=6e-3" ;;
     it60_lr6e-3_linear) echo "$fast trainer.learning_rate=6e-3 trainer.lr_scheduler_type=linear" ;;
     it60_lr1e-2_linear) echo "$fast trainer.learning_rate=1e-2 trainer.lr_scheduler_type=linear" ;;
     speed_shipped) echo "$speed" ;;
     speed_beta0) echo "$speed trainer.beta=0" ;;
     *)
-      echo "unknown variant '$1' (shipped it60 it60_bon8 it60_bon16 it60_lr6e-3 it60_lr6e-3_linear" \
+      echo "unknown variant '$1' (shipped it60 it60_bon8 it60_bon16 it60_bon16_lr5e-3 it80_bon16_lr4e-3 it60_lr6e-3 it60_lr6e-3_linear" \
         "it60_lr1e-2_linear speed_shipped speed_beta0)" >&2
       return 2
       ;;
