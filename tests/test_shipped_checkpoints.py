@@ -42,3 +42,28 @@ def test_shipped_vae_reconstructs_the_toy_world(name):
     """Held-out clips through the checkpoint's VAE keep the balls: verifiable reward >= 0.85 (the truth
     scores ~1; a random VAE ~0.05)."""
     assert reconstruction_reward(_load(name).vae, ToyWorldConfig(), num_samples=12) >= 0.85
+
+
+def test_shipped_toy_judge_tells_true_continuations_from_perturbed_ones():
+    """``checkpoints/toy_judge`` (recipes/toy_judge_sft_gpu.yaml): safetensors only, under 16 MiB, asked
+    the question it was trained with (its provenance's ``judge_kwargs``), on 12 fresh test-split
+    contexts: P(yes) of the true continuation above each perturbation's, and agreement with the
+    verifiable reward (measured on 48 contexts with policy samples on a GPU: AUROC 0.77, the untrained
+    judge 0.50; benchmarks/results/judge_auroc.json)."""
+    from grpo.judge_training import held_out_candidates, judge_auroc
+    from rewards.judge.local import InProcessJudge
+
+    path = ROOT / "toy_judge"
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 16 * 2**20
+    assert [p.name for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pkl"}] == [
+        "model.safetensors"
+    ]
+    kwargs = json.loads((path / "provenance.json").read_text())["judge_kwargs"]
+    measured = judge_auroc(
+        InProcessJudge(str(path), dtype="float32", **kwargs), held_out_candidates(12, policy=None)
+    )
+    assert measured["auroc"] >= 0.6 and measured["spearman"] >= 0.3, measured
+    perturbed = {k: v for k, v in measured.items() if k.startswith("p_yes/") and k != "p_yes/true"}
+    assert len(perturbed) == 4 and all(measured["p_yes/true"] > p for p in perturbed.values()), measured
+    assert measured["p_yes/true"] - measured["p_yes/other_sample"] >= 0.3, measured
