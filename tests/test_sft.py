@@ -211,8 +211,8 @@ def test_every_shipped_recipe_resolves_every_default_and_validates_back_to_the_s
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
-    # toy_nsp_grpo_judge.yaml needs a trained judge (checkpoints/toy_judge): tests/test_judge_grpo.py
-    # runs it end to end with a tiny judge in its place
+    # toy_nsp_grpo_judge.yaml (with the shipped checkpoints/toy_judge): tests/test_judge_grpo.py runs
+    # one iteration of it per scoring
     [r for r in RECIPES if r.name.startswith(("toy_", "tiny_")) and r.name != "toy_nsp_grpo_judge.yaml"],
     ids=lambda r: r.name,
 )
