@@ -1,9 +1,9 @@
 """GRPO driven by the causal-consistency judge (recipes/toy_nsp_grpo_judge.yaml), end to end on CPU.
 
 The recipe as shipped, with its judge (``checkpoints/toy_judge``), one iteration of the shipped NSP
-policy per scoring: with ``scoring: binary`` every
-training reward is the thresholded verdict (0 or 1), with ``scoring: choice`` it is P(yes) itself;
-the verifiable reward is logged beside it with weight 0 and evaluated on held-out contexts.
+policy per scoring: with ``scoring: binary`` every training reward is the thresholded verdict (0 or
+1), with ``scoring: choice`` it is P(yes) itself; the verifiable reward is logged beside it with
+weight 0 and evaluated on held-out contexts.
 """
 
 from __future__ import annotations

@@ -25,14 +25,18 @@ def _load(name: str):
     return (NSPPolicy if name == "toy_nsp" else NextClipPolicy).from_pretrained(ROOT / name)
 
 
+def _assert_small_and_safetensors_only(path: Path, max_bytes: int) -> None:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < max_bytes
+    weights = [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_is_small_and_safetensors_only(name):
     path = ROOT / name
     assert (path / SHIPPED[name]).is_file(), f"{path} is missing {SHIPPED[name]}"
-    files = [p for p in path.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 8 * 2**20
-    weights = [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
-    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    _assert_small_and_safetensors_only(path, 8 * 2**20)
     recipe = json.loads((path / "provenance.json").read_text())
     assert recipe["command"].startswith("nextscene train recipes/")
 
@@ -54,11 +58,8 @@ def test_shipped_toy_judge_tells_true_continuations_from_perturbed_ones():
     from rewards.judge.local import InProcessJudge
 
     path = ROOT / "toy_judge"
-    files = [p for p in path.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 16 * 2**20
-    assert [p.name for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pkl"}] == [
-        "model.safetensors"
-    ]
+    _assert_small_and_safetensors_only(path, 16 * 2**20)
+    assert (path / "model.safetensors").is_file()
     kwargs = json.loads((path / "provenance.json").read_text())["judge_kwargs"]
     measured = judge_auroc(
         InProcessJudge(str(path), dtype="float32", **kwargs), held_out_candidates(12, policy=None)

@@ -58,13 +58,15 @@ overrides() {
   local it60="trainer.save_steps=0 trainer.max_iterations=60 trainer.eval_every=60"
   local fast="$it60 trainer.beta=0"
   local speed="trainer.save_steps=0 trainer.max_iterations=30 trainer.eval_every=30 data.num_eval=1"
+  local bon16="trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]"
+  local it80="trainer.save_steps=0 trainer.max_iterations=80 trainer.eval_every=80"
   case "$1" in
     shipped) echo "" ;;
     it60) echo "$it60" ;;
     it60_bon8) echo "$it60 trainer.best_of_n_keep=[2,2]" ;;
-    it60_bon16) echo "$it60 trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]" ;;
-    it60_bon16_lr5e-3) echo "$(overrides it60_bon16) trainer.learning_rate=5e-3" ;;
-    it80_bon16_lr4e-3) echo "$(overrides it60_bon16 | sed 's/=60/=80/g') trainer.learning_rate=4e-3" ;;
+    it60_bon16) echo "$it60 $bon16" ;;
+    it60_bon16_lr5e-3) echo "$it60 $bon16 trainer.learning_rate=5e-3" ;;
+    it80_bon16_lr4e-3) echo "$it80 $bon16 trainer.learning_rate=4e-3" ;;
     it60_lr6e-3) echo "$fast trainer.learning_rate=6e-3" ;;
     it60_lr6e-3_linear) echo "$fast trainer.learning_rate=6e-3 trainer.lr_scheduler_type=linear" ;;
     it60_lr1e-2_linear) echo "$fast trainer.learning_rate=1e-2 trainer.lr_scheduler_type=linear" ;;
