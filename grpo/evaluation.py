@@ -379,20 +379,26 @@ def evaluate(
 def _gather_videos(
     kept: list[torch.Tensor], count: int, world: int, device: torch.device, accelerator: Any
 ) -> dict[int, torch.Tensor]:
-    """Generation 0 of rows ``0..count-1``; rank ``i % world`` kept row ``i`` as its ``i // world``-th."""
+    """Generation 0 of rows ``0..count-1``; rank ``i % world`` kept row ``i`` as its ``i // world``-th.
+
+    Videos travel as uint8 (what their files hold), so any world size returns the same values."""
     if count == 0:
         return {}
     if world == 1:
-        return dict(enumerate(kept))
+        return {i: _to_uint8(video).float() / 255.0 for i, video in enumerate(kept)}
     slots = math.ceil(count / world)  # rank 0 keeps the most rows
     # ranks without a kept row still join the collective, with zeros of rank 0's video shape
     shape = torch.tensor([list(kept[0].shape) if kept else [0, 0, 0, 0]], device=device)
     shape = tuple(accelerator.gather(shape).amax(dim=0).tolist())
     local = torch.zeros((1, slots, *shape), dtype=torch.uint8, device=device)
     for k, video in enumerate(kept):
-        local[0, k] = (video.clamp(0, 1) * 255).round().to(torch.uint8).to(device)
+        local[0, k] = _to_uint8(video).to(device)
     everything = accelerator.gather(local).cpu()
     return {i: everything[i % world, i // world].float() / 255.0 for i in range(count)}
+
+
+def _to_uint8(video: torch.Tensor) -> torch.Tensor:
+    return (video.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def write_evaluation(

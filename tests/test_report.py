@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from grpo.evaluation import EvalResults, Evaluation, evaluate, write_evaluation
 from grpo.tracking import MetricsLogger, read_metrics
@@ -440,6 +441,8 @@ def _distributed_case(out: Path, accelerator=None) -> None:
     )  # fmt: skip
     if accelerator is None or accelerator.is_main_process:
         write_evaluation(out, evaluation, rows, fps=8.0, step=0)
+        # the kept videos exactly as evaluation returns them (the MP4s are lossy re-encodings)
+        save_file({str(i): v.contiguous() for i, v in evaluation.videos.items()}, out / "videos.safetensors")
 
 
 @pytest.mark.slow
@@ -459,11 +462,15 @@ def test_two_processes_evaluate_like_one(tmp_path):
     assert ddp.rows == single.rows == list(range(ROWS))
     assert ddp.scores == single.scores  # same seeds per row whatever the rank
     assert sorted(ddp.videos) == [0, 1, 2] and ddp.videos == single.videos
+    kept = [load_file(tmp_path / run / "videos.safetensors") for run in ("single", "ddp")]
+    assert sorted(kept[1]) == ["0", "1", "2"] and all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
     for row in range(3):
         for name in ("generated", "true"):
             a = read_video(tmp_path / "single" / ddp.videos[row][name])[0]
             b = read_video(tmp_path / "ddp" / ddp.videos[row][name])[0]
-            assert torch.equal(a, b)
+            # the same frames in, but libx264's threaded encoding is not bitwise repeatable: seen on
+            # CI, the same input encoded twice decodes up to 7/255 apart (its lossy crf 18 noise)
+            assert (a - b).abs().max() <= 12 / 255 and (a - b).abs().mean() <= 1 / 255
     # each row's videos are its own: generation 0's colour has the mean its reward recorded
     for row in range(3):
         video = read_video(tmp_path / "ddp" / ddp.videos[row]["generated"])[0]

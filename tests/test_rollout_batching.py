@@ -119,4 +119,5 @@ def test_held_out_rows_rolled_out_together_score_as_one_at_a_time(cases):
     for a, b in zip(one.results.scores[name], together.results.scores[name], strict=True):
         assert b == pytest.approx(a, abs=1e-5)
     for k, video in one.videos.items():
-        torch.testing.assert_close(together.videos[k], video, rtol=0, atol=1e-5)
+        # kept videos are 8-bit (as their files): a 1e-5 difference may round to the next level
+        torch.testing.assert_close(together.videos[k], video, rtol=0, atol=1 / 255 + 1e-6)
