@@ -110,10 +110,11 @@ def test_gpu_rollout_smoke_update_training_and_nsp(tmp_path):
 def test_gpu_rollout_ltx2_smoke_with_stg(tmp_path):
     args = gpu_rollout.parse_args(
         ["--family", "ltx2", "--tiny", "--perturbed-attn", "--stg", "1", "--stg-blocks", "1"]
-        + ["--json", str(tmp_path / "{setting}.json")]
+        # a_compiled leaves: diffusers' blocks compiled by the same call as c's, 30 s of CPU tracing
+        + ["--sections", "a,c_eager,check_eager,c,check,d", "--json", str(tmp_path / "{setting}.json")]
     )
     (result,) = gpu_rollout.run(args)
-    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "a_compiled", "c", "d"]
+    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "c", "d"]
     update = result["rows"][-1]
     assert update["ms"] > 0 and update["tflop"] == pytest.approx(3 * 2 * result["info"]["step_tflop"])
     assert result["checks"]["check"]["logp_max_abs"] <= 1e-5  # recompute == rollout, compiled

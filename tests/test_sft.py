@@ -220,7 +220,7 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
     from grpo.train import run
 
     loaded = load_recipe(recipe, [f"output_dir={tmp_path / 'run'}"])
-    short = ["trainer.max_steps=3"] if loaded.stage != "grpo" else ["trainer.max_iterations=2"]
+    short = ["trainer.max_steps=3"] if loaded.stage != "grpo" else ["trainer.max_iterations=1"]
     if loaded.policy.get("tiny_vae_fit_steps"):
         short.append("policy.tiny_vae_fit_steps=2")
     if loaded.policy.get("tiny_audio_fit_steps"):
