@@ -682,15 +682,33 @@ class LTXPolicy(nn.Module):
     def add_lora(
         self, rank: int = 16, alpha: float | None = None, target_modules: list[str] | None = None
     ) -> None:
-        """Attach a LoRA adapter (peft) to the transformer; only its weights stay trainable."""
+        """Attach a LoRA adapter (peft) to the transformer; only its weights stay trainable.
+
+        A policy loaded with an adapter (the ``final`` of a LoRA run) first folds it into the
+        transformer's weights (`merge_lora`): the new adapter trains on top of the policy as loaded,
+        which is also what the adapter-off KL reference computes."""
         from peft import LoraConfig
 
+        if self.has_lora:
+            self.merge_lora()
         targets = target_modules or ["to_q", "to_k", "to_v", "to_out.0"]
         self.transformer.requires_grad_(False)
         self.transformer.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True),
             adapter_name=LORA_ADAPTER,
         )
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapter into the transformer's weights and remove it (the model computes the
+        same; saving then writes the merged transformer instead of linking the loaded base)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.transformer.modules():
+            if isinstance(module, LoraLayer) and LORA_ADAPTER in module.lora_A:
+                weight = module.get_base_layer().weight
+                weight.add_(module.get_delta_weight(LORA_ADAPTER).to(weight.dtype))  # in place: a new version
+        self.transformer.delete_adapters(LORA_ADAPTER)
 
     def keep_reference_copy(self) -> None:
         """For full fine-tuning: keep a frozen copy of the current transformer as the KL reference."""

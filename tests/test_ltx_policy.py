@@ -197,6 +197,20 @@ def test_lora_reference_and_round_trip(tmp_path, tiny_dir):
     torch.testing.assert_close(again.log_prob, tuned.log_prob, rtol=0, atol=1e-6)
     torch.testing.assert_close(ref_again.log_prob, ref.log_prob, rtol=0, atol=1e-6)
 
+    # a new LoRA run from that checkpoint: the loaded adapter is folded into the weights, so the new
+    # (zero) adapter and its adapter-off reference both compute the loaded policy, and so does a save
+    reloaded.add_lora(rank=2)
+    assert {m.r["nextscene_lora"] for m in reloaded.transformer.modules() if hasattr(m, "lora_A")} == {2}
+    reloaded.save_pretrained(tmp_path / "second")
+    second = LTXPolicy.from_pretrained(tmp_path / "second")
+    with torch.no_grad():
+        for model in (reloaded, second):
+            torch.testing.assert_close(model.log_prob(rollout, 0).log_prob, tuned.log_prob, rtol=0, atol=1e-5)
+            with model.reference():
+                torch.testing.assert_close(
+                    model.log_prob(rollout, 0).log_prob, tuned.log_prob, rtol=0, atol=1e-5
+                )
+
 
 def _same_files(a, b):
     files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
