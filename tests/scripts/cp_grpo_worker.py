@@ -35,7 +35,9 @@ def main(checkpoint: str, out: str) -> None:
     policy = LTX2Policy.from_pretrained(checkpoint)
     policy.transformer.requires_grad_(True)
     prompts = [{"prompt": p} for p in ["a ball", "two balls", "a cube", "a red cube"]]
-    GRPOTrainer(policy, [redness], args, prompts).train()
+    trainer = GRPOTrainer(policy, [redness], args, prompts)
+    trainer.train()
+    trainer.accelerator.end_training()  # leave the process group: a rank exiting inside it can abort
 
 
 if __name__ == "__main__":

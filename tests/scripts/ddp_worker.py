@@ -64,6 +64,7 @@ def main(checkpoint: str, out: str, overrides: list[str]) -> None:
         callbacks=[WeightDigest(Path(out) / f"rank{os.environ['RANK']}.jsonl")],
     )
     trainer.train()
+    trainer.accelerator.end_training()  # leave the process group: a rank exiting inside it can abort
 
 
 if __name__ == "__main__":

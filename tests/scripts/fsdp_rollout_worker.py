@@ -50,6 +50,7 @@ def main(checkpoint: str, out: str, dtype: str) -> None:
             "recompute_max_abs": (recomputed - gathered.log_probs).abs().max().item(),
         }
         Path(out).write_text(json.dumps(result))
+    accelerator.end_training()  # leave the process group: a rank exiting inside it can abort
 
 
 if __name__ == "__main__":
