@@ -36,8 +36,15 @@
 #                       its held-out evaluation draws 16 samples per context (twice the shipped one's)
 #   it60_bon16_lr5e-3   it60_bon16 at learning rate 5e-3 (KL kept)
 #   it80_bon16_lr4e-3   it60_bon16 for 80 iterations at 4e-3 (~240 s on the lent host's cores)
-#   it60_bon16_ema0.9   it60_bon16 with an EMA of decay 0.9 (0.8): the training trajectory is the same,
-#   it60_bon16_ema0.8   the evaluated average lags less behind it (0.95 averages ~20 of 60 iterations)
+#   it60_bon16_ema0.9   it60_bon16 with an EMA of decay 0.9 (raw: none, the trained weights evaluated):
+#   it60_bon16_raw      the training trajectory is the same, the evaluated average lags less behind it
+#   it60_bon16_mu2      it60_bon16 with two PPO epochs over each rollout batch (num_iterations 2)
+#   it60_bon16_noise1   it60_bon16 with SDE noise level 1.0 (1.3) instead of 0.7: more exploration
+#   it60_bon16_noise1.3
+#   it60_bon16_noise1_w4  noise 1.0 and 4 of the 8 denoising steps stochastic and trained (not 3)
+#   it60_bon16_beta1e-3 it60_bon16 with a quarter of the KL weight (beta 0.001)
+#   it60_bon16_noise1_beta1e-3  both: noise level 1.0 and beta 0.001
+#   it60_bon16_beta0    it60_bon16 without the KL term (the EMA kept)
 #   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
 #                       benchmarks/results/quickstart_sweep.json)
@@ -70,7 +77,14 @@ overrides() {
     it60_bon16_lr5e-3) echo "$it60 $bon16 trainer.learning_rate=5e-3" ;;
     it80_bon16_lr4e-3) echo "$it80 $bon16 trainer.learning_rate=4e-3" ;;
     it60_bon16_ema0.9) echo "$it60 $bon16 trainer.ema_decay=0.9" ;;
-    it60_bon16_ema0.8) echo "$it60 $bon16 trainer.ema_decay=0.8" ;;
+    it60_bon16_raw) echo "$it60 $bon16 trainer.ema_decay=0" ;;
+    it60_bon16_mu2) echo "$it60 $bon16 trainer.num_iterations=2" ;;
+    it60_bon16_noise1) echo "$it60 $bon16 trainer.noise_level=1.0" ;;
+    it60_bon16_noise1.3) echo "$it60 $bon16 trainer.noise_level=1.3" ;;
+    it60_bon16_noise1_w4) echo "$it60 $bon16 trainer.noise_level=1.0 trainer.sde_window_size=4" ;;
+    it60_bon16_beta1e-3) echo "$it60 $bon16 trainer.beta=0.001" ;;
+    it60_bon16_noise1_beta1e-3) echo "$it60 $bon16 trainer.noise_level=1.0 trainer.beta=0.001" ;;
+    it60_bon16_beta0) echo "$it60 $bon16 trainer.beta=0" ;;
     it60_lr6e-3) echo "$fast trainer.learning_rate=6e-3" ;;
     it60_lr6e-3_linear) echo "$fast trainer.learning_rate=6e-3 trainer.lr_scheduler_type=linear" ;;
     it60_lr1e-2_linear) echo "$fast trainer.learning_rate=1e-2 trainer.lr_scheduler_type=linear" ;;
@@ -78,7 +92,8 @@ overrides() {
     speed_beta0) echo "$speed trainer.beta=0" ;;
     *)
       echo "unknown variant '$1' (shipped it60 it60_bon8 it60_bon16 it60_bon16_lr5e-3 it80_bon16_lr4e-3 it60_bon16_ema0.9" \
-        "it60_bon16_ema0.8 it60_lr6e-3 it60_lr6e-3_linear" \
+        "it60_bon16_raw it60_bon16_mu2 it60_bon16_noise1 it60_bon16_noise1.3 it60_bon16_noise1_w4 it60_bon16_beta1e-3" \
+        "it60_bon16_noise1_beta1e-3 it60_bon16_beta0 it60_lr6e-3 it60_lr6e-3_linear" \
         "it60_lr1e-2_linear speed_shipped speed_beta0)" >&2
       return 2
       ;;
