@@ -468,9 +468,9 @@ def test_two_processes_evaluate_like_one(tmp_path):
         for name in ("generated", "true"):
             a = read_video(tmp_path / "single" / ddp.videos[row][name])[0]
             b = read_video(tmp_path / "ddp" / ddp.videos[row][name])[0]
-            # the same frames in, but libx264's threaded encoding is not bitwise repeatable: seen on
-            # CI, the same input encoded twice decodes up to 7/255 apart (its lossy crf 18 noise)
-            assert (a - b).abs().max() <= 12 / 255 and (a - b).abs().mean() <= 1 / 255
+            # the same frames in, but the MP4 encode is not bitwise repeatable: seen here and on CI,
+            # the same input decodes up to 7/255 apart, or the whole frame one level (1/255) apart
+            assert (a - b).abs().max() <= 12 / 255 and (a - b).abs().mean() <= 2 / 255
     # each row's videos are its own: generation 0's colour has the mean its reward recorded
     for row in range(3):
         video = read_video(tmp_path / "ddp" / ddp.videos[row]["generated"])[0]
