@@ -39,7 +39,7 @@ from policies.ltx import SamplingConfig
 from policies.protocol import Policy
 from policies.rollout import Rollout
 from policies.seeding import derived_seed
-from policies.video_io import default_mp4_codec, write_video
+from policies.video_io import as_video, default_mp4_codec, to_uint8, write_video
 from rewards.composite import CompositeOutput, CompositeReward
 
 # dataset columns that condition the policy rather than being passed to rewards as metadata
@@ -385,20 +385,16 @@ def _gather_videos(
     if count == 0:
         return {}
     if world == 1:
-        return {i: _to_uint8(video).float() / 255.0 for i, video in enumerate(kept)}
+        return {i: as_video(to_uint8(video)) for i, video in enumerate(kept)}
     slots = math.ceil(count / world)  # rank 0 keeps the most rows
     # ranks without a kept row still join the collective, with zeros of rank 0's video shape
     shape = torch.tensor([list(kept[0].shape) if kept else [0, 0, 0, 0]], device=device)
     shape = tuple(accelerator.gather(shape).amax(dim=0).tolist())
     local = torch.zeros((1, slots, *shape), dtype=torch.uint8, device=device)
     for k, video in enumerate(kept):
-        local[0, k] = _to_uint8(video).to(device)
+        local[0, k] = torch.from_numpy(to_uint8(video)).to(device)
     everything = accelerator.gather(local).cpu()
-    return {i: everything[i % world, i // world].float() / 255.0 for i in range(count)}
-
-
-def _to_uint8(video: torch.Tensor) -> torch.Tensor:
-    return (video.clamp(0, 1) * 255).round().to(torch.uint8)
+    return {i: as_video(everything[i % world, i // world]) for i in range(count)}
 
 
 def write_evaluation(
