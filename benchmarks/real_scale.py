@@ -757,7 +757,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 f"--set {item!r}: expected RECIPE[@LABEL]:key=value with RECIPE one of {', '.join(JOBS)}"
             )
         args.extra.setdefault(recipe, []).append(override)
-    args.work = args.work or args.out / "work"
+    # absolute: the NSP directories written here name their VLM and generator by these paths
+    args.out = args.out.resolve()
+    args.work = (args.work or args.out / "work").resolve()
     return args
 
 

@@ -47,7 +47,7 @@ class LinearStage(Stage):
     def train_step(self, step: int, started: float) -> dict:
         self.calls.append(("step", step))
         self.step = step
-        x = torch.tensor([[float(step % 3 + 1)]])
+        x = torch.tensor([[float(step % 3 + 1)]], device=self.accelerator.device)  # CUDA on a GPU
         loss = ((self.state.wrapped(x) - 2 * x) ** 2).mean()
         self.accelerator.backward(loss)
         return {"loss": loss.item(), "grad_norm": self.engine.optimizer_step()}

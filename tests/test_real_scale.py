@@ -104,3 +104,14 @@ def test_a_checkpoint_that_does_not_fit_the_disk_is_refused_before_writing(tmp_p
         store._check_fits("the test model", module)
     monkeypatch.setattr(real_scale.shutil, "disk_usage", lambda path: usage(10**6, 0, 40_400))
     store._check_fits("the test model", module)
+
+
+def test_relative_out_and_work_become_absolute(tmp_path, monkeypatch):
+    """An NSP directory written here names its VLM by path, resolved from that directory: a relative
+    ``--out`` (``runs/x``) once made every NSP recipe fail with "VLM directory .../runs/x/... has no
+    config.json"."""
+    monkeypatch.chdir(tmp_path)
+    args = real_scale.parse_args(["--out", "runs/rs", "--recipes", "nsp_qwen25vl7b_ltx2b_grpo"])
+    assert args.out == tmp_path / "runs" / "rs" and args.work == tmp_path / "runs" / "rs" / "work"
+    args = real_scale.parse_args(["--out", "o", "--work", "w", "--recipes", "nsp_qwen25vl7b_ltx2b_grpo"])
+    assert args.work == tmp_path / "w"
