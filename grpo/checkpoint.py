@@ -6,6 +6,7 @@ optimizer step) holding:
 ==========================  ===========================================================  ========
 ``model.safetensors``       trainable weights (LoRA adapters or the full model)           rank 0
 ``ema.safetensors``         EMA of the trainable weights (when EMA is on)                 rank 0
+``sampler.safetensors``     DiffusionNFT's soft-updated sampling weights (``nft``)        rank 0
 ``optimizer.pt``            optimizer ``state_dict()``                                    rank 0
 ``scheduler.pt``            LR-scheduler ``state_dict()``                                 rank 0
 ``rng_state_rank{r}.pt``    python ``random``, numpy, torch CPU / CUDA and named           every rank
@@ -47,6 +48,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+SAMPLER_FILE = "sampler.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 # what a training run resumes from (`grpo.training_state.TrainingState.resume` reads them all)
@@ -79,6 +81,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
     ema_state: dict[str, torch.Tensor] | None = None
+    sampler_state: dict[str, torch.Tensor] | None = None
     data_state: dict[str, Any] | None = None
     trainer_state: dict[str, Any] = field(default_factory=dict)
 
@@ -193,6 +196,7 @@ def save_checkpoint(
     optimizer_state: Mapping[str, Any] | None = None,
     scheduler_state: Mapping[str, Any] | None = None,
     ema_state: Mapping[str, torch.Tensor] | None = None,
+    sampler_state: Mapping[str, torch.Tensor] | None = None,
     data_state: Mapping[str, Any] | None = None,
     trainer_state: Mapping[str, Any] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
@@ -242,6 +246,9 @@ def save_checkpoint(
         if ema_state is not None:
             _save_tensors(ema_state, staging / EMA_FILE)
             files.append(EMA_FILE)
+        if sampler_state is not None:
+            _save_tensors(sampler_state, staging / SAMPLER_FILE)
+            files.append(SAMPLER_FILE)
         if optimizer_state is not None:
             _torch_save(dict(optimizer_state), staging / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
@@ -432,6 +439,7 @@ def load_checkpoint(
         optimizer_state=optional_state(OPTIMIZER_FILE),
         scheduler_state=optional_state(SCHEDULER_FILE),
         ema_state=optional_tensors(EMA_FILE),
+        sampler_state=optional_tensors(SAMPLER_FILE),
         data_state=meta["data_state"],
         trainer_state=meta["trainer_state"],
     )

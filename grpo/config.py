@@ -292,6 +292,14 @@ class GRPOConfig(VideoTrainerConfig):
     optimizer steps, as without it. Memory: the scorer's decoder and reward models work while the
     update's activations are alive (peak = update + decode/reward), plus one pending batch's record.
 
+    ``algorithm: nft`` replaces the PPO update by DiffusionNFT's (`grpo.nft`): rollouts are ODE
+    samples (no step recorded, no log-prob) drawn by a sampling policy that follows the trained weights
+    by a soft update after every iteration (``nft_old_decay``; saved in checkpoints); each kept sample
+    is forward-noised ``nft_noise_draws`` times at a level in ``[nft_sigma_min, 1)`` and the velocity
+    there is regressed towards the sample's flow-matching target or away from it by its
+    group-relative advantage (``nft_beta``). It trains without CFG (``guidance_scale: 1``) and without
+    a KL term (``beta: 0``): the sampling policy is the anchor. The SDE settings are unused.
+
     ``prefetch_iterations`` (k) loads the rows of iterations t+1 .. t+k (a manifest's videos,
     decoded) in a background thread while iteration t runs (`grpo.prefetch`). An iteration's rows are
     a function of (seed, iteration, rank), so a resumed run, with or without it, reads the same rows
@@ -460,6 +468,26 @@ class GRPOConfig(VideoTrainerConfig):
             "(bnpo); sum/(B*max) (dr_grpo)."
         },
     )
+    algorithm: Literal["grpo", "nft"] = field(
+        default="grpo",
+        metadata={
+            "help": "grpo: PPO-clip on the SDE steps' log-probs; nft: DiffusionNFT on clean ODE samples "
+            "(grpo.nft)."
+        },
+    )
+    nft_beta: float = field(
+        default=1.0, metadata={"help": "nft: step of the implicit policies, v_old +- nft_beta (v - v_old)."}
+    )
+    nft_old_decay: float = field(
+        default=0.5,
+        metadata={"help": "nft: the sampling policy's soft update per iteration, old = d old + (1 - d) new."},
+    )
+    nft_sigma_min: float = field(
+        default=0.5, metadata={"help": "nft: the loss's noise levels are drawn in [nft_sigma_min, 1)."}
+    )
+    nft_noise_draws: int = field(
+        default=1, metadata={"help": "nft: forward-noised copies of each kept sample per update."}
+    )
     # --- outputs ---
     sample_every: int = field(
         default=10, metadata={"help": "Save rollout videos every N iterations; 0 never."}
@@ -570,6 +598,26 @@ class GRPOConfig(VideoTrainerConfig):
                 self.sde_window_shift_interval >= 1,
                 "sde_window_shift_interval",
                 f"must be >= 1, got {self.sde_window_shift_interval}",
+            )
+        if self.algorithm == "nft":
+            _require(self.nft_beta > 0, "nft_beta", f"must be > 0, got {self.nft_beta}")
+            _require(
+                0 <= self.nft_old_decay < 1, "nft_old_decay", f"must be in [0, 1), got {self.nft_old_decay}"
+            )
+            _require(
+                0 <= self.nft_sigma_min < 1, "nft_sigma_min", f"must be in [0, 1), got {self.nft_sigma_min}"
+            )
+            draws = self.nft_noise_draws
+            _require(draws >= 1, "nft_noise_draws", f"must be >= 1, got {draws}")
+            _require(
+                self.guidance_scale == 1,
+                "guidance_scale",
+                f"must be 1 with algorithm nft (it samples and trains CFG-free), got {self.guidance_scale}",
+            )
+            _require(
+                self.beta == 0,
+                "beta",
+                f"must be 0 with algorithm nft (its sampling policy is the anchor), got {self.beta}",
             )
         if self.reward_weights is not None:
             _require(len(self.reward_weights) > 0, "reward_weights", "must not be empty; use null for all 1")

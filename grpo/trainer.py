@@ -10,6 +10,8 @@ One iteration reads like the algorithm:
     kept      = all, or each group's k_top best and k_bottom worst (best_of_n_keep)
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
+                or, with ``algorithm: nft``, DiffusionNFT's flow matching on the clean samples
+                (ODE rollouts by a soft-updated sampling policy; policy.noised_velocity)
 
 Any policy honouring `policies.protocol.Policy` (every family does; a test checks it) can be trained.
 Everything random in an iteration (data order, sample seeds, trained steps) is derived from
@@ -36,6 +38,7 @@ import torch
 
 from grpo.advantages import best_of_n_indices, compute_advantages, rewards_to_tensor
 from grpo.config import GRPOConfig
+from grpo.ema import EMA
 from grpo.engine import Engine, RowSampler, Stage, add_lora, make_accelerator
 from grpo.evaluation import (
     EVAL_DIR,
@@ -47,6 +50,7 @@ from grpo.evaluation import (
     write_evaluation,
 )
 from grpo.loss import grpo_loss, loss_weights
+from grpo.nft import nft_loss, optimality
 from grpo.prefetch import RowPrefetcher
 from grpo.training_state import TrainingState
 from policies.errors import InputError
@@ -131,6 +135,13 @@ class GRPOTrainer(Stage):
                 f"nextclip_groups 'branch' needs a next-clip policy, got {type(policy).__name__}: "
                 "set trainer.nextclip_groups video"
             )
+        self.nft = args.algorithm == "nft"
+        if self.nft:
+            why = getattr(policy, "nft_unsupported", None)
+            if why or not hasattr(policy, "noised_velocity"):
+                raise NotImplementedError(
+                    f"trainer.algorithm nft: {why or type(policy).__name__ + ' has no noised_velocity'}"
+                )
         self.policy = policy.to(self.accelerator.device)
         # validate the geometry and sampler settings before any model work
         self.sampling = self._sampling(args.sde_steps(0))
@@ -144,6 +155,8 @@ class GRPOTrainer(Stage):
         self.compiled = self._compile()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
+        if self.nft:  # the sampling ("old") policy, soft-updated after every iteration's update
+            self.state.sampler = EMA(self.state.trainable, args.nft_old_decay)
         self.rows = RowSampler(len(train_dataset), args.seed)
         evaluates = eval_dataset is not None
         self.engine = Engine(
@@ -307,7 +320,9 @@ class GRPOTrainer(Stage):
         did not wait for (it rolled out or updated meanwhile)."""
         generations = self.args.num_generations
         part_size = min(self.args.rollout_batch_size or generations, generations)
-        sampling = self._sampling(self.args.sde_steps(iteration))
+        # DiffusionNFT samples with the ODE (no step is recorded) and its sampling policy's weights
+        sampling = eval_sampling(self.args) if self.nft else self._sampling(self.args.sde_steps(iteration))
+        sampler = self.state.sampler.swapped_in() if self.nft else contextlib.nullcontext()
         first = self.rank * self.local_prompts * generations
         seeds = [derived_seed(self.args.seed, iteration, first + s) for s in range(len(rows) * generations)]
         parts: list[Rollout] = []
@@ -326,7 +341,7 @@ class GRPOTrainer(Stage):
             options={"branch": True} if self.args.nextclip_groups == "branch" else None,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            with self.state.rollout_weights():
+            with self.state.rollout_weights(), sampler:
                 for part, groups in calls:
                     parts.append(part)
                     if self._score_stream is not None:  # the scorer's stream starts after the rollout
@@ -514,7 +529,8 @@ class GRPOTrainer(Stage):
             return
         tick = time.perf_counter()
         stale = self.state.optimizer_steps != batch.behaviour_step
-        updates.append(self._update(batch.rollout, batch.advantages, batch.iteration, stale=stale))
+        update = self._nft_update if self.nft else self._update
+        updates.append(update(batch.rollout, batch.advantages, batch.iteration, stale=stale))
         clock["update_s"] += time.perf_counter() - tick
 
     def _update(
@@ -650,6 +666,82 @@ class GRPOTrainer(Stage):
         )
         stats["logprob_drift"] = (log_prob.detach() - recorded).abs().max()
         return loss, stats
+
+    def _nft_update(
+        self, rollout: Rollout, advantages: torch.Tensor, iteration: int, stale: bool = False
+    ) -> dict[str, float]:
+        """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) on the rollout's clean samples.
+
+        A sample's advantage becomes its optimality ``r = (1 + clip(A, -1, 1)) / 2``. Each sample is
+        forward-noised ``nft_noise_draws`` times (level ``s`` uniform in ``[nft_sigma_min, 1)``, noise
+        ``eps``; drawn from its own seed, so neither micro-batching nor the world size changes a draw)
+        and `_nft_loss` regresses the velocity there; ``num_iterations`` epochs of micro-batches,
+        accumulated as in `_update`. Then the sampling policy takes its soft update. No log-prob is
+        used, so ``stale`` (``overlap_update``) changes nothing: the sampling policy is the anchor.
+        """
+        del stale
+        args = self.args
+        device = rollout.final_latents.device
+        optimalities = optimality(advantages.to(device))
+        size = args.per_device_train_batch_size or rollout.num_samples
+        stats: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(args.num_iterations):
+            order = torch.randperm(
+                rollout.num_samples,
+                generator=torch.Generator().manual_seed(derived_seed(args.seed, iteration, 2, epoch)),
+            ).to(device)
+            for group in self._split(list(order.split(size))):
+                for m, idx in enumerate(group):
+                    entries = idx.repeat(args.nft_noise_draws)  # draw after draw of the same samples
+                    sub = rollout.select(entries)
+                    sigmas, noise = self._nft_draws(sub, iteration, epoch, len(idx))
+                    with self.state.no_sync(m == len(group) - 1), self.state.autocast:
+                        loss, step_stats = self._nft_loss(sub, optimalities[entries], sigmas, noise)
+                        self.accelerator.backward(
+                            loss / len(group) * (self.accelerator.num_processes / self.world_size)
+                        )
+                    for key, value in step_stats.items():
+                        stats[key].append(float(value))
+                stats["grad_norm"].append(self.engine.optimizer_step())
+        self.state.sampler.update()
+        return {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
+
+    def _nft_draws(
+        self, sub: Rollout, iteration: int, epoch: int, per_draw: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise levels ``[b]`` and noise ``[b, S, C]`` of ``sub``'s entries (the kept samples, repeated
+        ``nft_noise_draws`` times, ``per_draw`` samples a copy), each from its sample's seed."""
+        args = self.args
+        sigmas, noise = [], []
+        shape, dtype = sub.final_latents.shape[1:], sub.final_latents.dtype
+        for j, sample_seed in enumerate(sub.seeds.tolist()):
+            generator = torch.Generator().manual_seed(
+                derived_seed(args.seed, iteration, 3, sample_seed, epoch, j // per_draw)
+            )
+            sigmas.append(torch.rand((), generator=generator))
+            noise.append(torch.randn(shape, generator=generator, dtype=dtype))
+        device = sub.final_latents.device
+        levels = args.nft_sigma_min + (1 - args.nft_sigma_min) * torch.stack(sigmas)
+        return levels.to(device), torch.stack(noise).to(device)
+
+    def _nft_loss(
+        self, sub: Rollout, optimalities: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`grpo.nft.nft_loss` of ``sub``'s entries (optimalities ``[b]``, noise levels and noise),
+        averaged, with the sampling policy's velocity at the same points (weights swapped in)."""
+
+        def velocity() -> torch.Tensor:
+            return self.policy.noised_velocity(
+                sub.condition, sub.condition_index, sub.final_latents, sigmas, noise,
+                sub.generated_mask, sub.latent_shape, sub.frame_rate,
+            )  # fmt: skip
+
+        with torch.no_grad(), self.state.sampler.swapped_in():
+            old = velocity()
+        new = velocity()
+        target = noise - sub.final_latents
+        loss = nft_loss(new, old, target, optimalities, self.args.nft_beta, sub.generated_mask).mean()
+        return loss, {"loss": loss.detach(), "velocity_shift": (new - old).detach().pow(2).mean()}
 
     def _reference_mean(
         self,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from grpo.checkpoint import check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from grpo.checkpoint import SAMPLER_FILE, check_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from grpo.config import TrainerConfig, VideoTrainerConfig, write_trained_frame_rate
 from grpo.ema import EMA, full_tensor
 from policies.errors import InputError
@@ -84,6 +84,9 @@ class TrainingState:
             num_training_steps=total_steps,
         )
         self.ema = EMA(self.trainable, args.ema_decay) if args.ema_decay > 0 else None
+        # DiffusionNFT's sampling policy (`grpo.trainer`, algorithm nft): set by the trainer that uses
+        # one, saved and resumed with the rest
+        self.sampler: EMA | None = None
         self.autocast = torch.autocast(
             accelerator.device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"
         )
@@ -159,6 +162,7 @@ class TrainingState:
             optimizer_state=optimizer_state,
             scheduler_state=self.lr_scheduler.state_dict(),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
+            sampler_state=self.sampler.state_dict() if self.sampler is not None else None,
             data_state={"step": step},
             trainer_state={**trainer_state, "step": step, "optimizer_steps": self.optimizer_steps},
             rank=self.accelerator.process_index,
@@ -206,6 +210,13 @@ class TrainingState:
         self.lr_scheduler.load_state_dict(ckpt.scheduler_state)
         if self.ema is not None and ckpt.ema_state is not None:
             self.ema.load_state_dict(ckpt.ema_state)
+        if self.sampler is not None:
+            if ckpt.sampler_state is None:
+                raise InputError(
+                    f"checkpoint {path} has no {SAMPLER_FILE} (DiffusionNFT's sampling policy): it was "
+                    "not written by an algorithm nft run; resume with the algorithm it was trained with"
+                )
+            self.sampler.load_state_dict(ckpt.sampler_state)
         self.optimizer_steps = int(ckpt.trainer_state["optimizer_steps"])
         return int(ckpt.trainer_state["step"])
 

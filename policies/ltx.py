@@ -172,6 +172,9 @@ class LTXPolicy(nn.Module):
     loaded from (`remember_source`) instead of written again (copied where links cannot be made).
     """
 
+    # why `noised_velocity` (DiffusionNFT's update) is not available on this family; None: it is
+    nft_unsupported: str | None = None
+
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None) -> None:
         super().__init__()
         if transformer.config.patch_size != 1 or transformer.config.patch_size_t != 1:
@@ -432,18 +435,43 @@ class LTXPolicy(nn.Module):
         """
         rows = torch.arange(target.shape[0], device=target.device)
         generated = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
-        s = sigmas.to(target.device, torch.float32)[:, None, None]
-        noisy = (1 - s) * target + s * noise
-        timestep = sigmas.to(target.device, torch.float32) * self.scheduler.config.num_train_timesteps
         if "image_latents" in condition:
-            first = latent_shape[1] * latent_shape[2]
-            generated[:, :first] = False
-            noisy[:, :first] = target[:, :first]
-            timestep = timestep[:, None] * generated.float()
-        text = self.text_inputs(condition, rows, 1.0)
-        velocity = self.velocity(noisy, timestep, text, 1.0, latent_shape, frame_rate)
+            generated[:, : latent_shape[1] * latent_shape[2]] = False
+        velocity = self.noised_velocity(
+            condition, rows, target, sigmas, noise, generated, latent_shape, frame_rate
+        )
         error = ((velocity - (noise - target)) ** 2).mean(dim=-1)
         return (error * generated).sum(dim=1) / generated.sum(dim=1)
+
+    def noised_velocity(
+        self,
+        condition: dict[str, torch.Tensor],
+        condition_index: torch.Tensor,
+        clean: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: torch.Tensor,
+        generated_mask: torch.Tensor,
+        latent_shape: tuple[int, int, int],
+        frame_rate: float,
+    ) -> torch.Tensor:
+        """The velocity ``[B, S, C]`` (fp32, no CFG) at the forward-process point of clean latents.
+
+        ``clean`` ``[B, S, C]`` are noised to ``x_s = (1 - s) x0 + s eps`` at ``sigmas`` ``[B]`` with
+        ``noise`` on the tokens ``generated_mask`` ``[B, S]`` marks; the others (an I2V / continuity
+        first frame) stay clean and are shown at timestep 0, as in sampling. Sample ``b`` is
+        conditioned on row ``condition_index[b]``. Flow matching (`flow_matching_loss`) and
+        DiffusionNFT's update (`grpo.trainer`, ``algorithm: nft``) regress it.
+        """
+        if self.nft_unsupported:
+            raise NotImplementedError(f"{type(self).__name__}.noised_velocity: {self.nft_unsupported}")
+        s = sigmas.to(clean.device, torch.float32)[:, None, None]
+        generated = generated_mask.to(clean.device)
+        noisy = torch.where(generated[..., None], (1 - s) * clean + s * noise, clean)
+        timestep = sigmas.to(clean.device, torch.float32) * self.scheduler.config.num_train_timesteps
+        if "image_latents" in condition:  # per token: clean conditioning tokens at timestep 0
+            timestep = timestep[:, None] * generated.float()
+        text = self.text_inputs(condition, condition_index, 1.0)
+        return self.velocity(noisy, timestep, text, 1.0, latent_shape, frame_rate)
 
     def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)

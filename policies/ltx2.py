@@ -303,6 +303,11 @@ class LTX2Policy(LTXPolicy):
     ``self.transformer``); rollouts and recomputation run on `policies.sampler`.
     """
 
+    nft_unsupported = (
+        "DiffusionNFT's update is not wired to LTX-2's joint video + audio state and velocity yet; "
+        "train LTX-2 with trainer.algorithm grpo"
+    )
+
     def __init__(
         self,
         transformer,

@@ -145,6 +145,10 @@ class NextClipPolicy(LTXPolicy):
     """
 
     shift_defaults: tuple[int, int, float, float] = LTX_SHIFT_DEFAULTS  # the schedule's (`ltx_sigmas`)
+    nft_unsupported = (
+        "DiffusionNFT's update does not noise a clip-causal rollout clip by clip with its history "
+        "clean yet; train next-clip policies with trainer.algorithm grpo"
+    )
 
     def __init__(
         self, transformer, vae, scheduler, *generator_parts: Any, config: NextClipConfig | None = None

@@ -45,6 +45,10 @@
 #   it60_bon16_beta1e-3 it60_bon16 with a quarter of the KL weight (beta 0.001)
 #   it60_bon16_noise1_beta1e-3  both: noise level 1.0 and beta 0.001
 #   it60_bon16_beta0    it60_bon16 without the KL term (the EMA kept)
+#   it60_nft16          DiffusionNFT (trainer.algorithm nft, no KL term): 60 iterations, 2 contexts x 16
+#                       ODE samples by the soft-updated sampling policy, every sample trained, one
+#                       forward-noised copy each at a level in [0.5, 1) (the defaults)
+#   it60_nft16_d2       the same with two forward-noised copies of each sample (nft_noise_draws 2)
 #   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
 #                       benchmarks/results/quickstart_sweep.json)
@@ -69,11 +73,14 @@ overrides() {
   local speed="trainer.save_steps=0 trainer.max_iterations=30 trainer.eval_every=30 data.num_eval=1"
   local bon16="trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]"
   local it80="trainer.save_steps=0 trainer.max_iterations=80 trainer.eval_every=80"
+  local nft16="trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.algorithm=nft trainer.beta=0"
   case "$1" in
     shipped) echo "" ;;
     it60) echo "$it60" ;;
     it60_bon8) echo "$it60 trainer.best_of_n_keep=[2,2]" ;;
     it60_bon16) echo "$it60 $bon16" ;;
+    it60_nft16) echo "$it60 $nft16" ;;
+    it60_nft16_d2) echo "$it60 $nft16 trainer.nft_noise_draws=2" ;;
     it60_bon16_lr5e-3) echo "$it60 $bon16 trainer.learning_rate=5e-3" ;;
     it80_bon16_lr4e-3) echo "$it80 $bon16 trainer.learning_rate=4e-3" ;;
     it60_bon16_ema0.9) echo "$it60 $bon16 trainer.ema_decay=0.9" ;;
