@@ -49,7 +49,8 @@
 #                       ODE samples by the soft-updated sampling policy, every sample trained, one
 #                       forward-noised copy each at a level in [0.5, 1) (the defaults)
 #   it60_nft16_lr5e-3   it60_nft16 at learning rate 5e-3
-#   it100_nft16_lr5e-3  the same for 100 iterations, evaluated every 20
+#   it100_nft16_lr5e-3  the same for 100 iterations, evaluated every 20 (recipes/toy_nsp_nft.yaml)
+#   it100_nft16_lr5e-3_cosine  the same with the learning rate decayed to 0 on a cosine
 #   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
 #                       benchmarks/results/quickstart_sweep.json)
@@ -83,6 +84,7 @@ overrides() {
     it60_nft16) echo "$it60 $nft16" ;;
     it60_nft16_lr5e-3) echo "$it60 $nft16 trainer.learning_rate=5e-3" ;;
     it100_nft16_lr5e-3) echo "trainer.save_steps=0 trainer.max_iterations=100 trainer.eval_every=20 $nft16 trainer.learning_rate=5e-3" ;;
+    it100_nft16_lr5e-3_cosine) echo "trainer.save_steps=0 trainer.max_iterations=100 trainer.eval_every=20 $nft16 trainer.learning_rate=5e-3 trainer.lr_scheduler_type=cosine" ;;
     it60_bon16_lr5e-3) echo "$it60 $bon16 trainer.learning_rate=5e-3" ;;
     it80_bon16_lr4e-3) echo "$it80 $bon16 trainer.learning_rate=4e-3" ;;
     it60_bon16_ema0.9) echo "$it60 $bon16 trainer.ema_decay=0.9" ;;
