@@ -42,15 +42,19 @@ def nft_loss(
         velocity: ``[b, S, C]`` the trained policy's velocity at ``x_s`` (with gradient).
         old_velocity: ``[b, S, C]`` the sampling policy's velocity there (no gradient).
         target: ``[b, S, C]`` the flow-matching target ``eps - x0``.
-        optimality: ``[b]`` each entry's ``r`` in [0, 1] (`optimality`).
+        optimality: ``[b]`` each entry's ``r`` in [0, 1] (`optimality`), or ``[b, S]`` one per token
+            (a next-clip sample's clips each carry their own clip's ``r``).
         beta: the implicit policies' step, > 0.
         generated: ``[b, S]`` True for generated tokens (clean conditioning tokens are left out).
     """
     step = beta * (velocity - old_velocity.detach())
     weight = generated.to(velocity.dtype)
-
-    def error(v: torch.Tensor) -> torch.Tensor:
-        return (((v - target) ** 2).mean(-1) * weight).sum(1) / weight.sum(1)
-
     r = optimality.to(velocity.dtype)
-    return r * error(old_velocity + step) + (1 - r) * error(old_velocity - step)
+    if r.dim() == 1:
+        r = r[:, None]
+
+    def error(v: torch.Tensor) -> torch.Tensor:  # [b, S]
+        return ((v - target) ** 2).mean(-1)
+
+    per_token = r * error(old_velocity + step) + (1 - r) * error(old_velocity - step)
+    return (per_token * weight).sum(1) / weight.sum(1)

@@ -11,7 +11,7 @@ One iteration reads like the algorithm:
     advantage = (R - mean_group) / (std + 1e-4), clipped           (grpo.advantages, over all ranks)
     update    = PPO-clip surrogate + beta KL on the trained steps  (policy.log_prob, grpo.loss)
                 or, with ``algorithm: nft``, DiffusionNFT's flow matching on the clean samples
-                (ODE rollouts by a soft-updated sampling policy; policy.noised_velocity)
+                (ODE rollouts by a soft-updated sampling policy; policy.nft_velocity)
 
 Any policy honouring `policies.protocol.Policy` (every family does; a test checks it) can be trained.
 Everything random in an iteration (data order, sample seeds, trained steps) is derived from
@@ -138,9 +138,9 @@ class GRPOTrainer(Stage):
         self.nft = args.algorithm == "nft"
         if self.nft:
             why = getattr(policy, "nft_unsupported", None)
-            if why or not hasattr(policy, "noised_velocity"):
+            if why or not hasattr(policy, "nft_velocity"):
                 raise NotImplementedError(
-                    f"trainer.algorithm nft: {why or type(policy).__name__ + ' has no noised_velocity'}"
+                    f"trainer.algorithm nft: {why or type(policy).__name__ + ' has no nft_velocity'}"
                 )
         self.policy = policy.to(self.accelerator.device)
         # validate the geometry and sampler settings before any model work
@@ -709,16 +709,18 @@ class GRPOTrainer(Stage):
     def _nft_draws(
         self, sub: Rollout, iteration: int, epoch: int, per_draw: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise levels ``[b]`` and noise ``[b, S, C]`` of ``sub``'s entries (the kept samples, repeated
-        ``nft_noise_draws`` times, ``per_draw`` samples a copy), each from its sample's seed."""
+        """Noise levels ``[b]`` (a next-clip rollout's: ``[b, K]``, one per clip) and noise ``[b, S, C]``
+        of ``sub``'s entries (the kept samples, repeated ``nft_noise_draws`` times, ``per_draw``
+        samples a copy), each from its sample's seed."""
         args = self.args
         sigmas, noise = [], []
         shape, dtype = sub.final_latents.shape[1:], sub.final_latents.dtype
+        levels_shape = (sub.num_clips,) if sub.num_clips else ()
         for j, sample_seed in enumerate(sub.seeds.tolist()):
             generator = torch.Generator().manual_seed(
                 derived_seed(args.seed, iteration, 3, sample_seed, epoch, j // per_draw)
             )
-            sigmas.append(torch.rand((), generator=generator))
+            sigmas.append(torch.rand(levels_shape, generator=generator))
             noise.append(torch.randn(shape, generator=generator, dtype=dtype))
         device = sub.final_latents.device
         levels = args.nft_sigma_min + (1 - args.nft_sigma_min) * torch.stack(sigmas)
@@ -727,19 +729,15 @@ class GRPOTrainer(Stage):
     def _nft_loss(
         self, sub: Rollout, optimalities: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`grpo.nft.nft_loss` of ``sub``'s entries (optimalities ``[b]``, noise levels and noise),
-        averaged, with the sampling policy's velocity at the same points (weights swapped in)."""
-
-        def velocity() -> torch.Tensor:
-            return self.policy.noised_velocity(
-                sub.condition, sub.condition_index, sub.final_latents, sigmas, noise,
-                sub.generated_mask, sub.latent_shape, sub.frame_rate,
-            )  # fmt: skip
-
+        """`grpo.nft.nft_loss` of ``sub``'s entries (optimalities ``[b]``, or ``[b, K]`` per clip of a
+        next-clip rollout, each clip's tokens then taking its clip's), averaged, with the sampling
+        policy's velocity at the same points (weights swapped in)."""
         with torch.no_grad(), self.state.sampler.swapped_in():
-            old = velocity()
-        new = velocity()
+            old = self.policy.nft_velocity(sub, sigmas, noise)
+        new = self.policy.nft_velocity(sub, sigmas, noise)
         target = noise - sub.final_latents
+        if optimalities.dim() == 2:  # per clip -> per token
+            optimalities = optimalities.repeat_interleave(target.shape[1] // optimalities.shape[1], dim=1)
         loss = nft_loss(new, old, target, optimalities, self.args.nft_beta, sub.generated_mask).mean()
         return loss, {"loss": loss.detach(), "velocity_shift": (new - old).detach().pow(2).mean()}
 

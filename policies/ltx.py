@@ -172,7 +172,7 @@ class LTXPolicy(nn.Module):
     loaded from (`remember_source`) instead of written again (copied where links cannot be made).
     """
 
-    # why `noised_velocity` (DiffusionNFT's update) is not available on this family; None: it is
+    # why `nft_velocity` (DiffusionNFT's update) is not available on this family; None: it is
     nft_unsupported: str | None = None
 
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None) -> None:
@@ -472,6 +472,17 @@ class LTXPolicy(nn.Module):
             timestep = timestep[:, None] * generated.float()
         text = self.text_inputs(condition, condition_index, 1.0)
         return self.velocity(noisy, timestep, text, 1.0, latent_shape, frame_rate)
+
+    def nft_velocity(self, rollout: Rollout, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """DiffusionNFT's velocity ``[b, S, C]`` at the forward-noised clean samples of ``rollout``.
+
+        ``sigmas`` ``[b]`` are the samples' noise levels and ``noise`` ``[b, S, C]`` their ``eps``
+        (`grpo.trainer`, ``algorithm: nft``); `noised_velocity` of the rollout's own conditioning.
+        """
+        return self.noised_velocity(
+            rollout.condition, rollout.condition_index, rollout.final_latents, sigmas, noise,
+            rollout.generated_mask, rollout.latent_shape, rollout.frame_rate,
+        )  # fmt: skip
 
     def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)

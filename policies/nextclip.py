@@ -145,10 +145,9 @@ class NextClipPolicy(LTXPolicy):
     """
 
     shift_defaults: tuple[int, int, float, float] = LTX_SHIFT_DEFAULTS  # the schedule's (`ltx_sigmas`)
-    nft_unsupported = (
-        "DiffusionNFT's update does not noise a clip-causal rollout clip by clip with its history "
-        "clean yet; train next-clip policies with trainer.algorithm grpo"
-    )
+    # DiffusionNFT (`nft_velocity`) runs on the video stream alone, so on LTX-2 too: this overrides
+    # `LTX2Policy`'s refusal (its joint audio + video velocity) for `NextClipLTX2Policy`
+    nft_unsupported: str | None = None
 
     def __init__(
         self, transformer, vae, scheduler, *generator_parts: Any, config: NextClipConfig | None = None
@@ -686,7 +685,6 @@ class NextClipPolicy(LTXPolicy):
         tokens, num_clips = self._clip_tokens(latent_shape)
         device = target.device
         first, levels, generator = self.teacher_forcing_draws(sigmas, num_clips)
-        kept = num_clips - first
         levels = levels.to(device)
         s = levels.repeat_interleave(tokens, dim=1)[..., None]  # [B, kept * T, 1]
         clean = target[:, first * tokens :]
@@ -695,35 +693,94 @@ class NextClipPolicy(LTXPolicy):
         if self.clip_config.history_sigma > 0:
             h_noise = torch.randn(history.shape, generator=generator).to(device)
             history = self._history_input(history, h_noise)
+        rows = torch.arange(target.shape[0], device=device)
+        velocity = self._teacher_forced_velocity(
+            history,
+            first,
+            noisy,
+            s[..., 0] * self.scheduler.config.num_train_timesteps,
+            self.text_inputs(condition, rows, 1.0),
+            latent_shape[1:],
+            tokens,
+        )
+        return ((velocity - (noise[:, first * tokens :] - clean)) ** 2).mean(dim=(1, 2))
+
+    def _teacher_forced_velocity(
+        self,
+        history: torch.Tensor,
+        first: int,
+        noisy: torch.Tensor,
+        noisy_timestep: torch.Tensor,
+        text: Any,
+        latent_hw: tuple[int, int],
+        tokens: int,
+    ) -> torch.Tensor:
+        """Velocity ``[B, n * T, C]`` of ``n`` noisy clips, each under its clean history, in one forward.
+
+        ``history [B, m * T, C]`` holds clean clips ``first .. first + m - 1`` as the denoiser sees
+        them; ``noisy`` the last ``n`` of the clips ``first .. first + m`` at per-token
+        ``noisy_timestep [B, n * T]``. Under the clip-causal mask noisy clip ``k`` sees itself and
+        the clean clips ``< k``: what `clip_velocity` gives clip ``k`` (tested against it), for
+        every clip at once. Teacher forcing and DiffusionNFT's update (`nft_velocity`) use it.
+        """
+        device = noisy.device
+        m, n = history.shape[1] // tokens, noisy.shape[1] // tokens
+        noisy_first = first + m + 1 - n
         ids = (
-            torch.cat([torch.arange(first, num_clips - 1), torch.arange(first, num_clips)])
+            torch.cat([torch.arange(first, first + m), torch.arange(noisy_first, noisy_first + n)])
             .repeat_interleave(tokens)
             .to(device)
         )
         is_clean = torch.arange(len(ids), device=device) < history.shape[1]
         timestep = torch.cat(
-            [
-                torch.full(history.shape[:2], self._history_timestep(), device=device),
-                s[..., 0] * self.scheduler.config.num_train_timesteps,
-            ],
-            dim=1,
+            [torch.full(history.shape[:2], self._history_timestep(), device=device), noisy_timestep], dim=1
         )
         coords = torch.cat(
-            [
-                self.positions(first, kept - 1, latent_shape[1:]),
-                self.positions(first, kept, latent_shape[1:]),
-            ],
-            dim=1,
+            [self.positions(first, m, latent_hw), self.positions(noisy_first, n, latent_hw)], dim=1
         )
-        rows = torch.arange(target.shape[0], device=device)
         velocity = self._forward(
-            torch.cat([history, noisy], dim=1),
+            torch.cat([history.to(noisy.dtype), noisy], dim=1),
             timestep,
             coords,
-            self.text_inputs(condition, rows, 1.0),
+            text,
             AttentionPlan(mask=clip_causal_mask(ids, is_clean)),
-        )[:, history.shape[1] :]
-        return ((velocity - (noise[:, first * tokens :] - clean)) ** 2).mean(dim=(1, 2))
+        )
+        return velocity[:, history.shape[1] :]
+
+    # ------------------------------------------------------------------ DiffusionNFT
+    def nft_velocity(self, rollout: Rollout, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """DiffusionNFT's velocity ``[b, K * T, C]`` at the forward-noised clips of ``rollout``.
+
+        Each generated clip is noised at its own level (``sigmas`` ``[b, K]``; ``[b]``: one level for
+        all of a sample's clips) with ``noise`` ``[b, K * T, C]``, and denoised under the clean
+        history it was sampled after: the context and the sample's own earlier clips, or a branched
+        rollout's shared clips (``branch_history_latents``), shown at ``history_sigma`` with the
+        sample's history noise, as in `rollout` and `log_prob`. One forward for all clips.
+        """
+        extras = rollout.extras
+        tokens, num_context = extras["clip_tokens"], extras["num_context_clips"]
+        num_clips, device = rollout.num_clips, rollout.final_latents.device
+        clean = rollout.final_latents.to(torch.float32)
+        levels = sigmas.to(device, torch.float32).reshape(len(clean), -1).expand(-1, num_clips)
+        s = levels.repeat_interleave(tokens, dim=1)[..., None]  # [b, K * T, 1]
+        noisy = (1 - s) * clean + s * noise.to(device, torch.float32)
+        shown = clean
+        if BRANCH_HISTORY in rollout.condition:
+            shown = rollout.condition[BRANCH_HISTORY][rollout.condition_index].to(torch.float32)
+        history = shown[:, : (num_clips - 1) * tokens]
+        context = rollout.condition.get("context_latents")
+        if context is not None:
+            history = torch.cat([context[rollout.condition_index].to(torch.float32), history], dim=1)
+        history_noise = self._history_noise(rollout.seeds.tolist(), (num_context + num_clips) * tokens)
+        return self._teacher_forced_velocity(
+            self._history_input(history, history_noise),
+            0,
+            noisy,
+            s[..., 0] * self.scheduler.config.num_train_timesteps,
+            self.text_inputs(rollout.condition, rollout.condition_index, 1.0),
+            rollout.latent_shape[1:],
+            tokens,
+        )
 
 
 def _rows(text: Any, index: torch.Tensor) -> Any:

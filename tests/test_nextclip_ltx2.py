@@ -16,6 +16,7 @@ from test_nextclip_grpo import (  # noqa: F401  (collected here, on the LTX-2 ch
     _trainer,
     test_a_reward_on_clip_2_only_moves_clip_2_steps,
     test_clip_scores_must_cover_every_generated_clip,
+    test_nft_trains_each_clip_by_its_own_advantage,
     test_whole_video_rewards_give_every_clip_the_video_advantage,
 )
 from test_nextclip_policy import (  # noqa: F401  (collected here, on the LTX-2 checkpoint)
@@ -34,6 +35,7 @@ from test_nextclip_policy import (  # noqa: F401  (collected here, on the LTX-2 
     test_history_noise_is_reproducible_and_cached,
     test_log_prob_gradients_reach_the_history_keys,
     test_lora_reference_and_rollout_record_round_trip,
+    test_nft_velocity_gives_every_clip_its_own_history_in_one_forward,
     test_per_sample_steps_across_clips_equal_single_step_calls,
     test_recompute_for_every_kind,
     test_recomputed_log_prob_equals_rollout_for_every_clip_and_step,
