@@ -20,6 +20,11 @@
 #   loraff  LoRA rank 32 on attention and feed-forward -> ..._loraff.json
 #   seen    the trained reward scores seen balls only (seen_only: an empty video earns nothing)
 #                                          -> ..._seen.json
+#   nft     DiffusionNFT instead of PPO (trainer.algorithm nft, no KL term, lr NFT_LR or 5e-3; each
+#           clip noised at its own level under its clean history, weighted by its clip's advantage)
+#                                          -> ..._nft.json
+#   nft_video   nft with whole-video groups -> ..._nft_video.json
+#   nft_seen    nft with the seen_only trained reward -> ..._nft_seen.json
 # EXTRA: overrides for every run (a dry run: EXTRA="trainer.max_iterations=1 trainer.eval_every=1").
 # A run longer than LIMIT seconds (default 470) is stopped and its variant is not merged. The merged
 # JSONs, each run's log, metrics.jsonl and held-out scores (one tar) are copied to $OUT. On a host
@@ -36,6 +41,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 recipe=recipes/toy_nextclip_grpo.yaml
 
+nft="trainer.algorithm=nft trainer.beta=0 trainer.learning_rate=${NFT_LR:-5e-3}"
 overrides() {  # the recipe overrides of a variant, then EXTRA
   echo -n "$EXTRA "
   case $1 in
@@ -48,7 +54,11 @@ overrides() {  # the recipe overrides of a variant, then EXTRA
   loraff) echo "trainer.lora_target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2]" \
     trainer.lora_rank=32 trainer.lora_alpha=64 ;;
   seen) echo rewards.0.kwargs.seen_only=true ;;
-  *) echo "unknown variant $1 (recipe, video, group, allsde, full, full_beta0, loraff, seen)" >&2; exit 2 ;;
+  nft) echo "$nft" ;;
+  nft_video) echo "$nft" trainer.nextclip_groups=video ;;
+  nft_seen) echo "$nft" rewards.0.kwargs.seen_only=true ;;
+  *) echo "unknown variant $1 (recipe, video, group, allsde, full, full_beta0, loraff, seen, nft, nft_video," \
+    "nft_seen)" >&2; exit 2 ;;
   esac
 }
 
