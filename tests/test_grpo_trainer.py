@@ -472,7 +472,9 @@ def test_one_update_per_rollout_is_exactly_on_policy_despite_logprob_drift(
 def test_the_kl_reference_runs_once_per_iteration_over_several_epochs(tmp_path, tiny_dir):
     """With num_iterations 2 the reference forward of the KL term runs in the first epoch only (its
     means depend on the rollout, not on the trained weights); the update's statistics and the trained
-    weights are bitwise those of recomputing it in every epoch."""
+    weights are those of recomputing it in every epoch, up to float32 rounding (the second epoch's
+    micro-batches hold other samples, and a batched forward may round differently: 1.4e-7 relative
+    seen on the KL with transformers 5.24)."""
     from grpo.config import GRPOConfig
     from grpo.trainer import GRPOTrainer
     from policies import LTXPolicy
@@ -516,9 +518,11 @@ def test_the_kl_reference_runs_once_per_iteration_over_several_epochs(tmp_path, 
     stats, weights, forwards = update(cached=True)
     stats_every_epoch, weights_every_epoch, forwards_every_epoch = update(cached=False)
     assert (forwards, forwards_every_epoch) == (3, 6)  # 3 columns, in 1 epoch instead of 2
-    assert stats["train/kl"] > 0 and stats == stats_every_epoch
+    assert stats["train/kl"] > 0 and stats.keys() == stats_every_epoch.keys()
+    assert stats == pytest.approx(stats_every_epoch, rel=1e-5, abs=1e-9)
     assert weights.keys() == weights_every_epoch.keys() and weights
-    assert all(torch.equal(weights[n], weights_every_epoch[n]) for n in weights)
+    for n in weights:
+        torch.testing.assert_close(weights[n], weights_every_epoch[n], rtol=1e-5, atol=1e-8)
     assert any(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # the update moved them
 
 
