@@ -51,6 +51,11 @@
 #   it60_nft16_lr5e-3   it60_nft16 at learning rate 5e-3
 #   it100_nft16_lr5e-3  the same for 100 iterations, evaluated every 20 (recipes/toy_nsp_nft.yaml)
 #   it100_nft16_lr5e-3_cosine  the same with the learning rate decayed to 0 on a cosine
+#   it100_nft16_lr5e-3_draws2  it100_nft16_lr5e-3 with two forward-noised copies of each sample
+#   it100_nft24_lr5e-3  it100_nft16_lr5e-3 with 24 samples per context
+#   it100_nft16_lr5e-3_beta0.5  it100_nft16_lr5e-3 with nft_beta 0.5
+#   it100_nft16_full_lr5e-4  it100_nft16 with full fine-tuning (no LoRA) at learning rate 5e-4
+#   it140_nft16_full_lr5e-4  the same for 140 iterations
 #   it60_lr6e-3         60 iterations without the KL term, constant 6e-3
 #   it60_lr6e-3_linear  60 iterations without the KL term, 6e-3 decayed linearly to 0 (unlearned:
 #                       benchmarks/results/quickstart_sweep.json)
@@ -75,6 +80,7 @@ overrides() {
   local speed="trainer.save_steps=0 trainer.max_iterations=30 trainer.eval_every=30 data.num_eval=1"
   local bon16="trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.best_of_n_keep=[4,4]"
   local it80="trainer.save_steps=0 trainer.max_iterations=80 trainer.eval_every=80"
+  local it100="trainer.save_steps=0 trainer.max_iterations=100 trainer.eval_every=20"
   local nft16="trainer.num_generations=16 trainer.num_prompts_per_iteration=2 trainer.algorithm=nft trainer.beta=0"
   case "$1" in
     shipped) echo "" ;;
@@ -83,8 +89,13 @@ overrides() {
     it60_bon16) echo "$it60 $bon16" ;;
     it60_nft16) echo "$it60 $nft16" ;;
     it60_nft16_lr5e-3) echo "$it60 $nft16 trainer.learning_rate=5e-3" ;;
-    it100_nft16_lr5e-3) echo "trainer.save_steps=0 trainer.max_iterations=100 trainer.eval_every=20 $nft16 trainer.learning_rate=5e-3" ;;
-    it100_nft16_lr5e-3_cosine) echo "trainer.save_steps=0 trainer.max_iterations=100 trainer.eval_every=20 $nft16 trainer.learning_rate=5e-3 trainer.lr_scheduler_type=cosine" ;;
+    it100_nft16_lr5e-3) echo "$it100 $nft16 trainer.learning_rate=5e-3" ;;
+    it100_nft16_lr5e-3_cosine) echo "$it100 $nft16 trainer.learning_rate=5e-3 trainer.lr_scheduler_type=cosine" ;;
+    it100_nft16_lr5e-3_draws2) echo "$it100 $nft16 trainer.learning_rate=5e-3 trainer.nft_noise_draws=2" ;;
+    it100_nft24_lr5e-3) echo "$it100 $nft16 trainer.learning_rate=5e-3 trainer.num_generations=24" ;;
+    it100_nft16_lr5e-3_beta0.5) echo "$it100 $nft16 trainer.learning_rate=5e-3 trainer.nft_beta=0.5" ;;
+    it100_nft16_full_lr5e-4) echo "$it100 $nft16 trainer.use_lora=false trainer.learning_rate=5e-4" ;;
+    it140_nft16_full_lr5e-4) echo "$it100 $nft16 trainer.use_lora=false trainer.learning_rate=5e-4 trainer.max_iterations=140" ;;
     it60_bon16_lr5e-3) echo "$it60 $bon16 trainer.learning_rate=5e-3" ;;
     it80_bon16_lr4e-3) echo "$it80 $bon16 trainer.learning_rate=4e-3" ;;
     it60_bon16_ema0.9) echo "$it60 $bon16 trainer.ema_decay=0.9" ;;
@@ -104,7 +115,9 @@ overrides() {
     *)
       echo "unknown variant '$1' (shipped it60 it60_bon8 it60_bon16 it60_bon16_lr5e-3 it80_bon16_lr4e-3 it60_bon16_ema0.9" \
         "it60_bon16_raw it60_bon16_mu2 it60_bon16_noise1 it60_bon16_noise1.3 it60_bon16_noise1_w4 it60_bon16_beta1e-3" \
-        "it60_bon16_noise1_beta1e-3 it60_bon16_beta0 it60_lr6e-3 it60_lr6e-3_linear" \
+        "it60_bon16_noise1_beta1e-3 it60_bon16_beta0 it60_nft16 it60_nft16_lr5e-3 it100_nft16_lr5e-3" \
+        "it100_nft16_lr5e-3_cosine it100_nft16_lr5e-3_draws2 it100_nft24_lr5e-3 it100_nft16_lr5e-3_beta0.5" \
+        "it100_nft16_full_lr5e-4 it140_nft16_full_lr5e-4 it60_lr6e-3 it60_lr6e-3_linear" \
         "it60_lr1e-2_linear speed_shipped speed_beta0)" >&2
       return 2
       ;;
