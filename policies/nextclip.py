@@ -603,20 +603,10 @@ class NextClipPolicy(LTXPolicy):
         _no_cfg(1.0 if guidance_scale is None else guidance_scale)
         device = rollout.latents.device
         steps = recorded_steps(step, rollout.num_samples, rollout.latents.shape[1], device)
-        extras = rollout.extras
-        tokens, num_context = extras["clip_tokens"], extras["num_context_clips"]
+        num_context = rollout.extras["num_context_clips"]
         latent_hw = rollout.latent_shape[1:]
         clips = torch.tensor(rollout.step_clips, dtype=torch.long, device=device)[steps]
-        history_noise = self._history_noise(
-            rollout.seeds.tolist(), (num_context + rollout.num_clips) * tokens
-        )
-        context = rollout.condition.get("context_latents")
-        history = rollout.final_latents
-        if BRANCH_HISTORY in rollout.condition:  # a branched rollout: the group's shared clips
-            history = rollout.condition[BRANCH_HISTORY][rollout.condition_index].to(history.dtype)
-        if context is not None:
-            history = torch.cat([context[rollout.condition_index].to(history.dtype), history], dim=1)
-        history = self._history_input(history, history_noise)
+        history = self._rollout_history(rollout)
         text = self.text_inputs(rollout.condition, rollout.condition_index, 1.0)
         rows = torch.arange(rollout.num_samples, device=device)
 
@@ -642,6 +632,21 @@ class NextClipPolicy(LTXPolicy):
         return sde_lib.StepOutput(
             *(torch.cat(field_parts)[inverse] for field_parts in zip(*parts, strict=True))
         )
+
+    def _rollout_history(self, rollout: Rollout) -> torch.Tensor:
+        """The clean clips ``[B, (Nc + K) * T, C]`` the rollout's clips were sampled after, as the
+        denoiser saw them: the context, then the sample's own clips or a branched rollout's shared
+        clips, with the sample's history noise."""
+        tokens, num_context = rollout.extras["clip_tokens"], rollout.extras["num_context_clips"]
+        length = (num_context + rollout.num_clips) * tokens
+        history_noise = self._history_noise(rollout.seeds.tolist(), length)
+        context = rollout.condition.get("context_latents")
+        history = rollout.final_latents
+        if BRANCH_HISTORY in rollout.condition:  # a branched rollout: the group's shared clips
+            history = rollout.condition[BRANCH_HISTORY][rollout.condition_index].to(history.dtype)
+        if context is not None:
+            history = torch.cat([context[rollout.condition_index].to(history.dtype), history], dim=1)
+        return self._history_input(history, history_noise)
 
     # ------------------------------------------------------------------ teacher forcing
     @staticmethod
@@ -764,16 +769,9 @@ class NextClipPolicy(LTXPolicy):
         levels = sigmas.to(device, torch.float32).reshape(len(clean), -1).expand(-1, num_clips)
         s = levels.repeat_interleave(tokens, dim=1)[..., None]  # [b, K * T, 1]
         noisy = (1 - s) * clean + s * noise.to(device, torch.float32)
-        shown = clean
-        if BRANCH_HISTORY in rollout.condition:
-            shown = rollout.condition[BRANCH_HISTORY][rollout.condition_index].to(torch.float32)
-        history = shown[:, : (num_clips - 1) * tokens]
-        context = rollout.condition.get("context_latents")
-        if context is not None:
-            history = torch.cat([context[rollout.condition_index].to(torch.float32), history], dim=1)
-        history_noise = self._history_noise(rollout.seeds.tolist(), (num_context + num_clips) * tokens)
+        history = self._rollout_history(rollout)[:, : (num_context + num_clips - 1) * tokens]
         return self._teacher_forced_velocity(
-            self._history_input(history, history_noise),
+            history.to(torch.float32),
             0,
             noisy,
             s[..., 0] * self.scheduler.config.num_train_timesteps,
