@@ -361,6 +361,13 @@ class GRPOConfig(VideoTrainerConfig):
             "help": "One step off-policy: update on the last iteration's batch while this one is scored."
         },
     )
+    decode_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Videos per VAE decode call (rewards, evaluation): 1-2 at 121x512x768 keeps the "
+            "decode's memory beside an overlapped update small."
+        },
+    )
     prefetch_iterations: int = field(
         default=1,
         metadata={
@@ -672,6 +679,8 @@ class GRPOConfig(VideoTrainerConfig):
         )
         _require(self.sample_every >= 0, "sample_every", f"must be >= 0 (0 = never), got {self.sample_every}")
         _require(self.save_samples >= 0, "save_samples", f"must be >= 0, got {self.save_samples}")
+        batch = self.decode_batch_size
+        _require(batch >= 1, "decode_batch_size", f"must be >= 1, got {batch}")
         _require(self.save_eval_videos >= 0, "save_eval_videos", f"must be >= 0, got {self.save_eval_videos}")
 
     @property

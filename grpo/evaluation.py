@@ -298,6 +298,7 @@ def evaluate(
     accelerator: Any = None,
     autocast: Any = None,
     rows_per_call: int = 1,
+    decode_batch_size: int = 8,
 ) -> Evaluation:
     """Roll out ``num_generations`` videos per held-out row with ``sampling`` and score them.
 
@@ -312,6 +313,7 @@ def evaluate(
         accelerator: an ``accelerate.Accelerator`` when several processes share the rows.
         autocast: a context manager around the rollout (the trainer's bf16 autocast).
         rows_per_call: held-out rows rolled out together (their samples keep their seeds).
+        decode_batch_size: videos per VAE decode call.
     Returns every score on every rank (gathered), and the kept videos (on every rank).
     """
     if len(dataset) == 0:
@@ -344,7 +346,9 @@ def evaluate(
             for j, row, rollout in groups:
                 index = indices[j]
                 with torch.no_grad():
-                    videos = policy.decode(rollout.final_latents, rollout.latent_shape).float().cpu()
+                    videos = policy.decode(
+                        rollout.final_latents, rollout.latent_shape, decode_batch_size
+                    ).float().cpu()
                     metadata = reward_metadata(policy, rollout, row)
                 if index < min(num_videos, n_rows):
                     kept.append(videos[0])

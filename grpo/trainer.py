@@ -391,7 +391,9 @@ class GRPOTrainer(Stage):
         on_stream = self._score_stream is not None
         with torch.cuda.stream(self._score_stream) if on_stream else contextlib.nullcontext():
             with torch.no_grad():
-                videos = self.policy.decode(rollout.final_latents, rollout.latent_shape).cpu()
+                videos = self.policy.decode(
+                    rollout.final_latents, rollout.latent_shape, self.args.decode_batch_size
+                ).cpu()
                 metadata = reward_metadata(self.policy, rollout, row)
             decode_s = time.perf_counter() - tick
             out = score_videos(self.reward, videos, row, metadata)
@@ -796,6 +798,7 @@ class GRPOTrainer(Stage):
                 accelerator=self.accelerator,
                 autocast=self.state.autocast,
                 rows_per_call=self.args.rollout_rows_per_call,
+                decode_batch_size=self.args.decode_batch_size,
             )
         if self.accelerator.is_main_process:
             folder = self.output_dir / EVAL_DIR / f"step_{self.iteration:06d}"

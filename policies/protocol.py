@@ -87,8 +87,10 @@ class Policy(Trainable, Protocol):
     ) -> StepOutput:
         """Recompute recorded step(s) ``step`` under the current weights (with gradients)."""
 
-    def decode(self, latents: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
-        """Videos ``[B, F, H, W, 3]`` in [0, 1] of clean latents."""
+    def decode(
+        self, latents: torch.Tensor, latent_shape: tuple[int, int, int], batch_size: int = 8
+    ) -> torch.Tensor:
+        """Videos ``[B, F, H, W, 3]`` in [0, 1] of clean latents, ``batch_size`` videos a VAE call."""
 
     def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
         """Clean latents of videos ``[B, F, H, W, 3]`` in [0, 1] (the flow-matching target)."""

@@ -10,6 +10,19 @@ import torch
 
 from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_tokenizer, build_tiny_qwen_vl
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the machine's cores between the workers (and their subprocesses).
+
+    Torch's default (every core in every worker) oversubscribes the CPU and makes the suite slower.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 CORPUS = [
     "yes no Yes No yes. no. 1 2 3 4 5",
     "Does the second scene causally follow from the first scene? Answer with one word: yes or no.",

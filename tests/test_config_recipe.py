@@ -132,6 +132,7 @@ def test_trl_names_and_ours_exist():
         (GRPOConfig, {"report_to": ["neptune"]}, "report_to.0: must be one of 'tensorboard', 'wandb'"),
         (GRPOConfig, {"adv_clip": 0.0}, "adv_clip: must be > 0 or null"),
         (GRPOConfig, {"beta": -0.1}, "beta: must be >= 0"),
+        (GRPOConfig, {"decode_batch_size": 0}, "decode_batch_size: must be >= 1, got 0"),
         (GRPOConfig, {"ema_decay": 1.0}, "ema_decay: must be in [0, 1)"),
         (GRPOConfig, {"save_total_limit": 0}, "save_total_limit: must be >= 1 or null"),
         (GRPOConfig, {"guidance_scale": 0.5}, "guidance_scale: must be >= 1"),

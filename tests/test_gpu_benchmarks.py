@@ -108,19 +108,24 @@ def test_gpu_rollout_smoke_update_training_and_nsp(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_rollout_ltx2_smoke_with_stg(tmp_path):
+    stg = ["--family", "ltx2", "--tiny", "--perturbed-attn", "--stg", "1", "--stg-blocks", "1"]
+    # eager: diffusers, our rollout, its recompute and the update (an update after the compiled
+    # rollout traces LoRA's backward graphs too: a minute of CPU tracing, measured on the GPU instead)
     args = gpu_rollout.parse_args(
-        ["--family", "ltx2", "--tiny", "--perturbed-attn", "--stg", "1", "--stg-blocks", "1"]
-        # a_compiled leaves: diffusers' blocks compiled by the same call as c's, 30 s of CPU tracing
-        + ["--sections", "a,c_eager,check_eager,c,check,d", "--json", str(tmp_path / "{setting}.json")]
+        stg + ["--sections", "a,c_eager,check_eager,d", "--json", str(tmp_path / "e.json")]
     )
     (result,) = gpu_rollout.run(args)
-    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "c", "d"]
+    assert [r["key"] for r in result["rows"]] == ["a", "c_eager", "d"]
     update = result["rows"][-1]
     assert update["ms"] > 0 and update["tflop"] == pytest.approx(3 * 2 * result["info"]["step_tflop"])
-    assert result["checks"]["check"]["logp_max_abs"] <= 1e-5  # recompute == rollout, compiled
-    assert result["checks"]["check_eager"]["logp_max_abs"] <= 1e-5
+    assert result["checks"]["check_eager"]["logp_max_abs"] <= 1e-5  # recompute == rollout
     assert result["info"]["step_tflop"] > 0
-    assert json.loads((tmp_path / "ltx2_tiny-9x64x64.json").read_text())["rows"] == result["rows"]
+    assert json.loads((tmp_path / "e.json").read_text())["rows"] == result["rows"]
+    # compiled (diffusers' blocks compile by the same call as ours): recompute == rollout
+    args = gpu_rollout.parse_args(stg + ["--sections", "c,check", "--json", str(tmp_path / "c.json")])
+    (result,) = gpu_rollout.run(args)
+    assert [r["key"] for r in result["rows"]] == ["c"]
+    assert result["checks"]["check"]["logp_max_abs"] <= 1e-5
 
 
 def test_gpu_rollout_rejects_unknown_sections():

@@ -457,6 +457,9 @@ def test_decode_turns_each_clip_into_its_frames(policy):
     # a clip decoded with its neighbour's frames would differ far more)
     alone = policy.decode(policy.encode_video(videos[:1, CLIP:]), (2, 4, 4))
     torch.testing.assert_close(alone[0], decoded[0, CLIP:], rtol=0, atol=5e-5)
+    # in VAE calls of 3 clips (the 4 clips split 3 + 1): the same videos, in order
+    chunked = policy.decode(latents, (4, 4, 4), batch_size=3)
+    torch.testing.assert_close(chunked, decoded, rtol=0, atol=5e-5)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         seed=recipe.args.seed,
         num_videos=videos,
         rows_per_call=recipe.args.rollout_rows_per_call,
+        decode_batch_size=recipe.args.decode_batch_size,
     )
     write_evaluation(out, evaluation, heldout, recipe.args.frame_rate)
     comparisons = compare(evaluation.results, None, args.threshold)
