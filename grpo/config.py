@@ -364,8 +364,8 @@ class GRPOConfig(VideoTrainerConfig):
     decode_batch_size: int = field(
         default=8,
         metadata={
-            "help": "Videos per VAE decode call (rewards, evaluation): 1-2 at 121x512x768 keeps the "
-            "decode's memory beside an overlapped update small."
+            "help": "Videos per VAE decode call (rewards, evaluation); 1 at 121x512x768 beside an "
+            "overlapped update."
         },
     )
     prefetch_iterations: int = field(

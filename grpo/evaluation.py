@@ -346,9 +346,11 @@ def evaluate(
             for j, row, rollout in groups:
                 index = indices[j]
                 with torch.no_grad():
-                    videos = policy.decode(
-                        rollout.final_latents, rollout.latent_shape, decode_batch_size
-                    ).float().cpu()
+                    videos = (
+                        policy.decode(rollout.final_latents, rollout.latent_shape, decode_batch_size)
+                        .float()
+                        .cpu()
+                    )
                     metadata = reward_metadata(policy, rollout, row)
                 if index < min(num_videos, n_rows):
                     kept.append(videos[0])
