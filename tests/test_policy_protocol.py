@@ -104,7 +104,7 @@ def test_the_reward_models_trainable_satisfies_what_training_state_needs():
 
 def test_the_check_reports_missing_members_and_incompatible_signatures():
     class Broken(LTXPolicy):
-        def decode(self, latents, latent_shape, scale):  # an extra required argument
+        def decode(self, latents, latent_shape, batch_size=8, *, scale):  # an extra required argument
             return latents
 
         def rollout(self, condition, num_generations=1):  # sampling and seeds not accepted

@@ -424,7 +424,7 @@ class _SeedColourPolicy:
             num_samples=len(seeds),
         )
 
-    def decode(self, latents, latent_shape):
+    def decode(self, latents, latent_shape, batch_size=8):
         return latents
 
     def rollout_audio(self, rollout):
