@@ -171,6 +171,30 @@ def test_decode_and_reward_hide_behind_the_previous_batchs_update(tmp_path, tiny
     assert hidden[True] > 0.5
 
 
+def test_decode_batch_size_sets_the_videos_per_vae_call(tmp_path, tiny_dir):
+    """``trainer.decode_batch_size`` reaches the VAE for the rewards and the held-out evaluation, and
+    the scores are those of one call per group (up to float32 rounding: other conv batch sizes)."""
+    runs = {}
+    for size in (1, 8):
+        args = _args(
+            tmp_path / str(size), num_generations=3, max_iterations=1, eval_every=1, decode_batch_size=size
+        )
+        trainer = _trainer(tiny_dir, args, eval_dataset=ROWS[:1])
+        calls, decode = [], trainer.policy.vae.decode
+
+        def spy(z, *rest, decode=decode, calls=calls, **kwargs):
+            calls.append(z.shape[0])
+            return decode(z, *rest, **kwargs)
+
+        trainer.policy.vae.decode = spy
+        runs[size] = (calls, trainer.train())
+    (one, one_history), (eight, eight_history) = runs[1], runs[8]
+    assert one == [1] * len(one) and len(one) >= 6  # 3 training and 3 held-out videos, one by one
+    assert eight[0] == 3 and max(eight) == 3  # each group's videos in one call
+    for key in ("reward/mean", "eval/redness/mean"):
+        assert one_history[0][key] == pytest.approx(eight_history[0][key], rel=1e-4, abs=1e-6)
+
+
 def test_overlap_and_compile_fail_with_one_line(tmp_path, tiny_dir):
     with pytest.raises(ConfigError, match="save_steps 1 would hide nothing") as err:
         _args(tmp_path, overlap_update=True, save_steps=1)
