@@ -60,6 +60,7 @@ Prints a table and writes JSON (``--json``, default benchmarks/results/gpu_rollo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -76,6 +77,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from policies import LTXPolicy, SamplingConfig  # noqa: E402
+from policies.fp8 import fp8_forwards, fp8_linears  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
 
 # The LTX-Video 2B release's transformer (diffusers' defaults) and a tiny one of the same architecture.
@@ -146,7 +148,21 @@ QWEN_TINY_VISION = dict(
 # name -> (frames, height, width); the tiny ones run on a CPU in seconds
 SETTINGS = {"121x512x768": (121, 512, 768), "49x480x704": (49, 480, 704), "81x256x384": (81, 256, 384)}
 TINY_SETTINGS = {"tiny-17x64x96": (17, 64, 96), "tiny-9x32x32": (9, 32, 32)}
-SECTIONS = ("a", "c_eager", "check_eager", "b", "c", "profile", "e", "check", "train", "d")
+SECTIONS = (
+    "a",
+    "c_eager",
+    "check_eager",
+    "a_compiled",
+    "b",
+    "c",
+    "c_fp8",
+    "check_fp8",
+    "profile",
+    "e",
+    "check",
+    "train",
+    "d",
+)
 TEXT_TOKENS = 128  # T5 prompt length LTXPipeline uses
 
 
@@ -162,6 +178,7 @@ class Row:
     tflops: float = 0.0
     pct_ceiling: float = 0.0
     speedup_vs_diffusers: float | None = None
+    speedup_vs_diffusers_compiled: float | None = None
     note: str = ""
 
 
@@ -372,9 +389,12 @@ class Bench:
         frames, height, width = self.geometry
         args = self.args
         diffusers_ms = getattr(self, "diffusers_ms", None)
+        compiled_ms = getattr(self, "diffusers_compiled_ms", None)
         for row in self.rows:
-            if diffusers_ms and row.key in ("a", "b", "c", "c_eager"):
+            if diffusers_ms and row.key in ("a", "b", "c", "c_eager", "c_fp8", "a_compiled"):
                 row.speedup_vs_diffusers = diffusers_ms / row.ms
+            if compiled_ms and row.key in ("b", "c", "c_fp8", "a_compiled"):
+                row.speedup_vs_diffusers_compiled = compiled_ms / row.ms
         by_key = {r.key: r for r in self.rows}
         if "b" in by_key and "c" in by_key:
             self.info["sde_overhead_vs_ode"] = by_key["c"].ms / by_key["b"].ms - 1
@@ -447,31 +467,58 @@ class Bench:
         batch = self.args.generations * (2 if self.args.guidance > 1 else 1)
         return steps * ltx_forward_flops(self.config, self.tokens(frames, height, width), batch)
 
-    def section_a(self, frames: int, height: int, width: int) -> None:
+    def section_a(self, key: str, frames: int, height: int, width: int) -> None:
+        """``a``: diffusers eager; ``a_compiled``: with its documented regional compile,
+        ``transformer.compile_repeated_blocks(fullgraph=True)``, which the rollouts after it share
+        (so ours and diffusers' run the same compiled blocks)."""
         steps = self.args.steps
-        self.run_diffusers(frames, height, width, 2)  # warm-up (kernels, handles)
+        if key == "a_compiled" and not self.compiled:
+            self.policy.transformer.compile_repeated_blocks(fullgraph=True, backend=self.args.compile)
+            self.compiled = True
+            self.info["compile"] = (
+                f"transformer.compile_repeated_blocks(fullgraph=True, backend={self.args.compile!r}) "
+                "(diffusers' own), shared by a_compiled and the rollouts after it"
+            )
+        self.run_diffusers(frames, height, width, 2)  # warm-up (kernels, handles; compiles)
         _, ms, peak = timed(self.device, lambda: self.run_diffusers(frames, height, width, steps))
-        self.diffusers_ms = ms
+        if key == "a":
+            self.diffusers_ms = ms
+        else:
+            self.diffusers_compiled_ms = ms
+        mode = "eager" if key == "a" else "compile_repeated_blocks"
         self.add(
-            "a",
-            f"diffusers LTXPipeline, {self.args.generations} videos, {steps} steps",
+            key,
+            f"diffusers LTXPipeline, {mode}, {self.args.generations} videos, {steps} steps",
             ms,
             self.rollout_flops(frames, height, width, steps) / 1e12,
             peak,
         )
 
     def section_rollout(self, key: str, frames: int, height: int, width: int) -> None:
+        """``b`` / ``c`` / ``c_eager`` as the module says; ``c_fp8``: ``c`` with the blocks' linear
+        layers in row-wise FP8 (`policies.fp8`, what ``trainer.rollout_fp8`` does)."""
         kind = "ode" if key == "b" else "sde"
         steps = self.args.steps
         if key != "c_eager":
             self.compile()
-        self.rollout(frames, height, width, kind, 2)  # warm-up (compiles for this batch shape)
-        out, ms, peak = timed(self.device, lambda: self.rollout(frames, height, width, kind, steps))
+        if key == "c_fp8":
+            self.fp8_layers = getattr(self, "fp8_layers", None) or fp8_linears(self.policy.transformer)
+        precision = fp8_forwards(self.fp8_layers) if key == "c_fp8" else contextlib.nullcontext()
+        with precision:
+            self.rollout(frames, height, width, kind, 2)  # warm-up (compiles for this batch shape)
+            out, ms, peak = timed(self.device, lambda: self.rollout(frames, height, width, kind, steps))
         if key == "c":
             self.sde_rollout = out
         elif key == "c_eager":
             self.eager_rollout = out
-        label = {"b": "ODE rollout", "c": "SDE rollout + log-probs", "c_eager": "SDE rollout + log-probs"}
+        elif key == "c_fp8":
+            self.fp8_rollout = out
+        label = {
+            "b": "ODE rollout",
+            "c": "SDE rollout + log-probs",
+            "c_eager": "SDE rollout + log-probs",
+            "c_fp8": "SDE rollout + log-probs, FP8 matmuls",
+        }
         mode = "eager" if key == "c_eager" or not self.compiled else "compiled"
         self.add(
             key,
@@ -531,6 +578,41 @@ class Bench:
         results["micro_batch"] = mb
         self.checks[key] = results
         print(f"  {key:8s} {results}", flush=True)
+
+    def section_check_fp8(self) -> None:
+        """The FP8 rollout (``c_fp8``) against the model's own precision, as ``trainer.rollout_fp8``
+        trains: every recorded step re-scored without FP8 (the on-policy update's forward; its
+        difference from the record is ``train/logprob_drift``), the Gaussian mean's move relative to
+        the step (``mean_rel``, about the velocity's relative error) and in units of the step's std,
+        the FP8 re-score of the same batch (deterministic: 0), and the samples against ``c``'s (same
+        seeds and noise)."""
+        rollout = self.fp8_rollout
+        results: dict[str, Any] = {"logprob_drift_by_step": [], "mean_rel_by_step": []}
+        over_std, again = 0.0, 0.0
+        for j in range(rollout.latents.shape[1]):
+            with torch.no_grad():
+                full = self.policy.log_prob(rollout, j)
+                with fp8_forwards(self.fp8_layers):
+                    fast = self.policy.log_prob(rollout, j)
+            x = rollout.latents[:, j].float()
+            results["logprob_drift_by_step"].append(
+                float((full.log_prob - rollout.log_probs[:, j]).abs().max())
+            )
+            results["mean_rel_by_step"].append(float((fast.mean - full.mean).norm() / (full.mean - x).norm()))
+            std = full.std.expand_as(full.mean).clamp_min(1e-12)
+            over_std = max(over_std, float(((fast.mean - full.mean) / std).square().mean().sqrt()))
+            again = max(again, float((fast.log_prob - rollout.log_probs[:, j]).abs().max()))
+        results["logprob_drift_max_abs"] = max(results["logprob_drift_by_step"])
+        results["mean_rel_max"] = max(results["mean_rel_by_step"])
+        results["mean_over_std_rms_max"] = over_std
+        results["fp8_recompute_logp_max_abs"] = again
+        if self.sde_rollout is not None:
+            a, b = rollout.final_latents.float(), self.sde_rollout.final_latents.float()
+            results["final_latents_rel_l2_vs_c"] = float((a - b).norm() / b.norm())
+        results["fp8_layers"] = len(self.fp8_layers)
+        results["dtype"] = str(self.dtype)
+        self.checks["check_fp8"] = results
+        print(f"  check_fp8 {results}", flush=True)
 
     def section_profile(self, frames: int, height: int, width: int) -> None:
         """Where one rollout forward's GPU time goes (torch.profiler): by kernel class, and top kernels."""
@@ -811,7 +893,7 @@ def qwen_vl_flops(tiny: bool, tokens: int, patches: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------- LTX-2
-LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check", "d")
+LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check", "c_fp8", "check_fp8", "d")
 LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
 LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline's max_sequence_length
 
@@ -1006,14 +1088,14 @@ class LTX2Bench:
 
     def section(self, key: str) -> None:
         steps, g = self.args.steps, self.args.generations
-        if key in ("a_compiled", "c") and not self.info.get("compiled"):
+        if key in ("a_compiled", "c", "c_fp8") and not self.info.get("compiled"):
             # diffusers' perturbed (STG) attention branches on a tensor (`if all_perturbed:`), which
             # a full graph cannot hold: with STG on, the blocks compile with graph breaks
             fullgraph = self.args.stg == 0
             self.policy.transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=self.args.compile)
             self.info["compiled"] = (
                 f"transformer.compile_repeated_blocks(fullgraph={fullgraph}, backend={self.args.compile!r}), "
-                "shared by a_compiled and c"
+                "shared by a_compiled, c and c_fp8"
             )
         if key in ("a", "a_compiled"):
             self.run_diffusers(2)  # warm-up (kernels; compiles every branch's graph)
@@ -1021,11 +1103,14 @@ class LTX2Bench:
             self.info[f"diffusers_ms_{key}"] = ms
             mode = "eager" if key == "a" else "compiled"
             self.add(key, f"diffusers LTX2Pipeline, {mode}, {g} samples, {steps} steps", ms, peak)
-        elif key in ("c", "c_eager"):
-            self.rollout(2)  # warm-up
-            out, ms, peak = timed(self.device, lambda: self.rollout(steps))
+        elif key in ("c", "c_eager", "c_fp8"):
+            if key == "c_fp8":  # the blocks' linear layers in row-wise FP8, as trainer.rollout_fp8 does
+                self.fp8_layers = getattr(self, "fp8_layers", None) or fp8_linears(self.policy.transformer)
+            with fp8_forwards(self.fp8_layers) if key == "c_fp8" else contextlib.nullcontext():
+                self.rollout(2)  # warm-up
+                out, ms, peak = timed(self.device, lambda: self.rollout(steps))
             self.rollouts[key] = out
-            mode = "eager" if key == "c_eager" else "compiled"
+            mode = {"c_eager": "eager", "c": "compiled", "c_fp8": "compiled, FP8 matmuls"}[key]
             what = (
                 f"ours: SDE rollout + log-probs ({self.args.modalities}), {mode}, {g} samples, {steps} steps"
             )
@@ -1033,6 +1118,19 @@ class LTX2Bench:
             self.add(key, what, ms, peak, diffusers_ms=base)  # against diffusers in the same mode
         elif key == "d":
             self.update()
+        elif key == "check_fp8":  # the FP8 record against the full-precision recompute (logprob_drift)
+            rollout = self.rollouts["c_fp8"]
+            drifts = []
+            for j in range(rollout.latents.shape[1]):
+                with torch.no_grad():
+                    full = self.policy.log_prob(rollout, j).log_prob
+                drifts.append(float((full - rollout.log_probs[:, j]).abs().max()))
+            self.checks[key] = {"logprob_drift_by_step": drifts, "logprob_drift_max_abs": max(drifts)}
+            if "c" in self.rollouts:
+                a, b = rollout.final_latents.float(), self.rollouts["c"].final_latents.float()
+                self.checks[key]["final_latents_rel_l2_vs_c"] = float((a - b).norm() / b.norm())
+            self.checks[key]["fp8_layers"] = len(self.fp8_layers)
+            print(f"  {key:10s} {self.checks[key]}", flush=True)
         else:  # check, check_eager: recompute every recorded step of the rollout, same batch
             rollout = self.rollouts["c_eager" if key == "check_eager" else "c"]
             diffs = []
@@ -1152,11 +1250,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['setting']} on {result['device']} (G={result['generations']}, {result['steps']} steps, "
         f"CFG {result['guidance']}; matmul ceiling {result['matmul_ceiling_tflops']:.0f} TFLOP/s)",
         "",
-        "| | what | ms | TFLOP/s | % ceiling | peak GiB | speed-up vs diffusers | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| | what | ms | TFLOP/s | % ceiling | peak GiB | vs diffusers | vs diffusers compiled | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         speed = "" if r["speedup_vs_diffusers"] is None else f"{r['speedup_vs_diffusers']:.2f}x"
+        compiled = r.get("speedup_vs_diffusers_compiled")
+        speed += " | " + ("" if compiled is None else f"{compiled:.2f}x")
         lines.append(
             f"| {r['key']} | {r['what']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['pct_ceiling']:.1f} | "
             f"{r['peak_gib']:.1f} | {speed} | {r['note']} |"
@@ -1194,10 +1294,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for section in SECTIONS:
             if section not in sections:
                 continue
-            if section == "a":
-                bench.section_a(frames, height, width)
-            elif section in ("b", "c", "c_eager"):
+            if section in ("a", "a_compiled"):
+                bench.section_a(section, frames, height, width)
+            elif section in ("b", "c", "c_eager", "c_fp8"):
                 bench.section_rollout(section, frames, height, width)
+            elif section == "check_fp8":
+                bench.section_check_fp8()
             elif section in ("check", "check_eager"):
                 bench.section_check(section)
             elif section == "profile":

@@ -306,6 +306,13 @@ class GRPOConfig(VideoTrainerConfig):
     and no loader state is checkpointed; errors surface at the iteration that needs the row. Memory:
     k iterations of rows beyond the current one.
 
+    ``rollout_fp8`` runs the rollout's block matmuls in row-wise FP8 (`policies.fp8`; GPUs with
+    float8 tensor cores): the samples come from that FP8 sampler, while the update, the KL reference
+    and held-out evaluation keep the model's precision. PPO then takes its old log-probs from the
+    update's own forward (one optimizer step per rollout, one epoch, the rollout's guidance, no
+    overlap: checked), so the first ratio is exactly 1; ``train/logprob_drift`` reports how far the
+    FP8 rollout's recorded log-probs are from it. DiffusionNFT uses no log-prob and takes it as is.
+
     ``compile`` (``auto``: on where the policy runs on CUDA without FSDP or context parallelism,
     off on the CPU; ``true`` where it cannot is a one-line error) compiles the policy's
     transformer blocks (`policies.LTXPolicy.compile`) once, after LoRA: the rollout and the update's
@@ -359,6 +366,13 @@ class GRPOConfig(VideoTrainerConfig):
         default=False,
         metadata={
             "help": "One step off-policy: update on the last iteration's batch while this one is scored."
+        },
+    )
+    rollout_fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "Rollout matmuls in row-wise FP8 (Hopper/Ada GPUs, policies.fp8); the update keeps "
+            "its precision."
         },
     )
     decode_batch_size: int = field(
@@ -606,6 +620,17 @@ class GRPOConfig(VideoTrainerConfig):
                 "sde_window_shift_interval",
                 f"must be >= 1, got {self.sde_window_shift_interval}",
             )
+        if self.rollout_fp8:
+            _require(not self.fsdp, "rollout_fp8", "quantizes whole weights, which fsdp shards: fsdp false")
+            if self.algorithm == "grpo":  # PPO's old log-prob must be the training forward's own
+                why = "the update must read its old log-probs from the training forward (on-policy): "
+                _require(not self.overlap_update, "rollout_fp8", why + "set overlap_update false")
+                _require(self.num_iterations == 1, "rollout_fp8", why + "set num_iterations 1")
+                _require(
+                    self.cfg_in_training or self.guidance_scale <= 1,
+                    "rollout_fp8",
+                    why + "set cfg_in_training true (or guidance_scale 1)",
+                )
         if self.algorithm == "nft":
             _require(self.nft_beta > 0, "nft_beta", f"must be > 0, got {self.nft_beta}")
             _require(

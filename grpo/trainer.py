@@ -54,6 +54,7 @@ from grpo.nft import nft_loss, optimality
 from grpo.prefetch import RowPrefetcher
 from grpo.training_state import TrainingState
 from policies.errors import InputError
+from policies.fp8 import FP8RolloutLinear, fp8_forwards, fp8_linears
 from policies.ltx import SamplingConfig
 from policies.nextclip import NextClipPolicy
 from policies.protocol import Policy
@@ -152,6 +153,7 @@ class GRPOTrainer(Stage):
             self.policy.keep_reference_copy()
         if self.context_parallel:
             self._enable_context_parallel(eval_dataset is not None and args.eval_every > 0)
+        self.fp8_layers = self._fp8_layers()
         self.compiled = self._compile()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
@@ -188,6 +190,21 @@ class GRPOTrainer(Stage):
                 "share every forward: set trainer.eval_every: 0 with trainer.context_parallel"
             )
         self.policy.enable_context_parallel()
+
+    def _fp8_layers(self) -> list[FP8RolloutLinear]:
+        """``trainer.rollout_fp8``: the denoiser's block linears that roll out in FP8 (after LoRA, whose
+        frozen bases they then are). PPO must make one optimizer step per rollout, so that its old
+        log-prob is the update's own forward (the config checks the rest of on-policy)."""
+        if not self.args.rollout_fp8:
+            return []
+        steps = len(self._accumulation_groups())
+        if not self.nft and steps > 1:
+            raise InputError(
+                f"trainer.rollout_fp8: the update makes {steps} optimizer steps per rollout, so its old "
+                "log-probs would be the FP8 rollout's: set per_device_train_batch_size null or raise "
+                "gradient_accumulation_steps to cover every micro-batch"
+            )
+        return fp8_linears(self.policy.transformer)
 
     @property
     def _on_cuda(self) -> bool:
@@ -341,7 +358,7 @@ class GRPOTrainer(Stage):
             options={"branch": True} if self.args.nextclip_groups == "branch" else None,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            with self.state.rollout_weights(), sampler:
+            with self.state.rollout_weights(), sampler, fp8_forwards(self.fp8_layers):
                 for part, groups in calls:
                     parts.append(part)
                     if self._score_stream is not None:  # the scorer's stream starts after the rollout

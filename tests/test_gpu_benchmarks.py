@@ -22,7 +22,18 @@ import gpu_scaling  # noqa: E402
 from policies import LTXPolicy, SamplingConfig  # noqa: E402
 from policies.tiny import build_tiny_ltx  # noqa: E402
 
-ROW_KEYS = {"key", "what", "ms", "tflop", "peak_gib", "tflops", "pct_ceiling", "speedup_vs_diffusers", "note"}
+ROW_KEYS = {
+    "key",
+    "what",
+    "ms",
+    "tflop",
+    "peak_gib",
+    "tflops",
+    "pct_ceiling",
+    "speedup_vs_diffusers",
+    "speedup_vs_diffusers_compiled",
+    "note",
+}
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (5, 16, 16)])
@@ -50,7 +61,7 @@ def test_gpu_rollout_smoke_rollouts_and_checks(tmp_path):
             "--settings",
             "tiny-9x32x32",
             "--sections",
-            "a,c_eager,check_eager,b,c,profile,check",
+            "a,c_eager,check_eager,b,c,c_fp8,check_fp8,profile,check",
             "--json",
             str(tmp_path / "{setting}.json"),
         ]
@@ -59,7 +70,7 @@ def test_gpu_rollout_smoke_rollouts_and_checks(tmp_path):
     saved = json.loads((tmp_path / "tiny-9x32x32.json").read_text())
     assert saved["rows"] == result["rows"]
     rows = {r["key"]: r for r in saved["rows"]}
-    assert set(rows) == {"a", "c_eager", "b", "c"}
+    assert set(rows) == {"a", "c_eager", "b", "c", "c_fp8"}
     for row in rows.values():
         assert set(row) == ROW_KEYS and row["ms"] > 0 and row["tflop"] > 0
     assert rows["a"]["speedup_vs_diffusers"] == 1.0
@@ -72,9 +83,15 @@ def test_gpu_rollout_smoke_rollouts_and_checks(tmp_path):
         for variant in ("same_batch", "microbatch", "microbatch_grad"):
             assert check[f"{variant}_logp_max_abs"] <= 1e-5
     assert saved["checks"]["check"]["compiled"] and not saved["checks"]["check_eager"]["compiled"]
+    # the FP8 rollout: its record is off the full-precision recompute by FP8 rounding, not by more;
+    # re-scored in FP8 it is its own again
+    fp8 = saved["checks"]["check_fp8"]
+    assert 0 < fp8["logprob_drift_max_abs"] < 1e-2 and fp8["fp8_recompute_logp_max_abs"] <= 1e-5
+    assert 0 < fp8["mean_rel_max"] < 0.1 and 0 < fp8["final_latents_rel_l2_vs_c"] < 0.1
+    assert fp8["fp8_layers"] == 20  # 2 blocks x (attn1 q/k/v/out, attn2 q/k/v/out, ff up/down)
     assert saved["info"]["profile_ms_by_class"] and saved["info"]["profile_top_kernels"]
     table = gpu_rollout.format_table(saved)
-    assert "| speed-up vs diffusers |" in table and table.count("\n| ") == 5
+    assert "| vs diffusers | vs diffusers compiled |" in table and table.count("\n| ") == 6
 
 
 @pytest.mark.slow
