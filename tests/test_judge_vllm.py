@@ -1,8 +1,9 @@
 """The judge against a real vLLM server (CPU build, own venv) serving tiny random judges: a Qwen2 text
 model and a Qwen2.5-VL (image and video requests).
 
-One server per model for the module (eager, ~30 s each to start on 2 cores). The last tests kill
-the text one, so their order matters.
+One server per model for the module, both started at once when the first test needs either (eager,
+~50 s each to start on 2 cores; together about as long as one). The last tests kill the text one, so
+their order matters.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 KEY_ENV = "NEXTSCENE_TEST_JUDGE_KEY"
 MODEL = "tiny-judge"
+VL_MODEL = "tiny-vl-judge"
 
 
 def free_port() -> int:
@@ -42,33 +44,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(model, name, vllm_python, tmp_path_factory, **overrides):
-    """Start vLLM on ``model`` (float32, key in $KEY_ENV), wait until healthy, yield it, stop it."""
-    os.environ[KEY_ENV] = "test-key-123"
+def launch(model, name, vllm_python, log_path, **overrides):
+    """Start vLLM on ``model`` (float32, key in $KEY_ENV) without waiting for it."""
     settings = dict(
         model=str(model), port=free_port(), served_model_name=name, max_model_len=1024, dtype="float32",
         max_logprobs=20, api_key_env=KEY_ENV, python=vllm_python,
         extra_args=["--enforce-eager"],  # no torch.compile warm-up: starts in ~30 s instead of ~50 s
     )  # fmt: skip
     config = ServeConfig(**{**settings, **overrides})
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    with log_path.open("wb") as log:
-        srv = start_server(config, log=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-        try:
-            waited = srv.wait_healthy(timeout_s=400)
-        except RuntimeError:
-            print(log_path.read_text()[-3000:])
-            srv.stop()
-            raise
-        print(f"\nvLLM server for {name} healthy after {waited:.1f} s")
-        yield srv
-        srv.stop()
+    with log_path.open("wb") as log:  # the child keeps its own handle
+        return start_server(config, log=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 @pytest.fixture(scope="module")
-def server(tiny_text_judge, vllm_python, tmp_path_factory):
-    yield from serve(tiny_text_judge, MODEL, vllm_python, tmp_path_factory)
-    os.environ.pop(KEY_ENV, None)
+def launched(tiny_text_judge, tiny_vl_judge, vllm_python, tmp_path_factory):
+    """Both servers (text, VL) and their logs, started together: their start-ups overlap."""
+    os.environ[KEY_ENV] = "test-key-123"
+    logs = {key: tmp_path_factory.mktemp("vllm") / "server.log" for key in ("text", "vl")}
+    servers = {"text": launch(tiny_text_judge, MODEL, vllm_python, logs["text"])}
+    try:
+        servers["vl"] = launch(tiny_vl_judge, VL_MODEL, vllm_python, logs["vl"], max_model_len=2048)
+        yield {key: (srv, logs[key]) for key, srv in servers.items()}
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        os.environ.pop(KEY_ENV, None)
+
+
+def healthy(launched, key: str):
+    """The launched server ``key`` once it answers (its log's tail printed if it never does)."""
+    srv, log_path = launched[key]
+    try:
+        waited = srv.wait_healthy(timeout_s=400)
+    except RuntimeError:
+        print(log_path.read_text()[-3000:])
+        raise
+    print(f"\nvLLM server {key} healthy after {waited:.1f} s")
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(launched):
+    return healthy(launched, "text")
 
 
 def judge(server, **overrides) -> CausalConsistencyJudge:
@@ -158,12 +175,9 @@ def test_in_process_backend_gives_the_servers_score(server, tiny_text_judge):
     assert local == pytest.approx(served, abs=1e-5)
 
 
-VL_MODEL = "tiny-vl-judge"
-
-
 @pytest.fixture(scope="module")
-def vl_server(tiny_vl_judge, vllm_python, tmp_path_factory):
-    yield from serve(tiny_vl_judge, VL_MODEL, vllm_python, tmp_path_factory, max_model_len=2048)
+def vl_server(launched):
+    return healthy(launched, "vl")
 
 
 def frames(seed: int, height: int, width: int) -> torch.Tensor:
