@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policies.errors import InputError
+from policies.ltx import repeated_blocks
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
@@ -74,11 +75,11 @@ def fp8_linears(transformer: nn.Module) -> list[FP8RolloutLinear]:
     `FP8RolloutLinear`, in place, and return them. LoRA adapters (``lora_`` modules) stay as they
     are: a LoRA layer's frozen base multiplies in FP8, its adapters in the model's precision.
     Layers whose width is not a multiple of 16 (what float8 matmuls need) are left alone."""
-    names = set(getattr(transformer, "_repeated_blocks", ()))
-    if not names:
+    blocks = repeated_blocks(transformer)
+    if not blocks:
         raise InputError(f"{type(transformer).__name__} declares no _repeated_blocks: no FP8 rollout for it")
     layers: list[FP8RolloutLinear] = []
-    for block in (m for m in transformer.modules() if type(m).__name__ in names):
+    for block in blocks:
         for name, module in block.named_modules():
             if type(module) not in (nn.Linear, FP8RolloutLinear) or "lora_" in name:
                 continue

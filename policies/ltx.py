@@ -789,7 +789,7 @@ class LTXPolicy(nn.Module):
         cost (benchmarks/results/gpu_rollout_121x512x768_train.json, ..._no_emulate_casts.json).
         """
         if attention_backend is not None:
-            for block in self._blocks(self.transformer):
+            for block in repeated_blocks(self.transformer):
                 block.attn1.set_attention_backend(attention_backend)
         options: dict = {"backend": backend, "dynamic": False}
         if backend == "inductor" and emulate_precision_casts:
@@ -802,15 +802,10 @@ class LTXPolicy(nn.Module):
         _compile_blocks(self.transformer, self._compile_options)
         if self._reference_transformer is not None:
             if attention_backend is not None:
-                for block in self._blocks(self._reference_transformer):
+                for block in repeated_blocks(self._reference_transformer):
                     block.attn1.set_attention_backend(attention_backend)
             _compile_blocks(self._reference_transformer, self._compile_options)
         return self
-
-    @staticmethod
-    def _blocks(transformer: nn.Module) -> list[nn.Module]:
-        names = set(getattr(transformer, "_repeated_blocks", ()))
-        return [m for m in transformer.modules() if type(m).__name__ in names]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -992,9 +987,16 @@ def _text_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask
 
 
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's blocks of the classes diffusers names in ``_repeated_blocks`` (what
+    regional compilation compiles and FP8 rollouts quantize); empty if it names none."""
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
 def _compile_blocks(transformer: nn.Module, options: dict) -> None:
     """``torch.compile`` every repeated block of ``transformer`` in place (regional compilation)."""
-    blocks = LTXPolicy._blocks(transformer)
+    blocks = repeated_blocks(transformer)
     if not blocks:
         raise InputError(f"{type(transformer).__name__} declares no _repeated_blocks to compile")
     for block in blocks:
