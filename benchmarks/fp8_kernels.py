@@ -2,8 +2,10 @@
 
 On one GPU, at G = 8 with CFG (batch 16) and 121 x 512 x 768 (6144 latent tokens), 32 heads x 64:
 
-* self-attention: SDPA's default choice, cuDNN and FlashAttention-2 forced, and SageAttention's INT8
-  Triton kernel (``pip install sageattention``; skipped if absent), with its relative error;
+* self-attention: SDPA's default choice, cuDNN and FlashAttention-2 forced, SageAttention's INT8
+  Triton kernel (``pip install sageattention``) and FlashAttention-3 in bf16 and in e4m3 with one
+  scale per (sample, head) (``pip install fa3-fwd``, the forward-only build; each skipped if
+  absent), with their relative errors against fp32 attention and the e4m3 quantization's own time;
 * the block's matmul shapes (q/k/v/out 2048 -> 2048, feed-forward 2048 -> 8192 -> 2048) in bf16 and
   as row-wise e4m3 ``torch._scaled_mm`` (what `policies.fp8` runs) with and without fast
   accumulation, with their relative errors against an fp32 product, and the activation
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BATCH, HEADS, TOKENS, HEAD_DIM = 16, 32, 6144, 64
+BATCH, HEADS, TOKENS, HEAD_DIM = 16, 32, 6144, 64  # defaults: LTX-Video 2B; LTX-2 has 32 x 128
 MATMULS = {"qkvo": (2048, 2048), "ff_up": (2048, 8192), "ff_down": (8192, 2048)}
 
 
@@ -48,28 +50,65 @@ def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).to(torch.float8_e4m3fn), scale
 
 
-def attention(device: torch.device, gen: torch.Generator) -> dict[str, float | str]:
+def fa3() -> Callable | None:
+    """FlashAttention-3's ``flash_attn_func`` (the forward-only ``fa3-fwd`` build or upstream's
+    ``flash_attn_interface``), or None if neither is installed."""
+    for module in ("fa3_fwd_interface", "flash_attn_interface"):
+        try:
+            return __import__(module).flash_attn_func
+        except ImportError:
+            continue
+    return None
+
+
+def quantize_heads(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 with one scale per (sample, head) of ``t [B, S, H, D]``: ``(q, descale [B, H])``."""
+    scale = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12) / 448
+    return (t.float() / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale
+
+
+def attention(
+    shape: tuple[int, int, int, int], device: torch.device, gen: torch.Generator
+) -> dict[str, float | str]:
+    batch, heads, tokens, head_dim = shape
+    # [B, S, H, D], what diffusers' processors hold; SDPA takes the [B, H, S, D] view
     q, k, v = (
-        torch.randn(BATCH, HEADS, TOKENS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+        torch.randn(batch, tokens, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
         for _ in range(3)
     )
-    flops = 4 * BATCH * HEADS * TOKENS * TOKENS * HEAD_DIM
-    reference = F.scaled_dot_product_attention(q, k, v).float()
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    flops = 4 * batch * heads * tokens * tokens * head_dim
+    reference = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float()).transpose(1, 2)
+
+    def error(out: torch.Tensor) -> float:
+        return float((out.float() - reference).norm() / reference.norm())
+
     out: dict[str, float | str] = {
-        "sdpa_default_ms": median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        "sdpa_default_ms": median_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh)),
+        "sdpa_default_rel_err": error(F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)),
     }
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel(backend):
-            out[f"sdpa_{name}_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            out[f"sdpa_{name}_ms"] = median_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh))
     try:
         from sageattention import sageattn
 
-        sage = sageattn(q, k, v, tensor_layout="HND").float()
-        out["sage_ms"] = median_ms(lambda: sageattn(q, k, v, tensor_layout="HND"))
-        out["sage_rel_err"] = float((sage - reference).norm() / reference.norm())
-    except ImportError as error:
-        out["sage_error"] = f"{type(error).__name__}: {error}"
-    for key in [k for k in out if k.endswith("_ms")]:
+        out["sage_ms"] = median_ms(lambda: sageattn(q, k, v, tensor_layout="NHD"))
+        out["sage_rel_err"] = error(sageattn(q, k, v, tensor_layout="NHD"))
+    except ImportError as err:
+        out["sage_error"] = f"{type(err).__name__}: {err}"
+    flash3 = fa3()
+    if flash3 is None:
+        out["fa3_error"] = "neither fa3_fwd_interface nor flash_attn_interface is installed"
+    else:
+        out["fa3_bf16_ms"] = median_ms(lambda: flash3(q, k, v))
+        out["fa3_bf16_rel_err"] = error(flash3(q, k, v))
+        (q8, qs), (k8, ks), (v8, vs) = (quantize_heads(x) for x in (q, k, v))
+        out["fa3_e4m3_ms"] = median_ms(lambda: flash3(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs))
+        out["fa3_e4m3_rel_err"] = error(flash3(q8, k8, v8, q_descale=qs, k_descale=ks, v_descale=vs))
+        quantizer = torch.compile(lambda a, b, c: [quantize_heads(x) for x in (a, b, c)])
+        out["quant_qkv_ms"] = median_ms(lambda: quantizer(q, k, v))
+    for key in [k for k in out if k.endswith("_ms") and k != "quant_qkv_ms"]:
         out[key.replace("_ms", "_tflops")] = flops / (float(out[key]) * 1e-3) / 1e12
     return out
 
@@ -105,6 +144,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", default=None, help="where to write the results")
+    parser.add_argument("--batch", type=int, default=BATCH, help="attention batch (G x guidance branches)")
+    parser.add_argument("--heads", type=int, default=HEADS, help="attention heads")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="latent tokens per sample")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head dim (LTX-2: 128)")
+    parser.add_argument("--attention-only", action="store_true", help="skip the matmul shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_kernels.py needs a CUDA GPU with float8 tensor cores (Hopper, Ada)")
@@ -114,10 +158,11 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
-        "shape": {"batch": BATCH, "heads": HEADS, "tokens": TOKENS, "head_dim": HEAD_DIM},
-        "attention": attention(device, gen),
-        "matmul": {name: matmul(k, n, device, gen, quantizer) for name, (k, n) in MATMULS.items()},
+        "shape": {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
+        "attention": attention((args.batch, args.heads, args.tokens, args.head_dim), device, gen),
     }
+    if not args.attention_only:
+        result["matmul"] = {name: matmul(k, n, device, gen, quantizer) for name, (k, n) in MATMULS.items()}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -77,8 +77,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from policies import LTXPolicy, SamplingConfig  # noqa: E402
+from policies.errors import InputError  # noqa: E402
 from policies.fp8 import fp8_forwards, fp8_linears  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
+from policies.rollout_attention import (  # noqa: E402
+    check_rollout_attention,
+    rollout_attention,
+    rollout_attention_processors,
+)
 
 # The LTX-Video 2B release's transformer (diffusers' defaults) and a tiny one of the same architecture.
 LTX_2B = dict(
@@ -157,6 +163,9 @@ SECTIONS = (
     "c",
     "c_fp8",
     "check_fp8",
+    "c_fa3",
+    "c_fp8_fa3",
+    "check_fp8_fa3",
     "profile",
     "e",
     "check",
@@ -289,6 +298,56 @@ def make_condition(policy: LTXPolicy, guidance: float, device: torch.device) -> 
 
 
 # ----------------------------------------------------------------------------------------- runs
+# the rollout speed options of the fast sections: (trainer.rollout_fp8, trainer.rollout_attention)
+FAST = {"c_fp8": (True, "sdpa"), "c_fa3": (False, "fa3"), "c_fp8_fa3": (True, "fa3_fp8")}
+FAST_LABEL = {
+    "c_fp8": "FP8 matmuls",
+    "c_fa3": "FlashAttention-3 bf16",
+    "c_fp8_fa3": "FP8 matmuls + FlashAttention-3 FP8",
+}
+
+
+class FastForwards:
+    """The rollout speed options of the sections in `FAST` on one transformer, as the trainer applies
+    them: the blocks' linears in FP8 (`policies.fp8`) and their self-attention in FlashAttention-3
+    (`policies.rollout_attention`; its processors are installed at the first such section, after
+    diffusers' own sections ran with diffusers' processors)."""
+
+    def __init__(self, transformer: torch.nn.Module, device: torch.device) -> None:
+        self.transformer, self.device = transformer, device
+        self.fp8_layers: list | None = None
+        self.processors: list | None = None
+
+    def unavailable(self, key: str) -> str | None:
+        """Why section ``key`` cannot run here (one line), or None."""
+        try:
+            check_rollout_attention(FAST[key][1], self.transformer, self.device)
+        except InputError as error:
+            return str(error)
+        return None
+
+    def __call__(self, key: str) -> contextlib.ExitStack:
+        """The context the rollout of section ``key`` runs in."""
+        fp8, attention = FAST[key]
+        stack = contextlib.ExitStack()
+        if fp8:
+            self.fp8_layers = self.fp8_layers or fp8_linears(self.transformer)
+            stack.enter_context(fp8_forwards(self.fp8_layers))
+        if attention != "sdpa":
+            self.processors = self.processors or rollout_attention_processors(self.transformer)
+            stack.enter_context(rollout_attention(self.processors, attention))
+        return stack
+
+    def sizes(self) -> dict[str, int]:
+        return {"fp8_layers": len(self.fp8_layers or []), "fa3_processors": len(self.processors or [])}
+
+
+def skip(info: dict[str, Any], key: str, why: str) -> None:
+    """Record and print a section this machine cannot run."""
+    info[f"{key}_skipped"] = why
+    print(f"  {key:10s} skipped: {why}", flush=True)
+
+
 class Bench:
     """Runs the sections of one setting and collects their rows."""
 
@@ -308,6 +367,8 @@ class Bench:
         self.compiled = False
         self.sde_rollout: Rollout | None = None
         self.eager_rollout: Rollout | None = None
+        self.fast_rollouts: dict[str, Rollout] = {}
+        self.fast = FastForwards(self.policy.transformer, device)
         self.cond = make_condition(self.policy, args.guidance, device)
 
     # -- helpers
@@ -391,9 +452,9 @@ class Bench:
         diffusers_ms = getattr(self, "diffusers_ms", None)
         compiled_ms = getattr(self, "diffusers_compiled_ms", None)
         for row in self.rows:
-            if diffusers_ms and row.key in ("a", "b", "c", "c_eager", "c_fp8", "a_compiled"):
+            if diffusers_ms and row.key in ("a", "b", "c", "c_eager", "a_compiled", *FAST):
                 row.speedup_vs_diffusers = diffusers_ms / row.ms
-            if compiled_ms and row.key in ("b", "c", "c_fp8", "a_compiled"):
+            if compiled_ms and row.key in ("b", "c", "a_compiled", *FAST):
                 row.speedup_vs_diffusers_compiled = compiled_ms / row.ms
         by_key = {r.key: r for r in self.rows}
         if "b" in by_key and "c" in by_key:
@@ -495,29 +556,29 @@ class Bench:
         )
 
     def section_rollout(self, key: str, frames: int, height: int, width: int) -> None:
-        """``b`` / ``c`` / ``c_eager`` as the module says; ``c_fp8``: ``c`` with the blocks' linear
-        layers in row-wise FP8 (`policies.fp8`, what ``trainer.rollout_fp8`` does)."""
+        """``b`` / ``c`` / ``c_eager`` as the module says; the `FAST` sections: ``c`` with the blocks'
+        linear layers in row-wise FP8 (`policies.fp8`, ``trainer.rollout_fp8``) and / or their
+        self-attention in FlashAttention-3 (``trainer.rollout_attention``)."""
+        if key in FAST and (why := self.fast.unavailable(key)):
+            return skip(self.info, key, why)
         kind = "ode" if key == "b" else "sde"
         steps = self.args.steps
         if key != "c_eager":
             self.compile()
-        if key == "c_fp8":
-            self.fp8_layers = getattr(self, "fp8_layers", None) or fp8_linears(self.policy.transformer)
-        precision = fp8_forwards(self.fp8_layers) if key == "c_fp8" else contextlib.nullcontext()
-        with precision:
+        with self.fast(key) if key in FAST else contextlib.nullcontext():
             self.rollout(frames, height, width, kind, 2)  # warm-up (compiles for this batch shape)
             out, ms, peak = timed(self.device, lambda: self.rollout(frames, height, width, kind, steps))
         if key == "c":
             self.sde_rollout = out
         elif key == "c_eager":
             self.eager_rollout = out
-        elif key == "c_fp8":
-            self.fp8_rollout = out
+        elif key in FAST:
+            self.fast_rollouts[key] = out
         label = {
             "b": "ODE rollout",
             "c": "SDE rollout + log-probs",
             "c_eager": "SDE rollout + log-probs",
-            "c_fp8": "SDE rollout + log-probs, FP8 matmuls",
+            **{k: f"SDE rollout + log-probs, {v}" for k, v in FAST_LABEL.items()},
         }
         mode = "eager" if key == "c_eager" or not self.compiled else "compiled"
         self.add(
@@ -579,20 +640,23 @@ class Bench:
         self.checks[key] = results
         print(f"  {key:8s} {results}", flush=True)
 
-    def section_check_fp8(self) -> None:
-        """The FP8 rollout (``c_fp8``) against the model's own precision, as ``trainer.rollout_fp8``
-        trains: every recorded step re-scored without FP8 (the on-policy update's forward; its
-        difference from the record is ``train/logprob_drift``), the Gaussian mean's move relative to
-        the step (``mean_rel``, about the velocity's relative error) and in units of the step's std,
-        the FP8 re-score of the same batch (deterministic: 0), and the samples against ``c``'s (same
-        seeds and noise)."""
-        rollout = self.fp8_rollout
+    def section_check_fast(self, key: str) -> None:
+        """A fast rollout (``check_fp8``: ``c_fp8``'s, ``check_fp8_fa3``: ``c_fp8_fa3``'s) against the
+        model's own precision, as the trainer trains on it: every recorded step re-scored by the plain
+        forward (the on-policy update's; its difference from the record is ``train/logprob_drift``),
+        the Gaussian mean's move relative to the step (``mean_rel``, about the velocity's relative
+        error) and in units of the step's std, the fast re-score of the same batch (deterministic:
+        0), and the samples against ``c``'s (same seeds and noise)."""
+        source = key.replace("check", "c")
+        if source not in self.fast_rollouts:
+            return skip(self.checks, key, f"no {source} rollout")
+        rollout = self.fast_rollouts[source]
         results: dict[str, Any] = {"logprob_drift_by_step": [], "mean_rel_by_step": []}
         over_std, again = 0.0, 0.0
         for j in range(rollout.latents.shape[1]):
             with torch.no_grad():
                 full = self.policy.log_prob(rollout, j)
-                with fp8_forwards(self.fp8_layers):
+                with self.fast(source):
                     fast = self.policy.log_prob(rollout, j)
             x = rollout.latents[:, j].float()
             results["logprob_drift_by_step"].append(
@@ -605,14 +669,14 @@ class Bench:
         results["logprob_drift_max_abs"] = max(results["logprob_drift_by_step"])
         results["mean_rel_max"] = max(results["mean_rel_by_step"])
         results["mean_over_std_rms_max"] = over_std
-        results["fp8_recompute_logp_max_abs"] = again
+        results["fast_recompute_logp_max_abs"] = again
         if self.sde_rollout is not None:
             a, b = rollout.final_latents.float(), self.sde_rollout.final_latents.float()
             results["final_latents_rel_l2_vs_c"] = float((a - b).norm() / b.norm())
-        results["fp8_layers"] = len(self.fp8_layers)
+        results.update(self.fast.sizes())
         results["dtype"] = str(self.dtype)
-        self.checks["check_fp8"] = results
-        print(f"  check_fp8 {results}", flush=True)
+        self.checks[key] = results
+        print(f"  {key} {results}", flush=True)
 
     def section_profile(self, frames: int, height: int, width: int) -> None:
         """Where one rollout forward's GPU time goes (torch.profiler): by kernel class, and top kernels."""
@@ -893,7 +957,20 @@ def qwen_vl_flops(tiny: bool, tokens: int, patches: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------- LTX-2
-LTX2_SECTIONS = ("a", "c_eager", "check_eager", "a_compiled", "c", "check", "c_fp8", "check_fp8", "d")
+LTX2_SECTIONS = (
+    "a",
+    "c_eager",
+    "check_eager",
+    "a_compiled",
+    "c",
+    "check",
+    "c_fp8",
+    "check_fp8",
+    "c_fa3",
+    "c_fp8_fa3",
+    "check_fp8_fa3",
+    "d",
+)
 LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
 LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline's max_sequence_length
 
@@ -968,6 +1045,7 @@ class LTX2Bench:
         self.checks: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
         self.rollouts: dict[str, Rollout] = {}
+        self.fast = FastForwards(self.policy.transformer, device)
         frames, height, width = geometry
         self.guidance = dict(
             guidance_scale=args.guidance,
@@ -1088,14 +1166,16 @@ class LTX2Bench:
 
     def section(self, key: str) -> None:
         steps, g = self.args.steps, self.args.generations
-        if key in ("a_compiled", "c", "c_fp8") and not self.info.get("compiled"):
+        if key in FAST and (why := self.fast.unavailable(key)):
+            return skip(self.info, key, why)
+        if key in ("a_compiled", "c", *FAST) and not self.info.get("compiled"):
             # diffusers' perturbed (STG) attention branches on a tensor (`if all_perturbed:`), which
             # a full graph cannot hold: with STG on, the blocks compile with graph breaks
             fullgraph = self.args.stg == 0
             self.policy.transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=self.args.compile)
             self.info["compiled"] = (
                 f"transformer.compile_repeated_blocks(fullgraph={fullgraph}, backend={self.args.compile!r}), "
-                "shared by a_compiled, c and c_fp8"
+                "shared by a_compiled, c and the fast sections"
             )
         if key in ("a", "a_compiled"):
             self.run_diffusers(2)  # warm-up (kernels; compiles every branch's graph)
@@ -1103,14 +1183,12 @@ class LTX2Bench:
             self.info[f"diffusers_ms_{key}"] = ms
             mode = "eager" if key == "a" else "compiled"
             self.add(key, f"diffusers LTX2Pipeline, {mode}, {g} samples, {steps} steps", ms, peak)
-        elif key in ("c", "c_eager", "c_fp8"):
-            if key == "c_fp8":  # the blocks' linear layers in row-wise FP8, as trainer.rollout_fp8 does
-                self.fp8_layers = getattr(self, "fp8_layers", None) or fp8_linears(self.policy.transformer)
-            with fp8_forwards(self.fp8_layers) if key == "c_fp8" else contextlib.nullcontext():
+        elif key in ("c", "c_eager", *FAST):
+            with self.fast(key) if key in FAST else contextlib.nullcontext():  # as the trainer's options do
                 self.rollout(2)  # warm-up
                 out, ms, peak = timed(self.device, lambda: self.rollout(steps))
             self.rollouts[key] = out
-            mode = {"c_eager": "eager", "c": "compiled", "c_fp8": "compiled, FP8 matmuls"}[key]
+            mode = {"c_eager": "eager", "c": "compiled"}.get(key) or f"compiled, {FAST_LABEL[key]}"
             what = (
                 f"ours: SDE rollout + log-probs ({self.args.modalities}), {mode}, {g} samples, {steps} steps"
             )
@@ -1118,8 +1196,10 @@ class LTX2Bench:
             self.add(key, what, ms, peak, diffusers_ms=base)  # against diffusers in the same mode
         elif key == "d":
             self.update()
-        elif key == "check_fp8":  # the FP8 record against the full-precision recompute (logprob_drift)
-            rollout = self.rollouts["c_fp8"]
+        elif key in ("check_fp8", "check_fp8_fa3"):  # the fast record against the plain recompute
+            if key.replace("check", "c") not in self.rollouts:
+                return skip(self.checks, key, f"no {key.replace('check', 'c')} rollout")
+            rollout = self.rollouts[key.replace("check", "c")]
             drifts = []
             for j in range(rollout.latents.shape[1]):
                 with torch.no_grad():
@@ -1129,7 +1209,7 @@ class LTX2Bench:
             if "c" in self.rollouts:
                 a, b = rollout.final_latents.float(), self.rollouts["c"].final_latents.float()
                 self.checks[key]["final_latents_rel_l2_vs_c"] = float((a - b).norm() / b.norm())
-            self.checks[key]["fp8_layers"] = len(self.fp8_layers)
+            self.checks[key].update(self.fast.sizes())
             print(f"  {key:10s} {self.checks[key]}", flush=True)
         else:  # check, check_eager: recompute every recorded step of the rollout, same batch
             rollout = self.rollouts["c_eager" if key == "check_eager" else "c"]
@@ -1296,10 +1376,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             if section in ("a", "a_compiled"):
                 bench.section_a(section, frames, height, width)
-            elif section in ("b", "c", "c_eager", "c_fp8"):
+            elif section in ("b", "c", "c_eager", *FAST):
                 bench.section_rollout(section, frames, height, width)
-            elif section == "check_fp8":
-                bench.section_check_fp8()
+            elif section in ("check_fp8", "check_fp8_fa3"):
+                bench.section_check_fast(section)
             elif section in ("check", "check_eager"):
                 bench.section_check(section)
             elif section == "profile":

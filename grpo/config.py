@@ -312,6 +312,9 @@ class GRPOConfig(VideoTrainerConfig):
     update's own forward (one optimizer step per rollout, one epoch, the rollout's guidance, no
     overlap: checked), so the first ratio is exactly 1; ``train/logprob_drift`` reports how far the
     FP8 rollout's recorded log-probs are from it. DiffusionNFT uses no log-prob and takes it as is.
+    ``rollout_attention`` (``fa3``: FlashAttention-3 in bf16, ``fa3_fp8``: in e4m3; Hopper GPUs,
+    ``pip install fa3-fwd``) runs the rollout's self-attention in that forward-only kernel
+    (`policies.rollout_attention`) under the same rules.
 
     ``compile`` (``auto``: on where the policy runs on CUDA without FSDP or context parallelism,
     off on the CPU; ``true`` where it cannot is a one-line error) compiles the policy's
@@ -373,6 +376,13 @@ class GRPOConfig(VideoTrainerConfig):
         metadata={
             "help": "Rollout matmuls in row-wise FP8 (Hopper/Ada GPUs, policies.fp8); the update keeps "
             "its precision."
+        },
+    )
+    rollout_attention: Literal["sdpa", "fa3", "fa3_fp8"] = field(
+        default="sdpa",
+        metadata={
+            "help": "Rollout self-attention kernel: sdpa, fa3 (FlashAttention-3 bf16) or fa3_fp8 (e4m3); "
+            "Hopper only."
         },
     )
     decode_batch_size: int = field(
@@ -622,15 +632,22 @@ class GRPOConfig(VideoTrainerConfig):
             )
         if self.rollout_fp8:
             _require(not self.fsdp, "rollout_fp8", "quantizes whole weights, which fsdp shards: fsdp false")
-            if self.algorithm == "grpo":  # PPO's old log-prob must be the training forward's own
-                why = "the update must read its old log-probs from the training forward (on-policy): "
-                _require(not self.overlap_update, "rollout_fp8", why + "set overlap_update false")
-                _require(self.num_iterations == 1, "rollout_fp8", why + "set num_iterations 1")
-                _require(
-                    self.cfg_in_training or self.guidance_scale <= 1,
-                    "rollout_fp8",
-                    why + "set cfg_in_training true (or guidance_scale 1)",
-                )
+        # rollout forwards that are not the training forward's: PPO's old log-prob must be the latter
+        approximate = [
+            name
+            for name, on in (("rollout_fp8", self.rollout_fp8), ("rollout_attention", self.fast_attention))
+            if on
+        ]
+        if approximate and self.algorithm == "grpo":
+            name = approximate[0]
+            why = "the update must read its old log-probs from the training forward (on-policy): "
+            _require(not self.overlap_update, name, why + "set overlap_update false")
+            _require(self.num_iterations == 1, name, why + "set num_iterations 1")
+            _require(
+                self.cfg_in_training or self.guidance_scale <= 1,
+                name,
+                why + "set cfg_in_training true (or guidance_scale 1)",
+            )
         if self.algorithm == "nft":
             _require(self.nft_beta > 0, "nft_beta", f"must be > 0, got {self.nft_beta}")
             _require(
@@ -713,6 +730,11 @@ class GRPOConfig(VideoTrainerConfig):
         """Samples of each group the update trains on: ``k_top + k_bottom`` with best-of-N, else all
         ``num_generations``."""
         return sum(self.best_of_n_keep) if self.best_of_n_keep is not None else self.num_generations
+
+    @property
+    def fast_attention(self) -> bool:
+        """Whether the rollout's self-attention runs another kernel than the training forward's."""
+        return self.rollout_attention != "sdpa"
 
     @property
     def rollout_rows_per_call(self) -> int:

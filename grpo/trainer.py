@@ -59,6 +59,11 @@ from policies.ltx import SamplingConfig
 from policies.nextclip import NextClipPolicy
 from policies.protocol import Policy
 from policies.rollout import Rollout
+from policies.rollout_attention import (
+    check_rollout_attention,
+    rollout_attention,
+    rollout_attention_processors,
+)
 from policies.sde import kl_divergence
 from policies.seeding import derived_seed
 from policies.video_io import write_video
@@ -154,6 +159,7 @@ class GRPOTrainer(Stage):
         if self.context_parallel:
             self._enable_context_parallel(eval_dataset is not None and args.eval_every > 0)
         self.fp8_layers = self._fp8_layers()
+        self.attention_processors = self._rollout_attention()
         self.compiled = self._compile()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
@@ -191,20 +197,34 @@ class GRPOTrainer(Stage):
             )
         self.policy.enable_context_parallel()
 
-    def _fp8_layers(self) -> list[FP8RolloutLinear]:
-        """``trainer.rollout_fp8``: the denoiser's block linears that roll out in FP8 (after LoRA, whose
-        frozen bases they then are). PPO must make one optimizer step per rollout, so that its old
-        log-prob is the update's own forward (the config checks the rest of on-policy)."""
-        if not self.args.rollout_fp8:
-            return []
+    def _require_one_step(self, option: str) -> None:
+        """A rollout whose forwards are not the training forward's: PPO must make one optimizer step
+        per rollout, so that its old log-prob is the update's own forward (the config checks the rest
+        of on-policy)."""
         steps = len(self._accumulation_groups())
         if not self.nft and steps > 1:
             raise InputError(
-                f"trainer.rollout_fp8: the update makes {steps} optimizer steps per rollout, so its old "
-                "log-probs would be the FP8 rollout's: set per_device_train_batch_size null or raise "
+                f"trainer.{option}: the update makes {steps} optimizer steps per rollout, so its old "
+                "log-probs would be the rollout's: set per_device_train_batch_size null or raise "
                 "gradient_accumulation_steps to cover every micro-batch"
             )
+
+    def _fp8_layers(self) -> list[FP8RolloutLinear]:
+        """``trainer.rollout_fp8``: the denoiser's block linears that roll out in FP8 (after LoRA, whose
+        frozen bases they then are)."""
+        if not self.args.rollout_fp8:
+            return []
+        self._require_one_step("rollout_fp8")
         return fp8_linears(self.policy.transformer)
+
+    def _rollout_attention(self) -> list:
+        """``trainer.rollout_attention``: the denoiser's self-attention processors that roll out in
+        FlashAttention-3 (installed before compiling)."""
+        if not self.args.fast_attention:
+            return []
+        self._require_one_step("rollout_attention")
+        check_rollout_attention(self.args.rollout_attention, self.policy.transformer, self.accelerator.device)
+        return rollout_attention_processors(self.policy.transformer)
 
     @property
     def _on_cuda(self) -> bool:
@@ -358,7 +378,12 @@ class GRPOTrainer(Stage):
             options={"branch": True} if self.args.nextclip_groups == "branch" else None,
         )
         with ThreadPoolExecutor(max_workers=1) as scorer:
-            with self.state.rollout_weights(), sampler, fp8_forwards(self.fp8_layers):
+            with (
+                self.state.rollout_weights(),
+                sampler,
+                fp8_forwards(self.fp8_layers),
+                rollout_attention(self.attention_processors, self.args.rollout_attention),
+            ):
                 for part, groups in calls:
                     parts.append(part)
                     if self._score_stream is not None:  # the scorer's stream starts after the rollout

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -126,18 +126,27 @@ def _pass_plan(module: torch.nn.Module, args: tuple, output: tuple) -> PlannedRo
 
 
 def _planned_attention(
-    layer: int,
+    processor: ClipCausalAttnProcessor | ClipCausalLTX2AttnProcessor,
     plan: AttentionPlan | None,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
 ) -> torch.Tensor:
-    """SDPA of ``query/key/value [B, S, heads, dim]`` under ``plan`` (cached history keys/values put
-    in front, the mask applied, the new keys/values cached if asked); returns ``[B, S, heads * dim]``."""
+    """SDPA of ``query/key/value [B, S, heads, dim]`` under ``plan`` (cached history keys/values of
+    the processor's layer put in front, the mask applied, the new keys/values cached if asked);
+    returns ``[B, S, heads * dim]``. Without a plan, a forward that records no gradient runs the
+    processor's ``rollout_kernel`` if one is set (`policies.rollout_attention`).
+
+    The processor's layer index is read only where the cache needs it: a compiled block guards on
+    what it reads, and every block reading its own index would compile a graph per block."""
+    kernel = processor.rollout_kernel
+    if kernel is not None and plan is None and not torch.is_grad_enabled():
+        return kernel(query, key, value).flatten(2, 3).to(query.dtype)
     mask = None
     if plan is not None:
         mask = plan.mask
         if plan.cache is not None:
+            layer = processor.layer
             past_key, past_value = plan.cache.keys.get(layer), plan.cache.values.get(layer)
             if plan.extend_cache:
                 plan.cache.extend(layer, key, value)
@@ -154,7 +163,11 @@ class ClipCausalAttnProcessor:
 
     Identical to diffusers' `LTXVideoAttnProcessor` when there is no plan; with one, keys/values of
     the cached history are prepended, the mask applied, and the new keys/values cached if asked.
+    ``rollout_kernel`` (set by `policies.rollout_attention`) replaces SDPA in no-grad forwards
+    without a plan.
     """
+
+    rollout_kernel: Callable | None = None
 
     def __init__(self, layer: int, rotary) -> None:
         self.layer = layer
@@ -176,7 +189,7 @@ class ClipCausalAttnProcessor:
             query = self.rotary(query, image_rotary_emb)
             key = self.rotary(key, image_rotary_emb)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        out = _planned_attention(self.layer, plan, query, key, value)
+        out = _planned_attention(self, plan, query, key, value)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -184,10 +197,14 @@ class ClipCausalLTX2AttnProcessor:
     """LTX-2 video ``attn1`` processor: RMS-normed q/k, RoPE (interleaved or split, as the layer
     says), per-head gates when the layer has them (LTX-2.3), under the forward's plan.
 
-    Identical to diffusers' `LTX2AudioVideoAttnProcessor` for self-attention when there is no plan.
-    Spatio-temporal guidance (a perturbed ``attn1``) and an external video self-attention mask are
-    not available under clip-causal attention.
+    Identical to diffusers' `LTX2AudioVideoAttnProcessor` (and, for a transformer with perturbed
+    attention, `LTX2PerturbedAttnProcessor`: spatio-temporal guidance's ``perturbation_mask``) for
+    self-attention when there is no plan. Spatio-temporal guidance and an external video
+    self-attention mask are not available under clip-causal attention. ``rollout_kernel`` as in
+    `ClipCausalAttnProcessor`.
     """
+
+    rollout_kernel: Callable | None = None
 
     def __init__(self, layer: int) -> None:
         self.layer = layer
@@ -210,22 +227,29 @@ class ClipCausalLTX2AttnProcessor:
 
         if encoder_hidden_states is not None or key_rotary_emb is not None:
             raise NotImplementedError("ClipCausalLTX2AttnProcessor is a self-attention processor (attn1)")
-        if attention_mask is not None or perturbation_mask is not None:
+        plan = getattr(query_rotary_emb, "plan", None)
+        if attention_mask is not None or (plan is not None and perturbation_mask is not None):
             raise NotImplementedError(
                 "clip-causal LTX-2 attention sets its own mask: video_self_attention_mask and "
                 "spatio-temporal guidance (stg_scale) are not available on a next-clip model"
             )
-        plan = getattr(query_rotary_emb, "plan", None)
-        query = attn.norm_q(attn.to_q(hidden_states))
-        key = attn.norm_k(attn.to_k(hidden_states))
         value = attn.to_v(hidden_states)
-        if query_rotary_emb is not None:
-            rotate = (
-                apply_interleaved_rotary_emb if attn.rope_type == "interleaved" else apply_split_rotary_emb
-            )
-            query, key = rotate(query, query_rotary_emb), rotate(key, query_rotary_emb)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        out = _planned_attention(self.layer, plan, query, key, value)
+        if perturbation_mask is not None and all_perturbed:  # every sample skips attention (STG)
+            out = value
+        else:
+            query = attn.norm_q(attn.to_q(hidden_states))
+            key = attn.norm_k(attn.to_k(hidden_states))
+            if query_rotary_emb is not None:
+                rotate = (
+                    apply_interleaved_rotary_emb
+                    if attn.rope_type == "interleaved"
+                    else apply_split_rotary_emb
+                )
+                query, key = rotate(query, query_rotary_emb), rotate(key, query_rotary_emb)
+            query, key, heads = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            out = _planned_attention(self, plan, query, key, heads)
+            if perturbation_mask is not None:  # perturbed samples (mask 0) take the values instead
+                out = torch.lerp(value, out, perturbation_mask)
         if attn.to_gate_logits is not None:
             gates = 2.0 * torch.sigmoid(attn.to_gate_logits(hidden_states))  # [B, S, heads]
             out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)

@@ -1,0 +1,258 @@
+"""FlashAttention-3 rollouts (`policies.rollout_attention`, ``trainer.rollout_attention``).
+
+The processors that carry the kernel are diffusers' own computation otherwise (LTX-Video, and LTX-2
+with spatio-temporal guidance and per-head gates); the kernel runs only inside its context and only
+for no-grad forwards; the trainer's update reads its old log-probs from the training forward.
+
+FlashAttention-3 is a Hopper kernel. On a Hopper GPU with ``fa3-fwd`` installed these tests run it;
+elsewhere they run its independent emulation below (e4m3 per (sample, head) rounded and multiplied
+back, then exact attention), so the wiring is tested on every machine, and the kernel itself is
+checked against the emulation where it exists.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import policies.rollout_attention as rollout_attention_module
+from grpo.config import ConfigError, GRPOConfig
+from grpo.trainer import GRPOTrainer
+from policies import LTXPolicy
+from policies.errors import InputError
+from policies.rollout_attention import (
+    check_rollout_attention,
+    fa3_attention,
+    quantize_heads,
+    rollout_attention,
+    rollout_attention_processors,
+)
+from policies.tiny import TinyLTXSpec, build_tiny_ltx
+from policies.tiny_ltx2 import build_tiny_ltx2
+
+
+def _has_fa3() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    try:
+        rollout_attention_module._flash_attn_func()
+    except InputError:
+        return False
+    return True
+
+
+HAS_FA3 = _has_fa3()
+DEVICE = "cuda" if HAS_FA3 else "cpu"
+
+
+def _emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """What the kernel computes, by hand: q/k/v rounded to e4m3 with one scale per (sample, head) and
+    multiplied back (if ``fp8``), then exact attention in float32. ``[B, S, H, D]`` in and out."""
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        if not fp8:
+            return x.float()
+        scale = x.float().abs().amax(dim=(1, 3), keepdim=True) / 448.0
+        return (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+    out = F.scaled_dot_product_attention(*(rounded(x).transpose(1, 2) for x in (q, k, v)))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The real kernel on Hopper with fa3-fwd, else the emulation (and no device check)."""
+    calls = []
+    real = rollout_attention_module.fa3_attention if HAS_FA3 else _emulated
+
+    def counted(q, k, v, fp8=False, flash=None):
+        calls.append(fp8)
+        return real(q, k, v, fp8=fp8) if HAS_FA3 else _emulated(q, k, v, fp8)
+
+    monkeypatch.setattr(rollout_attention_module, "fa3_attention", counted)
+    if not HAS_FA3:
+        monkeypatch.setattr(rollout_attention_module, "_flash_attn_func", lambda: None)
+        monkeypatch.setattr("grpo.trainer.check_rollout_attention", lambda *args: None)
+    return calls
+
+
+def _ltx2_transformer(tmp_path):
+    """A tiny LTX-2.3-layout transformer: perturbed attention (STG) and per-head gates, random weights."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    path = build_tiny_ltx2(tmp_path / "ltx2")
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    config.update(perturbed_attn=True, gated_attn=True, audio_gated_attn=True)
+    torch.manual_seed(0)
+    model = LTX2VideoTransformer3DModel.from_config(config)
+    with torch.no_grad():
+        for block in model.transformer_blocks:  # gates away from their zero init, so they act
+            torch.nn.init.normal_(block.attn1.to_gate_logits.weight, std=0.5)
+    return model
+
+
+def _ltx2_inputs(model, perturbation_mask):
+    g = torch.Generator().manual_seed(0)
+    width = model.config.caption_channels
+    return dict(
+        hidden_states=torch.randn(2, 32, model.config.in_channels, generator=g),
+        audio_hidden_states=torch.randn(2, 3, model.config.audio_in_channels, generator=g),
+        encoder_hidden_states=torch.randn(2, 5, width, generator=g),
+        audio_encoder_hidden_states=torch.randn(2, 5, width, generator=g),
+        timestep=torch.tensor([300.0, 700.0]),
+        sigma=torch.tensor([300.0, 700.0]),
+        encoder_attention_mask=torch.ones(2, 5),
+        audio_encoder_attention_mask=torch.ones(2, 5),
+        num_frames=2,
+        height=4,
+        width=4,
+        audio_num_frames=3,
+        use_cross_timestep=True,
+        spatio_temporal_guidance_blocks=[0],
+        perturbation_mask=perturbation_mask,
+        return_dict=False,
+    )
+
+
+@pytest.mark.parametrize("mask", [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], ids=["mixed", "all_stg", "no_stg"])
+def test_ltx2_processors_are_diffusers_own_with_stg_and_gates(tmp_path, mask):
+    stock = _ltx2_transformer(tmp_path)
+    ours = copy.deepcopy(stock)
+    processors = rollout_attention_processors(ours)
+    assert len(processors) == len(ours.transformer_blocks)
+    assert type(stock.transformer_blocks[0].attn1.processor).__name__ == "LTX2PerturbedAttnProcessor"
+    kwargs = _ltx2_inputs(stock, torch.tensor(mask))
+    with torch.no_grad():
+        for a, b in zip(ours(**kwargs), stock(**kwargs), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    if mask == [1.0, 0.0]:  # STG and the gates act: the perturbed sample differs from the plain one
+        with torch.no_grad():
+            plain = stock(**{**kwargs, "perturbation_mask": torch.ones(2)})[0]
+        assert (plain[1] - stock(**kwargs)[0][1]).abs().max() > 1e-3
+
+
+def _ltx_forward(policy, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(2, 64, 8, generator=g).to(DEVICE),
+        encoder_hidden_states=torch.randn(2, 3, 32, generator=g).to(DEVICE),
+        timestep=torch.tensor([300.0, 700.0], device=DEVICE),
+        encoder_attention_mask=torch.ones(2, 3, dtype=torch.bool, device=DEVICE),
+        num_frames=4,
+        height=4,
+        width=4,
+        rope_interpolation_scale=(8 / 25.0, 8, 8),
+        return_dict=False,
+    )
+    return policy.transformer(**inputs)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Tiny LTX-Video with head dim 64 (FlashAttention-3 needs one of 64/96/128/192/256)."""
+    return build_tiny_ltx(tmp_path_factory.mktemp("tiny_ltx"), TinyLTXSpec(attention_head_dim=64))
+
+
+@pytest.mark.parametrize("kind", ["fa3", "fa3_fp8"])
+def test_kernel_runs_only_in_its_context_and_only_without_grad(tiny_dir, kernel, kind):
+    policy = LTXPolicy.from_pretrained(tiny_dir).to(DEVICE)
+    with torch.no_grad():
+        stock = _ltx_forward(policy)
+    processors = rollout_attention_processors(policy.transformer)
+    with rollout_attention(processors, kind):
+        with torch.no_grad():
+            fast = _ltx_forward(policy)
+        assert len(kernel) == len(processors) and set(kernel) == {kind == "fa3_fp8"}
+        assert torch.equal(_ltx_forward(policy).detach(), stock)  # a forward with gradients: SDPA
+    assert len(kernel) == len(processors)
+    assert all(p.rollout_kernel is None for p in processors)
+    with torch.no_grad():
+        assert torch.equal(_ltx_forward(policy), stock)  # out of the context: SDPA again
+    rel = float((fast - stock).norm() / stock.norm())
+    if kind == "fa3_fp8":
+        assert 1e-4 < rel < 0.1, rel  # e4m3 moves the velocity, by a few percent at most
+    else:
+        assert rel < (1e-2 if HAS_FA3 else 1e-6), rel  # bf16 kernel (or exact emulation)
+
+
+def test_quantize_heads_is_per_sample_and_head():
+    x = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(0))
+    x[1, :, 2] *= 100.0
+    q, descale = quantize_heads(x)
+    assert q.dtype == torch.float8_e4m3fn and descale.shape == (2, 3)
+    torch.testing.assert_close(descale, x.abs().amax(dim=(1, 3)) / 448.0)
+    back = q.float() * descale[:, None, :, None]
+    assert ((back - x).abs() <= x.abs().amax(dim=(1, 3), keepdim=True) * 2.0**-3).all()  # e4m3: 3 bits
+    assert q.float().abs().amax(dim=(1, 3)).eq(448.0).all()
+
+
+@pytest.mark.skipif(not HAS_FA3, reason="FlashAttention-3 runs on Hopper GPUs with fa3-fwd installed")
+def test_fa3_kernel_against_its_emulation():
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    exact = _emulated(q, k, v).float()
+    bf16 = fa3_attention(q, k, v).float()
+    assert float((bf16 - exact).norm() / exact.norm()) < 1e-2
+    fp8, emulated = fa3_attention(q, k, v, fp8=True).float(), _emulated(q, k, v, fp8=True).float()
+    # the kernel also rounds the softmax weights to e4m3, which the emulation does not
+    assert float((fp8 - emulated).norm() / emulated.norm()) < 0.1
+
+
+def _redness(videos, prompts, contexts, **metadata):
+    return [float((v[..., 0] - 0.5 * (v[..., 1] + v[..., 2])).mean()) for v in videos]
+
+
+def test_trainer_rolls_out_in_the_kernel_and_trains_on_policy(tmp_path, tiny_dir, kernel):
+    args = dict(num_generations=4, num_prompts_per_iteration=1, num_inference_steps=3, epsilon=1e-4)
+    args.update(beta=0.0, seed=0)
+    plain, fast = (
+        GRPOTrainer(
+            LTXPolicy.from_pretrained(tiny_dir),
+            [_redness],
+            GRPOConfig(output_dir=str(tmp_path / name), rollout_attention=name, **args),
+            [{"prompt": "a ball"}],
+        )
+        for name in ("sdpa", "fa3_fp8")
+    )
+    assert not plain.attention_processors and fast.attention_processors
+    ref, ref_scores, _ = plain._rollout_and_score(plain._rows_for(0), 0)
+    rollout, scores, _ = fast._rollout_and_score(fast._rows_for(0), 0)
+    assert len(kernel) == 3 * len(fast.attention_processors)  # every step's forward, every block
+    moved = float((rollout.final_latents - ref.final_latents).norm() / ref.final_latents.norm())
+    assert 1e-4 < moved < 0.1, moved
+    advantages, _ = fast._advantages(scores)
+    stats = fast._update(rollout, advantages, 0)
+    assert len(kernel) == 3 * len(fast.attention_processors)  # the update's forwards: SDPA
+    assert stats["train/ratio_min"] == stats["train/ratio_max"] == 1.0 and stats["train/clip_frac"] == 0
+    exact = plain._update(ref, plain._advantages(ref_scores)[0], 0)
+    # the kernel's record is not the training forward's; SDPA's is, to float32 rounding
+    assert stats["train/logprob_drift"] > 1e-5 > 30 * exact["train/logprob_drift"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"overlap_update": True}, "overlap_update false"),
+        ({"num_iterations": 2}, "num_iterations 1"),
+        ({"guidance_scale": 3.0, "cfg_in_training": False}, "cfg_in_training true"),
+    ],
+)
+def test_config_refuses_an_update_that_would_read_the_rollouts_log_probs(overrides, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        GRPOConfig(output_dir="/tmp/x", rollout_attention="fa3", **overrides)
+    assert error.value.field == "rollout_attention"
+    with pytest.raises(ConfigError, match="one of"):
+        GRPOConfig(output_dir="/tmp/x", rollout_attention="flash")
+    GRPOConfig(output_dir="/tmp/x", rollout_attention="fa3", algorithm="nft", beta=0.0, overlap_update=True)
+
+
+@pytest.mark.skipif(HAS_FA3, reason="checks the refusal on a machine without FlashAttention-3")
+def test_check_refuses_a_machine_or_model_without_the_kernel(tiny_dir):
+    policy = LTXPolicy.from_pretrained(tiny_dir)
+    with pytest.raises(InputError, match="Hopper .* set rollout_attention sdpa"):
+        check_rollout_attention("fa3_fp8", policy.transformer, torch.device("cpu"))
+    check_rollout_attention("sdpa", policy.transformer, torch.device("cpu"))
+    with pytest.raises(InputError, match="no LTX blocks"):
+        rollout_attention_processors(torch.nn.Linear(2, 2))
