@@ -5,7 +5,7 @@ import json
 
 import pytest
 from safetensors.torch import load_file
-from test_grpo_trainer import torchrun_worker
+from test_distributed_training import torchrun_worker
 
 from grpo.tracking import read_metrics
 from policies.tiny_ltx2 import build_tiny_ltx2
