@@ -125,6 +125,24 @@ def _pass_plan(module: torch.nn.Module, args: tuple, output: tuple) -> PlannedRo
     return PlannedRotaryEmbedding(cos, sin, _PLAN.get())
 
 
+@torch.compiler.disable
+def _with_history(
+    processor: ClipCausalAttnProcessor | ClipCausalLTX2AttnProcessor,
+    plan: AttentionPlan,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys/values with the processor's layer's cached history in front; the new ones cached if
+    the plan asks. Eager under ``torch.compile``: which layer's cache is read is not the graph's."""
+    layer = processor.layer
+    past_key, past_value = plan.cache.keys.get(layer), plan.cache.values.get(layer)
+    if plan.extend_cache:
+        plan.cache.extend(layer, key, value)
+    if past_key is not None:
+        key, value = torch.cat([past_key, key], dim=1), torch.cat([past_value, value], dim=1)
+    return key, value
+
+
 def _planned_attention(
     processor: ClipCausalAttnProcessor | ClipCausalLTX2AttnProcessor,
     plan: AttentionPlan | None,
@@ -137,8 +155,9 @@ def _planned_attention(
     returns ``[B, S, heads * dim]``. Without a plan, a forward that records no gradient runs the
     processor's ``rollout_kernel`` if one is set (`policies.rollout_attention`).
 
-    The processor's layer index is read only where the cache needs it: a compiled block guards on
-    what it reads, and every block reading its own index would compile a graph per block."""
+    The processor's layer index is read only where the cache needs it, and outside the compiled
+    graph (`_with_history`): a compiled block guards on what it reads, and every block reading its
+    own index would compile a graph of its own (past dynamo's recompile limit, the rest eager)."""
     kernel = processor.rollout_kernel
     if kernel is not None and plan is None and not torch.is_grad_enabled():
         return kernel(query, key, value).flatten(2, 3).to(query.dtype)
@@ -146,12 +165,7 @@ def _planned_attention(
     if plan is not None:
         mask = plan.mask
         if plan.cache is not None:
-            layer = processor.layer
-            past_key, past_value = plan.cache.keys.get(layer), plan.cache.values.get(layer)
-            if plan.extend_cache:
-                plan.cache.extend(layer, key, value)
-            if past_key is not None:
-                key, value = torch.cat([past_key, key], dim=1), torch.cat([past_value, value], dim=1)
+            key, value = _with_history(processor, plan, key, value)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
     )

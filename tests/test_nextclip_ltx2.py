@@ -96,15 +96,14 @@ def test_positions_are_ltx2_video_coords(policy, first, clips):
         torch.testing.assert_close(ours[:, c * TOKENS : (c + 1) * TOKENS], ref, rtol=0, atol=1e-6)
 
 
-def test_without_a_plan_the_transformer_is_stock_ltx2(tiny_dir, policy):
-    from diffusers import LTX2VideoTransformer3DModel
-
-    stock = LTX2VideoTransformer3DModel.from_pretrained(tiny_dir / "transformer")
+def transformer_inputs(model, **extra) -> dict:
+    """Random keyword inputs of one forward of a tiny `LTX2VideoTransformer3DModel` (2 samples,
+    2 x 4 x 4 video tokens, 3 audio tokens, 5 text tokens), plus ``extra``."""
     g = torch.Generator().manual_seed(0)
-    width = stock.config.caption_channels
-    kwargs = dict(
-        hidden_states=torch.randn(2, 32, 8, generator=g),
-        audio_hidden_states=torch.randn(2, 3, stock.config.audio_in_channels, generator=g),
+    width = model.config.caption_channels
+    return dict(
+        hidden_states=torch.randn(2, 32, model.config.in_channels, generator=g),
+        audio_hidden_states=torch.randn(2, 3, model.config.audio_in_channels, generator=g),
         encoder_hidden_states=torch.randn(2, 5, width, generator=g),
         audio_encoder_hidden_states=torch.randn(2, 5, width, generator=g),
         timestep=torch.tensor([300.0, 700.0]),
@@ -117,7 +116,15 @@ def test_without_a_plan_the_transformer_is_stock_ltx2(tiny_dir, policy):
         audio_num_frames=3,
         use_cross_timestep=True,
         return_dict=False,
+        **extra,
     )
+
+
+def test_without_a_plan_the_transformer_is_stock_ltx2(tiny_dir, policy):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    stock = LTX2VideoTransformer3DModel.from_pretrained(tiny_dir / "transformer")
+    kwargs = transformer_inputs(stock)
     with torch.no_grad():
         for ours, theirs in zip(policy.transformer(**kwargs), stock(**kwargs), strict=True):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

@@ -13,6 +13,7 @@ from policies.clip_attention import AttentionPlan, clip_causal_mask
 from policies.errors import InputError
 from policies.nextclip import NextClipConfig
 from policies.nextclip_tiny import build_tiny_nextclip
+from policies.tiny import TinyLTXSpec
 
 CLIP = 9  # pixel frames per clip; 2 latent frames of 4 x 4 tokens at 32 px
 TOKENS = 32
@@ -504,3 +505,20 @@ def test_tiny_builder_can_fit_its_vae_to_the_toy_world(tmp_path):
 def test_attention_backends_cannot_replace_the_clip_causal_attention(policy):
     with pytest.raises(NotImplementedError, match="clip-causal self-attention"):
         policy.compile(attention_backend="_native_cudnn")
+
+
+def test_compiled_blocks_share_their_graphs_whatever_the_depth(tmp_path):
+    """Regional compilation of a next-clip model deeper than dynamo's recompile limit (8): the
+    history cache is looked up outside the compiled graph, so the blocks do not each compile a
+    graph of their own (which past the limit left the rest eager); the rollout is the eager one."""
+    deep = NextClipPolicy.from_pretrained(
+        build_tiny_nextclip(tmp_path / "deep", TinyLTXSpec(text_layers=0, num_layers=10))
+    )
+    cond, sampling = _condition(deep), _fast(3)
+    with torch.no_grad():
+        eager = deep.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4])
+        deep.compile(backend="eager")  # dynamo's graphs and guards, without inductor's code generation
+        # dynamo's default limit (policies.fp8 raises it for its graphs), fewer than the blocks
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+            compiled = deep.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4])
+    assert torch.equal(compiled.final_latents, eager.final_latents)

@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_nextclip_ltx2 import transformer_inputs
 
 import policies.rollout_attention as rollout_attention_module
 from grpo.config import ConfigError, GRPOConfig
@@ -93,29 +94,6 @@ def _ltx2_transformer(tmp_path):
     return model
 
 
-def _ltx2_inputs(model, perturbation_mask):
-    g = torch.Generator().manual_seed(0)
-    width = model.config.caption_channels
-    return dict(
-        hidden_states=torch.randn(2, 32, model.config.in_channels, generator=g),
-        audio_hidden_states=torch.randn(2, 3, model.config.audio_in_channels, generator=g),
-        encoder_hidden_states=torch.randn(2, 5, width, generator=g),
-        audio_encoder_hidden_states=torch.randn(2, 5, width, generator=g),
-        timestep=torch.tensor([300.0, 700.0]),
-        sigma=torch.tensor([300.0, 700.0]),
-        encoder_attention_mask=torch.ones(2, 5),
-        audio_encoder_attention_mask=torch.ones(2, 5),
-        num_frames=2,
-        height=4,
-        width=4,
-        audio_num_frames=3,
-        use_cross_timestep=True,
-        spatio_temporal_guidance_blocks=[0],
-        perturbation_mask=perturbation_mask,
-        return_dict=False,
-    )
-
-
 @pytest.mark.parametrize("mask", [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], ids=["mixed", "all_stg", "no_stg"])
 def test_ltx2_processors_are_diffusers_own_with_stg_and_gates(tmp_path, mask):
     stock = _ltx2_transformer(tmp_path)
@@ -123,7 +101,9 @@ def test_ltx2_processors_are_diffusers_own_with_stg_and_gates(tmp_path, mask):
     processors = rollout_attention_processors(ours)
     assert len(processors) == len(ours.transformer_blocks)
     assert type(stock.transformer_blocks[0].attn1.processor).__name__ == "LTX2PerturbedAttnProcessor"
-    kwargs = _ltx2_inputs(stock, torch.tensor(mask))
+    kwargs = transformer_inputs(
+        stock, spatio_temporal_guidance_blocks=[0], perturbation_mask=torch.tensor(mask)
+    )
     with torch.no_grad():
         for a, b in zip(ours(**kwargs), stock(**kwargs), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -188,18 +168,6 @@ def test_quantize_heads_is_per_sample_and_head():
     assert q.float().abs().amax(dim=(1, 3)).eq(448.0).all()
 
 
-@pytest.mark.skipif(not HAS_FA3, reason="FlashAttention-3 runs on Hopper GPUs with fa3-fwd installed")
-def test_fa3_kernel_against_its_emulation():
-    g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    exact = _emulated(q, k, v).float()
-    bf16 = fa3_attention(q, k, v).float()
-    assert float((bf16 - exact).norm() / exact.norm()) < 1e-2
-    fp8, emulated = fa3_attention(q, k, v, fp8=True).float(), _emulated(q, k, v, fp8=True).float()
-    # the kernel also rounds the softmax weights to e4m3, which the emulation does not
-    assert float((fp8 - emulated).norm() / emulated.norm()) < 0.1
-
-
 def _redness(videos, prompts, contexts, **metadata):
     return [float((v[..., 0] - 0.5 * (v[..., 1] + v[..., 2])).mean()) for v in videos]
 
@@ -248,11 +216,27 @@ def test_config_refuses_an_update_that_would_read_the_rollouts_log_probs(overrid
     GRPOConfig(output_dir="/tmp/x", rollout_attention="fa3", algorithm="nft", beta=0.0, overlap_update=True)
 
 
-@pytest.mark.skipif(HAS_FA3, reason="checks the refusal on a machine without FlashAttention-3")
-def test_check_refuses_a_machine_or_model_without_the_kernel(tiny_dir):
+def test_fa3_matches_its_emulation_where_it_runs_and_is_refused_elsewhere(tiny_dir):
+    """On Hopper with fa3-fwd: the kernel against the emulation. Anywhere else: the one-line refusal
+    the trainer gives before any model work."""
     policy = LTXPolicy.from_pretrained(tiny_dir)
-    with pytest.raises(InputError, match="Hopper .* set rollout_attention sdpa"):
-        check_rollout_attention("fa3_fp8", policy.transformer, torch.device("cpu"))
-    check_rollout_attention("sdpa", policy.transformer, torch.device("cpu"))
     with pytest.raises(InputError, match="no LTX blocks"):
         rollout_attention_processors(torch.nn.Linear(2, 2))
+    if not HAS_FA3:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with pytest.raises(InputError, match="(Hopper|pip install fa3-fwd).* rollout_attention sdpa"):
+            check_rollout_attention("fa3_fp8", policy.transformer, device)
+        check_rollout_attention("sdpa", policy.transformer, device)
+        return
+    check_rollout_attention("fa3_fp8", policy.transformer, torch.device("cuda"))
+    tiny_heads = LTXPolicy.from_pretrained(build_tiny_ltx(tiny_dir.parent / "heads16")).transformer
+    with pytest.raises(InputError, match=r"head dim \[16\]"):
+        check_rollout_attention("fa3", tiny_heads, torch.device("cuda"))
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    exact = _emulated(q, k, v).float()
+    bf16 = fa3_attention(q, k, v).float()
+    assert float((bf16 - exact).norm() / exact.norm()) < 1e-2
+    fp8, emulated = fa3_attention(q, k, v, fp8=True).float(), _emulated(q, k, v, fp8=True).float()
+    # the kernel also rounds the softmax weights to e4m3, which the emulation does not
+    assert float((fp8 - emulated).norm() / emulated.norm()) < 0.1
