@@ -26,7 +26,7 @@ def _random_pair(seed: int = 0):
 
 
 def test_fit_is_seeded_and_stores_the_packed_latent_statistics():
-    fit = ToyAudioFitConfig(vae_steps=2, vocoder_steps=2, batch_size=2)
+    fit = ToyAudioFitConfig(vae_steps=2, vocoder_steps=2, batch_size=2, num_train=16)  # few rows to build
     fitted = []
     for _ in range(2):
         audio_vae, vocoder = _random_pair()
