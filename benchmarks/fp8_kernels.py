@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from policies.errors import InputError  # noqa: E402
+from policies.fp8 import quantize_rows  # noqa: E402
+from policies.rollout_attention import find_flash_attention, quantize_heads  # noqa: E402
 
 BATCH, HEADS, TOKENS, HEAD_DIM = 16, 32, 6144, 64  # defaults: LTX-Video 2B; LTX-2 has 32 x 128
 MATMULS = {"qkvo": (2048, 2048), "ff_up": (2048, 8192), "ff_down": (8192, 2048)}
@@ -43,28 +53,6 @@ def median_ms(fn: Callable[[], object], n: int = 10) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - tick) * 1e3)
     return sorted(times)[n // 2]
-
-
-def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = t.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
-
-
-def fa3() -> Callable | None:
-    """FlashAttention-3's ``flash_attn_func`` (the forward-only ``fa3-fwd`` build or upstream's
-    ``flash_attn_interface``), or None if neither is installed."""
-    for module in ("fa3_fwd_interface", "flash_attn_interface"):
-        try:
-            return __import__(module).flash_attn_func
-        except ImportError:
-            continue
-    return None
-
-
-def quantize_heads(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 with one scale per (sample, head) of ``t [B, S, H, D]``: ``(q, descale [B, H])``."""
-    scale = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12) / 448
-    return (t.float() / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale
 
 
 def attention(
@@ -97,9 +85,10 @@ def attention(
         out["sage_rel_err"] = error(sageattn(q, k, v, tensor_layout="NHD"))
     except ImportError as err:
         out["sage_error"] = f"{type(err).__name__}: {err}"
-    flash3 = fa3()
-    if flash3 is None:
-        out["fa3_error"] = "neither fa3_fwd_interface nor flash_attn_interface is installed"
+    try:
+        flash3 = find_flash_attention()
+    except InputError as err:
+        out["fa3_error"] = str(err)
     else:
         out["fa3_bf16_ms"] = median_ms(lambda: flash3(q, k, v))
         out["fa3_bf16_rel_err"] = error(flash3(q, k, v))
@@ -121,8 +110,8 @@ def matmul(
     x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) / k**0.5
     exact = x.float() @ w.float().t()
-    xq, xs = quantize(x)
-    wq, ws = quantize(w)
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(w)
     ws = ws.reshape(1, -1)
     row = {"flops_tflop": 2 * rows * k * n / 1e12, "bf16_ms": median_ms(lambda: x @ w.t())}
     row["bf16_rel_err"] = float(((x @ w.t()).float() - exact).norm() / exact.norm())
@@ -154,7 +143,7 @@ def main() -> None:
         raise SystemExit("fp8_kernels.py needs a CUDA GPU with float8 tensor cores (Hopper, Ada)")
     device = torch.device("cuda")
     gen = torch.Generator(device).manual_seed(0)
-    quantizer = torch.compile(quantize)
+    quantizer = torch.compile(quantize_rows)
     result = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,

@@ -37,9 +37,9 @@ from torch import nn
 
 from policies.clip_attention import install_clip_attention
 from policies.errors import InputError
+from policies.fp8 import E4M3_MAX
 
 KINDS = ("sdpa", "fa3", "fa3_fp8")
-E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims FlashAttention-3's FP8 forward is built for
 
 
@@ -51,7 +51,7 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, descale
 
 
-def _flash_attn_func() -> Callable:
+def find_flash_attention() -> Callable:
     """FlashAttention-3's ``flash_attn_func``: the forward-only ``fa3_fwd`` or upstream's."""
     for module in ("fa3_fwd_interface", "flash_attn_interface"):
         try:
@@ -70,7 +70,7 @@ def fa3_attention(
     """Attention of ``q/k/v [B, S, H, D]`` (no mask) by FlashAttention-3 (``flash``: its
     ``flash_attn_func``, looked up if None), in e4m3 if ``fp8``, else in bf16 (float32 inputs are
     rounded to bf16); returns ``[B, S, H, D]`` bf16."""
-    flash = flash or _flash_attn_func()
+    flash = flash or find_flash_attention()
     if not fp8:
         return flash(*(x.to(torch.bfloat16) for x in (q, k, v)))
     (q8, q_descale), (k8, k_descale), (v8, v_descale) = (quantize_heads(x) for x in (q, k, v))
@@ -88,7 +88,7 @@ def check_rollout_attention(kind: str, transformer: nn.Module, device: torch.dev
             f"trainer.rollout_attention {kind} runs FlashAttention-3, a Hopper (sm90) kernel; this run is "
             f"on {device}: set rollout_attention sdpa"
         )
-    _flash_attn_func()
+    find_flash_attention()
     dims = {block.attn1.inner_dim // block.attn1.heads for block in _blocks(transformer)}
     if not dims <= set(FA3_HEAD_DIMS):
         raise InputError(
@@ -126,7 +126,7 @@ def rollout_attention(processors: Sequence, kind: str) -> Iterator[None]:
     (``sdpa``: unchanged); on exit they use SDPA again."""
     # the function is looked up here (a compiled block cannot trace an import), and the same kernel
     # object is set every time: compiled blocks guard on it, a new one would recompile them
-    kernel = None if kind == "sdpa" else _kernel(kind, fa3_attention, _flash_attn_func())
+    kernel = None if kind == "sdpa" else _kernel(kind, fa3_attention, find_flash_attention())
     for processor in processors:
         processor.rollout_kernel = kernel
     try:

@@ -38,7 +38,7 @@ def _has_fa3() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return False
     try:
-        rollout_attention_module._flash_attn_func()
+        rollout_attention_module.find_flash_attention()
     except InputError:
         return False
     return True
@@ -74,7 +74,7 @@ def kernel(monkeypatch):
 
     monkeypatch.setattr(rollout_attention_module, "fa3_attention", counted)
     if not HAS_FA3:
-        monkeypatch.setattr(rollout_attention_module, "_flash_attn_func", lambda: None)
+        monkeypatch.setattr(rollout_attention_module, "find_flash_attention", lambda: None)
         monkeypatch.setattr("grpo.trainer.check_rollout_attention", lambda *args: None)
     return calls
 
