@@ -856,17 +856,19 @@ class LTXPolicy(nn.Module):
 
 
 class CachedRope(nn.Module):
-    """LTX-Video's rotary embedding (``LTXVideoRotaryPosEmbed``), computed once per geometry.
+    """LTX-Video's rotary embedding (``LTXVideoRotaryPosEmbed``), computed for one sample and once per
+    geometry.
 
     The transformer recomputes its rotary tables (a coordinate grid, then cos / sin of every token's
-    frequencies) in every forward, though they depend only on the batch size, the latent grid and the
-    frame rate: the same tables for every denoising step, every recomputed step and every iteration.
-    This wrapper returns the tables it computed for the first forward of a geometry: the very same
-    tensors, so every result is bitwise what the uncached transformer gives. On CPU only, where a
-    small model's forward spends ~4 % of its time there (the Quickstart); on a GPU the tables of a
-    real rollout batch are gigabytes ``[B, S, dim]`` in fp32 that cost little to recompute next to
-    the blocks. Explicit ``video_coords`` and inference mode (whose tensors autograd could not reuse)
-    pass through uncached too.
+    frequencies) in every forward, for every sample of the batch, though they depend only on the
+    latent grid and the frame rate: the same tables for every sample, every denoising step, every
+    recomputed step and every iteration. This wrapper computes them for one sample and returns them
+    expanded to the batch (a view whose batch stride is 0): every value is bitwise what the
+    transformer computes, and the blocks' fused RoPE kernels read one sample's tables instead of the
+    batch's (at a real rollout batch, gigabytes of fp32 per block). On CPU, where a small model's
+    forward spends ~4 % of its time computing them (the Quickstart), it also keeps the tables of the
+    first forward of a geometry for the next ones. Explicit ``video_coords`` (one grid per sample)
+    pass through unchanged; inference mode (whose tensors autograd could not reuse) is not cached.
     """
 
     def __init__(self, rope: nn.Module, max_entries: int = 4) -> None:
@@ -884,17 +886,21 @@ class CachedRope(nn.Module):
         rope_interpolation_scale: tuple[float, float, float] | None = None,
         video_coords: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        args = (hidden_states, num_frames, height, width, rope_interpolation_scale, video_coords)
-        device = hidden_states.device
-        if video_coords is not None or device.type != "cpu" or torch.is_inference_mode_enabled():
-            return self.rope(*args)
-        scale = rope_interpolation_scale and tuple(float(s) for s in rope_interpolation_scale)
-        key = (hidden_states.shape[0], num_frames, height, width, scale)
-        if key not in self._tables:
-            if len(self._tables) >= self.max_entries:
-                self._tables.clear()
-            self._tables[key] = self.rope(*args)
-        return self._tables[key]
+        if video_coords is not None:
+            return self.rope(hidden_states, num_frames, height, width, rope_interpolation_scale, video_coords)
+        args = (hidden_states[:1], num_frames, height, width, rope_interpolation_scale)
+        if hidden_states.device.type != "cpu" or torch.is_inference_mode_enabled():
+            tables = self.rope(*args)
+        else:
+            scale = rope_interpolation_scale and tuple(float(s) for s in rope_interpolation_scale)
+            key = (num_frames, height, width, scale)
+            if key not in self._tables:
+                if len(self._tables) >= self.max_entries:
+                    self._tables.clear()
+                self._tables[key] = self.rope(*args)
+            tables = self._tables[key]
+        batch = hidden_states.shape[0]
+        return tuple(table.expand(batch, *table.shape[1:]) for table in tables)
 
 
 def cache_rope(transformer: nn.Module) -> None:

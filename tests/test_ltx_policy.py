@@ -408,7 +408,7 @@ def test_reference_forwards_bypass_the_training_wrapper(policy):
 
 def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
     """The cached rotary embedding (`CachedRope`) gives bitwise the rollout and the recomputed log-prob
-    (with gradients) of the uncached transformer, computing its tables once per batch geometry."""
+    (with gradients) of diffusers' own, computing its tables once per geometry and for one sample."""
     from policies.ltx import CachedRope
 
     cached = policy.transformer.rope
@@ -427,7 +427,7 @@ def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
     try:
         cached._tables.clear()
         with_cache = run()
-        assert computed == [4]  # 4 denoising steps and the recompute of the same 4 samples: one table
+        assert computed == [1]  # 4 denoising steps and the recompute of the 4 samples: one sample's table
         policy.transformer.rope = cached.rope
         without = run()
     finally:
@@ -435,7 +435,26 @@ def test_rotary_tables_are_computed_once_per_geometry_and_change_no_bit(policy):
         policy.transformer.rope = cached
     for a, b in zip(with_cache, without, strict=True):
         assert torch.equal(a, b)
-    assert computed == [4, 4, 4, 4, 4, 4]  # uncached: every one of the 5 forwards computes them
+    assert computed == [1, 4, 4, 4, 4, 4]  # diffusers' own: every one of the 5 forwards computes them
+
+
+def test_rotary_tables_of_one_sample_are_diffusers_tables_of_the_batch(policy):
+    """Uncached (inference mode, as on a GPU): one sample's tables expanded to the batch, a view of
+    batch stride 0 holding bitwise diffusers' tables of the whole batch; explicit coordinates pass."""
+    cached = policy.transformer.rope
+    hidden = torch.zeros(3, 2 * 2 * 2, 8)
+    scale = (torch.tensor(0.04), 1.0, 1.0)
+    with torch.inference_mode():
+        tables = cached(hidden, 2, 2, 2, scale)
+        expected = cached.rope(hidden, 2, 2, 2, scale)
+    for table, reference in zip(tables, expected, strict=True):
+        assert table.shape == reference.shape and table.stride(0) == 0
+        assert torch.equal(table, reference)
+    coords = torch.rand(3, 3, 8)
+    for table, reference in zip(
+        cached(hidden, video_coords=coords), cached.rope(hidden, video_coords=coords)
+    ):
+        assert torch.equal(table, reference)
 
 
 def test_a_fully_valid_text_mask_is_dropped_on_cpu_and_changes_no_bit(policy, monkeypatch):
