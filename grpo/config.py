@@ -314,7 +314,11 @@ class GRPOConfig(VideoTrainerConfig):
     FP8 rollout's recorded log-probs are from it. DiffusionNFT uses no log-prob and takes it as is.
     ``rollout_attention`` (``fa3``: FlashAttention-3 in bf16, ``fa3_fp8``: in e4m3; Hopper GPUs,
     ``pip install fa3-fwd``) runs the rollout's self-attention in that forward-only kernel
-    (`policies.rollout_attention`) under the same rules.
+    (`policies.rollout_attention`) under the same rules. ``rollout_fp8_scaling`` says how both scale
+    their e4m3 activations: ``static`` (default) records each tensor's largest magnitude in the
+    rollout's first forward and casts with it, times a margin of 4, from the second forward on (no
+    amax pass per forward); ``dynamic`` takes every row's (attention: every sample-head's) own amax
+    in every forward (`policies.fp8.FP8Scaling`).
 
     ``compile`` (``auto``: on where the policy runs on CUDA without FSDP or context parallelism,
     off on the CPU; ``true`` where it cannot is a one-line error) compiles the policy's
@@ -383,6 +387,13 @@ class GRPOConfig(VideoTrainerConfig):
         metadata={
             "help": "Rollout self-attention kernel: sdpa, fa3 (FlashAttention-3 bf16) or fa3_fp8 (e4m3); "
             "Hopper only."
+        },
+    )
+    rollout_fp8_scaling: Literal["static", "dynamic"] = field(
+        default="static",
+        metadata={
+            "help": "FP8 rollout activation scales: static (the rollout's first forward calibrates) or "
+            "dynamic (every forward)."
         },
     )
     decode_batch_size: int = field(

@@ -54,7 +54,7 @@ from grpo.nft import nft_loss, optimality
 from grpo.prefetch import RowPrefetcher
 from grpo.training_state import TrainingState
 from policies.errors import InputError
-from policies.fp8 import FP8RolloutLinear, fp8_forwards, fp8_linears
+from policies.fp8 import FP8RolloutLinear, FP8Scaling, fp8_forwards, fp8_linears
 from policies.ltx import SamplingConfig
 from policies.nextclip import NextClipPolicy
 from policies.protocol import Policy
@@ -160,6 +160,7 @@ class GRPOTrainer(Stage):
             self._enable_context_parallel(eval_dataset is not None and args.eval_every > 0)
         self.fp8_layers = self._fp8_layers()
         self.attention_processors = self._rollout_attention()
+        self.fp8_scaling = FP8Scaling(static=args.rollout_fp8_scaling == "static")
         self.compiled = self._compile()
         total_steps = args.max_iterations * args.num_iterations * len(self._accumulation_groups())
         self.state = TrainingState(self.policy, args, self.accelerator, total_steps)
@@ -216,6 +217,12 @@ class GRPOTrainer(Stage):
             return []
         self._require_one_step("rollout_fp8")
         return fp8_linears(self.policy.transformer)
+
+    def _calibrating(self) -> contextlib.AbstractContextManager:
+        """The rollout's FP8 scales calibrated by its first forward (`policies.fp8.FP8Scaling`)."""
+        if self.fp8_layers or self.args.rollout_attention == "fa3_fp8":
+            return self.fp8_scaling.calibrating(self.policy.transformer)
+        return contextlib.nullcontext()
 
     def _rollout_attention(self) -> list:
         """``trainer.rollout_attention``: the denoiser's self-attention processors that roll out in
@@ -381,8 +388,9 @@ class GRPOTrainer(Stage):
             with (
                 self.state.rollout_weights(),
                 sampler,
-                fp8_forwards(self.fp8_layers),
-                rollout_attention(self.attention_processors, self.args.rollout_attention),
+                fp8_forwards(self.fp8_layers, self.fp8_scaling),
+                rollout_attention(self.attention_processors, self.args.rollout_attention, self.fp8_scaling),
+                self._calibrating(),
             ):
                 for part, groups in calls:
                     parts.append(part)

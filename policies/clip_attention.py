@@ -160,7 +160,7 @@ def _planned_attention(
     own index would compile a graph of its own (past dynamo's recompile limit, the rest eager)."""
     kernel = processor.rollout_kernel
     if kernel is not None and plan is None and not torch.is_grad_enabled():
-        return kernel(query, key, value).flatten(2, 3).to(query.dtype)
+        return kernel(processor, query, key, value).flatten(2, 3).to(query.dtype)
     mask = None
     if plan is not None:
         mask = plan.mask
@@ -177,8 +177,9 @@ class ClipCausalAttnProcessor:
 
     Identical to diffusers' `LTXVideoAttnProcessor` when there is no plan; with one, keys/values of
     the cached history are prepended, the mask applied, and the new keys/values cached if asked.
-    ``rollout_kernel`` (set by `policies.rollout_attention`) replaces SDPA in no-grad forwards
-    without a plan.
+    ``rollout_kernel`` (a `policies.rollout_attention.FlashKernel`) replaces SDPA in no-grad
+    forwards without a plan; with static e4m3 scales it also takes the queries and keys from their
+    projections (its fused RMSNorm-RoPE-cast path).
     """
 
     rollout_kernel: Callable | None = None
@@ -196,6 +197,15 @@ class ClipCausalAttnProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         plan = getattr(image_rotary_emb, "plan", None)
+        kernel = self.rollout_kernel
+        if (
+            kernel is not None
+            and plan is None
+            and not torch.is_grad_enabled()
+            and kernel.fuses(attn, hidden_states, image_rotary_emb)
+        ):
+            out = kernel.fused(self, attn, hidden_states, image_rotary_emb).to(hidden_states.dtype)
+            return attn.to_out[1](attn.to_out[0](out))
         query = attn.norm_q(attn.to_q(hidden_states))
         key = attn.norm_k(attn.to_k(hidden_states))
         value = attn.to_v(hidden_states)

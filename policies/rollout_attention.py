@@ -21,8 +21,13 @@ How it reaches the blocks: the self-attention (``attn1``) of every block gets th
 record no gradient, that processor calls the kernel instead of SDPA. Cross-attentions, LTX-2's
 audio stream and clip-causal (masked) attention keep SDPA.
 
+The e4m3 scales follow `policies.fp8.FP8Scaling`: per (sample, head) from each forward's own amax,
+or static per head, recorded by the rollout's first forward. With static scales LTX-Video's queries
+and keys go from their projections to e4m3 in one kernel (`policies.fp8_rope`: RMSNorm, RoPE and the
+cast fused) where Triton runs.
+
     processors = rollout_attention_processors(policy.transformer)   # once, before compiling
-    with rollout_attention(processors, "fa3_fp8"):
+    with rollout_attention(processors, "fa3_fp8", scaling), scaling.calibrating(policy.transformer):
         rollout = policy.rollout(...)
 """
 
@@ -37,7 +42,8 @@ from torch import nn
 
 from policies.clip_attention import install_clip_attention
 from policies.errors import InputError
-from policies.fp8 import E4M3_MAX
+from policies.fp8 import E4M3_MAX, STATIC_MARGIN, FP8Scaling, static_cast
+from policies.fp8_rope import fused_norm_rope_available, norm_rope_fp8
 
 KINDS = ("sdpa", "fa3", "fa3_fp8")
 FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims FlashAttention-3's FP8 forward is built for
@@ -109,24 +115,90 @@ def _blocks(transformer: nn.Module) -> list[nn.Module]:
 
 def rollout_attention_processors(transformer: nn.Module) -> list:
     """Give every block's self-attention the `policies.clip_attention` processor (diffusers' own
-    computation outside a clip plan; idempotent, no weights change) and return those processors."""
+    computation outside a clip plan; idempotent, no weights change) and return those processors, each
+    holding room for the static e4m3 scales of its queries, keys and values (``fp8_amax [3, heads]``)."""
     blocks = _blocks(transformer)
     install_clip_attention(transformer)
+    for block in blocks:
+        block.attn1.processor.fp8_amax = block.attn1.to_q.weight.new_zeros(
+            3, block.attn1.heads, dtype=torch.float32
+        )
     return [block.attn1.processor for block in blocks]
 
 
+class FlashKernel:
+    """What a processor runs instead of SDPA in a rollout forward (`policies.clip_attention`):
+    FlashAttention-3 (``flash``) in bf16, or in e4m3 scaled as ``scaling`` says (None: dynamic)."""
+
+    def __init__(self, flash: Callable, fp8: bool, scaling: FP8Scaling | None) -> None:
+        self.flash, self.fp8, self.scaling = flash, fp8, scaling
+
+    @property
+    def static(self) -> bool:
+        return self.fp8 and self.scaling is not None and self.scaling.use_static
+
+    def __call__(
+        self, processor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of ``query/key/value [B, S, H, D]`` for ``processor``'s layer; ``[B, S, H, D]`` bf16."""
+        if not self.fp8:
+            return fa3_attention(query, key, value, flash=self.flash)
+        if self.static:
+            amax = processor.fp8_amax
+            casts = [static_cast(x, amax[i][:, None]) for i, x in enumerate((query, key, value))]
+            return self._flash(query.shape[0], *casts)
+        casts = [quantize_heads(x) for x in (query, key, value)]
+        if self.scaling is not None and self.scaling.records:
+            processor.fp8_amax.copy_(torch.stack([descale for _, descale in casts]).amax(1) * E4M3_MAX)
+        return self.flash(*(q for q, _ in casts), **dict(zip(DESCALES, (d for _, d in casts), strict=True)))
+
+    def fuses(self, attn, hidden_states: torch.Tensor, rotary) -> bool:
+        """Whether an LTX-Video self-attention's queries and keys go to e4m3 in one fused kernel."""
+        norms = (getattr(attn, "norm_q", None), getattr(attn, "norm_k", None))
+        return (
+            self.static
+            and rotary is not None
+            and all(isinstance(norm, nn.RMSNorm) for norm in norms)
+            and fused_norm_rope_available(hidden_states.device, attn.inner_dim)
+        )
+
+    def fused(self, processor, attn, hidden_states: torch.Tensor, rotary) -> torch.Tensor:
+        """LTX-Video self-attention from ``hidden_states`` with RMSNorm, RoPE and the static e4m3
+        cast of queries and keys fused (`fuses`); ``[B, S, H * D]``."""
+        cos, sin = rotary
+        amax = processor.fp8_amax
+        scales = amax.float().clamp_min(1e-12) * (STATIC_SCALE)
+        qk = []
+        for i, (project, norm) in enumerate(((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k))):
+            eps = norm.eps if norm.eps is not None else torch.finfo(hidden_states.dtype).eps
+            q8 = norm_rope_fp8(project(hidden_states), norm.weight, eps, cos, sin, 1.0 / scales[i])
+            qk.append((q8.unflatten(2, (attn.heads, -1)), scales[i]))
+        value = static_cast(attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)), amax[2][:, None])
+        return self._flash(hidden_states.shape[0], *qk, value).flatten(2, 3)
+
+    def _flash(self, batch: int, *casts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The e4m3 kernel on static casts (one scale per head, the same for every sample)."""
+        descales = (scale.reshape(1, -1).expand(batch, -1).contiguous() for _, scale in casts)
+        return self.flash(*(q for q, _ in casts), **dict(zip(DESCALES, descales, strict=True)))
+
+
+DESCALES = ("q_descale", "k_descale", "v_descale")
+STATIC_SCALE = STATIC_MARGIN / E4M3_MAX
+
+
 @functools.cache
-def _kernel(kind: str, attention: Callable, flash: Callable) -> Callable:
-    return functools.partial(attention, fp8=kind == "fa3_fp8", flash=flash)
+def _kernel(kind: str, flash: Callable, scaling: FP8Scaling | None) -> FlashKernel:
+    return FlashKernel(flash, kind == "fa3_fp8", scaling)
 
 
 @contextlib.contextmanager
-def rollout_attention(processors: Sequence, kind: str) -> Iterator[None]:
+def rollout_attention(processors: Sequence, kind: str, scaling: FP8Scaling | None = None) -> Iterator[None]:
     """Within this context the processors' unmasked, no-grad self-attention runs in ``kind``'s kernel
-    (``sdpa``: unchanged); on exit they use SDPA again."""
+    (``sdpa``: unchanged), its e4m3 inputs scaled as ``scaling`` says (None: dynamic); on exit they
+    use SDPA again."""
     # the function is looked up here (a compiled block cannot trace an import), and the same kernel
     # object is set every time: compiled blocks guard on it, a new one would recompile them
-    kernel = None if kind == "sdpa" else _kernel(kind, fa3_attention, find_flash_attention())
+    kernel = None if kind == "sdpa" else _kernel(kind, find_flash_attention(), scaling)
     for processor in processors:
         processor.rollout_kernel = kernel
     try:

@@ -23,7 +23,9 @@ from grpo.config import ConfigError, GRPOConfig
 from grpo.trainer import GRPOTrainer
 from policies import LTXPolicy
 from policies.errors import InputError
+from policies.fp8 import STATIC_MARGIN, FP8Scaling
 from policies.rollout_attention import (
+    FlashKernel,
     check_rollout_attention,
     fa3_attention,
     quantize_heads,
@@ -48,9 +50,20 @@ HAS_FA3 = _has_fa3()
 DEVICE = "cuda" if HAS_FA3 else "cpu"
 
 
+def _flash_emulated(q, k, v, q_descale=None, k_descale=None, v_descale=None):
+    """FlashAttention-3's ``flash_attn_func`` by hand: e4m3 inputs multiplied back by their descales
+    ``[B, H]``, then exact attention in float32, written in bf16. ``[B, S, H, D]`` in and out."""
+    if q.dtype == torch.float8_e4m3fn:
+        q, k, v = (
+            x.float() * d[:, None, :, None] for x, d in ((q, q_descale), (k, k_descale), (v, v_descale))
+        )
+    out = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)))
+    return out.transpose(1, 2).to(torch.bfloat16)
+
+
 def _emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
-    """What the kernel computes, by hand: q/k/v rounded to e4m3 with one scale per (sample, head) and
-    multiplied back (if ``fp8``), then exact attention in float32. ``[B, S, H, D]`` in and out."""
+    """What the kernel computes with dynamic scales, by hand: q/k/v rounded to e4m3 with one scale per
+    (sample, head) and multiplied back (if ``fp8``), then exact attention in float32."""
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
         if not fp8:
@@ -64,17 +77,17 @@ def _emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = Fal
 
 @pytest.fixture
 def kernel(monkeypatch):
-    """The real kernel on Hopper with fa3-fwd, else the emulation (and no device check)."""
+    """The real kernel on Hopper with fa3-fwd, else its emulation (and no device check); the list
+    records, per call, whether its inputs were e4m3."""
     calls = []
-    real = rollout_attention_module.fa3_attention if HAS_FA3 else _emulated
+    real = rollout_attention_module.find_flash_attention() if HAS_FA3 else _flash_emulated
 
-    def counted(q, k, v, fp8=False, flash=None):
-        calls.append(fp8)
-        return real(q, k, v, fp8=fp8) if HAS_FA3 else _emulated(q, k, v, fp8)
+    def counted(q, k, v, **descales):
+        calls.append(q.dtype == torch.float8_e4m3fn)
+        return real(q, k, v, **descales)
 
-    monkeypatch.setattr(rollout_attention_module, "fa3_attention", counted)
+    monkeypatch.setattr(rollout_attention_module, "find_flash_attention", lambda: counted)
     if not HAS_FA3:
-        monkeypatch.setattr(rollout_attention_module, "find_flash_attention", lambda: None)
         monkeypatch.setattr("grpo.trainer.check_rollout_attention", lambda *args: None)
     return calls
 
@@ -154,7 +167,7 @@ def test_kernel_runs_only_in_its_context_and_only_without_grad(tiny_dir, kernel,
     if kind == "fa3_fp8":
         assert 1e-4 < rel < 0.1, rel  # e4m3 moves the velocity, by a few percent at most
     else:
-        assert rel < (1e-2 if HAS_FA3 else 1e-6), rel  # bf16 kernel (or exact emulation)
+        assert rel < 1e-2, rel  # the bf16 kernel: bf16 rounding
 
 
 def test_quantize_heads_is_per_sample_and_head():
@@ -166,6 +179,65 @@ def test_quantize_heads_is_per_sample_and_head():
     back = q.float() * descale[:, None, :, None]
     assert ((back - x).abs() <= x.abs().amax(dim=(1, 3), keepdim=True) * 2.0**-3).all()  # e4m3: 3 bits
     assert q.float().abs().amax(dim=(1, 3)).eq(448.0).all()
+
+
+def test_static_scales_are_the_first_forwards_per_head_amax():
+    """`FlashKernel` with static scaling: the calibrating forward is the dynamic kernel and records
+    each head's largest query/key/value magnitude over the batch; later forwards round every sample of
+    a head at that amax times the margin (by hand below)."""
+    g = torch.Generator().manual_seed(0)
+    scaling = FP8Scaling(static=True)
+    kernel = FlashKernel(_flash_emulated, fp8=True, scaling=scaling)
+    processor = type("Processor", (), {"fp8_amax": torch.zeros(3, 3)})()
+    first = [torch.randn(2, 5, 3, 16, generator=g) for _ in range(3)]
+    first[1][1, :, 2] *= 10.0
+    out = kernel(processor, *first)
+    torch.testing.assert_close(out, _emulated(*first, fp8=True).bfloat16(), rtol=0, atol=1e-2)
+    amax = torch.stack([x.abs().amax(dim=(0, 1, 3)) for x in first])
+    torch.testing.assert_close(processor.fp8_amax, amax, rtol=1e-6, atol=0)
+    scaling.calibrated = True
+    later = [torch.randn(2, 5, 3, 16, generator=g) * 0.5 for _ in range(3)]
+
+    def rounded(x, head_amax):
+        scale = head_amax[:, None] * STATIC_MARGIN / 448.0
+        return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+    by_hand = F.scaled_dot_product_attention(*(rounded(x, a).transpose(1, 2) for x, a in zip(later, amax)))
+    out = kernel(processor, *later).float()
+    torch.testing.assert_close(out, by_hand.transpose(1, 2), rtol=0, atol=1e-2)
+    assert (out - _emulated(*later, fp8=True)).abs().max() > 1e-4  # not the per-(sample, head) scales
+
+
+def test_fused_queries_and_keys_compute_the_unfused_static_path(tiny_dir, kernel, monkeypatch):
+    """With static scales LTX-Video's queries and keys take the fused norm-RoPE-cast path
+    (`policies.fp8_rope`; its Triton kernel on CUDA, else its PyTorch reference): the same
+    attention as the unfused static path up to the bf16 rounding the fusion skips (none in float32)."""
+    policy = LTXPolicy.from_pretrained(tiny_dir).to(DEVICE)
+    processors = rollout_attention_processors(policy.transformer)
+    fused_calls = []
+    real = rollout_attention_module.norm_rope_fp8
+
+    def counted(*args):
+        fused_calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(rollout_attention_module, "norm_rope_fp8", counted)
+    outputs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(rollout_attention_module, "fused_norm_rope_available", lambda *_, on=fused: on)
+        scaling = FP8Scaling(static=True)
+        with rollout_attention(processors, "fa3_fp8", scaling), scaling.calibrating(policy.transformer):
+            with torch.no_grad():
+                calibrating = _ltx_forward(policy)
+                outputs[fused] = _ltx_forward(policy)
+        assert len(fused_calls) == (2 * len(processors) if fused else 0)  # q and k of the static forward
+    assert all(p.fp8_amax.gt(0).all() for p in processors)
+    rel = float((outputs[True] - outputs[False]).norm() / outputs[False].norm())
+    exact = (
+        DEVICE == "cpu" and policy.transformer.dtype == torch.float32
+    )  # the reference, no rounding skipped
+    assert rel < (1e-5 if exact else 2e-2), rel
+    assert float((calibrating - outputs[False]).norm()) > 0  # the calibrating forward is the dynamic one
 
 
 def _redness(videos, prompts, contexts, **metadata):
