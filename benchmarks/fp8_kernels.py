@@ -6,6 +6,9 @@ On one GPU, at G = 8 with CFG (batch 16) and 121 x 512 x 768 (6144 latent tokens
   Triton kernel (``pip install sageattention``) and FlashAttention-3 in bf16 and in e4m3 with one
   scale per (sample, head) (``pip install fa3-fwd``, the forward-only build; each skipped if
   absent), with their relative errors against fp32 attention and the e4m3 quantization's own time;
+* the queries' RMSNorm + RoPE + static e4m3 cast before FlashAttention-3's FP8 forward: as the
+  model computes it (torch's RMSNorm, diffusers' RoPE, compiled) and in `policies.fp8_rope`'s one
+  Triton kernel, with how many e4m3 codes differ;
 * the block's matmul shapes (q/k/v/out 2048 -> 2048, feed-forward 2048 -> 8192 -> 2048) in bf16 and
   as row-wise e4m3 ``torch._scaled_mm`` (what `policies.fp8` runs) with and without fast
   accumulation, with their relative errors against an fp32 product, and the activation
@@ -34,7 +37,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from policies.errors import InputError  # noqa: E402
-from policies.fp8 import quantize_rows  # noqa: E402
+from policies.fp8 import E4M3_MAX, quantize_rows  # noqa: E402
+from policies.fp8_rope import fused_norm_rope_available, norm_rope_fp8  # noqa: E402
 from policies.rollout_attention import find_flash_attention, quantize_heads  # noqa: E402
 
 BATCH, HEADS, TOKENS, HEAD_DIM = 16, 32, 6144, 64  # defaults: LTX-Video 2B; LTX-2 has 32 x 128
@@ -102,6 +106,39 @@ def attention(
     return out
 
 
+def norm_rope(
+    shape: tuple[int, int, int, int], device: torch.device, gen: torch.Generator
+) -> dict[str, float | str]:
+    """The queries ``[B, S, H * D]`` from their projection to e4m3: compiled model ops vs the kernel."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+    batch, heads, tokens, head_dim = shape
+    dim = heads * head_dim
+    x = torch.randn(batch, tokens, dim, device=device, dtype=torch.bfloat16, generator=gen) * 3
+    weight = (torch.rand(dim, device=device, generator=gen) + 0.5).bfloat16()
+    angles = torch.rand(1, tokens, dim // 2, device=device, generator=gen) * 6
+    cos, sin = (f(angles).repeat_interleave(2, -1).expand(batch, tokens, dim) for f in (torch.cos, torch.sin))
+    inv_scale = torch.rand(heads, device=device, generator=gen) * 20 + 60
+
+    def model(x, weight, cos, sin, inv_scale):  # what the LTX processor computes, then the static cast
+        q = apply_rotary_emb(F.rms_norm(x, (dim,), weight, 1e-5), (cos, sin)).unflatten(2, (heads, -1))
+        return (q.float() * inv_scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).flatten(2)
+
+    compiled = torch.compile(model, fullgraph=True)
+    out: dict[str, float | str] = {
+        "compiled_model_ms": median_ms(lambda: compiled(x, weight, cos, sin, inv_scale))
+    }
+    if not fused_norm_rope_available(device, dim):
+        out["triton_error"] = "policies.fp8_rope's kernel needs Triton and a power-of-two width"
+        return out
+    fused = norm_rope_fp8(x, weight, 1e-5, cos, sin, inv_scale)
+    reference = compiled(x, weight, cos, sin, inv_scale).float()
+    out["triton_ms"] = median_ms(lambda: norm_rope_fp8(x, weight, 1e-5, cos, sin, inv_scale))
+    out["triton_vs_model_code_mismatch"] = float((fused.float() != reference).float().mean())
+    out["triton_vs_model_rel"] = float((fused.float() - reference).norm() / reference.norm())
+    return out
+
+
 def matmul(
     k: int, n: int, device: torch.device, gen: torch.Generator, quantizer: Callable
 ) -> dict[str, float]:
@@ -149,6 +186,7 @@ def main() -> None:
         "torch": torch.__version__,
         "shape": {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
         "attention": attention((args.batch, args.heads, args.tokens, args.head_dim), device, gen),
+        "norm_rope": norm_rope((args.batch, args.heads, args.tokens, args.head_dim), device, gen),
     }
     if not args.attention_only:
         result["matmul"] = {name: matmul(k, n, device, gen, quantizer) for name, (k, n) in MATMULS.items()}

@@ -78,7 +78,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from policies import LTXPolicy, SamplingConfig  # noqa: E402
 from policies.errors import InputError  # noqa: E402
-from policies.fp8 import fp8_forwards, fp8_linears  # noqa: E402
+from policies.fp8 import FP8Scaling, fp8_forwards, fp8_linears  # noqa: E402
 from policies.rollout import Rollout  # noqa: E402
 from policies.rollout_attention import (  # noqa: E402
     check_rollout_attention,
@@ -166,6 +166,7 @@ SECTIONS = (
     "c_fa3",
     "c_fp8_fa3",
     "check_fp8_fa3",
+    "c_fp8_fa3_dynamic",
     "profile",
     "e",
     "check",
@@ -298,12 +299,18 @@ def make_condition(policy: LTXPolicy, guidance: float, device: torch.device) -> 
 
 
 # ----------------------------------------------------------------------------------------- runs
-# the rollout speed options of the fast sections: (trainer.rollout_fp8, trainer.rollout_attention)
-FAST = {"c_fp8": (True, "sdpa"), "c_fa3": (False, "fa3"), "c_fp8_fa3": (True, "fa3_fp8")}
+# the rollout speed options of the fast sections: (rollout_fp8, rollout_attention, rollout_fp8_scaling)
+FAST = {
+    "c_fp8": (True, "sdpa", "static"),
+    "c_fa3": (False, "fa3", "static"),
+    "c_fp8_fa3": (True, "fa3_fp8", "static"),
+    "c_fp8_fa3_dynamic": (True, "fa3_fp8", "dynamic"),
+}
 FAST_LABEL = {
     "c_fp8": "FP8 matmuls",
     "c_fa3": "FlashAttention-3 bf16",
     "c_fp8_fa3": "FP8 matmuls + FlashAttention-3 FP8",
+    "c_fp8_fa3_dynamic": "FP8 matmuls + FlashAttention-3 FP8, dynamic scales",
 }
 
 
@@ -317,6 +324,7 @@ class FastForwards:
         self.transformer, self.device = transformer, device
         self.fp8_layers: list | None = None
         self.processors: list | None = None
+        self.scaling = {kind: FP8Scaling(static=kind == "static") for kind in ("static", "dynamic")}
 
     def unavailable(self, key: str) -> str | None:
         """Why section ``key`` cannot run here (one line), or None."""
@@ -327,16 +335,24 @@ class FastForwards:
         return None
 
     def __call__(self, key: str) -> contextlib.ExitStack:
-        """The context the rollout of section ``key`` runs in."""
-        fp8, attention = FAST[key]
+        """The context one rollout of section ``key`` runs in (its first forward calibrates static
+        scales, as each of the trainer's rollouts does)."""
+        fp8, attention, kind = FAST[key]
+        scaling = self.scaling[kind]
         stack = contextlib.ExitStack()
         if fp8:
             self.fp8_layers = self.fp8_layers or fp8_linears(self.transformer)
-            stack.enter_context(fp8_forwards(self.fp8_layers))
+            stack.enter_context(fp8_forwards(self.fp8_layers, scaling))
         if attention != "sdpa":
             self.processors = self.processors or rollout_attention_processors(self.transformer)
-            stack.enter_context(rollout_attention(self.processors, attention))
+            stack.enter_context(rollout_attention(self.processors, attention, scaling))
+        stack.enter_context(scaling.calibrating(self.transformer))
         return stack
+
+    def run(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a rollout) in section ``key``'s context, or as it is for a plain section."""
+        with self(key) if key in FAST else contextlib.nullcontext():
+            return fn()
 
     def sizes(self) -> dict[str, int]:
         return {"fp8_layers": len(self.fp8_layers or []), "fa3_processors": len(self.processors or [])}
@@ -503,17 +519,22 @@ class Bench:
                 negative_prompt_embeds=cond["negative_prompt_embeds"].expand(g, -1, -1),
                 negative_prompt_attention_mask=cond["negative_prompt_attention_mask"].expand(g, -1),
             )
-        with torch.no_grad():
-            return pipe(
-                **kwargs,
-                num_frames=frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=self.args.guidance,
-                generator=[torch.Generator(self.device).manual_seed(s) for s in range(g)],
-                output_type="latent",
-            ).frames
+        rope = p.transformer.rope  # diffusers' own rotary embedding (batch-wide tables), not CachedRope
+        p.transformer.rope = getattr(rope, "rope", rope)
+        try:
+            with torch.no_grad():
+                return pipe(
+                    **kwargs,
+                    num_frames=frames,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    guidance_scale=self.args.guidance,
+                    generator=[torch.Generator(self.device).manual_seed(s) for s in range(g)],
+                    output_type="latent",
+                ).frames
+        finally:
+            p.transformer.rope = rope
 
     def rollout(self, frames: int, height: int, width: int, kind: str, steps: int) -> Rollout:
         g = self.args.generations
@@ -565,9 +586,10 @@ class Bench:
         steps = self.args.steps
         if key != "c_eager":
             self.compile()
-        with self.fast(key) if key in FAST else contextlib.nullcontext():
-            self.rollout(frames, height, width, kind, 2)  # warm-up (compiles for this batch shape)
-            out, ms, peak = timed(self.device, lambda: self.rollout(frames, height, width, kind, steps))
+        self.fast.run(key, lambda: self.rollout(frames, height, width, kind, 2))  # warm-up (compiles)
+        out, ms, peak = timed(
+            self.device, lambda: self.fast.run(key, lambda: self.rollout(frames, height, width, kind, steps))
+        )
         if key == "c":
             self.sde_rollout = out
         elif key == "c_eager":
@@ -653,11 +675,12 @@ class Bench:
         rollout = self.fast_rollouts[source]
         results: dict[str, Any] = {"logprob_drift_by_step": [], "mean_rel_by_step": []}
         over_std, again = 0.0, 0.0
-        for j in range(rollout.latents.shape[1]):
+        steps = range(rollout.latents.shape[1])
+        with torch.no_grad():  # the fast re-score in one context: step 0 calibrates, as in the rollout
+            fast_steps = self.fast.run(source, lambda: [self.policy.log_prob(rollout, j) for j in steps])
+        for j, fast in zip(steps, fast_steps, strict=True):
             with torch.no_grad():
                 full = self.policy.log_prob(rollout, j)
-                with self.fast(source):
-                    fast = self.policy.log_prob(rollout, j)
             x = rollout.latents[:, j].float()
             results["logprob_drift_by_step"].append(
                 float((full.log_prob - rollout.log_probs[:, j]).abs().max())
@@ -698,11 +721,19 @@ class Bench:
         timestep = torch.full((batch,), 500.0, device=self.device)
         shape = p.latent_shape(frames, height, width)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with torch.no_grad():
+        key = self.args.profile_with
+
+        def forwards() -> profile:  # in a fast section's context the first forward calibrates
             p.velocity(latents, timestep, text, 1.0, shape, 25.0)
             with profile(activities=activities) as prof:
                 p.velocity(latents, timestep, text, 1.0, shape, 25.0)
                 _sync(self.device)
+            return prof
+
+        if key and (why := self.fast.unavailable(key)):
+            return skip(self.info, "profile", why)
+        with torch.no_grad():
+            prof = self.fast.run(key, forwards) if key else forwards()
         classes: dict[str, float] = {}
         kernels = []
         for event in prof.key_averages():
@@ -726,6 +757,7 @@ class Bench:
             kernels.append((us / 1e3, event.count, event.key[:100]))
         kernels.sort(reverse=True)
         self.info["profile_forward_batch"] = batch
+        self.info["profile_with"] = key or "plain"
         self.info["profile_ms_by_class"] = classes
         self.info["profile_top_kernels"] = [{"ms": ms, "calls": n, "kernel": k} for ms, n, k in kernels[:15]]
         print(f"  profile  one forward, batch {batch}: {classes}", flush=True)
@@ -969,6 +1001,7 @@ LTX2_SECTIONS = (
     "c_fa3",
     "c_fp8_fa3",
     "check_fp8_fa3",
+    "c_fp8_fa3_dynamic",
     "d",
 )
 LTX2_TINY_SETTINGS = {"tiny-9x64x64": (9, 64, 64)}
@@ -1184,9 +1217,8 @@ class LTX2Bench:
             mode = "eager" if key == "a" else "compiled"
             self.add(key, f"diffusers LTX2Pipeline, {mode}, {g} samples, {steps} steps", ms, peak)
         elif key in ("c", "c_eager", *FAST):
-            with self.fast(key) if key in FAST else contextlib.nullcontext():  # as the trainer's options do
-                self.rollout(2)  # warm-up
-                out, ms, peak = timed(self.device, lambda: self.rollout(steps))
+            self.fast.run(key, lambda: self.rollout(2))  # warm-up; as the trainer's options do:
+            out, ms, peak = timed(self.device, lambda: self.fast.run(key, lambda: self.rollout(steps)))
             self.rollouts[key] = out
             mode = {"c_eager": "eager", "c": "compiled"}.get(key) or f"compiled, {FAST_LABEL[key]}"
             what = (
@@ -1435,6 +1467,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile backend (default: inductor on GPU, aot_eager with --tiny)",
     )
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: the default mode)")
+    parser.add_argument(
+        "--profile-with",
+        default=None,
+        choices=list(FAST),
+        help="profile one forward under this fast section's options (default: the plain forward)",
+    )
     parser.add_argument(
         "--attention",
         default="auto",
