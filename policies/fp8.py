@@ -80,11 +80,16 @@ class FP8Scaling:
             self.calibrated = False
 
 
+def static_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The static e4m3 scale of a recorded ``amax``: ``amax * STATIC_MARGIN / 448`` in fp32."""
+    return amax.float().clamp_min(1e-12) * (STATIC_MARGIN / E4M3_MAX)
+
+
 def static_cast(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 of ``x`` with the static scale ``amax * STATIC_MARGIN / 448`` (``amax`` broadcasts against
-    ``x``: one value, or one per head): ``(q float8, scale fp32)`` with ``x ~= q * scale``, values past
-    the margin saturating at +-448."""
-    scale = amax.float().clamp_min(1e-12) * (STATIC_MARGIN / E4M3_MAX)
+    """e4m3 of ``x`` with `static_scale` of ``amax`` (``amax`` broadcasts against ``x``: one value, or
+    one per head): ``(q float8, scale fp32)`` with ``x ~= q * scale``, values past the margin
+    saturating at +-448."""
+    scale = static_scale(amax)
     # times the reciprocal: one multiply per element where a division takes several instructions
     q = (x.float() * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale

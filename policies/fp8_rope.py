@@ -56,7 +56,7 @@ def _triton_op():
     def kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, inv_ptr, out_ptr,
         batch, seq, cos_batch, cos_seq, sin_batch, sin_seq, eps,
-        D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WEIGHT: tl.constexpr, MAX: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         token, sample = pid // batch, pid % batch  # token-major: the batch shares a table row in cache
@@ -72,7 +72,7 @@ def _triton_op():
         even, odd = tl.split(tl.reshape(normed, (D // 2, 2)))
         out = normed * cos + tl.interleave(-odd, even) * sin
         out = out * tl.load(inv_ptr + cols // HEAD_DIM)
-        out = tl.minimum(tl.maximum(out, -448.0), 448.0)
+        out = tl.minimum(tl.maximum(out, -MAX), MAX)
         tl.store(out_ptr + row.to(tl.int64) * D + cols, out.to(tl.float8e4nv))
 
     @torch.library.custom_op("nextscene::norm_rope_fp8", mutates_args=())
@@ -92,7 +92,7 @@ def _triton_op():
         kernel[(batch * seq,)](
             x, weight, cos, sin, inv_scale, out,
             batch, seq, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), eps,
-            D=dim, HEAD_DIM=dim // inv_scale.numel(), HAS_WEIGHT=has_weight,
+            D=dim, HEAD_DIM=dim // inv_scale.numel(), HAS_WEIGHT=has_weight, MAX=E4M3_MAX,
             num_warps=8 if dim >= 2048 else 4,
         )  # fmt: skip
         return out

@@ -42,7 +42,7 @@ from torch import nn
 
 from policies.clip_attention import install_clip_attention
 from policies.errors import InputError
-from policies.fp8 import E4M3_MAX, STATIC_MARGIN, FP8Scaling, static_cast
+from policies.fp8 import E4M3_MAX, FP8Scaling, static_cast, static_scale
 from policies.fp8_rope import fused_norm_rope_available, norm_rope_fp8
 
 KINDS = ("sdpa", "fa3", "fa3_fp8")
@@ -146,11 +146,11 @@ class FlashKernel:
         if self.static:
             amax = processor.fp8_amax
             casts = [static_cast(x, amax[i][:, None]) for i, x in enumerate((query, key, value))]
-            return self._flash(query.shape[0], *casts)
+            return self._e4m3(casts)
         casts = [quantize_heads(x) for x in (query, key, value)]
         if self.scaling is not None and self.scaling.records:
             processor.fp8_amax.copy_(torch.stack([descale for _, descale in casts]).amax(1) * E4M3_MAX)
-        return self.flash(*(q for q, _ in casts), **dict(zip(DESCALES, (d for _, d in casts), strict=True)))
+        return self._e4m3(casts)
 
     def fuses(self, attn, hidden_states: torch.Tensor, rotary) -> bool:
         """Whether an LTX-Video self-attention's queries and keys go to e4m3 in one fused kernel."""
@@ -167,23 +167,23 @@ class FlashKernel:
         cast of queries and keys fused (`fuses`); ``[B, S, H * D]``."""
         cos, sin = rotary
         amax = processor.fp8_amax
-        scales = amax.float().clamp_min(1e-12) * (STATIC_SCALE)
+        scales = static_scale(amax)
         qk = []
         for i, (project, norm) in enumerate(((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k))):
             eps = norm.eps if norm.eps is not None else torch.finfo(hidden_states.dtype).eps
-            q8 = norm_rope_fp8(project(hidden_states), norm.weight, eps, cos, sin, 1.0 / scales[i])
+            q8 = norm_rope_fp8(project(hidden_states), norm.weight, eps, cos, sin, scales[i].reciprocal())
             qk.append((q8.unflatten(2, (attn.heads, -1)), scales[i]))
         value = static_cast(attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)), amax[2][:, None])
-        return self._flash(hidden_states.shape[0], *qk, value).flatten(2, 3)
+        return self._e4m3([*qk, value]).flatten(2, 3)
 
-    def _flash(self, batch: int, *casts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The e4m3 kernel on static casts (one scale per head, the same for every sample)."""
-        descales = (scale.reshape(1, -1).expand(batch, -1).contiguous() for _, scale in casts)
+    def _e4m3(self, casts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The e4m3 kernel on cast queries, keys and values ``[B, S, H, D]``; their scales are per
+        (sample, head) ``[B, H]`` or, static, per head (the same for every sample)."""
+        descales = (scale.reshape(-1, q.shape[2]).expand(q.shape[0], -1).contiguous() for q, scale in casts)
         return self.flash(*(q for q, _ in casts), **dict(zip(DESCALES, descales, strict=True)))
 
 
 DESCALES = ("q_descale", "k_descale", "v_descale")
-STATIC_SCALE = STATIC_MARGIN / E4M3_MAX
 
 
 @functools.cache
