@@ -338,6 +338,10 @@ class GRPOConfig(VideoTrainerConfig):
     )
     max_iterations: int = field(default=100, metadata={"help": "Iterations (rollout + update) to run."})
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps of each rollout."})
+    eval_num_inference_steps: int | None = field(
+        default=None,
+        metadata={"help": "Denoising steps of held-out evaluation; null: num_inference_steps."},
+    )
     num_frames: int = field(
         default=9, metadata={"help": "Frames per generated video (VAE temporal ratio x k + 1)."}
     )
@@ -563,6 +567,11 @@ class GRPOConfig(VideoTrainerConfig):
             self.num_inference_steps >= 1,
             "num_inference_steps",
             f"must be >= 1, got {self.num_inference_steps}",
+        )
+        _require(
+            self.eval_num_inference_steps is None or self.eval_num_inference_steps >= 1,
+            "eval_num_inference_steps",
+            f"must be >= 1 or null (= num_inference_steps), got {self.eval_num_inference_steps}",
         )
         for name in ("num_frames", "height", "width"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")

@@ -189,19 +189,27 @@ class Evaluation:
     videos: dict[int, torch.Tensor]
 
 
-def eval_sampling(args: GRPOConfig) -> SamplingConfig:
-    """The held-out sampler of a GRPO config: its geometry, schedule and CFG, every step ODE."""
+def ode_sampling(args: GRPOConfig, num_inference_steps: int) -> SamplingConfig:
+    """A GRPO config's deterministic sampler: its geometry, CFG and ``num_inference_steps``, every
+    step ODE (held-out evaluation; DiffusionNFT's rollouts; the SDE rollout's base)."""
     return SamplingConfig(
         num_frames=args.num_frames,
         height=args.height,
         width=args.width,
         frame_rate=args.frame_rate,
-        num_inference_steps=args.num_inference_steps,
+        num_inference_steps=num_inference_steps,
         guidance_scale=args.guidance_scale,
         kind="ode",
         noise_level=0.0,
         reduction=args.logprob_reduction,
     )
+
+
+def eval_sampling(args: GRPOConfig) -> SamplingConfig:
+    """The held-out sampler of a GRPO config: `ode_sampling` at ``eval_num_inference_steps`` (default
+    ``num_inference_steps``), so runs that roll out with fewer steps can still be compared at one."""
+    steps = args.eval_num_inference_steps or args.num_inference_steps
+    return ode_sampling(args, steps)
 
 
 def eval_seeds(seed: int, index: int, num_generations: int) -> list[int]:

@@ -44,6 +44,7 @@ from grpo.evaluation import (
     EVAL_DIR,
     eval_sampling,
     evaluate,
+    ode_sampling,
     reward_metadata,
     rollout_groups,
     score_videos,
@@ -349,8 +350,9 @@ class GRPOTrainer(Stage):
     def _sampling(self, sde_steps: list[int]) -> SamplingConfig:
         args = self.args
         steps = [s for s in sde_steps if not (args.sde_kind == "cps" and s == args.num_inference_steps - 1)]
-        # the held-out sampler's geometry, schedule and CFG, with this iteration's stochastic steps
-        return replace(eval_sampling(args), kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
+        # the ODE sampler's geometry, schedule and CFG, with this iteration's stochastic steps
+        ode = ode_sampling(args, args.num_inference_steps)
+        return replace(ode, kind=args.sde_kind, noise_level=args.noise_level, sde_steps=steps)
 
     def _rollout_and_score(
         self, rows: list[dict[str, Any]], iteration: int, meanwhile: Callable[[], None] | None = None
@@ -365,7 +367,10 @@ class GRPOTrainer(Stage):
         generations = self.args.num_generations
         part_size = min(self.args.rollout_batch_size or generations, generations)
         # DiffusionNFT samples with the ODE (no step is recorded) and its sampling policy's weights
-        sampling = eval_sampling(self.args) if self.nft else self._sampling(self.args.sde_steps(iteration))
+        if self.nft:
+            sampling = ode_sampling(self.args, self.args.num_inference_steps)
+        else:
+            sampling = self._sampling(self.args.sde_steps(iteration))
         sampler = self.state.sampler.swapped_in() if self.nft else contextlib.nullcontext()
         first = self.rank * self.local_prompts * generations
         seeds = [derived_seed(self.args.seed, iteration, first + s) for s in range(len(rows) * generations)]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import rewards
 from grpo.checkpoint import SAMPLER_FILE
-from grpo.config import GRPOConfig
+from grpo.config import ConfigError, GRPOConfig
+from grpo.evaluation import eval_sampling
 from grpo.nft import nft_loss, optimality
 from grpo.recipe import load_recipe
 from grpo.tracking import read_metrics
@@ -130,6 +131,30 @@ def test_draws_come_from_each_samples_seed_not_from_the_micro_batch(tmp_path, ti
     twice_sigmas, twice_noise = trainer._nft_draws(twice, 0, 0, 1)
     assert twice_sigmas[0] == sigmas[1] and twice_sigmas[1] != sigmas[1]
     assert not torch.equal(twice_noise[0], twice_noise[1])
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "grpo"])
+def test_rollouts_and_held_out_evaluation_take_their_own_step_counts(tmp_path, tiny_dir, algorithm):
+    """``eval_num_inference_steps``: held-out evaluation denoises with it, rollouts (DiffusionNFT's ODE,
+    PPO's SDE) with ``num_inference_steps``; unset, both take ``num_inference_steps``; 0 is refused."""
+    ppo = {"algorithm": "grpo", "beta": 0.004} if algorithm == "grpo" else {}
+    args = _nft_args(tmp_path, eval_num_inference_steps=5, save_eval_videos=0, **ppo)
+    trainer = GRPOTrainer(
+        LTXPolicy.from_pretrained(tiny_dir), [redness], args, [{"prompt": "a"}], [{"prompt": "b"}]
+    )
+    forwards = []
+    hook = trainer.policy.transformer.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        rollout, _, _ = trainer._rollout_and_score(trainer._rows_for(0), 0)
+        assert len(forwards) == 3 and rollout.timesteps.numel() == 3  # one batched forward a step
+        forwards.clear()
+        trainer.evaluate()
+        assert len(forwards) == 5
+    finally:
+        hook.remove()
+    assert eval_sampling(_nft_args(tmp_path)).num_inference_steps == 3
+    with pytest.raises(ConfigError, match="eval_num_inference_steps"):
+        _nft_args(tmp_path, eval_num_inference_steps=0)
 
 
 def _recipe(tmp_path, tiny_dir):
