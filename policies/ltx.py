@@ -912,19 +912,25 @@ def cache_rope(transformer: nn.Module) -> None:
 
 
 class TimeEmbeddingCache:
-    """Mixin of LTX-Video's timestep embedding (``AdaLayerNormSingle``) that reuses its outputs for a
-    timestep tensor it has seen (`cache_time_embedding` puts it under the module's own class).
+    """Mixin of LTX-Video's timestep embedding (``AdaLayerNormSingle``) that embeds each distinct
+    timestep once (`cache_time_embedding` puts it under the module's own class). CPU only, like
+    `CachedRope`.
 
     With a clean conditioning frame (NSP's continuity, image-to-video) every token carries its own
-    timestep, so the embedding's MLP runs on all ``B * S`` tokens of every forward (about 8 % of a
-    Quickstart forward), though its input repeats: a denoising step's timesteps are the same for every
-    context of a rollout, the update recomputes the rollout's steps and the reference forward the
-    policy's, and every iteration walks the same schedule. An equal timestep tensor (shape, dtype and
-    values) under the same weights gets back the very tensors computed for it, so every result is
-    bitwise what the uncached embedding gives. CPU only, like `CachedRope`; never used while a weight of
-    the embedding requires grad (it trains: full fine-tuning, where FSDP2 also re-gathers the weights
-    without bumping their versions), computed afresh after its weights changed (their versions: EMA
-    swaps, loading), and not in inference mode (whose tensors autograd could not reuse).
+    timestep, so the embedding's MLP would run on all ``B * S`` tokens of every forward (about 8 % of a
+    Quickstart forward, 14 % with its gradient), though a forward holds two values (0 and the step's).
+
+    - Frozen weights (LoRA, inference): the outputs for a timestep tensor seen before are reused: a
+      denoising step's timesteps are the same for every context of a rollout, the update recomputes
+      the rollout's steps and the reference forward the policy's, and every iteration walks the same
+      schedule. An equal tensor (shape, dtype and values) under the same weights gets back the very
+      tensors computed for it, so every result is bitwise the uncached embedding's. Computed afresh
+      after the weights changed (their versions: EMA swaps, loading); not in inference mode (whose
+      tensors autograd could not reuse).
+    - Weights that train (full fine-tuning; FSDP2 also re-gathers them without bumping their versions,
+      so nothing is kept across forwards): the MLP runs on the distinct values and its rows are
+      gathered per token. Equal to the per-token MLP up to float rounding (a 2-row matmul rounds
+      unlike a 9,216-row one: ~1e-6), and the gradient sums the tokens' contributions per value.
     """
 
     max_cached_timesteps = 16
@@ -937,14 +943,11 @@ class TimeEmbeddingCache:
         hidden_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         args = (timestep, added_cond_kwargs, batch_size, hidden_dtype)
-        params = list(self.parameters())
-        if (
-            added_cond_kwargs is not None
-            or timestep.device.type != "cpu"
-            or torch.is_inference_mode_enabled()
-            or any(p.requires_grad for p in params)
-        ):
+        if added_cond_kwargs is not None or timestep.device.type != "cpu":
             return super().forward(*args)
+        params = list(self.parameters())
+        if torch.is_inference_mode_enabled() or any(p.requires_grad for p in params):
+            return self._per_distinct_value(*args)
         key = (
             batch_size,
             hidden_dtype,
@@ -961,6 +964,20 @@ class TimeEmbeddingCache:
             entries.pop(0)
         entries.append((key, timestep.detach().clone(), outputs))
         return outputs
+
+    def _per_distinct_value(
+        self,
+        timestep: torch.Tensor,
+        added_cond_kwargs: None,
+        batch_size: int | None,
+        hidden_dtype: torch.dtype | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding of each distinct value of ``timestep``, gathered back to its positions."""
+        values, positions = torch.unique(timestep, return_inverse=True)
+        if values.numel() == timestep.numel():
+            return super().forward(timestep, added_cond_kwargs, batch_size, hidden_dtype)
+        temb, embedded = super().forward(values, added_cond_kwargs, batch_size, hidden_dtype)
+        return temb[positions], embedded[positions]
 
 
 @functools.cache

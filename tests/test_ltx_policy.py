@@ -500,6 +500,42 @@ def test_a_fully_valid_text_mask_is_dropped_on_cpu_and_changes_no_bit(policy, mo
         assert torch.equal(a, b)
 
 
+def test_a_training_timestep_embedding_runs_once_per_distinct_value(policy):
+    """Weights that train (full fine-tuning: nothing is cached): each forward embeds the distinct
+    timesteps (two with a clean conditioning frame) and gathers them per token; the outputs and the
+    weights' gradients equal the per-token embedding's (diffusers' own forward) within float rounding."""
+    from policies.ltx import TimeEmbeddingCache
+
+    embed = policy.transformer.time_embed
+    timestep = torch.full((3, 50), 712.5)
+    timestep[:, :10] = 0.0  # the clean conditioning frame's tokens
+    rows = []
+    hook = embed.linear.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    trains = [w.requires_grad for w in embed.parameters()]
+    embed.requires_grad_(True)
+    try:
+        outputs = {}
+        for name, forward in (
+            ("distinct", embed.forward),
+            ("per token", super(TimeEmbeddingCache, embed).forward),
+        ):
+            rows.clear()
+            out = forward(timestep.flatten(), None, 3, torch.float32)
+            grads = torch.autograd.grad(sum(o.square().sum() for o in out), list(embed.parameters()))
+            outputs[name] = (rows[:], out, grads)
+    finally:
+        hook.remove()
+        for weight, was in zip(embed.parameters(), trains, strict=True):
+            weight.requires_grad_(was)
+    (rows_d, out_d, grads_d), (rows_t, out_t, grads_t) = outputs["distinct"], outputs["per token"]
+    assert rows_d == [2] and rows_t == [150]
+    for a, b in zip(out_d, out_t, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(grads_d, grads_t, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_timestep_embeddings_are_reused_for_equal_timesteps_and_change_no_bit(policy):
     """`TimeEmbeddingCache`: the per-token timestep embedding (image-to-video: every token has its own
     timestep) runs once per distinct timestep tensor; rollout, recomputed log-prob and gradient are
