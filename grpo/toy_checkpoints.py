@@ -26,11 +26,14 @@ from policies.tiny_ltx2 import TinyLTX2Spec, build_tiny_ltx2
 from policies.tiny_nsp import TinyNSPSpec, build_tiny_nsp
 
 
-def _fit_video_vae(vae_dir: Path, vae_class: Any, world: ToyWorldConfig, steps: int, seed: int) -> None:
-    """Fit the video VAE saved in ``vae_dir`` to ``world``'s clips for ``steps`` steps and save it back."""
-    vae = vae_class.from_pretrained(vae_dir, use_safetensors=True)
+def _fit_video_vae(
+    vae_dir: Path, vae_class: Any, world: ToyWorldConfig, steps: int, seed: int, device: str = "cpu"
+) -> None:
+    """Fit the video VAE saved in ``vae_dir`` to ``world``'s clips for ``steps`` steps on ``device`` and
+    save it back."""
+    vae = vae_class.from_pretrained(vae_dir, use_safetensors=True).to(device)
     fit_toy_vae(vae, world, ToyVAEFitConfig(steps=steps, seed=seed))
-    vae.save_pretrained(vae_dir)
+    vae.to("cpu").save_pretrained(vae_dir)
 
 
 def _video_vae_class(generator: str) -> Any:
@@ -78,15 +81,16 @@ def build_fitted_tiny_ltx2(
     return path
 
 
-def build_fitted_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None) -> Path:
+def build_fitted_tiny_nsp(path: str | Path, spec: TinyNSPSpec | None = None, device: str = "cpu") -> Path:
     """`policies.tiny_nsp.build_tiny_nsp`, then its generator's video VAE fitted for ``spec.vae_fit_steps``
-    steps and (LTX-2) its audio VAE and vocoder as `fit_tiny_ltx2_audio` fits them for
+    steps on ``device`` and (LTX-2) its audio VAE and vocoder as `fit_tiny_ltx2_audio` fits them for
     ``spec.audio_fit_steps``."""
     spec = spec or TinyNSPSpec()
     path = build_tiny_nsp(path, replace(spec, vae_fit_steps=0, audio_fit_steps=0))
     if spec.vae_fit_steps:
         vae_class = _video_vae_class(spec.generator)
-        _fit_video_vae(path / "ltx" / "vae", vae_class, ToyWorldConfig(), spec.vae_fit_steps, spec.seed)
+        world = ToyWorldConfig()
+        _fit_video_vae(path / "ltx" / "vae", vae_class, world, spec.vae_fit_steps, spec.seed, device)
     if spec.audio_fit_steps:
         fit_tiny_ltx2_audio(path / "ltx", spec.audio_fit_steps, spec.seed)
     (path / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))

@@ -11,7 +11,7 @@ specs to the stage's runner (``pretrain`` / ``sft`` / ``grpo``: `train_policy`; 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -130,6 +130,13 @@ class NSPPolicySpec(VideoPolicySpec):
             "a directory's own generator is read from it"
         },
     )
+    tiny_ltx: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "with tiny (generator ltx): TinyLTXSpec sizes changed from the toy-world layout, "
+            "e.g. {vae_patch_size: 8}"
+        },
+    )
     sampling: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "NSP on LTX-2 only: LTX-2 sampling keys, as policy.sampling of type ltx2"},
@@ -138,6 +145,8 @@ class NSPPolicySpec(VideoPolicySpec):
     def __post_init__(self) -> None:
         if self.sampling:  # (empty: an NSP on LTX-Video, which has no LTX-2 settings)
             self.sampling = resolved_ltx2_sampling(self.sampling)
+        if self.tiny_ltx:
+            self.tiny_ltx = tiny_ltx_sizes(self.tiny_ltx, self.tiny_generator)
         if self.tiny_generator not in ("ltx", "ltx2"):
             raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
         if self.tiny_audio_fit_steps and self.tiny_generator != "ltx2":
@@ -163,16 +172,36 @@ class NSPPolicySpec(VideoPolicySpec):
         if self.path is None and not (path / "nsp_config.json").is_file():
             # built with the overrides, so its queries and connector are of the kind they ask for
             tiny = TinyNSPSpec(
+                ltx=TinyLTXSpec.toy_world(**self.tiny_ltx),
                 vae_fit_steps=self.tiny_vae_fit_steps,
                 audio_fit_steps=self.tiny_audio_fit_steps,
                 generator=self.tiny_generator,
             )
             tiny.nsp = NSPConfig.from_dict({**asdict(tiny.nsp), **self.overrides}, "policy.overrides")
-            build_fitted_tiny_nsp(path, tiny)
+            build_fitted_tiny_nsp(path, tiny, device)
         policy = NSPPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **self.overrides)
         if isinstance(policy, NSPLTX2Policy):
             policy.sampling_overrides = dict(self.sampling)
         return policy
+
+
+def tiny_ltx_sizes(sizes: dict[str, Any], generator: str) -> dict[str, Any]:
+    """``policy.tiny_ltx`` checked against `TinyLTXSpec`'s fields (lists become tuples), before any model
+    is built."""
+    if generator != "ltx":
+        raise InputError(
+            f"policy.tiny_ltx: sizes of a tiny LTX-Video, but tiny_generator is {generator!r}: remove it"
+        )
+    names = {f.name for f in fields(TinyLTXSpec)} - {"seed"}
+    unknown = sorted(set(sizes) - names)
+    if unknown:
+        raise InputError(f"policy.tiny_ltx: unknown size(s) {unknown}; known: {sorted(names)}")
+    sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()}
+    try:
+        TinyLTXSpec.toy_world(**sizes)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"policy.tiny_ltx: {err}") from None
+    return sizes
 
 
 def resolved_ltx2_sampling(sampling: dict[str, Any]) -> dict[str, Any]:

@@ -284,3 +284,21 @@ def test_config_rejects_impossible_values():
         NSPConfig(num_queries=0)
     with pytest.raises(InputError, match="context_frames"):
         NSPConfig(context_frames=1, min_context_frames=2)
+
+
+def test_a_recipe_builds_a_tiny_nsp_in_another_toy_layout(tmp_path):
+    """``policy.tiny_ltx`` reaches the tiny builder (8x8-pixel VAE patches, the layout of
+    ``checkpoints/toy_nsp_quick``: a quarter of the tokens); unknown sizes, or LTX-Video sizes for an
+    LTX-2 generator, are one-line errors before any model is built."""
+    from grpo.train import NSPPolicySpec
+
+    spec = NSPPolicySpec(tiny=True, tiny_ltx={"vae_patch_size": 8, "vae_channels": [64]})
+    policy = spec.build(tmp_path, "cpu", torch.float32)
+    assert policy.vae.config.patch_size == 8 and list(policy.vae.config.block_out_channels) == [64]
+    with torch.no_grad():
+        latents = policy.vae.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1).latent_dist.mode()
+    assert latents.shape == (1, 16, 9, 4, 4)
+    with pytest.raises(InputError, match=r"policy.tiny_ltx: unknown size\(s\) \['patch'\]"):
+        NSPPolicySpec(tiny=True, tiny_ltx={"patch": 8})
+    with pytest.raises(InputError, match="tiny_generator is 'ltx2': remove it"):
+        NSPPolicySpec(tiny=True, tiny_generator="ltx2", tiny_ltx={"vae_patch_size": 8})
