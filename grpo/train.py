@@ -145,7 +145,7 @@ class NSPPolicySpec(VideoPolicySpec):
     def __post_init__(self) -> None:
         if self.sampling:  # (empty: an NSP on LTX-Video, which has no LTX-2 settings)
             self.sampling = resolved_ltx2_sampling(self.sampling)
-        if self.tiny_ltx:
+        if self.tiny_ltx or (self.tiny and self.tiny_generator == "ltx"):
             self.tiny_ltx = tiny_ltx_sizes(self.tiny_ltx, self.tiny_generator)
         if self.tiny_generator not in ("ltx", "ltx2"):
             raise InputError(f"policy.tiny_generator must be 'ltx' or 'ltx2', got {self.tiny_generator!r}")
@@ -186,8 +186,9 @@ class NSPPolicySpec(VideoPolicySpec):
 
 
 def tiny_ltx_sizes(sizes: dict[str, Any], generator: str) -> dict[str, Any]:
-    """``policy.tiny_ltx`` checked against `TinyLTXSpec`'s fields (lists become tuples), before any model
-    is built."""
+    """``policy.tiny_ltx`` checked against `TinyLTXSpec`'s fields before any model is built, and written
+    out in full (the toy-world layout's value of every size not given), so a resolved recipe keeps
+    building the same model after a default changes."""
     if generator != "ltx":
         raise InputError(
             f"policy.tiny_ltx: sizes of a tiny LTX-Video, but tiny_generator is {generator!r}: remove it"
@@ -198,10 +199,10 @@ def tiny_ltx_sizes(sizes: dict[str, Any], generator: str) -> dict[str, Any]:
         raise InputError(f"policy.tiny_ltx: unknown size(s) {unknown}; known: {sorted(names)}")
     sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()}
     try:
-        TinyLTXSpec.toy_world(**sizes)
+        spec = TinyLTXSpec.toy_world(**sizes)
     except (TypeError, ValueError) as err:
         raise InputError(f"policy.tiny_ltx: {err}") from None
-    return sizes
+    return {name: getattr(spec, name) for name in sorted(names)}
 
 
 def resolved_ltx2_sampling(sampling: dict[str, Any]) -> dict[str, Any]:

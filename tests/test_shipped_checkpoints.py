@@ -15,14 +15,18 @@ from grpo.data.toyworld import ToyWorldConfig
 from grpo.toy_vae import reconstruction_reward
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
-SHIPPED = {"toy_nsp": "nsp_config.json", "toy_nextclip": "nextclip.json"}  # dir -> its policy's config
+SHIPPED = {  # dir -> its policy's config
+    "toy_nsp": "nsp_config.json",
+    "toy_nsp_quick": "nsp_config.json",
+    "toy_nextclip": "nextclip.json",
+}
 
 
 def _load(name: str):
     from policies.nextclip import NextClipPolicy
     from policies.nsp import NSPPolicy
 
-    return (NSPPolicy if name == "toy_nsp" else NextClipPolicy).from_pretrained(ROOT / name)
+    return (NSPPolicy if name.startswith("toy_nsp") else NextClipPolicy).from_pretrained(ROOT / name)
 
 
 def _assert_small_and_safetensors_only(path: Path, max_bytes: int) -> None:
