@@ -930,7 +930,8 @@ class TimeEmbeddingCache:
     - Weights that train (full fine-tuning; FSDP2 also re-gathers them without bumping their versions,
       so nothing is kept across forwards): the MLP runs on the distinct values and its rows are
       gathered per token. Equal to the per-token MLP up to float rounding (a 2-row matmul rounds
-      unlike a 9,216-row one: ~1e-6), and the gradient sums the tokens' contributions per value.
+      unlike a 9,216-row one: ~1e-6); the gradient sums the tokens' contributions per value, in
+      token order (bitwise reproducible).
     """
 
     max_cached_timesteps = 16
@@ -977,7 +978,9 @@ class TimeEmbeddingCache:
         if values.numel() == timestep.numel():
             return super().forward(timestep, added_cond_kwargs, batch_size, hidden_dtype)
         temb, embedded = super().forward(values, added_cond_kwargs, batch_size, hidden_dtype)
-        return temb[positions], embedded[positions]
+        # index_select: its backward (index_add_) sums each value's tokens in order, bitwise the same
+        # every run; plain indexing's (index_put_ with accumulate) does not on a multi-threaded CPU
+        return temb.index_select(0, positions), embedded.index_select(0, positions)
 
 
 @functools.cache

@@ -507,8 +507,8 @@ def test_a_training_timestep_embedding_runs_once_per_distinct_value(policy):
     from policies.ltx import TimeEmbeddingCache
 
     embed = policy.transformer.time_embed
-    timestep = torch.full((3, 50), 712.5)
-    timestep[:, :10] = 0.0  # the clean conditioning frame's tokens
+    timestep = torch.full((16, 1152), 712.5)  # the Quickstart update's tokens (32 x 576): threads split sums
+    timestep[:, :128] = 0.0  # the clean conditioning frame's tokens
     rows = []
     hook = embed.linear.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     trains = [w.requires_grad for w in embed.parameters()]
@@ -520,20 +520,26 @@ def test_a_training_timestep_embedding_runs_once_per_distinct_value(policy):
             ("per token", super(TimeEmbeddingCache, embed).forward),
         ):
             rows.clear()
-            out = forward(timestep.flatten(), None, 3, torch.float32)
+            out = forward(timestep.flatten(), None, 16, torch.float32)
             grads = torch.autograd.grad(sum(o.square().sum() for o in out), list(embed.parameters()))
             outputs[name] = (rows[:], out, grads)
+        for _ in range(10):  # the same gradient, bitwise, every time (a run must reproduce itself)
+            again = torch.autograd.grad(
+                sum(o.square().sum() for o in embed(timestep.flatten(), None, 16, torch.float32)),
+                list(embed.parameters()),
+            )
+            assert all(torch.equal(a, b) for a, b in zip(again, outputs["distinct"][2], strict=True))
     finally:
         hook.remove()
         for weight, was in zip(embed.parameters(), trains, strict=True):
             weight.requires_grad_(was)
     (rows_d, out_d, grads_d), (rows_t, out_t, grads_t) = outputs["distinct"], outputs["per token"]
-    assert rows_d == [2] and rows_t == [150]
+    assert rows_d == [2] and rows_t == [18432]
     for a, b in zip(out_d, out_t, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    for a, b in zip(grads_d, grads_t, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads_d, grads_t, strict=True):  # sums of 18,432 terms in another order
+        assert (a - b).norm() <= 1e-3 * b.norm()
 
 
 def test_timestep_embeddings_are_reused_for_equal_timesteps_and_change_no_bit(policy):
