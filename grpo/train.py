@@ -198,10 +198,13 @@ def tiny_ltx_sizes(sizes: dict[str, Any], generator: str) -> dict[str, Any]:
     if unknown:
         raise InputError(f"policy.tiny_ltx: unknown size(s) {unknown}; known: {sorted(names)}")
     sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()}
-    try:
-        spec = TinyLTXSpec.toy_world(**sizes)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"policy.tiny_ltx: {err}") from None
+    layout = TinyLTXSpec.toy_world()
+    for name, value in sizes.items():
+        expected = type(getattr(layout, name))
+        if type(value) is not expected or (expected is tuple and not all(type(v) is int for v in value)):
+            kind = "a list of ints" if expected is tuple else expected.__name__
+            raise InputError(f"policy.tiny_ltx.{name}: expected {kind}, got {value!r}")
+    spec = TinyLTXSpec.toy_world(**sizes)
     return {name: getattr(spec, name) for name in sorted(names)}
 
 

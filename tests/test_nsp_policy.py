@@ -300,5 +300,9 @@ def test_a_recipe_builds_a_tiny_nsp_in_another_toy_layout(tmp_path):
     assert latents.shape == (1, 16, 9, 4, 4)
     with pytest.raises(InputError, match=r"policy.tiny_ltx: unknown size\(s\) \['patch'\]"):
         NSPPolicySpec(tiny=True, tiny_ltx={"patch": 8})
+    with pytest.raises(InputError, match=r"policy.tiny_ltx.vae_patch_size: expected int, got '8'"):
+        NSPPolicySpec(tiny=True, tiny_ltx={"vae_patch_size": "8"})
+    with pytest.raises(InputError, match="policy.tiny_ltx.vae_channels: expected a list of ints"):
+        NSPPolicySpec(tiny=True, tiny_ltx={"vae_channels": 64})
     with pytest.raises(InputError, match="tiny_generator is 'ltx2': remove it"):
         NSPPolicySpec(tiny=True, tiny_generator="ltx2", tiny_ltx={"vae_patch_size": 8})
