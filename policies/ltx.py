@@ -925,13 +925,12 @@ class TimeEmbeddingCache:
       the rollout's steps and the reference forward the policy's, and every iteration walks the same
       schedule. An equal tensor (shape, dtype and values) under the same weights gets back the very
       tensors computed for it, so every result is bitwise the uncached embedding's. Computed afresh
-      after the weights changed (their versions: EMA swaps, loading); not in inference mode (whose
-      tensors autograd could not reuse).
+      after the weights changed (their versions: EMA swaps, loading).
     - Weights that train (full fine-tuning; FSDP2 also re-gathers them without bumping their versions,
-      so nothing is kept across forwards): the MLP runs on the distinct values and its rows are
-      gathered per token. Equal to the per-token MLP up to float rounding (a 2-row matmul rounds
-      unlike a 9,216-row one: ~1e-6); the gradient sums the tokens' contributions per value, in
-      token order (bitwise reproducible).
+      so nothing is kept across forwards), and inference mode (whose tensors autograd could not
+      reuse): the MLP runs on the distinct values and its rows are gathered per token. Equal to the
+      per-token MLP up to float rounding (a 2-row matmul rounds unlike a 9,216-row one: ~1e-6); the
+      gradient sums the tokens' contributions per value, in token order (bitwise reproducible).
     """
 
     max_cached_timesteps = 16
