@@ -918,7 +918,7 @@ class TimeEmbeddingCache:
 
     With a clean conditioning frame (NSP's continuity, image-to-video) every token carries its own
     timestep, so the embedding's MLP would run on all ``B * S`` tokens of every forward (about 8 % of a
-    Quickstart forward, 14 % with its gradient), though a forward holds two values (0 and the step's).
+    Quickstart forward on toy_nsp), though a forward holds two values (0 and the step's).
 
     - Frozen weights (LoRA, inference): the outputs for a timestep tensor seen before are reused: a
       denoising step's timesteps are the same for every context of a rollout, the update recomputes
