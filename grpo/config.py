@@ -806,10 +806,22 @@ class FlowMatchingConfig(VideoTrainerConfig):
     )
     logit_mean: float = field(default=0.0, metadata={"help": "With 'logit_normal': mean of the normal."})
     logit_std: float = field(default=1.0, metadata={"help": "With 'logit_normal': std of the normal."})
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "Worker processes that load the next steps' training rows while the model trains "
+            "(a torch DataLoader; the rows and the run are the same); 0: in the training process."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(
+            self.dataloader_num_workers >= 0,
+            "dataloader_num_workers",
+            f"must be >= 0 (0 = rows loaded in the training process), got {self.dataloader_num_workers}",
+        )
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _require(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")

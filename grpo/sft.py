@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class FlowMatchingTrainer(Stage):
         add_lora(self.policy, args)
         self.state = TrainingState(self.policy, args, self.accelerator, args.max_steps)
         self.rows = RowSampler(len(train_dataset), args.seed)
+        self._loaded: Iterator[list[dict[str, Any]]] | None = None  # with dataloader_num_workers
+        self._next_slot: tuple[int, int] | None = None  # the (step, micro) it yields next
         evaluates = eval_dataset is not None
         self.engine = Engine(
             self,
@@ -93,13 +95,32 @@ class FlowMatchingTrainer(Stage):
     def eval_metrics(self, step: int) -> dict[str, Any]:
         return {"eval/loss": self.evaluate()}
 
-    def _batch(self, step: int, micro: int) -> list[dict[str, Any]]:
-        """Rows of one micro-batch (`grpo.engine.RowSampler`), this rank's slice."""
+    def _picks(self, step: int, micro: int) -> list[int]:
+        """Row indices of one micro-batch (`grpo.engine.RowSampler`), this rank's slice."""
         args = self.args
-        picks = self.rows.micro_batch(
+        return self.rows.micro_batch(
             step, micro, args.gradient_accumulation_steps, args.batch_size, self.accelerator
         )
-        return [self.train_dataset[i] for i in picks]
+
+    def _batch(self, step: int, micro: int) -> list[dict[str, Any]]:
+        """Rows of one micro-batch: loaded here, or with ``dataloader_num_workers`` taken from worker
+        processes that load the following micro-batches meanwhile (the same rows in the same order)."""
+        args = self.args
+        if not args.dataloader_num_workers:
+            return [self.train_dataset[i] for i in self._picks(step, micro)]
+        if self._next_slot != (step, micro):  # first step, or resumed
+            accum = range(args.gradient_accumulation_steps)
+            loader = torch.utils.data.DataLoader(
+                self.train_dataset,
+                batch_sampler=(self._picks(s, m) for s in range(step, args.max_steps) for m in accum),
+                num_workers=args.dataloader_num_workers,
+                collate_fn=list,
+                generator=torch.Generator().manual_seed(args.seed),  # leaves the global RNG alone
+            )
+            self._loaded = iter(loader)
+        last = micro + 1 == args.gradient_accumulation_steps
+        self._next_slot = (step + 1, 0) if last else (step, micro + 1)
+        return next(self._loaded)
 
     def _sigmas(self, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.args.timestep_sampling == "uniform":

@@ -104,13 +104,14 @@ def build_fitted_tiny_nextclip(
     *,
     vae_fit_steps: int = 0,
     generator: Literal["ltx", "ltx2"] = "ltx",
+    device: str = "cpu",
 ) -> Path:
     """`policies.nextclip_tiny.build_tiny_nextclip` of the ``generator`` family, then its VAE fitted for
-    ``vae_fit_steps`` steps to toy-world clips of ``config.clip_frames`` frames."""
+    ``vae_fit_steps`` steps on ``device`` to toy-world clips of ``config.clip_frames`` frames."""
     config = config or NextClipConfig()
     path = build_tiny_nextclip(path, spec, config, generator=generator)
     if vae_fit_steps:
         seed = json.loads((path / "tiny_spec.json").read_text())["seed"]  # the generator's, as built
         world = ToyWorldConfig(context_frames=config.clip_frames, next_frames=config.clip_frames)
-        _fit_video_vae(path / "vae", _video_vae_class(generator), world, vae_fit_steps, seed)
+        _fit_video_vae(path / "vae", _video_vae_class(generator), world, vae_fit_steps, seed, device)
     return path

@@ -245,6 +245,17 @@ class NextClipPolicySpec(VideoPolicySpec):
     tiny_vae_fit_steps: int = field(
         default=0, metadata={"help": "with tiny: fit the tiny VAE to the toy world first (0 = random VAE)"}
     )
+    tiny_ltx: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "with tiny (generator ltx): TinyLTXSpec sizes changed from the toy-world layout, "
+            "e.g. {vae_patch_size: 8, num_layers: 4}"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.tiny_ltx or (self.tiny and self.tiny_generator == "ltx"):
+            self.tiny_ltx = tiny_ltx_sizes(self.tiny_ltx, self.tiny_generator)
 
     def check_dir(self) -> None:
         check_nextclip_dir(Path(self.path))
@@ -255,13 +266,17 @@ class NextClipPolicySpec(VideoPolicySpec):
             k: getattr(self, k) for k in ("clip_frames", "history_sigma") if getattr(self, k) is not None
         }
         if self.path is None and not (path / "model_index.json").is_file():
-            toy = TinyLTX2Spec.toy_world() if self.tiny_generator == "ltx2" else TinyLTXSpec.toy_world()
+            if self.tiny_generator == "ltx2":
+                toy = TinyLTX2Spec.toy_world()
+            else:
+                toy = TinyLTXSpec.toy_world(**self.tiny_ltx)
             build_fitted_tiny_nextclip(
                 path,
                 toy,
                 config=NextClipConfig(**changes),
                 vae_fit_steps=self.tiny_vae_fit_steps,
                 generator=self.tiny_generator,
+                device=device,
             )
         return NextClipPolicy.from_pretrained(path, torch_dtype=dtype, device=device, **changes)
 

@@ -522,3 +522,19 @@ def test_compiled_blocks_share_their_graphs_whatever_the_depth(tmp_path):
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
             compiled = deep.rollout(cond, num_generations=2, sampling=sampling, seeds=[3, 4])
     assert torch.equal(compiled.final_latents, eager.final_latents)
+
+
+def test_a_recipe_builds_a_tiny_nextclip_in_another_toy_layout(tmp_path):
+    """``policy.tiny_ltx`` reaches the tiny next-clip builder as it reaches the NSP one: 8x8-pixel VAE
+    patches (a quarter of the tokens) and a deeper, wider transformer; an LTX-2 generator is refused."""
+    from grpo.train import NextClipPolicySpec
+
+    sizes = {"vae_patch_size": 8, "vae_channels": [64], "num_layers": 3, "attention_head_dim": 32}
+    spec = NextClipPolicySpec(tiny=True, tiny_ltx=sizes)
+    assert spec.tiny_ltx["vae_channels"] == (64,) and spec.tiny_ltx["num_attention_heads"] == 4  # filled in
+    policy = spec.build(tmp_path, "cpu", torch.float32)
+    assert policy.vae.config.patch_size == 8 and len(policy.transformer.transformer_blocks) == 3
+    assert policy.transformer.config.attention_head_dim == 32
+    assert policy.latent_shape(27, 32, 32) == (27, 4, 4)
+    with pytest.raises(InputError, match="tiny_generator is 'ltx2': remove it"):
+        NextClipPolicySpec(tiny=True, tiny_generator="ltx2", tiny_ltx={"num_layers": 3})

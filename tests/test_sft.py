@@ -131,6 +131,55 @@ def test_sft_trains_at_the_recipes_frame_rate(tmp_path, tiny_dir):
     assert trained_frame_rate(tmp_path / "run" / "final") == 2.0
 
 
+def test_dataloader_workers_read_the_same_rows_and_resume_the_same(tmp_path, tiny_dir):
+    """``dataloader_num_workers``: the rows are loaded in worker processes, and the run (every step's
+    loss, bitwise) is the one that loads them in the training process, also when resumed mid-run."""
+    import os
+
+    recipe = load_recipe(
+        RECIPES[0].parent / "toy_ltx_sft.yaml",
+        ["data.num_train=16", f"policy.path={tiny_dir}", "policy.tiny=false", f"output_dir={tmp_path}"],
+    )
+    _, data_spec = validate(recipe)
+    rows, _ = build_datasets(data_spec)
+
+    class Traced(torch.utils.data.Dataset):  # each row says which process loaded it
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, index):
+            return {**rows[index], "loaded_by": os.getpid()}
+
+    def run(out: str, workers: int, resume: str | None = None) -> tuple[list[float], set[int]]:
+        args = FlowMatchingConfig(
+            output_dir=str(tmp_path / out),
+            max_steps=4,
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            eval_every=0,
+            save_steps=2,
+            dataloader_num_workers=workers,
+            resume_from_checkpoint=resume,
+        )
+        trainer = FlowMatchingTrainer(LTXPolicy.from_pretrained(tiny_dir), args, Traced())
+        loaders, batch = set(), trainer._batch
+
+        def traced(step: int, micro: int) -> list:
+            loaded = batch(step, micro)
+            loaders.update(row["loaded_by"] for row in loaded)
+            return loaded
+
+        trainer._batch = traced
+        return [m["loss"] for m in trainer.train()], loaders
+
+    plain, loaded_here = run("plain", 0)
+    workers, loaded_there = run("workers", 2)
+    assert loaded_here == {os.getpid()} and len(loaded_there) == 2 and os.getpid() not in loaded_there
+    assert workers == plain and len(plain) == 4
+    resumed, _ = run("workers", 2, resume=str(tmp_path / "workers" / "checkpoint-00000002"))
+    assert resumed == plain[2:]
+
+
 @pytest.fixture(scope="module")
 def toy_manifest(tmp_path_factory):
     from grpo.data import ToyWorld, ToyWorldConfig
