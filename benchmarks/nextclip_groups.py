@@ -21,6 +21,8 @@ the policy's VAE, a blank one (the context's median colour everywhere: every bal
 context's last frame frozen; and of the base's held-out samples (the evaluation's ODE sampler,
 ``--generations`` a context, of ``--policy``, default ``checkpoints/toy_nextclip``). Where the base
 stands between blank and true says what GRPO can gain without learning to draw the balls.
+``base_true_history``: the base's clips 1, 2, ... each sampled after the true clips before it (clip
+0 is the base's own): how much its later clips lose to its own history (exposure bias).
 
     python benchmarks/nextclip_groups.py floors --json runs/floors.json
     python benchmarks/nextclip_groups.py floors --policy runs/toy_nextclip_pretrain/final --json runs/f.json
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +172,9 @@ def floors(args: argparse.Namespace) -> dict:
     policy = NextClipPolicy.from_pretrained(args.policy)
     reward = ToyWorldVerifiableReward(per_clip=True)
     sampling = SamplingConfig(num_frames=27, height=32, width=32, num_inference_steps=6, kind="ode")
+    one_clip = replace(sampling, num_frames=policy.clip_config.clip_frames)
     scores: dict[str, list[list[float]]] = {
-        name: [] for name in ("true", "true_vae", "blank", "frozen", "base")
+        name: [] for name in ("true", "true_vae", "blank", "frozen", "base", "base_true_history")
     }
     for index in range(len(held_out)):
         row = held_out[index]
@@ -186,12 +190,22 @@ def floors(args: argparse.Namespace) -> dict:
                 condition, num_generations=args.generations, sampling=sampling, seeds=seeds
             )
             samples = policy.decode(rollout.final_latents, rollout.latent_shape)
+            # clip k (k >= 1) sampled again after the TRUE clips < k instead of the base's own
+            spliced = samples.clone()
+            for k in range(1, true.shape[0] // policy.clip_config.clip_frames):
+                start, end = k * policy.clip_config.clip_frames, (k + 1) * policy.clip_config.clip_frames
+                history = policy.prepare_condition([{"context": torch.cat([context, true[:start]])}])
+                clip = policy.rollout(
+                    history, num_generations=args.generations, sampling=one_clip, seeds=seeds
+                )
+                spliced[:, start:end] = policy.decode(clip.final_latents, clip.latent_shape)
         videos = {
             "true": [true],
             "true_vae": [true_vae],
             "blank": [context.reshape(-1, 3).median(0).values.expand_as(true).clone()],
             "frozen": [context[-1:].expand_as(true).clone()],
             "base": list(samples),
+            "base_true_history": list(spliced),
         }
         for name, found in videos.items():
             for video in found:

@@ -270,6 +270,8 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
 
     loaded = load_recipe(recipe, [f"output_dir={tmp_path / 'run'}"])
     short = ["trainer.max_steps=3"] if loaded.stage != "grpo" else ["trainer.max_iterations=1"]
+    if loaded.stage in ("pretrain", "sft"):  # a few rows a step (the deep next-clip recipe draws 32)
+        short += ["trainer.batch_size=2", "trainer.eval_batch_size=2"]
     if loaded.policy.get("tiny_vae_fit_steps"):
         short.append("policy.tiny_vae_fit_steps=2")
     if loaded.policy.get("tiny_audio_fit_steps"):
