@@ -808,10 +808,7 @@ class FlowMatchingConfig(VideoTrainerConfig):
     logit_std: float = field(default=1.0, metadata={"help": "With 'logit_normal': std of the normal."})
     dataloader_num_workers: int = field(
         default=0,
-        metadata={
-            "help": "Worker processes that load the next steps' training rows while the model trains "
-            "(a torch DataLoader; the rows and the run are the same); 0: in the training process."
-        },
+        metadata={"help": "Worker processes making the next steps' rows (a DataLoader; same run); 0: none."},
     )
 
     def __post_init__(self) -> None:
