@@ -236,8 +236,9 @@ def _sourced_blocks(text: str) -> list[tuple[list[str], str]]:
         files = match.group(1).split()
         after = line[match.end() :]
         rest = lines[i + 1 :]
-        if not after.strip() and rest and rest[0].startswith("|"):
-            block = list(itertools.takewhile(lambda s: s.startswith("|"), rest))
+        # a table right below (indented when it is inside a bullet)
+        if not after.strip() and rest and rest[0].lstrip().startswith("|"):
+            block = [s.lstrip() for s in itertools.takewhile(lambda s: s.lstrip().startswith("|"), rest)]
         else:
             end = (j for j, s in enumerate(rest) if not s.strip() or re.match(r"\s*(\* |\||```)", s))
             block = [after, *rest[: next(end, len(rest))]]
