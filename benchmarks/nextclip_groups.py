@@ -172,7 +172,8 @@ def floors(args: argparse.Namespace) -> dict:
     policy = NextClipPolicy.from_pretrained(args.policy)
     reward = ToyWorldVerifiableReward(per_clip=True)
     sampling = SamplingConfig(num_frames=27, height=32, width=32, num_inference_steps=6, kind="ode")
-    one_clip = replace(sampling, num_frames=policy.clip_config.clip_frames)
+    frames = policy.clip_config.clip_frames
+    one_clip = replace(sampling, num_frames=frames)
     scores: dict[str, list[list[float]]] = {
         name: [] for name in ("true", "true_vae", "blank", "frozen", "base", "base_true_history")
     }
@@ -192,8 +193,8 @@ def floors(args: argparse.Namespace) -> dict:
             samples = policy.decode(rollout.final_latents, rollout.latent_shape)
             # clip k (k >= 1) sampled again after the TRUE clips < k instead of the base's own
             spliced = samples.clone()
-            for k in range(1, true.shape[0] // policy.clip_config.clip_frames):
-                start, end = k * policy.clip_config.clip_frames, (k + 1) * policy.clip_config.clip_frames
+            for k in range(1, true.shape[0] // frames):
+                start, end = k * frames, (k + 1) * frames
                 history = policy.prepare_condition([{"context": torch.cat([context, true[:start]])}])
                 clip = policy.rollout(
                     history, num_generations=args.generations, sampling=one_clip, seeds=seeds
