@@ -277,7 +277,7 @@ def test_toy_recipes_run_a_few_steps(tmp_path, recipe):
     if loaded.policy.get("tiny_audio_fit_steps"):
         short.append("policy.tiny_audio_fit_steps=2")
     if loaded.stage == "grpo" and loaded.policy["type"] == "nextclip":  # 3 clips x 6 steps per sample
-        short.append("trainer.num_prompts_per_iteration=1")
+        short += ["trainer.num_prompts_per_iteration=1", "trainer.num_generations=2"]
     if loaded.stage == "reward_model":  # the recipe simulates 16k preference pairs first
         short += ["data.num_train=32", "data.num_eval=16", "trainer.per_device_train_batch_size=8"]
         if loaded.data.get("policy"):  # and samples 512 contexts x 8 of a policy

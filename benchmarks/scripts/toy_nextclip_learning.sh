@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Next-clip GRPO on the toy world: does recipes/toy_nextclip_grpo.yaml raise the held-out per-clip
-# verifiable reward over its pretrained base (checkpoints/toy_nextclip) on seeds 0 1 2? One call, one
-# GPU host (>= 12 cores): every (variant, seed) run is its own `benchmarks/toy_learning.py` process,
-# all side by side on the one GPU, each pinned to 2 CPU cores (the tiny model is CPU-bound: one H200
-# iteration of the previous recipe took 3.3 s with 2 cores, one on 2 CPU cores alone ~80 s).
+# Next-clip GRPO on the toy world: does a next-clip GRPO recipe (RECIPE, default
+# recipes/toy_nextclip_grpo.yaml) raise the held-out per-clip verifiable reward over its pretrained
+# base on seeds 0 1 2? One call, one GPU host (>= 12 cores): every (variant, seed) run is its own
+# `benchmarks/toy_learning.py` process, all side by side on the one GPU, each pinned to CORES_PER_RUN
+# CPU cores (default 2; the tiny model is CPU-bound: one H200 iteration of the previous recipe took
+# 3.3 s with 2 cores, one on 2 CPU cores alone ~80 s).
 #
 #   bash benchmarks/scripts/toy_nextclip_learning.sh                       # the recipe + "video"
 #   VARIANTS="recipe" bash benchmarks/scripts/toy_nextclip_learning.sh     # the recipe only
+#   nextscene train recipes/toy_nextclip_deep_pretrain.yaml                # the deeper base, then:
+#   RECIPE=recipes/toy_nextclip_deep_grpo.yaml VARIANTS=recipe CORES_PER_RUN=5 LIMIT=600 \
+#     bash benchmarks/scripts/toy_nextclip_learning.sh                     # (its 3 runs: ~6.5 min)
+#
+# Results go to benchmarks/results/<prefix>_learning[_<variant>].json, <prefix> the recipe's name
+# without "_grpo" (toy_nextclip, toy_nextclip_deep).
 #
 # Variants (VARIANTS, default "recipe video"):
-#   recipe  the recipe as shipped          -> benchmarks/results/toy_nextclip_learning.json
-#   video   trainer.nextclip_groups=video  -> benchmarks/results/toy_nextclip_learning_video.json
+#   recipe  the recipe as shipped          -> benchmarks/results/<prefix>_learning.json
+#   video   trainer.nextclip_groups=video  -> benchmarks/results/<prefix>_learning_video.json
 #           (whole-video groups, all else equal: what the branched groups add)
-#   group   trainer.scale_rewards=group    -> benchmarks/results/toy_nextclip_learning_group.json
+#   group   trainer.scale_rewards=group    -> benchmarks/results/<prefix>_learning_group.json
 #   allsde  every step stochastic and trained (timestep_selection=all)
-#                                          -> benchmarks/results/toy_nextclip_learning_allsde.json
+#                                          -> benchmarks/results/<prefix>_learning_allsde.json
 #   full    full fine-tuning (use_lora=false) at 5e-4 -> ..._full.json
 #   full_beta0  the same without the KL term          -> ..._full_beta0.json
 #   loraff  LoRA rank 32 on attention and feed-forward -> ..._loraff.json
@@ -28,7 +35,7 @@
 # EXTRA: overrides for every run (a dry run: EXTRA="trainer.max_iterations=1 trainer.eval_every=1").
 # A run longer than LIMIT seconds (default 470) is stopped and its variant is not merged. The merged
 # JSONs, each run's log, metrics.jsonl and held-out scores (one tar) are copied to $OUT. On a host
-# with fewer than 2 cores per run, every run shares all cores.
+# with fewer than CORES_PER_RUN cores per run, every run shares all cores.
 set -euo pipefail
 
 RUNS=$(realpath -m "${RUNS:-runs}")
@@ -39,7 +46,16 @@ EXTRA=${EXTRA:-}
 mkdir -p "$RUNS" "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-recipe=recipes/toy_nextclip_grpo.yaml
+recipe=${RECIPE:-recipes/toy_nextclip_grpo.yaml}
+prefix=$(basename "$recipe" .yaml)
+prefix=${prefix%_grpo}
+per_run=${CORES_PER_RUN:-2}
+# shellcheck disable=SC2086
+base=$(python -c "import sys; from grpo.recipe import load_recipe; print(load_recipe(sys.argv[1], sys.argv[2:]).policy.get('path') or '')" "$recipe" $EXTRA)
+if [[ -n $base && ! -d $base ]]; then
+  echo "$recipe starts from $base, which does not exist: train its base first (see the recipe's header)" >&2
+  exit 2
+fi
 
 nft="trainer.algorithm=nft trainer.beta=0 trainer.learning_rate=${NFT_LR:-5e-3}"
 overrides() {  # the recipe overrides of a variant, then EXTRA
@@ -68,12 +84,12 @@ pids=()
 for variant in $VARIANTS; do
   read -ra extra <<<"$(overrides "$variant")"
   for seed in 0 1 2; do
-    cores=$((2 * slot))-$((2 * slot + 1))
-    [[ $(nproc) -ge $((2 * slot + 2)) ]] || cores=0-$(($(nproc) - 1))
-    OMP_NUM_THREADS=2 timeout "$LIMIT" taskset -c "$cores" python benchmarks/toy_learning.py \
-      --recipe "$recipe" --seeds "$seed" --out-dir "$RUNS/toy_nextclip_$variant" \
-      --json "$RUNS/toy_nextclip_${variant}_seed$seed.json" --overrides "${extra[@]}" \
-      >"$RUNS/toy_nextclip_${variant}_seed$seed.log" 2>&1 &
+    cores=$((per_run * slot))-$((per_run * slot + per_run - 1))
+    [[ $(nproc) -ge $((per_run * slot + per_run)) ]] || cores=0-$(($(nproc) - 1))
+    OMP_NUM_THREADS=$((per_run > 4 ? 4 : per_run)) timeout "$LIMIT" taskset -c "$cores" python benchmarks/toy_learning.py \
+      --recipe "$recipe" --seeds "$seed" --out-dir "$RUNS/${prefix}_$variant" \
+      --json "$RUNS/${prefix}_${variant}_seed$seed.json" --overrides "${extra[@]}" \
+      >"$RUNS/${prefix}_${variant}_seed$seed.log" 2>&1 &
     pids+=($!)
     slot=$((slot + 1))
   done
@@ -84,17 +100,17 @@ echo "all runs ended after $((SECONDS - start)) s"
 
 for variant in $VARIANTS; do
   read -ra extra <<<"$(overrides "$variant")"
-  json=benchmarks/results/toy_nextclip_learning.json
-  [[ $variant == recipe ]] || json=benchmarks/results/toy_nextclip_learning_$variant.json
-  if ls "$RUNS/toy_nextclip_$variant"/seed_{0,1,2}/final >/dev/null 2>&1; then
+  json=benchmarks/results/${prefix}_learning.json
+  [[ $variant == recipe ]] || json=benchmarks/results/${prefix}_learning_$variant.json
+  if ls "$RUNS/${prefix}_$variant"/seed_{0,1,2}/final >/dev/null 2>&1; then
     python benchmarks/toy_learning.py --recipe "$recipe" --seeds 0 1 2 --reuse \
-      --out-dir "$RUNS/toy_nextclip_$variant" --json "$json" --overrides "${extra[@]}"
+      --out-dir "$RUNS/${prefix}_$variant" --json "$json" --overrides "${extra[@]}"
     cp "$json" "$OUT/"
   else
     echo "variant $variant: not every seed finished within $LIMIT s; see its logs" >&2
-    tail -n 5 "$RUNS/toy_nextclip_${variant}"_seed*.log >&2
+    tail -n 5 "$RUNS/${prefix}_${variant}"_seed*.log >&2
   fi
 done
 # logs, metrics and held-out scores only (checkpoints and videos stay: the tar must stay small to come back)
-(cd "$RUNS" && find toy_nextclip_* \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 |
-  tar -czf "$OUT/toy_nextclip_runs.tgz" --null -T -)
+(cd "$RUNS" && find "${prefix}"_* \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 |
+  tar -czf "$OUT/${prefix}_runs.tgz" --null -T -)
