@@ -3,13 +3,14 @@
 # recipes/toy_nextclip_grpo.yaml) raise the held-out per-clip verifiable reward over its pretrained
 # base on seeds 0 1 2? One call, one GPU host (>= 12 cores): every (variant, seed) run is its own
 # `benchmarks/toy_learning.py` process, all side by side on the one GPU, each pinned to CORES_PER_RUN
-# CPU cores (default 2; the tiny model is CPU-bound: one H200 iteration of the previous recipe took
-# 3.3 s with 2 cores, one on 2 CPU cores alone ~80 s).
+# CPU cores and as many threads, at most 4 (default 2; the tiny model is CPU-bound: one H200
+# iteration of the previous recipe took 3.3 s with 2 cores, one on 2 CPU cores alone ~80 s).
 #
 #   bash benchmarks/scripts/toy_nextclip_learning.sh                       # the recipe + "video"
 #   VARIANTS="recipe" bash benchmarks/scripts/toy_nextclip_learning.sh     # the recipe only
 #   nextscene train recipes/toy_nextclip_deep_pretrain.yaml                # the deeper base, then:
 #   RECIPE=recipes/toy_nextclip_deep_grpo.yaml VARIANTS=recipe CORES_PER_RUN=5 LIMIT=600 \
+#     EXTRA="trainer.sample_every=0 trainer.save_eval_videos=0" \
 #     bash benchmarks/scripts/toy_nextclip_learning.sh                     # (its 3 runs: ~6.5 min)
 #
 # Results go to benchmarks/results/<prefix>_learning[_<variant>].json, <prefix> the recipe's name
@@ -50,8 +51,15 @@ recipe=${RECIPE:-recipes/toy_nextclip_grpo.yaml}
 prefix=$(basename "$recipe" .yaml)
 prefix=${prefix%_grpo}
 per_run=${CORES_PER_RUN:-2}
+if ! [[ $per_run =~ ^[1-9][0-9]*$ ]]; then
+  echo "CORES_PER_RUN=$per_run: expected a positive number of CPU cores per run, e.g. 2" >&2
+  exit 2
+fi
+threads=$((per_run > 4 ? 4 : per_run))  # OMP_NUM_THREADS of a run: its cores, at most 4
+# the recipe's base, with EXTRA applied (EXTRA may point policy.path elsewhere)
 # shellcheck disable=SC2086
-base=$(python -c "import sys; from grpo.recipe import load_recipe; print(load_recipe(sys.argv[1], sys.argv[2:]).policy.get('path') or '')" "$recipe" $EXTRA)
+base=$(python -c "import sys; from grpo.recipe import load_recipe as load
+print(load(sys.argv[1], sys.argv[2:]).policy.get('path') or '')" "$recipe" $EXTRA)
 if [[ -n $base && ! -d $base ]]; then
   echo "$recipe starts from $base, which does not exist: train its base first (see the recipe's header)" >&2
   exit 2
@@ -86,7 +94,8 @@ for variant in $VARIANTS; do
   for seed in 0 1 2; do
     cores=$((per_run * slot))-$((per_run * slot + per_run - 1))
     [[ $(nproc) -ge $((per_run * slot + per_run)) ]] || cores=0-$(($(nproc) - 1))
-    OMP_NUM_THREADS=$((per_run > 4 ? 4 : per_run)) timeout "$LIMIT" taskset -c "$cores" python benchmarks/toy_learning.py \
+    OMP_NUM_THREADS=$threads timeout "$LIMIT" taskset -c "$cores" \
+      python benchmarks/toy_learning.py \
       --recipe "$recipe" --seeds "$seed" --out-dir "$RUNS/${prefix}_$variant" \
       --json "$RUNS/${prefix}_${variant}_seed$seed.json" --overrides "${extra[@]}" \
       >"$RUNS/${prefix}_${variant}_seed$seed.log" 2>&1 &
@@ -112,5 +121,12 @@ for variant in $VARIANTS; do
   fi
 done
 # logs, metrics and held-out scores only (checkpoints and videos stay: the tar must stay small to come back)
-(cd "$RUNS" && find "${prefix}"_* \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 |
-  tar -czf "$OUT/${prefix}_runs.tgz" --null -T -)
+# (this call's variants only: not the base's folder, nor another recipe's runs under the same prefix)
+(
+  cd "$RUNS"
+  shopt -s nullglob
+  ran=()
+  for variant in $VARIANTS; do ran+=("${prefix}_$variant" "${prefix}_${variant}"_seed*); done
+  find "${ran[@]}" \( -name '*.log' -o -name '*.json*' \) -print0 2>/dev/null |
+    tar -czf "$OUT/${prefix}_runs.tgz" --null -T -
+)
