@@ -99,6 +99,14 @@ class TinyQwenVLSpec:
     vision_depth: int = field(default=2, metadata={"help": "Vision-tower blocks."})
     patch_size: int = field(default=8, metadata={"help": "Vision patch side in pixels."})
     max_pixels: int = field(default=32 * 32, metadata={"help": "Largest resized frame area."})
+    window_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2.5-VL's vision attention window in pixels (None: 4 patches); a window as large as "
+            "the frame makes every block attend over the whole frame, in one attention call per frame "
+            "instead of one per window."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
 
 
@@ -159,7 +167,7 @@ def _model(spec: TinyQwenVLSpec, tokenizer):
                 "hidden_size": spec.vision_width,
                 "intermediate_size": 2 * spec.vision_width,
                 "out_hidden_size": spec.hidden_size,
-                "window_size": 4 * spec.patch_size,
+                "window_size": spec.window_size or 4 * spec.patch_size,
                 "fullatt_block_indexes": [spec.vision_depth - 1],
             },
             **ids,

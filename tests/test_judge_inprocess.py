@@ -252,6 +252,37 @@ def test_in_process_judge_runs_qwen2_vl(tmp_path, mode):
     assert all(0 < s < 1 for s in out.scores) and out.scores[0] != out.scores[1]
 
 
+def test_a_window_as_large_as_the_frame_is_whole_frame_attention(tmp_path):
+    """``window_size`` >= the frame side: Qwen2.5-VL's windowed block sees the whole frame, so the judge
+    scores what the same weights score with every block on full attention (transformers' other path);
+    the default 4-patch windows score otherwise."""
+    import json
+
+    from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
+
+    videos, contexts = batch()
+
+    def score(path) -> list[float]:
+        judge = InProcessJudge(str(path), dtype="float32", mode="clip", num_frames=2)
+        return judge(videos, None, contexts).scores
+
+    def scores(window_size: int | None) -> tuple[list[float], list[float]]:
+        spec = TinyQwenVLSpec(patch_size=2, window_size=window_size)
+        path = build_tiny_qwen_vl(tmp_path / str(window_size), spec)
+        config = json.loads((path / "config.json").read_text())
+        assert config["vision_config"]["window_size"] == (window_size or 8)
+        assert config["vision_config"]["fullatt_block_indexes"] == [1]
+        windowed = score(path)
+        config["vision_config"]["fullatt_block_indexes"] = [0, 1]
+        (path / "config.json").write_text(json.dumps(config))
+        return windowed, score(path)
+
+    windowed, full = scores(64)  # frames of 32 x 40 px
+    assert windowed == pytest.approx(full, abs=1e-6)
+    windowed, full = scores(None)
+    assert max(abs(a - b) for a, b in zip(windowed, full)) > 1e-5
+
+
 # ------------------------------------------------------------------------- payload vs vLLM's own models
 VLLM_CHECK = r"""
 import hashlib, json, sys
