@@ -103,7 +103,7 @@ def _batch(world, picks: list[int], part: str, device: torch.device) -> torch.Te
 def _sounding(world) -> dict[str, list[int]]:
     """Per segment (context, next), the samples of ``world`` whose segment rings at least one tone (a
     silent clip teaches little)."""
-    onsets = [world[i]["world"]["audio"]["onsets"] for i in range(len(world))]
+    onsets = [world.onsets(i) for i in range(len(world))]
     return {part: [i for i, o in enumerate(onsets) if o[part]] for part in ("context", "next")}
 
 

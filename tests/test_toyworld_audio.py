@@ -130,6 +130,18 @@ def test_overlapping_next_audio_is_the_same_soundtrack():
     assert torch.equal(shifted["next_audio"], track[:, 8 * per_frame : 17 * per_frame])
 
 
+def test_onsets_without_rendering_are_the_samples_own():
+    """`ToyWorld.onsets` (the scene simulated, nothing rendered) equals the rendered sample's
+    ``world["audio"]["onsets"]``, overlap included; a world without audio refuses."""
+    for overlap in (0, 1):
+        world = ToyWorld(ToyWorldConfig(audio=True, next_overlap=overlap), "train", num_samples=24)
+        onsets = [world.onsets(i) for i in range(24)]
+        assert onsets == [world[i]["world"]["audio"]["onsets"] for i in range(24)]
+        assert any(o["next"] for o in onsets) and any(not o["next"] for o in onsets)
+    with pytest.raises(InputError, match="audio=True"):
+        ToyWorld(ToyWorldConfig(), "train", num_samples=2).onsets(0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

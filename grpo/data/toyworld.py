@@ -739,6 +739,20 @@ class ToyWorld(torch.utils.data.Dataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
 
+    def onsets(self, index: int) -> dict[str, list[dict[str, Any]]]:
+        """``self[index]["world"]["audio"]["onsets"]`` (per segment, its tones) from the simulated scene
+        alone, without rendering the video or the sound: what a sampler needs to pick sounding clips."""
+        config = self.config
+        if not config.audio:
+            raise InputError("onsets need a toy world with audio; set ToyWorldConfig(audio=True)")
+        scene = _make_scene(self.seed(int(index)), config)
+        fc = config.context_frames
+        start = fc - config.next_overlap
+        return {
+            "context": _segment_onsets(scene, 0, fc, config.fps),
+            "next": _segment_onsets(scene, start, start + config.next_frames, config.fps),
+        }
+
     def reversed_next(self, index: int) -> torch.Tensor:
         """A wrong future for sample ``index``: from the last context frame every ball's velocity is
         negated and the same physics runs on. A hard negative for rewards and judges."""
