@@ -204,9 +204,9 @@ class JudgeModelSpec:
 
 @dataclass
 class ToyVerdictsSpec(ToyCandidatesSpec):
-    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no),
-    with ``synthetic_failures`` damaged true ones and with ``policy`` that NSP policy's own samples,
-    both yes when ``toyworld_verifiable`` >= 0.5."""
+    """``data: {type: toyworld_verdicts, ...}``: true toy-world continuations (yes), perturbed ones (no;
+    with ``verify_perturbed`` both as the verifier says), with ``synthetic_failures`` damaged true ones
+    and with ``policy`` that NSP policy's own samples, both yes when ``toyworld_verifiable`` >= 0.5."""
 
     type: Literal["toyworld_verdicts"] = field(default="toyworld_verdicts", metadata={"help": "data kind"})
     num_train: int = field(default=512, metadata={"help": "training samples (two rows each: yes and no)"})
@@ -216,6 +216,14 @@ class ToyVerdictsSpec(ToyCandidatesSpec):
         metadata={
             "help": f"per sample, its true future damaged by each ({', '.join(FAILURES)}; repeat: another "
             "strength), labelled by toyworld_verifiable >= 0.5"
+        },
+    )
+
+    verify_perturbed: bool = field(
+        default=False,
+        metadata={
+            "help": "label the true and perturbed continuations by toyworld_verifiable >= 0.5 too (a frozen "
+            "or shuffled future of a still scene is right), not yes / no by construction"
         },
     )
 
@@ -291,7 +299,9 @@ def build_rows(data: Any, choices: Sequence[str], seed: int = 0) -> tuple[Any, A
     tables = []
     for split, n in (("train", data.num_train), ("validation", data.num_eval)):
         world = ToyWorld(config, split=split, num_samples=n)
-        table = toyworld_verdicts(world, data.perturbations, choices=choices, num_workers=workers)
+        table = toyworld_verdicts(
+            world, data.perturbations, choices=choices, num_workers=workers, verify=data.verify_perturbed
+        )
         if data.synthetic_failures:
             synthetic = synthetic_verdicts(
                 world, data.synthetic_failures, seed, choices=choices, num_workers=workers
@@ -822,7 +832,9 @@ def judge_auroc(
 ) -> dict[str, float]:
     """How well a judge's P(positive) tells good continuations from bad on `held_out_candidates`:
     ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
-    the same two over the policy's samples only (``policy/*``), and the mean P per candidate kind."""
+    the same two over the policy's samples only (``policy/*``), and per candidate kind the mean P, how
+    many the verifier passes (``positives/<kind>``) and the mean P of those and of the rest
+    (``p_<yes>_pass/<kind>``, ``p_<yes>_fail/<kind>``)."""
     import numpy as np
 
     p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
@@ -839,6 +851,13 @@ def judge_auroc(
     if policy.sum() >= 2:
         out["policy/auroc"] = auroc(p[policy], verifiable[policy] >= threshold)
         out["policy/spearman"] = spearman(p[policy], verifiable[policy])
+    yes = judge.config.choices[0]
+    passing = verifiable >= threshold
     for kind in dict.fromkeys(held_out.kinds):
-        out[f"p_{judge.config.choices[0]}/{kind}"] = float(p[kinds == kind].mean())
+        of_kind = kinds == kind
+        out[f"p_{yes}/{kind}"] = float(p[of_kind].mean())
+        out[f"positives/{kind}"] = float(passing[of_kind].sum())
+        for label, rows in (("pass", of_kind & passing), ("fail", of_kind & ~passing)):
+            if rows.any():  # where the judge disagrees with the verifier, by kind
+                out[f"p_{yes}_{label}/{kind}"] = float(p[rows].mean())
     return out

@@ -46,6 +46,9 @@ def test_held_out_candidates_span_good_and_bad_and_the_metrics_read_them():
     oracle = judge_auroc(OracleJudge(held_out.verifiable), held_out)
     assert oracle["auroc"] == 1.0 and oracle["spearman"] == pytest.approx(1.0)
     assert oracle["positives"] >= 3 and oracle["candidates"] == len(kinds)
+    assert sum(oracle[f"positives/{k}"] for k in set(kinds)) == oracle["positives"]
+    assert oracle["p_yes_pass/true"] == pytest.approx(sum(true) / 3)  # the oracle's P is the verifier's
+    assert oracle["p_yes_fail/other_sample"] < 0.5 and "p_yes_pass/other_sample" not in oracle
     anti = judge_auroc(OracleJudge([-v for v in held_out.verifiable]), held_out)
     assert anti["auroc"] == 0.0 and anti["spearman"] == pytest.approx(-1.0)
 

@@ -156,6 +156,7 @@ def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_pr
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     config = json.loads((run / "final" / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 256 and config["vision_config"]["patch_size"] == 2
+    assert config["vision_config"]["window_size"] == 32  # one window a frame
     judge = InProcessJudge(str(run / "final"), dtype="float32", mode="clip", num_frames=3)
     table = toyworld_verdicts(
         ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=2), ["frozen"]
@@ -471,3 +472,29 @@ def test_synthetic_verdicts_are_labelled_by_the_verifier_and_reproducible(tmp_pa
     assert not all(torch.equal(other[i]["candidate"], train[i]["candidate"]) for i in fade)
     with pytest.raises(ConfigError, match="synthetic_failures"):
         validate(load_recipe(RECIPE, [*overrides[:-1], "data.synthetic_failures=[melt]"]))
+
+
+def test_verified_perturbations_are_labelled_by_the_verifier_in_worker_processes_too():
+    """``data.verify_perturbed``: true and perturbed rows get the verifier's score and its verdict (a
+    shuffled future of a scene whose balls barely move passes: both labels occur among the perturbed);
+    without it every perturbed row is "no" and unscored. Scoring in worker processes gives the same."""
+    from grpo.data.judge_data import _verify
+    from grpo.data.video import to_uint8
+    from rewards.verifiable import ToyWorldVerifiableReward
+
+    world = ToyWorld(ToyWorldConfig(next_overlap=1), split="test", num_samples=12)
+    plain = toyworld_verdicts(world, ["shuffled", "frozen"])
+    verified = toyworld_verdicts(world, ["shuffled", "frozen"], verify=True)
+    assert [plain[i]["verdict"] for i in range(1, 24, 2)] == ["no"] * 12 and plain[1]["score"] is None
+    reward = ToyWorldVerifiableReward()
+    for i in range(24):
+        row, sample = verified[i], world[i // 2]
+        assert torch.equal(frames(row["candidate"]), frames(plain[i]["candidate"]))
+        truth = reward([frames(row["candidate"])], world=[sample["world"]]).scores[0]
+        assert row["score"] == pytest.approx(truth) and row["verdict"] == ("yes" if truth >= 0.5 else "no")
+    assert {verified[i]["verdict"] for i in range(1, 24, 2)} == {"yes", "no"}
+    videos = [torch.as_tensor(to_uint8(world[i % 12]["next"])) for i in range(256)]
+    worlds = [json.dumps(world[i % 12]["world"]) for i in range(256)]
+    assert _verify(videos, worlds, num_workers=2) == _verify(videos[:12], worlds[:12], num_workers=0) * 21 + (
+        _verify(videos[:4], worlds[:4], num_workers=0)
+    )

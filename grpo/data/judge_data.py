@@ -261,11 +261,44 @@ def toyworld_verdicts(
     *,
     choices: Sequence[str] = ("yes", "no"),
     num_workers: int = 0,
+    verify: bool = False,
 ) -> Any:
     """Two rows per toy-world sample: its true future (yes) and a perturbed one (no; sample ``i``
-    gets ``perturbations[i % len]``), with the context caption as the prompt; a `verdict_dataset`."""
+    gets ``perturbations[i % len]``), with the context caption as the prompt; a `verdict_dataset`.
+
+    ``verify``: both rows labelled by ``toyworld_verifiable`` instead (``choices[0]`` at or above
+    `VERIFIABLE_YES`, the ``score`` column set), as the synthetic failures and the policy's samples
+    are: a frozen or shuffled future of a scene whose balls barely move is a right one, and the
+    judge is measured against the verifier (`grpo.judge_training.judge_auroc`). Scored in
+    ``num_workers`` processes (~30 ms a row)."""
     pairs = toyworld_pairs(world, perturbations, num_workers=num_workers)
-    return verdict_dataset(verdicts_from_pairs(pairs, choices))
+    rows = verdicts_from_pairs(pairs, choices)
+    if verify:
+        worlds = [str(w) for w in pairs["world"] for _ in range(2)]  # a yes and a no row per pair
+        scores = _verify([r["candidate"] for r in rows], worlds, num_workers)
+        for row, score in zip(rows, scores, strict=True):
+            row["verdict"] = choices[0] if score >= VERIFIABLE_YES else choices[1]
+            row["score"] = float(score)
+    return verdict_dataset(rows)
+
+
+def _verify(videos: Sequence[Any], worlds: Sequence[str], num_workers: int) -> list[float]:
+    """``toyworld_verifiable`` of each video (its world's JSON), in up to ``num_workers`` processes."""
+    workers = min(num_workers, len(videos) // 128)
+    if workers <= 1:
+        return list(ToyWorldVerifiableReward()(list(videos), world=list(worlds)).scores)
+    import multiprocessing
+
+    bounds = np.linspace(0, len(videos), 4 * workers + 1).astype(int)
+    chunks = [(list(videos[a:b]), list(worlds[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return [score for part in pool.starmap(_verify_chunk, chunks) for score in part]
+
+
+def _verify_chunk(videos: list[Any], worlds: list[str]) -> list[float]:
+    """`_verify` of one chunk (one process)."""
+    torch.set_num_threads(1)
+    return list(ToyWorldVerifiableReward()(videos, world=worlds).scores)
 
 
 def read_verdict_manifest(path: str | Path, choices: Sequence[str] = ("yes", "no")) -> Any:
