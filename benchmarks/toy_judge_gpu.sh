@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy judge in one GPU call (one H200, at most 14 CPU cores, <= 8 min): recipes/toy_judge_sft_gpu.yaml
+# The toy judge in one GPU call (one H200, at most 15 CPU cores, about 9 min): recipes/toy_judge_sft_gpu.yaml
 # (verdict loss + the pair term + cross-context reward-margin pairs; true, perturbed, synthetic-failure
 # and checkpoints/toy_nsp rows labelled by the verifier) trained at each learning rate of $LRS side by
 # side (default one, 3e-4: the CPU-measured setting; the CORES CPU cores are shared out between them
@@ -24,7 +24,7 @@ RECIPE=recipes/toy_judge_sft_gpu.yaml
 RUNS=${RUNS:-runs/toy-judge-sft-gpu}
 RESULTS=${RESULTS:-benchmarks/results}
 LRS=${LRS:-"3e-4"}  # CPU, width 128: 3e-4 learns, 1e-3 collapses; e.g. LRS="1.5e-4 3e-4" to compare
-CORES=${CORES:-14}
+CORES=${CORES:-15}
 runs=$(wc -w <<< "$LRS")
 workers=$(( (CORES - runs) / runs > 1 ? (CORES - runs) / runs : 1 ))  # per run, beside its main process
 mkdir -p "$OUT" "$RUNS" "$RESULTS"

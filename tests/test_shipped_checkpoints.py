@@ -56,8 +56,8 @@ def test_shipped_toy_judge_tells_true_continuations_from_perturbed_ones():
     """``checkpoints/toy_judge`` (recipes/toy_judge_sft_gpu.yaml): safetensors only, under 16 MiB, asked
     the question it was trained with (its provenance's ``judge_kwargs``), on 12 fresh test-split
     contexts: P(yes) of the true continuation above each perturbation's, and agreement with the
-    verifiable reward (measured on 48 contexts with policy samples on a GPU: AUROC 0.77, the untrained
-    judge 0.50; benchmarks/results/judge_auroc.json)."""
+    verifiable reward (measured on 64 contexts with policy samples on a GPU: AUROC 0.86, the untrained
+    judge 0.48; benchmarks/results/judge_auroc.json). Its sizes are its recipe's."""
     from grpo.judge_training import held_out_candidates, judge_auroc
     from rewards.judge.local import InProcessJudge
 
@@ -65,6 +65,16 @@ def test_shipped_toy_judge_tells_true_continuations_from_perturbed_ones():
     _assert_small_and_safetensors_only(path, 16 * 2**20)
     assert (path / "model.safetensors").is_file()
     kwargs = json.loads((path / "provenance.json").read_text())["judge_kwargs"]
+    from grpo.recipe import load_recipe, recipe_to_dict
+
+    policy = recipe_to_dict(load_recipe(ROOT.parent / "recipes" / "toy_judge_sft_gpu.yaml"))["policy"]
+    assert kwargs.items() <= policy["judge"].items()  # what the recipe sets (the rest: defaults)
+    config = json.loads((path / "config.json").read_text())
+    vision, tiny = config["vision_config"], policy["tiny_spec"]
+    shipped = [vision[k] for k in ("window_size", "patch_size", "hidden_size", "depth")]
+    assert shipped == [tiny[k] for k in ("window_size", "patch_size", "vision_width", "vision_depth")]
+    text = config["text_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (tiny["hidden_size"], tiny["num_layers"])
     measured = judge_auroc(
         InProcessJudge(str(path), dtype="float32", **kwargs), held_out_candidates(12, policy=None)
     )
