@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from policies.errors import InputError
 from policies.qwen_vl_inputs import QwenVLInputsConfig
 
 if TYPE_CHECKING:
@@ -109,6 +110,14 @@ class TinyQwenVLSpec:
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
 
+    def __post_init__(self) -> None:
+        merged = 2 * self.patch_size  # one merged token: 2 x 2 patches
+        if self.window_size is not None and (self.window_size < merged or self.window_size % merged):
+            raise InputError(
+                f"tiny_spec.window_size {self.window_size}: give a positive multiple of {merged} px "
+                f"(2 x patch_size, one merged token), or leave it out for 4 patches"
+            )
+
 
 def _model(spec: TinyQwenVLSpec, tokenizer):
     from transformers import (
@@ -167,7 +176,7 @@ def _model(spec: TinyQwenVLSpec, tokenizer):
                 "hidden_size": spec.vision_width,
                 "intermediate_size": 2 * spec.vision_width,
                 "out_hidden_size": spec.hidden_size,
-                "window_size": spec.window_size or 4 * spec.patch_size,
+                "window_size": 4 * spec.patch_size if spec.window_size is None else spec.window_size,
                 "fullatt_block_indexes": [spec.vision_depth - 1],
             },
             **ids,

@@ -57,8 +57,9 @@ def test_judge_is_the_only_training_reward_for_one_iteration(tmp_path, scoring):
 
 def test_the_recipe_and_its_settings_are_what_the_benchmark_measured():
     """benchmarks/results/judge_grpo_gpu.json records, per setting, the resolved recipe its runs trained
-    with and the overrides that give it from this recipe: they must still resolve to exactly that
-    (with the runs' logging overrides), so the README's numbers are the recipe's."""
+    with and the overrides that give it from this recipe (benchmarks/toy_judge_grpo.py's settings):
+    they must still resolve to exactly that (with the runs' logging overrides), so the README's
+    numbers are the recipe's."""
     from grpo.recipe import load_recipe, recipe_to_dict
 
     measured = json.loads((REPO / "benchmarks/results/judge_grpo_gpu.json").read_text())
@@ -69,6 +70,15 @@ def test_the_recipe_and_its_settings_are_what_the_benchmark_measured():
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
         return out
 
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_judge_grpo", REPO / "benchmarks" / "toy_judge_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {name: overrides for name, (_, overrides) in bench.SETTINGS.items()} == {
+        name: measured[name]["overrides"] for name in bench.SETTINGS
+    }  # what the benchmark runs today is what was measured
+    assert measured["run_overrides"] == bench.RUN_OVERRIDES
     assert measured["choice"]["overrides"] == []  # the recipe as shipped
     for name in ("choice", "binary", "choice_kl_low"):
         overrides = measured[name]["overrides"] + measured["run_overrides"]

@@ -252,15 +252,19 @@ def test_in_process_judge_runs_qwen2_vl(tmp_path, mode):
     assert all(0 < s < 1 for s in out.scores) and out.scores[0] != out.scores[1]
 
 
-def test_a_window_as_large_as_the_frame_is_whole_frame_attention(tmp_path):
-    """``window_size`` >= the frame side: Qwen2.5-VL's windowed block sees the whole frame, so the judge
-    scores what the same weights score with every block on full attention (transformers' other path);
-    the default 4-patch windows score otherwise."""
+@pytest.mark.parametrize(("window_size", "width"), [(32, 32), (64, 40)])
+def test_a_window_as_large_as_the_frame_is_whole_frame_attention(tmp_path, window_size, width):
+    """``window_size`` >= the frame side (the judge recipe's 32 on 32 x 32 frames; 64 on 32 x 40):
+    Qwen2.5-VL's windowed block sees the whole frame, so the judge scores what the same weights score
+    with every block on full attention (transformers' other path); 4-patch windows score otherwise; a
+    window that is not a whole number of merged tokens is refused."""
     import json
 
+    from policies.errors import InputError
     from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
 
-    videos, contexts = batch()
+    videos = [rand_frames(10 + i, 5, 32, width) for i in range(2)]
+    contexts = [rand_frames(20 + i, 5, 32, width) for i in range(2)]
 
     def score(path) -> list[float]:
         judge = InProcessJudge(str(path), dtype="float32", mode="clip", num_frames=2)
@@ -277,10 +281,13 @@ def test_a_window_as_large_as_the_frame_is_whole_frame_attention(tmp_path):
         (path / "config.json").write_text(json.dumps(config))
         return windowed, score(path)
 
-    windowed, full = scores(64)  # frames of 32 x 40 px
+    windowed, full = scores(window_size)
     assert windowed == pytest.approx(full, abs=1e-6)
     windowed, full = scores(None)
     assert max(abs(a - b) for a, b in zip(windowed, full)) > 1e-5
+    for bad in (0, 6):
+        with pytest.raises(InputError, match="multiple of 4 px"):
+            TinyQwenVLSpec(patch_size=2, window_size=bad)
 
 
 # ------------------------------------------------------------------------- payload vs vLLM's own models

@@ -498,3 +498,20 @@ def test_verified_perturbations_are_labelled_by_the_verifier_in_worker_processes
     assert _verify(videos, worlds, num_workers=2) == _verify(videos[:12], worlds[:12], num_workers=0) * 21 + (
         _verify(videos[:4], worlds[:4], num_workers=0)
     )
+
+
+def test_a_recipe_with_verify_perturbed_builds_verified_rows(tmp_path):
+    """``data.verify_perturbed: true`` reaches the training and held-out tables: every true and
+    perturbed row carries a verifiable score and the verdict it implies."""
+    from grpo.judge_training import build_rows
+    from grpo.recipe import load_recipe
+    from grpo.train import validate
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.num_train=6", "data.num_eval=2"]
+    _, data = validate(load_recipe(RECIPE, [*overrides, "data.verify_perturbed=true"]))
+    for table in build_rows(data, ("yes", "no"), seed=0):
+        rows = [table[i] for i in range(len(table))]
+        assert rows and all(r["score"] is not None for r in rows)
+        assert all(r["verdict"] == ("yes" if r["score"] >= 0.5 else "no") for r in rows)
+    _, plain = validate(load_recipe(RECIPE, overrides))
+    assert all(plain_row["score"] is None for plain_row in build_rows(plain, ("yes", "no"), seed=0)[0])

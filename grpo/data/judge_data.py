@@ -275,6 +275,7 @@ def toyworld_verdicts(
     rows = verdicts_from_pairs(pairs, choices)
     if verify:
         worlds = [str(w) for w in pairs["world"] for _ in range(2)]  # a yes and a no row per pair
+        assert len(worlds) == len(rows), "toy pairs are never ties: every pair gives two rows"
         scores = _verify([r["candidate"] for r in rows], worlds, num_workers)
         for row, score in zip(rows, scores, strict=True):
             row["verdict"] = choices[0] if score >= VERIFIABLE_YES else choices[1]
