@@ -604,6 +604,15 @@ def _segment_onsets(scene: _Scene, start: int, stop: int, fps: float) -> list[di
     return out
 
 
+def _onsets(scene: _Scene, config: ToyWorldConfig) -> dict[str, list[dict[str, Any]]]:
+    """The tones of the context and of the next segment (`_segment_onsets`)."""
+    fc, start = config.context_frames, config.context_frames - config.next_overlap
+    return {
+        "context": _segment_onsets(scene, 0, fc, config.fps),
+        "next": _segment_onsets(scene, start, start + config.next_frames, config.fps),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------
 # samples
 # ---------------------------------------------------------------------------------------------------
@@ -688,10 +697,7 @@ def generate_sample(
         world["audio"] = {
             "sample_rate": config.sample_rate,
             "tone_seconds": _tone_seconds(config),
-            "onsets": {
-                "context": _segment_onsets(scene, 0, fc, config.fps),
-                "next": _segment_onsets(scene, start, stop, config.fps),
-            },
+            "onsets": _onsets(scene, config),
         }
     return sample
 
@@ -745,13 +751,7 @@ class ToyWorld(torch.utils.data.Dataset):
         config = self.config
         if not config.audio:
             raise InputError("onsets need a toy world with audio; set ToyWorldConfig(audio=True)")
-        scene = _make_scene(self.seed(int(index)), config)
-        fc = config.context_frames
-        start = fc - config.next_overlap
-        return {
-            "context": _segment_onsets(scene, 0, fc, config.fps),
-            "next": _segment_onsets(scene, start, start + config.next_frames, config.fps),
-        }
+        return _onsets(_make_scene(self.seed(int(index)), config), config)
 
     def reversed_next(self, index: int) -> torch.Tensor:
         """A wrong future for sample ``index``: from the last context frame every ball's velocity is
