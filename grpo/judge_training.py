@@ -841,18 +841,18 @@ def judge_auroc(
     p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)
     verifiable = np.asarray(held_out.verifiable, dtype=np.float64)
     kinds = np.asarray(held_out.kinds)
+    passing = verifiable >= threshold
     out = {
-        "auroc": auroc(p, verifiable >= threshold),
+        "auroc": auroc(p, passing),
         "spearman": spearman(p, verifiable),
         "candidates": float(len(p)),
-        "positives": float((verifiable >= threshold).sum()),
+        "positives": float(passing.sum()),
     }
     policy = kinds == "policy"
     if policy.sum() >= 2:
-        out["policy/auroc"] = auroc(p[policy], verifiable[policy] >= threshold)
+        out["policy/auroc"] = auroc(p[policy], passing[policy])
         out["policy/spearman"] = spearman(p[policy], verifiable[policy])
     yes = judge.config.choices[0]
-    passing = verifiable >= threshold
     for kind in dict.fromkeys(held_out.kinds):
         of_kind = kinds == kind
         out[f"p_{yes}/{kind}"] = float(p[of_kind].mean())
