@@ -111,6 +111,11 @@ class TinyQwenVLSpec:
     seed: int = field(default=0, metadata={"help": "Seed for the random weights."})
 
     def __post_init__(self) -> None:
+        if self.window_size is not None and self.architecture != "qwen2_5_vl":
+            raise InputError(
+                f"tiny_spec.window_size: only qwen2_5_vl's vision tower has attention windows, not "
+                f"{self.architecture}'s; drop window_size or set architecture: qwen2_5_vl"
+            )
         merged = 2 * self.patch_size  # one merged token: 2 x 2 patches
         if self.window_size is not None and (self.window_size < merged or self.window_size % merged):
             raise InputError(

@@ -288,6 +288,8 @@ def test_a_window_as_large_as_the_frame_is_whole_frame_attention(tmp_path, windo
     for bad in (0, 6):
         with pytest.raises(InputError, match="multiple of 4 px"):
             TinyQwenVLSpec(patch_size=2, window_size=bad)
+    with pytest.raises(InputError, match="only qwen2_5_vl"):
+        TinyQwenVLSpec(architecture="qwen3_vl", patch_size=2, window_size=32)
 
 
 # ------------------------------------------------------------------------- payload vs vLLM's own models
