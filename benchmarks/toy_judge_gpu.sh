@@ -6,11 +6,11 @@
 # for scene simulation and batch building), the one with the best held-out separation on the recipe's
 # validation split kept, then benchmarks/judge_auroc.py scores the untrained base and every trained
 # judge on fresh test-split scenes (true, perturbed, checkpoints/toy_nsp's own samples), writes
-# benchmarks/results/judge_auroc.json and the kept judge's provenance.json, and packs that judge for
-# checkpoints/toy_judge:
+# judge_auroc.json (to $RESULTS, default $RUNS/results: the committed benchmarks/results/judge_auroc.json
+# also holds the judges shipped before, so merge by hand) and the kept judge's provenance.json, and
+# packs that judge for checkpoints/toy_judge:
 #   OUT=/some/dir bash benchmarks/toy_judge_gpu.sh
 #   mkdir -p checkpoints/toy_judge && tar -xf $OUT/toy_judge.tar -C checkpoints/toy_judge
-#   cp $OUT/judge_auroc.json benchmarks/results/
 # $OUT gets train_lr*.log (one per learning rate), auroc.log and times.txt as they are written (they
 # survive a timeout), then judge_auroc.json, toy_judge.tar and metrics.tar.gz (each run's metrics.jsonl).
 # Smoke test on CPU (about a minute on 2 cores):
@@ -22,7 +22,7 @@ set -euo pipefail
 OUT=${OUT:-runs/toy_judge_gpu}
 RECIPE=recipes/toy_judge_sft_gpu.yaml
 RUNS=${RUNS:-runs/toy-judge-sft-gpu}
-RESULTS=${RESULTS:-benchmarks/results}
+RESULTS=${RESULTS:-$RUNS/results}
 LRS=${LRS:-"3e-4"}  # CPU, width 128: 3e-4 learns, 1e-3 collapses; e.g. LRS="1.5e-4 3e-4" to compare
 CORES=${CORES:-15}
 runs=$(wc -w <<< "$LRS")
