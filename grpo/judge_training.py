@@ -832,9 +832,12 @@ def judge_auroc(
 ) -> dict[str, float]:
     """How well a judge's P(positive) tells good continuations from bad on `held_out_candidates`:
     ``auroc`` against "verifiable reward >= ``threshold``", ``spearman`` with the verifiable reward,
-    the same two over the policy's samples only (``policy/*``), and per candidate kind the mean P, how
+    the same two over the policy's samples only (``policy/*``), per candidate kind the mean P, how
     many the verifier passes (``positives/<kind>``) and the mean P of those and of the rest
-    (``p_<yes>_pass/<kind>``, ``p_<yes>_fail/<kind>``)."""
+    (``p_<yes>_pass/<kind>``, ``p_<yes>_fail/<kind>``), and where the AUROC is lost:
+    ``misranked/<kind a>/<kind b>``, the share of all (passing, failing) pairs that pair a passing
+    candidate of kind a with a failing one of kind b and rank the failing one higher (ties: one
+    half); these shares add up to 1 - ``auroc``."""
     import numpy as np
 
     p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
@@ -860,4 +863,9 @@ def judge_auroc(
         for label, rows in (("pass", of_kind & passing), ("fail", of_kind & ~passing)):
             if rows.any():  # where the judge disagrees with the verifier, by kind
                 out[f"p_{yes}_{label}/{kind}"] = float(p[rows].mean())
+    pairs = passing.sum() * (~passing).sum()
+    for good in dict.fromkeys(kinds[passing]):
+        for bad in dict.fromkeys(kinds[~passing]):
+            gap = p[passing & (kinds == good)][:, None] - p[~passing & (kinds == bad)][None, :]
+            out[f"misranked/{good}/{bad}"] = float(((gap < 0).sum() + 0.5 * (gap == 0).sum()) / pairs)
     return out

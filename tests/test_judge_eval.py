@@ -53,6 +53,31 @@ def test_held_out_candidates_span_good_and_bad_and_the_metrics_read_them():
     assert anti["auroc"] == 0.0 and anti["spearman"] == pytest.approx(-1.0)
 
 
+def test_misranked_pairs_say_where_the_auroc_is_lost():
+    """Each (passing kind, failing kind) share counts the pairs a judge orders wrongly, by hand here,
+    and the shares add up to what `auroc` misses."""
+    held_out = held_out_candidates(3, generations=2, seed=5)
+    kinds, passing = held_out.kinds, [v >= 0.5 for v in held_out.verifiable]
+    # a judge that ranks every candidate by its index: half right, half wrong, some ties
+    values = [round(i / 7) for i in range(len(kinds))]
+    result = judge_auroc(OracleJudge(values), held_out)
+    good = [i for i, ok in enumerate(passing) if ok]
+    bad = [i for i, ok in enumerate(passing) if not ok]
+    shares = {k: v for k, v in result.items() if k.startswith("misranked/")}
+    assert set(shares) == {f"misranked/{kinds[g]}/{kinds[b]}" for g in good for b in bad}
+    for key, share in shares.items():
+        _, a, b = key.split("/")
+        counted = sum(
+            1.0 if values[i] < values[j] else 0.5 if values[i] == values[j] else 0.0
+            for i in good if kinds[i] == a for j in bad if kinds[j] == b
+        )  # fmt: skip
+        assert share == pytest.approx(counted / (len(good) * len(bad)))
+    assert 0 < sum(shares.values()) < 1
+    assert sum(shares.values()) == pytest.approx(1 - result["auroc"])
+    oracle = judge_auroc(OracleJudge(held_out.verifiable), held_out)
+    assert all(v == 0 for k, v in oracle.items() if k.startswith("misranked/"))
+
+
 def test_a_real_tiny_judge_is_scored(tmp_path):
     held_out = held_out_candidates(2, policy=None)
     judge = InProcessJudge(str(build_tiny_qwen_vl(tmp_path / "judge")), dtype="float32", num_frames=2)
