@@ -108,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     from grpo.config import GRPOConfig
     from grpo.trainer import GRPOTrainer
+    from grpo.training_state import leave_process_group
 
     run = RUNS[args.model, args.tiny]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -119,6 +120,7 @@ def worker(args: argparse.Namespace) -> None:
     policy, rows = _build(args, device, full)
     if args.mode == "cp":
         context_parallel(args, policy, rows, run, world, device)
+        leave_process_group()
         return
     output_dir = Path(args.out).parent / f"run_{args.mode}_{world}"
     config = GRPOConfig(
@@ -161,6 +163,7 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(
             json.dumps({"mode": args.mode, "world_size": world, "run": run, "iterations": metrics})
         )
+    leave_process_group()
 
 
 def context_parallel(

@@ -303,6 +303,17 @@ def _init_single_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def leave_process_group() -> None:
+    """End a multi-process run cleanly (call it last, on every rank): a rank exiting with the process
+    group still up can abort in its teardown (SIGABRT, "terminate called without an active
+    exception", seen with gloo), which torchrun reports as a failed run although everything was saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _fully_shard(module: torch.nn.Module, param_dtype: torch.dtype) -> None:
     """FSDP2: shard every repeated block (diffusers' ``_repeated_blocks``), then the root module.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from grpo.recipe import TRAINER_CONFIGS, load_recipe
 from grpo.train import run as run_recipe
 from grpo.train import validate
+from grpo.training_state import leave_process_group
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,16 +49,5 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"done: {len(history)} iterations logged in {recipe.args.output_dir}/metrics.jsonl; last: {shown}"
         )
-    _leave_process_group()
+    leave_process_group()
     return 0
-
-
-def _leave_process_group() -> None:
-    """End a multi-process run cleanly: a rank exiting with the process group still up can abort in
-    its teardown (SIGABRT, "terminate called without an active exception", seen with gloo), which
-    torchrun reports as a failed run although everything was saved."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
