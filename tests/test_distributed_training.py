@@ -7,8 +7,10 @@ trainer tests of `test_grpo_trainer.py`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +27,25 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_ltx(tmp_path_factory.mktemp("tiny_ltx"))
 
 
+ABORT = "terminate called without an active exception"
+
+
 def torchrun_worker(script, *args, port, nproc=2, timeout=600):
-    """Run ``tests/scripts/<script>`` as ``nproc`` torchrun ranks and assert they all succeed."""
-    result = subprocess.run(
+    """Run ``tests/scripts/<script>`` as ``nproc`` torchrun ranks and assert they all succeed. A run in
+    which a gloo rank aborted (``ABORT``: seen only on a loaded CI machine, in runs that pass alone)
+    is run once more from scratch (its output, ``args[1]``, removed first)."""
+    for attempt in range(2):
+        result = _torchrun_once(script, *args, port=port, nproc=nproc, timeout=timeout)
+        if result.returncode == 0 or ABORT not in result.stderr or attempt:
+            break
+        print(f"{script}: a gloo rank aborted ({ABORT}); running it once more")
+        out = Path(args[1])
+        shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _torchrun_once(script, *args, port, nproc, timeout):
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -46,7 +64,6 @@ def torchrun_worker(script, *args, port, nproc=2, timeout=600):
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def _torchrun(tiny_dir, out, *overrides, port, nproc=2):
