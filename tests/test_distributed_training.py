@@ -40,7 +40,10 @@ def torchrun_worker(script, *args, port, nproc=2, timeout=600):
             break
         print(f"{script}: a gloo rank aborted ({ABORT}); running it once more")
         out = Path(args[1])
-        shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
