@@ -7,7 +7,9 @@ the judge never saw (test-split seeds): each context's true continuation, one of
 and ``--generations`` samples of the shipped NSP policy (``--policy``, drawn as its GRPO rollouts
 are), every candidate labelled by ``toyworld_verifiable`` (`grpo.judge_training.held_out_candidates`).
 Reports the AUROC of P(yes) against "verifiable reward >= 0.5", its Spearman correlation with the
-verifiable reward, the same over the policy's samples only, and the mean P(yes) per kind.
+verifiable reward, the same over the policy's samples only, and the mean P(yes) per kind. Each
+result also reports ``ceiling/auroc``: the verifier's own AUROC on just the frames the judge is shown
+(`grpo.judge_training.verifier_ceiling`), the best a judge asked that question can reach.
 
     python benchmarks/judge_auroc.py --recipe recipes/toy_judge_sft.yaml \\
         --judge runs/toy-judge-sft/base runs/toy-judge-sft/final --contexts 64 --generations 4
@@ -43,7 +45,14 @@ def main() -> None:
     parser.add_argument("--judge", nargs="+", required=True, help="judge checkpoint directories")
     parser.add_argument("--recipe", help="judge_sft recipe whose policy.judge is the question asked")
     parser.add_argument("--judge-kwargs", default="{}", help="JSON of JudgeConfig prompt fields")
-    parser.add_argument("--contexts", type=int, default=64, help="held-out test-split contexts")
+    parser.add_argument("--contexts", type=int, default=64, help="held-out contexts (the first of --split)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "validation"),
+        help="toy-world split of the contexts: test (the reported figure), or validation (to choose "
+        "between trained judges without touching test)",
+    )
     parser.add_argument("--generations", type=int, default=4, help="policy samples per context (0: none)")
     parser.add_argument("--policy", default=str(ROOT / "checkpoints" / "toy_nsp"), help="NSP checkpoint")
     parser.add_argument("--seed", type=int, default=2, help="seed of the policy's samples")
@@ -68,14 +77,19 @@ def main() -> None:
     start = time.perf_counter()
     held_out = held_out_candidates(
         args.contexts, policy=args.policy if args.generations else None, generations=args.generations,
-        seed=args.seed,
+        seed=args.seed, split=args.split,
     )  # fmt: skip
     built = time.perf_counter() - start
     results = []
     for path in args.judge:
         judge = InProcessJudge(path, dtype="float32", **kwargs)
         result = {"judge": path, "judge_kwargs": kwargs, **judge_auroc(judge, held_out)}
-        result.update(contexts=args.contexts, generations=args.generations, candidates_s=round(built, 1))
+        result.update(
+            split=args.split,
+            contexts=args.contexts,
+            generations=args.generations,
+            candidates_s=round(built, 1),
+        )
         print(json.dumps(result))
         results.append(result)
     if args.json:
@@ -105,6 +119,8 @@ def write_provenance(judge: Path, args: argparse.Namespace, kwargs: dict, result
         "--seed",
         str(args.seed),
     ]
+    if args.split != "test":
+        measure += ["--split", args.split]
     if args.judge_kwargs != "{}":
         measure += ["--judge-kwargs", args.judge_kwargs]
     if Path(args.policy).resolve() != (ROOT / "checkpoints" / "toy_nsp").resolve():

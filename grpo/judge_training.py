@@ -46,7 +46,7 @@ from policies.files import check_model_weights
 from policies.tiny_qwen_vl import TinyQwenVLSpec, build_tiny_qwen_vl
 from rewards.judge.config import JudgeConfig
 from rewards.judge.local import InProcessJudge, encode_request
-from rewards.judge.prompts import build_requests
+from rewards.judge.prompts import build_requests, shown_frames
 from rewards.preferences import PERTURBATIONS, perturb
 from rewards.reward_model import spearman
 from rewards.verifiable import ToyWorldVerifiableReward
@@ -777,10 +777,11 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 @dataclass
 class HeldOutCandidates:
-    """Candidate next scenes of held-out toy contexts, each with its verifiable reward."""
+    """Candidate next scenes of held-out toy contexts, each with its toy world and verifiable reward."""
 
     contexts: list[Any]
     candidates: list[Any]
+    worlds: list[Any]  # each candidate's toy-world metadata (the truth it is scored against)
     verifiable: list[float]
     kinds: list[str]
 
@@ -802,8 +803,7 @@ def held_out_candidates(
     config = ToyWorldConfig(size=32, next_overlap=1)  # the shipped NSP policy's data
     world = ToyWorld(config, split=split, num_samples=max(num_contexts, 2))
     samples = [world[i] for i in range(num_contexts)]
-    out = HeldOutCandidates([], [], [], [])
-    worlds = []
+    out = HeldOutCandidates([], [], [], [], [])
     for i, sample in enumerate(samples):
         other = world[(i + 1) % len(world)]
         videos = [("true", sample["next"])]
@@ -812,8 +812,8 @@ def held_out_candidates(
             out.contexts.append(sample["context"])
             out.candidates.append(video)
             out.kinds.append(kind)
-            worlds.append(sample["world"])
-    out.verifiable = list(ToyWorldVerifiableReward()(out.candidates, world=worlds).scores)
+            out.worlds.append(sample["world"])
+    out.verifiable = list(ToyWorldVerifiableReward()(out.candidates, world=out.worlds).scores)
     if policy is not None and generations > 0:
         spec = ToyPreferencesSpec(policy=policy, policy_generations=max(generations, 2))
         _, candidates, scores = policy_samples(spec, config, split, num_contexts, seed=seed)
@@ -822,8 +822,35 @@ def held_out_candidates(
                 if value is not None:
                     out.contexts.append(sample["context"])
                     out.candidates.append(video)
+                    out.worlds.append(sample["world"])
                     out.kinds.append("policy")
                     out.verifiable.append(float(value))
+    return out
+
+
+def verifier_ceiling(
+    held_out: HeldOutCandidates, frames: Sequence[int], threshold: float = VERIFIABLE_YES
+) -> dict[str, float]:
+    """The best AUROC a judge shown only the candidates' ``frames`` can reach: that of the verifier's
+    own score over just those frames (`ToyWorldVerifiableReward.score_frames`) against "verifiable
+    reward >= ``threshold``" -- ``ceiling/auroc``, and ``ceiling/policy/auroc`` over the policy's
+    samples (at least two). A candidate that goes wrong only between the shown frames looks right
+    there, so a judge's AUROC is read against this, not against 1."""
+    import numpy as np
+
+    shown = sorted(set(frames))  # a frame shown twice tells no more than once
+    verifier = ToyWorldVerifiableReward()
+    scores = np.asarray(
+        [
+            verifier.score_frames(video, world, shown, index=i)
+            for i, (video, world) in enumerate(zip(held_out.candidates, held_out.worlds, strict=True))
+        ]
+    )
+    passing = np.asarray(held_out.verifiable, dtype=np.float64) >= threshold
+    out = {"ceiling/auroc": auroc(scores, passing)}
+    policy = np.asarray(held_out.kinds) == "policy"
+    if policy.sum() >= 2:
+        out["ceiling/policy/auroc"] = auroc(scores[policy], passing[policy])
     return out
 
 
@@ -837,9 +864,19 @@ def judge_auroc(
     (``p_<yes>_pass/<kind>``, ``p_<yes>_fail/<kind>``), and where the AUROC is lost:
     ``misranked/<kind a>/<kind b>``, the share of all (passing, failing) pairs that pair a passing
     candidate of kind a with a failing one of kind b and rank the failing one higher (ties: one
-    half); these shares add up to 1 - ``auroc``."""
+    half); these shares add up to 1 - ``auroc``. ``ceiling/auroc`` (and ``ceiling/policy/auroc``) is
+    the most a judge shown the frames this one is shown can reach (`verifier_ceiling`, frames from
+    `rewards.judge.prompts.shown_frames`); mode ``text`` shows no frames and reports no ceiling."""
     import numpy as np
 
+    lengths = sorted({len(c) for c in held_out.candidates})
+    if len(lengths) > 1:
+        raise InputError(
+            f"judge_auroc: the candidates have {lengths} frames; the frames a judge is shown (and its "
+            "ceiling) need one length, give all candidates as many frames"
+        )
+    cfg = judge.config
+    frames = shown_frames(lengths[0], cfg.mode, cfg.num_frames, cfg.frame_stride) if lengths else []
     p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
     p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)
     verifiable = np.asarray(held_out.verifiable, dtype=np.float64)
@@ -868,4 +905,6 @@ def judge_auroc(
         for bad in dict.fromkeys(kinds[~passing]):
             gap = p[passing & (kinds == good)][:, None] - p[~passing & (kinds == bad)][None, :]
             out[f"misranked/{good}/{bad}"] = float(((gap < 0).sum() + 0.5 * (gap == 0).sum()) / pairs)
+    if frames:
+        out.update(verifier_ceiling(held_out, frames, threshold))
     return out

@@ -284,9 +284,9 @@ class _Truth:
 
 
 def _aggregate(
-    found: Detections, truth: _Truth, cfg: VerifiableRewardConfig, size: int, frames: slice
+    found: Detections, truth: _Truth, cfg: VerifiableRewardConfig, size: int, frames: slice | np.ndarray
 ) -> dict[str, Any]:
-    """Components over the frames in ``frames``."""
+    """Components over the frames in ``frames`` (a slice or an index array)."""
     mass, expected = found.mass[frames], truth.mass[frames]
     full = truth.full_area[None, :]
     visible_fraction = expected / full
@@ -337,10 +337,10 @@ class ToyWorldVerifiableReward:
             raise InputError("pass either a VerifiableRewardConfig or keyword overrides, not both")
         self.config = config or VerifiableRewardConfig(**overrides)
 
-    def score_video(
-        self, video: torch.Tensor | np.ndarray, world: Mapping[str, Any] | str, index: int = 0
-    ) -> dict[str, Any]:
-        """All components of one video's score; with ``per_clip`` also ``clip_scores`` (a float per clip)."""
+    def _detect(
+        self, video: torch.Tensor | np.ndarray, world: Mapping[str, Any] | str, index: int
+    ) -> tuple[Mapping[str, Any], _Truth, Detections, int]:
+        """The parsed world, its truth at the video's resolution, the balls found and ``max(H, W)``."""
         cfg = self.config
         world = _as_world(world, index, cfg.world_key)
         if world is None:
@@ -361,7 +361,14 @@ class ToyWorldVerifiableReward:
             smooth=cfg.smooth,
             soft_chroma=cfg.dense,
         )
-        size = max(height, width)
+        return world, truth, found, max(height, width)
+
+    def score_video(
+        self, video: torch.Tensor | np.ndarray, world: Mapping[str, Any] | str, index: int = 0
+    ) -> dict[str, Any]:
+        """All components of one video's score; with ``per_clip`` also ``clip_scores`` (a float per clip)."""
+        cfg = self.config
+        world, truth, found, size = self._detect(video, world, index)
         if not cfg.per_clip:
             return _aggregate(found, truth, cfg, size, slice(None))
         clip = cfg.clip_frames or world.get("clip_frames")
@@ -378,6 +385,29 @@ class ToyWorldVerifiableReward:
         whole["score"] = float(np.mean([c["score"] for c in clips]))
         whole["clip_scores"] = [c["score"] for c in clips]
         return whole
+
+    def score_frames(
+        self,
+        video: torch.Tensor | np.ndarray,
+        world: Mapping[str, Any] | str,
+        frames: Sequence[int],
+        index: int = 0,
+    ) -> float:
+        """The score of the video's frames ``frames`` alone, aggregated as one set (``per_clip`` does not
+        apply; over all frames it is ``score_video``'s score without it).
+
+        A judge shown only some frames of a scene (`rewards.judge.prompts.shown_frames`) can at best
+        know this: a scene that goes wrong between the frames it sees looks right to it. Ranking
+        candidates by it bounds the AUROC any such judge can reach (`grpo.judge_training.verifier_ceiling`).
+        """
+        world, truth, found, size = self._detect(video, world, index)
+        picks = np.asarray(frames, dtype=np.int64).reshape(-1)
+        if picks.size == 0 or picks.min() < 0 or picks.max() >= truth.num_frames:
+            raise InputError(
+                f"video {index}: frames {list(frames)} must be a non-empty list of indices into its "
+                f"{truth.num_frames} frames"
+            )
+        return float(_aggregate(found, truth, self.config, size, picks)["score"])
 
     def score_clips(
         self, video: torch.Tensor | np.ndarray, world: Mapping[str, Any] | str, clip_frames: int | None = None

@@ -7,11 +7,14 @@ import math
 
 import pytest
 
-from grpo.judge_training import auroc, held_out_candidates, judge_auroc
+from grpo.data import ToyWorld, ToyWorldConfig
+from grpo.judge_training import HeldOutCandidates, auroc, held_out_candidates, judge_auroc, verifier_ceiling
+from policies.errors import InputError
 from policies.tiny_qwen_vl import build_tiny_qwen_vl
 from rewards.judge.config import JudgeConfig
 from rewards.judge.local import InProcessJudge
 from rewards.types import RewardOutput
+from rewards.verifiable import ToyWorldVerifiableReward
 
 
 def test_auroc_is_the_chance_a_positive_outscores_a_negative():
@@ -26,8 +29,8 @@ def test_auroc_is_the_chance_a_positive_outscores_a_negative():
 class OracleJudge:
     """A stand-in judge whose P(yes) is a given function of the candidate index."""
 
-    def __init__(self, values):
-        self.config = JudgeConfig()
+    def __init__(self, values, **config):
+        self.config = JudgeConfig(**config)
         self.values = values
 
     def __call__(self, videos, prompts=None, contexts=None, **metadata):
@@ -51,6 +54,14 @@ def test_held_out_candidates_span_good_and_bad_and_the_metrics_read_them():
     assert oracle["p_yes_fail/other_sample"] < 0.5 and "p_yes_pass/other_sample" not in oracle
     anti = judge_auroc(OracleJudge([-v for v in held_out.verifiable]), held_out)
     assert anti["auroc"] == 0.0 and anti["spearman"] == pytest.approx(-1.0)
+    reward = ToyWorldVerifiableReward()  # each candidate's world is the truth it was scored against
+    scores = [reward.score_video(c, w)["score"] for c, w in zip(held_out.candidates, held_out.worlds)]
+    assert scores == pytest.approx(held_out.verifiable, abs=1e-12)
+    # the default judge is shown candidate frames 0, 3, 5, 8 of 9
+    assert {k: v for k, v in oracle.items() if k.startswith("ceiling/")} == verifier_ceiling(
+        held_out, [0, 3, 5, 8]
+    )
+    assert set(anti) - set(oracle) == set() and "ceiling/policy/auroc" in oracle
 
 
 def test_misranked_pairs_say_where_the_auroc_is_lost():
@@ -76,6 +87,64 @@ def test_misranked_pairs_say_where_the_auroc_is_lost():
     assert sum(shares.values()) == pytest.approx(1 - result["auroc"])
     oracle = judge_auroc(OracleJudge(held_out.verifiable), held_out)
     assert all(v == 0 for k, v in oracle.items() if k.startswith("misranked/"))
+
+
+def _spliced_candidates(policy_context: int = 1) -> HeldOutCandidates:
+    """Two toy contexts, each with its true next scene, another scene's (``other``) and ``other``
+    with the true frames 1, 3, 5 spliced in; the candidates of context ``policy_context`` are kind
+    ``policy``."""
+    world = ToyWorld(ToyWorldConfig(size=32, next_overlap=1), split="test", num_samples=3)
+    reward = ToyWorldVerifiableReward()
+    out = HeldOutCandidates([], [], [], [], [])
+    for i in range(2):
+        sample, other = world[i], world[i + 1]["next"]
+        spliced = other.clone()
+        spliced[[1, 3, 5]] = sample["next"][[1, 3, 5]]
+        for kind, video in (("true", sample["next"]), ("spliced", spliced), ("other_sample", other)):
+            out.contexts.append(sample["context"])
+            out.candidates.append(video)
+            out.worlds.append(sample["world"])
+            out.kinds.append("policy" if i == policy_context else kind)
+            out.verifiable.append(reward.score_video(video, sample["world"])["score"])
+    return out
+
+
+def test_verifier_ceiling_is_the_verifier_on_the_shown_frames_only():
+    """A candidate right on the shown frames and wrong between them (``spliced``) fails the verifier
+    but looks as good as the truth there: the ceiling counts that pair a tie. By hand from
+    `score_frames`, pair by pair."""
+    held_out = _spliced_candidates()
+    passing = [v >= 0.5 for v in held_out.verifiable]
+    assert passing == [True, False, False] * 2  # the spliced scenes fail over all frames
+    # shown everything, the verifier ranks itself perfectly: every passing score is >= 0.5 > every failing one
+    assert verifier_ceiling(held_out, range(9)) == {"ceiling/auroc": 1.0, "ceiling/policy/auroc": 1.0}
+    reward = ToyWorldVerifiableReward()
+    shown = [reward.score_frames(c, w, [1, 3, 5]) for c, w in zip(held_out.candidates, held_out.worlds)]
+    good = [s for s, ok in zip(shown, passing) if ok]
+    bad = [s for s, ok in zip(shown, passing) if not ok]
+    pairs = [1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad]
+    by_hand = sum(pairs) / len(pairs)
+    ceiling = verifier_ceiling(held_out, [1, 3, 5])
+    assert ceiling["ceiling/auroc"] == pytest.approx(by_hand) and by_hand < 0.9
+    # the policy's three: the truth ties its spliced copy on frames 1, 3, 5 and beats the other scene
+    assert ceiling["ceiling/policy/auroc"] == 0.75
+    assert verifier_ceiling(held_out, [5, 3, 1, 3]) == ceiling  # the frames shown, as a set
+    assert "ceiling/policy/auroc" not in verifier_ceiling(_spliced_candidates(policy_context=2), [1, 3, 5])
+
+
+def test_judge_auroc_reports_the_ceiling_of_the_frames_its_judge_is_shown():
+    held_out = held_out_candidates(2, policy=None)
+    values = list(held_out.verifiable)
+    clip = judge_auroc(OracleJudge(values, mode="clip", num_frames=3, frame_stride=2), held_out)
+    assert clip["ceiling/auroc"] == verifier_ceiling(held_out, [1, 3, 5])["ceiling/auroc"]
+    assert clip["ceiling/auroc"] < 1 and "ceiling/policy/auroc" not in clip  # frames 7, 8 unseen
+    every = judge_auroc(OracleJudge(values, mode="images", num_frames=9), held_out)
+    assert every["ceiling/auroc"] == 1.0
+    text = judge_auroc(OracleJudge(values, mode="text"), held_out)  # shown no frames: no ceiling
+    assert text["auroc"] == 1.0 and not any(k.startswith("ceiling/") for k in text)
+    held_out.candidates[0] = held_out.candidates[0][:8]
+    with pytest.raises(InputError, match=r"the candidates have \[8, 9\] frames"):
+        judge_auroc(OracleJudge(values), held_out)
 
 
 def test_a_real_tiny_judge_is_scored(tmp_path):

@@ -143,6 +143,37 @@ def test_clip_mode_shows_the_end_of_the_context_then_the_next_scene_as_one_video
         build_requests(config, [candidate[:, :8]], None, [context], {})
 
 
+def test_shown_frames_are_the_candidate_frames_each_mode_shows():
+    """`shown_frames`, by hand: ``clip`` the first frames on the stride grid (clamped at the end),
+    ``images``/``video`` evenly spaced with first and last, ``text`` none; the requests show exactly
+    those frames of the candidate."""
+    from policies.errors import InputError
+    from rewards.judge.config import JudgeConfig
+    from rewards.judge.local import unpack_media
+    from rewards.judge.prompts import sample_frames, shown_frames
+
+    assert shown_frames(9, "clip", 3, 2) == [1, 3, 5]
+    assert shown_frames(9, "clip", 5, 2) == [1, 3, 5, 7, 8]
+    assert shown_frames(9, "clip", 2, 3) == [2, 5]
+    for mode in ("images", "video"):
+        assert shown_frames(9, mode, 4, 2) == [0, 3, 5, 8]
+        assert shown_frames(6, mode, 3, 2) == [0, 2, 5]
+        assert shown_frames(9, mode, 1, 2) == [8]
+        assert shown_frames(3, mode, 4, 2) == [0, 1, 2]
+    assert shown_frames(9, "text", 4, 2) == []
+    with pytest.raises(InputError, match="judge mode 'audio'"):
+        shown_frames(9, "audio", 4, 2)
+    video = torch.arange(9).view(9, 1, 1, 1).expand(9, 2, 2, 3)
+    assert sample_frames(video, 4)[:, 0, 0, 0].tolist() == [0, 3, 5, 8]
+    # what a clip request shows of a candidate whose frame f has level 100 + 10 f
+    context = torch.zeros(9, 16, 16, 3, dtype=torch.uint8)
+    candidate = torch.arange(9).mul(10).add(100).view(9, 1, 1, 1).expand(9, 16, 16, 3).to(torch.uint8)
+    config = JudgeConfig(mode="clip", num_frames=5, context_frames=1, frame_stride=2)
+    _, _, videos = unpack_media(build_requests(config, [candidate], None, [context], {})[0]["messages"])
+    levels = videos[0].float().mean(dim=(1, 2, 3)).tolist()[1:]
+    assert levels == pytest.approx([100 + 10 * f for f in [1, 3, 5, 7, 8]], abs=1.5)
+
+
 def test_gpu_recipe_validates_and_runs_two_steps_with_batches_built_by_worker_processes(tmp_path):
     """recipes/toy_judge_sft_gpu.yaml as is (the reward model's tiny size, clip mode, the policy's own
     samples), shrunk to two steps of 4 rows whose batches two dataloader processes build."""

@@ -292,3 +292,34 @@ def test_seen_only_gives_an_empty_video_nothing_for_balls_that_left_the_view():
     # a clip in which no ball should be seen keeps the usual mean: the empty video is right there
     gone = _one_ball_world([[60.0, 16.0]] * 9)
     assert ToyWorldVerifiableReward(seen_only=True).score_video(empty, gone)["tracking"] == 1.0
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_score_frames_is_the_score_of_those_frames_alone(samples, dense):
+    """``score_frames(video, world, S)`` scores only frames S: over all frames it is ``score_video``'s
+    score, and over S it is the score of the sub-video ``video[S]`` against a world whose trajectories
+    are cut to S (an independent path). A video right on S and wrong elsewhere scores ~1 on S."""
+    import copy
+
+    reward = ToyWorldVerifiableReward(dense=dense)
+    noise = torch.rand(9, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    for i, sample in enumerate(samples[:3]):
+        true, other = sample["next"], samples[i + 1]["next"]
+        spliced = other.clone()
+        spliced[[1, 3, 5]] = true[[1, 3, 5]]  # right on frames 1, 3, 5 only
+        world = sample["world"]
+        for video in (true, other, spliced, sample["context"][-1:].expand_as(true), noise):
+            whole = reward.score_video(video, world)["score"]
+            assert reward.score_frames(video, world, range(9)) == pytest.approx(whole, abs=1e-12)
+            for shown in ([1, 3, 5], [0, 4, 7, 8], [6]):
+                cut = copy.deepcopy(world)
+                for obj in cut["objects"]:
+                    obj["next"]["positions"] = [obj["next"]["positions"][f] for f in shown]
+                alone = reward.score_video(video[shown], cut)["score"]
+                assert reward.score_frames(video, json.dumps(world), shown) == pytest.approx(alone, abs=1e-9)
+        assert reward.score_video(spliced, world)["score"] < 0.5
+        assert reward.score_frames(spliced, world, [1, 3, 5]) > 0.95
+    with pytest.raises(InputError, match="non-empty list of indices into its 9 frames"):
+        reward.score_frames(true, world, [])
+    with pytest.raises(InputError, match="non-empty list of indices into its 9 frames"):
+        reward.score_frames(true, world, [3, 9])

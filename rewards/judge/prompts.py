@@ -96,15 +96,30 @@ def render_question(
         ) from None
 
 
+def shown_frames(count: int, mode: str, num_frames: int, frame_stride: int) -> list[int]:
+    """Indices of the frames of a ``count``-frame predicted scene that the judge is shown in ``mode``.
+
+    ``images``/``video``: ``num_frames`` evenly spaced, first and last included (all if the scene is
+    short; the last if one). ``clip``: the scene's first ``num_frames`` on the ``frame_stride`` grid
+    (`rewards.reward_model.frame_indices`). ``text``: none. What a judge can at best know about a
+    scene is what these frames show (`grpo.judge_training.verifier_ceiling`).
+    """
+    if mode == "text":
+        return []
+    if mode == "clip":
+        return frame_indices(count, num_frames, frame_stride, from_end=False)
+    if mode not in MODES:
+        raise InputError(f"judge mode {mode!r} is not one of {', '.join(MODES)}")
+    if num_frames >= count:
+        return list(range(count))
+    if num_frames == 1:
+        return [count - 1]
+    return torch.linspace(0, count - 1, num_frames).round().long().tolist()
+
+
 def sample_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:
     """``num_frames`` frames evenly spaced over the video, first and last included (fewer if it is short)."""
-    count = video.shape[0]
-    if num_frames >= count:
-        return video
-    if num_frames == 1:
-        return video[-1:]
-    index = torch.linspace(0, count - 1, num_frames).round().long()
-    return video[index]
+    return video[shown_frames(video.shape[0], "images", num_frames, 1)]
 
 
 def encode_image(frame: torch.Tensor, image_format: str) -> bytes:
@@ -158,7 +173,7 @@ def clip_frames(
             "give both at one size (or use mode 'video')"
         )
     before = frame_indices(len(context), context_frames, frame_stride, from_end=True)
-    after = frame_indices(len(prediction), num_frames, frame_stride, from_end=False)
+    after = shown_frames(len(prediction), "clip", num_frames, frame_stride)
     return torch.cat([to_uint8(context[before]), to_uint8(prediction[after])])
 
 
