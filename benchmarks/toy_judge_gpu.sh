@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The toy judge in one GPU call (one H200, at most 15 CPU cores, about 9 min): recipes/toy_judge_sft_gpu.yaml
+# The toy judge in one GPU job (one H200, at most 15 CPU cores; 865 s beside a second run of it, which nearly
+# halves its training speed: start it detached where a call is limited to 10 min): recipes/toy_judge_sft_gpu.yaml
 # (verdict loss + the pair term + cross-context reward-margin pairs; true, perturbed, synthetic-failure
 # and checkpoints/toy_nsp rows labelled by the verifier) trained at each learning rate of $LRS side by
 # side (default one, 3e-4: the CPU-measured setting; the CORES CPU cores are shared out between them

@@ -56,8 +56,8 @@ def test_shipped_toy_judge_tells_true_continuations_from_perturbed_ones():
     """``checkpoints/toy_judge`` (recipes/toy_judge_sft_gpu.yaml): safetensors only, under 16 MiB, asked
     the question it was trained with (its provenance's ``judge_kwargs``), on 12 fresh test-split
     contexts: P(yes) of the true continuation above each perturbation's, and agreement with the
-    verifiable reward (measured on 64 contexts with policy samples on a GPU: AUROC 0.87, the untrained
-    judge 0.48; benchmarks/results/judge_auroc.json). Its sizes are its recipe's."""
+    verifiable reward (measured on 64 contexts with policy samples on a GPU: AUROC 0.93, the untrained
+    judge 0.49; benchmarks/results/judge_auroc.json). Its sizes are its recipe's."""
     from grpo.judge_training import held_out_candidates, judge_auroc
     from rewards.judge.local import InProcessJudge
 
