@@ -9,7 +9,7 @@ are), every candidate labelled by ``toyworld_verifiable`` (`grpo.judge_training.
 Reports the AUROC of P(yes) against "verifiable reward >= 0.5", its Spearman correlation with the
 verifiable reward, the same over the policy's samples only, and the mean P(yes) per kind. Each
 result also reports ``ceiling/auroc``: the verifier's own AUROC on just the frames the judge is shown
-(`grpo.judge_training.verifier_ceiling`), the best a judge asked that question can reach.
+(`grpo.judge_training.verifier_ceiling`): the reference a judge asked that question is read against.
 
     python benchmarks/judge_auroc.py --recipe recipes/toy_judge_sft.yaml \\
         --judge runs/toy-judge-sft/base runs/toy-judge-sft/final --contexts 64 --generations 4
@@ -136,8 +136,8 @@ def write_provenance(judge: Path, args: argparse.Namespace, kwargs: dict, result
         "overrides": overrides,
         "judge_kwargs": kwargs,
         "measured": {
-            "held_out": "test-split toy contexts: the true continuation, one of each perturbation and "
-            "policy samples; positive = toyworld_verifiable >= 0.5 (grpo.judge_training.judge_auroc)",
+            "held_out": f"{args.split}-split toy contexts: the true continuation, one of each perturbation "
+            "and policy samples; positive = toyworld_verifiable >= 0.5 (grpo.judge_training.judge_auroc)",
             **{r["judge"]: {k: r[k] for k in keys if k in r} for r in results},
         },
         "made_on": f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -831,18 +831,18 @@ def held_out_candidates(
 def verifier_ceiling(
     held_out: HeldOutCandidates, frames: Sequence[int], threshold: float = VERIFIABLE_YES
 ) -> dict[str, float]:
-    """The best AUROC a judge shown only the candidates' ``frames`` can reach: that of the verifier's
-    own score over just those frames (`ToyWorldVerifiableReward.score_frames`) against "verifiable
-    reward >= ``threshold``" -- ``ceiling/auroc``, and ``ceiling/policy/auroc`` over the policy's
-    samples (at least two). A candidate that goes wrong only between the shown frames looks right
-    there, so a judge's AUROC is read against this, not against 1."""
+    """What the candidates' ``frames`` alone tell: the AUROC of the verifier's own score over just
+    those frames (`ToyWorldVerifiableReward.score_frames`) against "verifiable reward >=
+    ``threshold``" -- ``ceiling/auroc``, and ``ceiling/policy/auroc`` over the policy's samples (at
+    least two). A candidate that goes wrong only between the shown frames looks right there, so a
+    judge shown those frames is read against this, not against 1 (a reference, not a bound: a judge
+    also sees the context and may guess what happens between the frames)."""
     import numpy as np
 
-    shown = sorted(set(frames))  # a frame shown twice tells no more than once
     verifier = ToyWorldVerifiableReward()
     scores = np.asarray(
         [
-            verifier.score_frames(video, world, shown, index=i)
+            verifier.score_frames(video, world, frames, index=i)
             for i, (video, world) in enumerate(zip(held_out.candidates, held_out.worlds, strict=True))
         ]
     )
@@ -865,17 +865,18 @@ def judge_auroc(
     ``misranked/<kind a>/<kind b>``, the share of all (passing, failing) pairs that pair a passing
     candidate of kind a with a failing one of kind b and rank the failing one higher (ties: one
     half); these shares add up to 1 - ``auroc``. ``ceiling/auroc`` (and ``ceiling/policy/auroc``) is
-    the most a judge shown the frames this one is shown can reach (`verifier_ceiling`, frames from
-    `rewards.judge.prompts.shown_frames`); mode ``text`` shows no frames and reports no ceiling."""
+    the verifier's own AUROC over just the frames this judge is shown, the reference its AUROC is read
+    against (`verifier_ceiling`, frames from `rewards.judge.prompts.shown_frames`); mode ``text``
+    shows no frames and reports no ceiling."""
     import numpy as np
 
+    cfg = judge.config
     lengths = sorted({len(c) for c in held_out.candidates})
-    if len(lengths) > 1:
+    if cfg.mode != "text" and len(lengths) > 1:
         raise InputError(
             f"judge_auroc: the candidates have {lengths} frames; the frames a judge is shown (and its "
             "ceiling) need one length, give all candidates as many frames"
         )
-    cfg = judge.config
     frames = shown_frames(lengths[0], cfg.mode, cfg.num_frames, cfg.frame_stride) if lengths else []
     p = judge(held_out.candidates, None, held_out.contexts).metadata[judge.config.label_column]
     p = np.asarray([math.nan if v is None else v for v in p], dtype=np.float64)

@@ -396,12 +396,13 @@ class ToyWorldVerifiableReward:
         """The score of the video's frames ``frames`` alone, aggregated as one set (``per_clip`` does not
         apply; over all frames it is ``score_video``'s score without it).
 
-        A judge shown only some frames of a scene (`rewards.judge.prompts.shown_frames`) can at best
-        know this: a scene that goes wrong between the frames it sees looks right to it. Ranking
-        candidates by it bounds the AUROC any such judge can reach (`grpo.judge_training.verifier_ceiling`).
+        A judge shown only some frames of a scene (`rewards.judge.prompts.shown_frames`) sees no more of
+        it than this: a scene that goes wrong between the frames it sees looks right there. Ranking
+        candidates by it is the reference a judge's AUROC is read against
+        (`grpo.judge_training.verifier_ceiling`). A frame listed twice counts once.
         """
         world, truth, found, size = self._detect(video, world, index)
-        picks = np.asarray(frames, dtype=np.int64).reshape(-1)
+        picks = np.unique(np.asarray(frames, dtype=np.int64).reshape(-1))
         if picks.size == 0 or picks.min() < 0 or picks.max() >= truth.num_frames:
             raise InputError(
                 f"video {index}: frames {list(frames)} must be a non-empty list of indices into its "

@@ -145,6 +145,8 @@ def test_judge_auroc_reports_the_ceiling_of_the_frames_its_judge_is_shown():
     held_out.candidates[0] = held_out.candidates[0][:8]
     with pytest.raises(InputError, match=r"the candidates have \[8, 9\] frames"):
         judge_auroc(OracleJudge(values), held_out)
+    text = judge_auroc(OracleJudge(values, mode="text"), held_out)  # shown no frames: any length will do
+    assert text["auroc"] == 1.0
 
 
 def test_a_real_tiny_judge_is_scored(tmp_path):

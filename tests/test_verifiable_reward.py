@@ -319,7 +319,12 @@ def test_score_frames_is_the_score_of_those_frames_alone(samples, dense):
                 assert reward.score_frames(video, json.dumps(world), shown) == pytest.approx(alone, abs=1e-9)
         assert reward.score_video(spliced, world)["score"] < 0.5
         assert reward.score_frames(spliced, world, [1, 3, 5]) > 0.95
+        # a frame listed twice counts once (clip mode's clamped grid repeats the last frame)
+        twice = reward.score_frames(spliced, world, [5, 1, 1, 3, 5])
+        assert twice == reward.score_frames(spliced, world, [1, 3, 5])
     with pytest.raises(InputError, match="non-empty list of indices into its 9 frames"):
         reward.score_frames(true, world, [])
     with pytest.raises(InputError, match="non-empty list of indices into its 9 frames"):
         reward.score_frames(true, world, [3, 9])
+    with pytest.raises(InputError, match="non-empty list of indices into its 9 frames"):
+        reward.score_frames(true, world, [-1, 3])

@@ -101,8 +101,8 @@ def shown_frames(count: int, mode: str, num_frames: int, frame_stride: int) -> l
 
     ``images``/``video``: ``num_frames`` evenly spaced, first and last included (all if the scene is
     short; the last if one). ``clip``: the scene's first ``num_frames`` on the ``frame_stride`` grid
-    (`rewards.reward_model.frame_indices`). ``text``: none. What a judge can at best know about a
-    scene is what these frames show (`grpo.judge_training.verifier_ceiling`).
+    (`rewards.reward_model.frame_indices`). ``text``: none. A judge sees no more of a scene than
+    these frames (`grpo.judge_training.verifier_ceiling`).
     """
     if mode == "text":
         return []
